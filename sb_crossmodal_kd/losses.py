@@ -1,0 +1,572 @@
+"""Losses of cross-modal distillation (METHOD.md section 2), each usable alone.
+
+Inputs shared by all functions:
+
+* ``logits [B, T, V]``: a model output per encoder frame (any float dtype; every
+  log-softmax is computed in float32, so fp16/bf16 autocast is safe).
+* ``frame_to_position [B, T]`` (int): the position ``k(t)`` of the unit each frame belongs
+  to in the utterance's unit sequence, ``-1`` where there is none (silence, CTC blank
+  frames, padding). Frames at ``-1`` contribute nothing, neither value nor gradient.
+* ``units [B, K]`` (int): the unit sequences.
+* a teacher triple ``(top_probs [B, K, k], top_ids [B, K, k], residual [B, K])``: per unit
+  position, the teacher's ``k`` most likely units, their probabilities, and the mass
+  ``residual = 1 - sum(top_probs)`` it puts on all other units.
+* ``lengths [B]`` (optional): SpeechBrain relative lengths of the frame axis; frames past
+  them are masked too, so padding need not be ``-1``.
+
+**Residual convention.** The teacher is known only on its top-k ids. The residual mass is
+treated as one lumped event "any other unit", and the student's probability of that event
+is ``P_rest = sum_{i not in topk} p_i``. The KL divergence is then
+
+    KL(q || p) = sum_{i in topk} q_i (log q_i - log p_i) + r (log r - log P_rest)
+
+which is the exact KL between the teacher and the student both coarsened to the
+``k + 1`` events ``{top-k ids, rest}``; it equals the full KL when ``k = V``
+(``r = 0``). ``log P_rest`` is computed as a logsumexp over the non-top-k logits,
+never as ``log(1 - sum p)``, which loses all precision when ``P_rest`` is small.
+
+**Temperature.** ``tau`` divides the student's logits before the log-softmax. The teacher
+triple is used as given (soften a teacher when caching it). Hinton's ``tau^2`` factor is an
+option, off by default: with only the student softened, the gradient shrinks as ``1/tau``,
+not ``1/tau^2``, so the factor would over-compensate.
+
+Example
+-------
+>>> import torch
+>>> logits = torch.randn(1, 4, 5)
+>>> units = torch.tensor([[2, 3]])
+>>> frame_to_position = torch.tensor([[-1, 0, 1, 1]])
+>>> teacher = (torch.tensor([[[0.7, 0.2], [0.5, 0.4]]]), torch.tensor([[[2, 1], [3, 2]]]),
+...            torch.tensor([[0.1, 0.1]]))
+>>> kd = distillation_loss(logits, teacher, frame_to_position)
+>>> li = label_interpolation_loss(logits, units, frame_to_position, teacher, lam=0.0)
+>>> bool(torch.allclose(li, frame_ce_loss(logits, units, frame_to_position)))
+True
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "frame_mask",
+    "aligned_units",
+    "gather_teacher_to_frames",
+    "frame_ce_loss",
+    "label_interpolation_loss",
+    "topk_kl_divergence",
+    "distillation_loss",
+    "head_hard_loss",
+    "UnitTargets",
+    "auxiliary_losses",
+    "combine_losses",
+]
+
+# Stands in for -inf in masked logits: exp() of it is 0, and unlike -inf it never turns a
+# logsumexp gradient into NaN when a whole row is masked.
+_MASKED_LOGIT = -1e30
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _wide(x):
+    """At least float32 (half-precision softmax saturates); float64 stays float64."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _check_frames(name, logits, frame_to_position):
+    if frame_to_position.dim() != 2 or logits.shape[:2] != frame_to_position.shape:
+        raise ValueError(
+            f"{name}: frame_to_position {tuple(frame_to_position.shape)} does not match the "
+            f"frames of the output {tuple(logits.shape)}: alignments must be at the encoder "
+            "frame rate (after subsampling), shape [batch, frames]."
+        )
+    if frame_to_position.dtype.is_floating_point:
+        raise TypeError(f"{name}: frame_to_position must be an integer tensor.")
+
+
+def frame_mask(frame_to_position, lengths=None):
+    """Frames that belong to a unit: ``frame_to_position >= 0`` and within ``lengths``.
+
+    Arguments
+    ---------
+    frame_to_position : torch.Tensor
+        ``[B, T]`` int, ``-1`` where a frame has no unit.
+    lengths : torch.Tensor, optional
+        ``[B]`` relative lengths (SpeechBrain convention).
+
+    Returns
+    -------
+    torch.Tensor
+        ``[B, T]`` bool.
+
+    Example
+    -------
+    >>> frame_mask(torch.tensor([[0, 0, 1, -1], [0, 1, 1, 2]]), torch.tensor([1.0, 0.5]))
+    tensor([[ True,  True,  True, False],
+            [ True,  True, False, False]])
+    """
+    mask = frame_to_position >= 0
+    if lengths is not None:
+        n_frames = frame_to_position.shape[1]
+        frames = torch.arange(n_frames, device=frame_to_position.device)
+        mask = mask & (frames[None, :] < torch.round(lengths * n_frames)[:, None])
+    return mask
+
+
+def _reduce(per_frame, mask, reduction, name):
+    """Masked reduction without any host sync (``where``, not boolean indexing)."""
+    per_frame = torch.where(mask, per_frame, torch.zeros_like(per_frame))
+    if reduction == "none":
+        return per_frame
+    if reduction == "sum":
+        return per_frame.sum()
+    if reduction == "mean":
+        return per_frame.sum() / mask.sum().clamp(min=1)
+    raise ValueError(f"{name}: reduction '{reduction}' is not one of {REDUCTIONS}.")
+
+
+def _check_positions(frame_to_position, n_positions, name):
+    # Only on CPU: on an accelerator this check would cost a device sync every step.
+    if frame_to_position.device.type == "cpu" and frame_to_position.numel():
+        largest = int(frame_to_position.max())
+        if largest >= n_positions:
+            raise ValueError(
+                f"{name}: frame_to_position refers to unit position {largest}, but the unit "
+                f"sequences / teacher have only {n_positions} positions. The alignment and "
+                "the unit sequence (or teacher cache) were built from different transcripts "
+                "or unit inventories: rebuild them together."
+            )
+
+
+def aligned_units(units, frame_to_position):
+    """Per-frame unit ids ``y_{k(t)}``: ``[B, T]`` (0 where a frame has no unit).
+
+    Example
+    -------
+    >>> aligned_units(torch.tensor([[7, 8]]), torch.tensor([[-1, 0, 1, 1]]))
+    tensor([[0, 7, 8, 8]])
+    """
+    _check_positions(frame_to_position, units.shape[1], "aligned_units")
+    if units.shape[1] == 0:
+        return torch.zeros_like(frame_to_position, dtype=units.dtype)
+    ids = units.gather(1, frame_to_position.clamp(min=0))
+    return torch.where(frame_to_position >= 0, ids, torch.zeros_like(ids))
+
+
+def gather_teacher_to_frames(top_probs, top_ids, residual, frame_to_position):
+    """Gathers per-position teacher triples to per-frame ones through the alignment.
+
+    Arguments
+    ---------
+    top_probs : torch.Tensor
+        ``[B, K, k]`` float.
+    top_ids : torch.Tensor
+        ``[B, K, k]`` int.
+    residual : torch.Tensor
+        ``[B, K]`` float.
+    frame_to_position : torch.Tensor
+        ``[B, T]`` int, ``-1`` where a frame has no unit.
+
+    Returns
+    -------
+    tuple
+        ``(top_probs [B, T, k], top_ids [B, T, k], residual [B, T])``; frames without a
+        unit get position 0's values (mask them with :func:`frame_mask`).
+
+    Example
+    -------
+    >>> probs, ids, rest = gather_teacher_to_frames(
+    ...     torch.tensor([[[0.9], [0.6]]]), torch.tensor([[[4], [5]]]),
+    ...     torch.tensor([[0.1, 0.4]]), torch.tensor([[1, 1, 0, -1]]))
+    >>> ids[..., 0], rest
+    (tensor([[5, 5, 4, 4]]), tensor([[0.4000, 0.4000, 0.1000, 0.1000]]))
+    """
+    batch, n_positions, k = top_probs.shape
+    if top_ids.shape != top_probs.shape or residual.shape != (batch, n_positions):
+        raise ValueError(
+            "Teacher triple shapes disagree: top_probs "
+            f"{tuple(top_probs.shape)}, top_ids {tuple(top_ids.shape)}, residual "
+            f"{tuple(residual.shape)}; expected [B, K, k], [B, K, k], [B, K]."
+        )
+    if frame_to_position.shape[0] != batch:
+        raise ValueError(
+            f"Teacher batch size {batch} != alignment batch size {frame_to_position.shape[0]}."
+        )
+    n_frames = frame_to_position.shape[1]
+    if n_positions == 0:  # no utterance in the batch has a unit: nothing to gather
+        return (
+            top_probs.new_zeros(batch, n_frames, k),
+            top_ids.new_zeros(batch, n_frames, k),
+            residual.new_zeros(batch, n_frames),
+        )
+    _check_positions(frame_to_position, n_positions, "gather_teacher_to_frames")
+    positions = frame_to_position.clamp(min=0)
+    index = positions[:, :, None].expand(batch, n_frames, k)
+    return (
+        top_probs.gather(1, index),
+        top_ids.gather(1, index),
+        residual.gather(1, positions),
+    )
+
+
+def frame_ce_loss(logits, units, frame_to_position, lengths=None, reduction="mean"):
+    """Cross-entropy of each frame's output against the unit aligned to it.
+
+    Arguments
+    ---------
+    logits : torch.Tensor
+        ``[B, T, V]``.
+    units : torch.Tensor
+        ``[B, K]`` int unit sequences.
+    frame_to_position : torch.Tensor
+        ``[B, T]`` int, ``-1`` where a frame has no unit.
+    lengths : torch.Tensor, optional
+        ``[B]`` relative frame lengths.
+    reduction : str
+        ``mean`` (over unit frames), ``sum`` or ``none`` (``[B, T]``, 0 on masked frames).
+
+    Returns
+    -------
+    torch.Tensor
+        The loss (float32).
+
+    Example
+    -------
+    >>> logits = torch.zeros(1, 2, 4)
+    >>> frame_ce_loss(logits, torch.tensor([[1]]), torch.tensor([[0, -1]]))
+    tensor(1.3863)
+    """
+    _check_frames("frame_ce_loss", logits, frame_to_position)
+    log_probs = torch.log_softmax(_wide(logits), dim=-1)
+    targets = aligned_units(units, frame_to_position)
+    nll = -log_probs.gather(-1, targets[..., None]).squeeze(-1)
+    return _reduce(nll, frame_mask(frame_to_position, lengths), reduction, "frame_ce_loss")
+
+
+def _rest_log_prob(z, log_norm, top_ids, excluded_index=None):
+    """``log P_rest`` per frame and whether the rest event is empty, from float32 logits.
+
+    ``log P_rest = logsumexp(z_j, j not in topk) - logsumexp(z)``, by masking, so it stays
+    exact when ``P_rest`` is tiny.
+    """
+    in_topk = torch.zeros_like(z, dtype=torch.bool).scatter_(-1, top_ids, True)
+    if excluded_index is not None:
+        in_topk[..., excluded_index] = True
+    rest_logits = z.masked_fill(in_topk, _MASKED_LOGIT)
+    log_rest = torch.logsumexp(rest_logits, dim=-1) - log_norm
+    return log_rest, in_topk.all(dim=-1)
+
+
+def label_interpolation_loss(
+    logits,
+    units,
+    frame_to_position,
+    teacher,
+    lam,
+    lengths=None,
+    blank_index=None,
+    reduction="mean",
+):
+    """Cross-entropy against hard labels interpolated with the teacher (the LI baseline).
+
+    Per frame ``t`` with a unit: ``target_t = (1 - lam) onehot(y_{k(t)}) + lam q_{k(t)}``
+    and the loss is ``CE(target_t, p_t)``, where the teacher's residual mass is the lumped
+    event "any other unit" (see the module docstring):
+
+        CE = -(1 - lam) log p_y - lam (sum_{i in topk} q_i log p_i + r log P_rest)
+
+    With ``lam = 0`` this is exactly :func:`frame_ce_loss`.
+
+    Arguments
+    ---------
+    logits : torch.Tensor
+        ``[B, T, V]`` main output.
+    units : torch.Tensor
+        ``[B, K]`` int unit sequences.
+    frame_to_position : torch.Tensor
+        ``[B, T]`` int, ``-1`` where a frame has no unit.
+    teacher : tuple or None
+        ``(top_probs [B, K, k], top_ids [B, K, k], residual [B, K])``; may be None only if
+        ``lam == 0``.
+    lam : float
+        Interpolation weight of the teacher, in ``[0, 1]``.
+    lengths : torch.Tensor, optional
+        ``[B]`` relative frame lengths.
+    blank_index : int, optional
+        An output that is not a unit (the CTC blank of a CTC main output): not part of the
+        teacher's "other units" event. The softmax still runs over all outputs.
+    reduction : str
+        ``mean`` (over unit frames), ``sum`` or ``none``.
+
+    Returns
+    -------
+    torch.Tensor
+        The loss (float32).
+
+    Example
+    -------
+    >>> logits = torch.zeros(1, 1, 4)
+    >>> teacher = (torch.tensor([[[1.0]]]), torch.tensor([[[2]]]), torch.zeros(1, 1))
+    >>> label_interpolation_loss(logits, torch.tensor([[1]]), torch.tensor([[0]]), teacher, 0.5)
+    tensor(1.3863)
+    """
+    _check_frames("label_interpolation_loss", logits, frame_to_position)
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"label_interpolation_loss: lam must be in [0, 1], got {lam}.")
+    mask = frame_mask(frame_to_position, lengths)
+    z = _wide(logits)
+    log_probs = torch.log_softmax(z, dim=-1)
+    targets = aligned_units(units, frame_to_position)
+    nll = -log_probs.gather(-1, targets[..., None]).squeeze(-1)
+    if lam == 0.0:
+        return _reduce(nll, mask, reduction, "label_interpolation_loss")
+    if teacher is None:
+        raise ValueError("label_interpolation_loss: lam > 0 needs a teacher triple.")
+    top_probs, top_ids, residual = gather_teacher_to_frames(*teacher, frame_to_position)
+    top_probs, residual = _wide(top_probs), _wide(residual)
+    log_rest, rest_empty = _rest_log_prob(z, torch.logsumexp(z, -1), top_ids, blank_index)
+    soft = -(top_probs * log_probs.gather(-1, top_ids)).sum(-1)
+    use_rest = (residual > 0) & ~rest_empty
+    soft = soft - torch.where(use_rest, residual * log_rest, torch.zeros_like(log_rest))
+    loss = (1.0 - lam) * nll + lam * soft
+    return _reduce(loss, mask, reduction, "label_interpolation_loss")
+
+
+def topk_kl_divergence(logits, top_probs, top_ids, residual, tau=1.0):
+    """Per-frame ``KL(q || p)`` of a top-k teacher against a student, residual lumped.
+
+    Arguments
+    ---------
+    logits : torch.Tensor
+        ``[..., V]`` student logits.
+    top_probs : torch.Tensor
+        ``[..., k]`` teacher probabilities of its top-k ids.
+    top_ids : torch.Tensor
+        ``[..., k]`` int ids into ``V`` (distinct within a row).
+    residual : torch.Tensor
+        ``[...]`` teacher mass outside the top-k.
+    tau : float
+        Student temperature: ``p = softmax(logits / tau)``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[...]`` float32 KL per frame, ``>= 0`` up to rounding.
+
+    Example
+    -------
+    >>> logits = torch.log(torch.tensor([0.5, 0.3, 0.2]))
+    >>> kl = topk_kl_divergence(logits, torch.tensor([0.5, 0.3]), torch.tensor([0, 1]),
+    ...                         torch.tensor(0.2))
+    >>> abs(float(kl)) < 1e-6
+    True
+    """
+    z = _wide(logits) / tau
+    log_norm = torch.logsumexp(z, dim=-1)
+    log_probs = torch.log_softmax(z, dim=-1)
+    q = _wide(top_probs)
+    r = _wide(residual)
+    kl = (torch.special.xlogy(q, q) - q * log_probs.gather(-1, top_ids)).sum(-1)
+    log_rest, rest_empty = _rest_log_prob(z, log_norm, top_ids)
+    # A residual with no "other" unit left (k = V) can only be rounding: it is ignored.
+    use_rest = (r > 0) & ~rest_empty
+    rest_term = torch.special.xlogy(r, r) - r * log_rest
+    return kl + torch.where(use_rest, rest_term, torch.zeros_like(rest_term))
+
+
+def distillation_loss(
+    logits,
+    teacher,
+    frame_to_position,
+    tau=1.0,
+    lengths=None,
+    scale_by_tau_squared=False,
+    reduction="mean",
+):
+    """Auxiliary KL distillation: ``sum_t KL(q_{k(t)} || p_t)`` over frames with a unit.
+
+    Arguments
+    ---------
+    logits : torch.Tensor
+        ``[B, T, V]`` logits of a head over the teacher's unit vocabulary (drop a CTC
+        blank first, e.g. ``AuxiliaryHead.unit_logits``).
+    teacher : tuple
+        ``(top_probs [B, K, k], top_ids [B, K, k], residual [B, K])`` per unit position.
+    frame_to_position : torch.Tensor
+        ``[B, T]`` int, ``-1`` where a frame has no unit.
+    tau : float
+        Student temperature.
+    lengths : torch.Tensor, optional
+        ``[B]`` relative frame lengths.
+    scale_by_tau_squared : bool
+        Multiply by ``tau^2`` (Hinton et al.); off by default, see the module docstring.
+    reduction : str
+        ``mean`` (over unit frames), ``sum`` or ``none`` (``[B, T]``).
+
+    Returns
+    -------
+    torch.Tensor
+        The loss (float32).
+
+    Example
+    -------
+    >>> teacher = (torch.tensor([[[1.0]]]), torch.tensor([[[0]]]), torch.zeros(1, 1))
+    >>> distillation_loss(torch.zeros(1, 2, 2), teacher, torch.tensor([[0, -1]]))
+    tensor(0.6931)
+    """
+    _check_frames("distillation_loss", logits, frame_to_position)
+    if tau <= 0:
+        raise ValueError(f"distillation_loss: tau must be > 0, got {tau}.")
+    top_probs, top_ids, residual = gather_teacher_to_frames(*teacher, frame_to_position)
+    if top_ids.shape[-1] > logits.shape[-1]:
+        raise ValueError(
+            f"distillation_loss: the teacher gives {top_ids.shape[-1]} ids per position but "
+            f"the student has only {logits.shape[-1]} outputs; unit vocabularies differ."
+        )
+    kl = topk_kl_divergence(logits, top_probs, top_ids, residual, tau)
+    if scale_by_tau_squared:
+        kl = kl * (tau * tau)
+    return _reduce(kl, frame_mask(frame_to_position, lengths), reduction, "distillation_loss")
+
+
+@dataclass
+class UnitTargets:
+    """What a batch carries for one unit type.
+
+    Attributes
+    ----------
+    units : torch.Tensor
+        ``[B, K]`` int unit sequences.
+    unit_lens : torch.Tensor
+        ``[B]`` relative lengths of ``units``.
+    frame_to_position : torch.Tensor
+        ``[B, T]`` int alignment, ``-1`` where a frame has no unit.
+    teacher : tuple, optional
+        ``(top_probs [B, K, k], top_ids [B, K, k], residual [B, K])``.
+    """
+
+    units: torch.Tensor
+    unit_lens: torch.Tensor
+    frame_to_position: torch.Tensor
+    teacher: tuple | None = None
+
+
+def head_hard_loss(head, logits, targets, frame_lens=None):
+    """A head's own hard-label loss, by its ``loss`` setting (None for ``none``).
+
+    Arguments
+    ---------
+    head : sb_crossmodal_kd.nnet.heads.AuxiliaryHead
+        The head (gives the loss kind and blank index).
+    logits : torch.Tensor
+        ``[B, T, n_outputs]`` the head's logits.
+    targets : UnitTargets
+        The head's unit type's batch fields.
+    frame_lens : torch.Tensor, optional
+        ``[B]`` relative frame lengths (CTC needs them; frame CE uses them as a mask).
+
+    Returns
+    -------
+    torch.Tensor or None
+    """
+    if head.loss == "none":
+        return None
+    if head.loss == "frame_ce":
+        return frame_ce_loss(logits, targets.units, targets.frame_to_position, frame_lens)
+    if head.loss == "ctc":
+        from speechbrain.nnet.losses import ctc_loss
+
+        if frame_lens is None:
+            frame_lens = torch.ones(logits.shape[0], device=logits.device)
+        log_probs = torch.log_softmax(_wide(logits), dim=-1)
+        return ctc_loss(log_probs, targets.units, frame_lens, targets.unit_lens, head.blank_index)
+    raise ValueError(f"Auxiliary head '{head.unit_type}': unknown loss '{head.loss}'.")
+
+
+def auxiliary_losses(heads, head_logits, targets, frame_lens=None, scale_by_tau_squared=False):
+    """Every auxiliary head's distillation and hard-label terms, with their weights.
+
+    Arguments
+    ---------
+    heads : sb_crossmodal_kd.nnet.heads.AuxiliaryHeads
+        The heads (their settings: unit type, loss kind and weight, alpha, tau).
+    head_logits : dict of str to torch.Tensor
+        Logits by head name, as returned by ``AuxiliaryHeads.forward``.
+    targets : dict of str to UnitTargets
+        Batch fields by unit type.
+    frame_lens : torch.Tensor, optional
+        ``[B]`` relative frame lengths.
+    scale_by_tau_squared : bool
+        See :func:`distillation_loss`.
+
+    Returns
+    -------
+    dict of str to tuple
+        ``{term name: (weight, value)}`` with names ``kd_<head>`` and ``<loss>_<head>``
+        (e.g. ``ctc_subword``); ready for :func:`combine_losses`.
+    """
+    terms = {}
+    for name, head in heads.items():
+        if head.unit_type not in targets:
+            raise KeyError(
+                f"Auxiliary head '{name}' predicts unit type '{head.unit_type}', but the "
+                f"batch carries only {sorted(targets)}: add its alignment and units to the "
+                "data pipeline."
+            )
+        target = targets[head.unit_type]
+        logits = head_logits[name]
+        if head.alpha > 0:
+            if target.teacher is None:
+                raise ValueError(
+                    f"Auxiliary head '{name}' has alpha={head.alpha} but the batch has no "
+                    f"teacher for unit type '{head.unit_type}': add its teacher cache or set "
+                    "alpha: 0."
+                )
+            kd = distillation_loss(
+                head.unit_logits(logits),
+                target.teacher,
+                target.frame_to_position,
+                tau=head.tau,
+                lengths=frame_lens,
+                scale_by_tau_squared=scale_by_tau_squared,
+            )
+            terms[f"kd_{name}"] = (head.alpha, kd)
+        hard = head_hard_loss(head, logits, target, frame_lens)
+        if hard is not None and head.loss_weight > 0:
+            terms[f"{head.loss}_{name}"] = (head.loss_weight, hard)
+    return terms
+
+
+def combine_losses(main_loss, terms=None):
+    """The hierarchical objective ``L = L_main + sum_a w_a * term_a``, and a log of it.
+
+    Arguments
+    ---------
+    main_loss : torch.Tensor
+        The main output's loss.
+    terms : dict of str to tuple, optional
+        ``{name: (weight, value)}``: distillation terms (weight ``alpha_a``), heads' hard
+        losses, MoE auxiliary losses, ...
+
+    Returns
+    -------
+    total : torch.Tensor
+        The loss to back-propagate.
+    log : dict of str to torch.Tensor
+        Detached values: ``main``, every term unweighted under its name, and ``total``.
+
+    Example
+    -------
+    >>> total, log = combine_losses(torch.tensor(2.0), {"kd_subword": (0.5, torch.tensor(1.0))})
+    >>> float(total), sorted(log)
+    (2.5, ['kd_subword', 'main', 'total'])
+    """
+    total = main_loss
+    log = {"main": main_loss.detach()}
+    for name, (weight, value) in (terms or {}).items():
+        if name in ("main", "total"):
+            raise ValueError(f"combine_losses: '{name}' is reserved; rename the term.")
+        total = total + weight * value
+        log[name] = value.detach()
+    log["total"] = total.detach()
+    return total, log
