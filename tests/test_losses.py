@@ -52,7 +52,7 @@ def _brute_kl(logits, teacher, f2p, tau=1.0):
         p = _softmax(logits[b, t].tolist(), tau)
         ids = top_ids[b, k].tolist()
         kl = 0.0
-        for q, i in zip(top_probs[b, k].tolist(), ids):
+        for q, i in zip(top_probs[b, k].tolist(), ids, strict=True):
             if q > 0:
                 kl += q * (math.log(q) - math.log(p[i]))
         r = float(residual[b, k])
@@ -100,7 +100,7 @@ def test_label_interpolation_matches_brute_force(blank_index):
         ids = top_ids[b, k].tolist()
         # the target as an explicit distribution over the k + 1 events plus the hard label
         ce = -(1 - lam) * math.log(p[int(units[b, k])])
-        for q, i in zip(top_probs[b, k].tolist(), ids):
+        for q, i in zip(top_probs[b, k].tolist(), ids, strict=True):
             ce -= lam * q * math.log(p[i])
         rest = [j for j in range(V) if j not in ids and j != blank_index]
         ce -= lam * float(residual[b, k]) * math.log(sum(p[j] for j in rest))
