@@ -1,0 +1,976 @@
+"""Mixture-of-experts layers: stacked experts, gating, balancing, auxiliary losses, statistics.
+
+One :class:`MoE` layer computes ``z = sum_i g_i(x) f_i(x)`` (Eigen et al. 2013) with either
+dense softmax gating (every expert runs, as in the paper) or sparse top-k routing (only the k
+best experts run, Shazeer et al. 2017). The layer keeps its auxiliary loss and its usage
+statistics on itself; :func:`moe_auxiliary_loss` and :func:`collect_expert_stats` gather them
+from any model in one call, so a Brain never needs to know where the MoE layers are.
+
+Padding. Layers take ``(x, lengths=...)`` (SpeechBrain relative lengths) or ``(x, mask=...)``
+(bool, True on real frames). Modules that call their feed-forward as ``ffn(x)`` (SpeechBrain's
+Conformer and Transformer layers) cannot pass a mask, so the Brain sets it on every MoE layer
+of the model before the forward pass with :func:`set_padding_mask` (or the context manager
+:func:`padding_mask`). Relative lengths are resolved against each layer's own time axis, so
+one call serves layers before and after subsampling. Padding frames get no expert, output
+zero, and are left out of every loss and statistic.
+
+Speed. Dense gating runs all experts as one GEMM per projection over the experts' stacked
+weights. Top-k routing sorts the (token, expert) pairs by expert once and multiplies each
+expert's contiguous slice, with ``torch._grouped_mm`` where it works, else a loop over slices.
+"""
+
+import math
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EXPERT_TYPES = ("relu", "ffn", "swiglu")
+KERNELS = ("auto", "grouped_mm", "loop")
+
+
+# ---------------------------------------------------------------------------------------------
+# Grouped matrix multiplication over contiguous per-expert slices
+# ---------------------------------------------------------------------------------------------
+
+_GROUPED_MM_BROKEN = set()  # (device type, dtype) pairs on which torch._grouped_mm raised
+
+
+def _grouped_mm_usable(x, weight):
+    """Whether ``torch._grouped_mm`` can take these operands on this device."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if (x.device.type, x.dtype) in _GROUPED_MM_BROKEN:
+        return False
+    if x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != x.dtype:
+        return False
+    # The kernels need 16-byte aligned rows and base pointers.
+    elem = x.element_size()
+    if (x.shape[-1] * elem) % 16 or (weight.shape[-1] * elem) % 16:
+        return False
+    if x.device.type == "cpu":
+        return x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
+    if x.device.type == "cuda":
+        return torch.cuda.get_device_capability(x.device) >= (8, 0)
+    return False
+
+
+def _loop_grouped_mm(x, weight, offsets):
+    """Reference-speed fallback: one matmul per expert on its contiguous slice of ``x``."""
+    out = x.new_zeros(x.shape[0], weight.shape[-1])
+    start = 0
+    for i, end in enumerate(offsets.tolist()):  # one device sync for all experts
+        if end > start:
+            out[start:end] = x[start:end] @ weight[i]
+        start = end
+    return out
+
+
+def grouped_matmul(x, weight, offsets, kernel="auto"):
+    """Multiplies each contiguous row slice of ``x`` by its own expert's weight.
+
+    Arguments
+    ---------
+    x : torch.Tensor
+        [S, D] rows sorted by expert.
+    weight : torch.Tensor
+        [N, D, O] stacked expert weights.
+    offsets : torch.Tensor
+        [N] int32 cumulative row counts: expert i owns rows ``offsets[i-1]:offsets[i]``.
+        Rows at and after ``offsets[-1]`` are not computed and hold arbitrary values.
+    kernel : str
+        "auto" (``torch._grouped_mm`` where it works, else "loop"), "grouped_mm" or "loop".
+
+    Returns
+    -------
+    torch.Tensor
+        [S, O]
+
+    Example
+    -------
+    >>> x = torch.randn(6, 8)
+    >>> w = torch.randn(2, 8, 4)
+    >>> y = grouped_matmul(x, w, torch.tensor([2, 6], dtype=torch.int32))
+    >>> torch.allclose(y, torch.cat([x[:2] @ w[0], x[2:] @ w[1]]), atol=1e-5)
+    True
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+    else:
+        weight = weight.to(x.dtype)
+    if kernel == "loop" or (kernel == "auto" and not _grouped_mm_usable(x, weight)):
+        return _loop_grouped_mm(x, weight, offsets)
+    try:
+        return torch._grouped_mm(x, weight, offs=offsets)
+    except RuntimeError:
+        if kernel == "grouped_mm":
+            raise
+        _GROUPED_MM_BROKEN.add((x.device.type, x.dtype))
+        return _loop_grouped_mm(x, weight, offsets)
+
+
+# ---------------------------------------------------------------------------------------------
+# Experts
+# ---------------------------------------------------------------------------------------------
+
+
+class StackedExperts(nn.Module):
+    """N experts of one shape whose weights are stacked on a leading expert dimension.
+
+    Expert types:
+
+    - ``"relu"``: the paper's expert, one rectified linear layer ``relu(W_i x + b_i)``.
+    - ``"ffn"``: SpeechBrain's position-wise feed-forward, ``W2_i act(W1_i x + b1_i) + b2_i``.
+    - ``"swiglu"``: ``W2_i (silu(Wg_i x) * (Wu_i x))`` with the gate and up projections fused
+      into one weight so that one GEMM computes both.
+
+    Arguments
+    ---------
+    num_experts : int
+        Number of experts N.
+    input_size : int
+        Input feature size D.
+    output_size : int
+        Output feature size O.
+    expert : str
+        One of "relu", "ffn", "swiglu".
+    hidden_size : int, optional
+        Inner size H of "ffn" and "swiglu" experts.
+    activation : type
+        Activation class of "relu" and "ffn" experts (default ``nn.ReLU``).
+    dropout : float
+        Dropout on the hidden activations of "ffn" and "swiglu" experts.
+    bias : bool
+        Whether the projections have biases (default: True except for "swiglu").
+
+    Example
+    -------
+    >>> experts = StackedExperts(4, 16, 8, expert="ffn", hidden_size=32)
+    >>> x = torch.randn(10, 16)
+    >>> gates = torch.softmax(torch.randn(10, 4), dim=-1)
+    >>> experts.forward_dense(x, gates).shape
+    torch.Size([10, 8])
+    """
+
+    def __init__(
+        self,
+        num_experts,
+        input_size,
+        output_size,
+        expert="relu",
+        hidden_size=None,
+        activation=nn.ReLU,
+        dropout=0.0,
+        bias=None,
+    ):
+        super().__init__()
+        if expert not in EXPERT_TYPES:
+            raise ValueError(f"expert={expert!r} is not one of {EXPERT_TYPES}")
+        if expert in ("ffn", "swiglu") and (hidden_size is None or hidden_size < 1):
+            raise ValueError(f"expert={expert!r} needs expert hidden_size >= 1, got {hidden_size}")
+        for name, value in (("num_experts", num_experts), ("input_size", input_size),
+                            ("output_size", output_size)):
+            if value is None or value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.num_experts = num_experts
+        self.input_size = input_size
+        self.output_size = output_size
+        self.expert = expert
+        self.hidden_size = output_size if expert == "relu" else hidden_size
+        if bias is None:
+            bias = expert != "swiglu"
+        self.activation = nn.SiLU() if expert == "swiglu" else activation()
+        self.dropout = nn.Dropout(dropout)
+
+        n, d, h, o = num_experts, input_size, self.hidden_size, output_size
+        first_out = 2 * h if expert == "swiglu" else h
+        # Weights are [N, in, out] so that x @ w needs no transpose in the grouped kernel.
+        self.w_in = nn.Parameter(torch.empty(n, d, first_out))
+        self.b_in = nn.Parameter(torch.zeros(n, first_out)) if bias else None
+        if expert == "relu":
+            self.w_out = self.b_out = None
+        else:
+            self.w_out = nn.Parameter(torch.empty(n, h, o))
+            self.b_out = nn.Parameter(torch.zeros(n, o)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """Initialises each expert like ``nn.Linear`` (uniform, bound 1/sqrt(fan_in))."""
+        for w in (self.w_in, self.w_out):
+            if w is not None:
+                bound = 1.0 / math.sqrt(w.shape[1])
+                nn.init.uniform_(w, -bound, bound)
+        for b, fan_in in ((self.b_in, self.input_size), (self.b_out, self.hidden_size)):
+            if b is not None:
+                bound = 1.0 / math.sqrt(fan_in)
+                nn.init.uniform_(b, -bound, bound)
+
+    def _hidden(self, pre):
+        """Activation of the first projection's output (SwiGLU splits the fused halves)."""
+        if self.expert == "swiglu":
+            gate, up = pre.chunk(2, dim=-1)
+            return F.silu(gate) * up
+        return self.activation(pre)
+
+    def forward_dense(self, x, gates):
+        """Mixture of all experts, ``sum_i gates[:, i] * f_i(x)``, in one GEMM per projection.
+
+        Arguments
+        ---------
+        x : torch.Tensor
+            [M, D]
+        gates : torch.Tensor
+            [M, N] gate values.
+
+        Returns
+        -------
+        torch.Tensor
+            [M, O]
+        """
+        n, d = self.num_experts, self.input_size
+        m = x.shape[0]
+        # [D, N * H'] weight so that all experts' first projections are one GEMM.
+        w_in = self.w_in.permute(1, 0, 2).reshape(d, -1)
+        pre = (x @ w_in.to(x.dtype)).view(m, n, -1)
+        if self.b_in is not None:
+            pre = pre + self.b_in
+        hidden = self._hidden(pre)  # [M, N, H]
+        gates = gates.to(hidden.dtype)
+        if self.expert == "relu":
+            return torch.bmm(gates.unsqueeze(1), hidden).squeeze(1)
+        # sum_i g_i (h_i W2_i + b2_i) = [g_1 h_1, ..., g_N h_N] @ [W2_1; ...; W2_N] + g @ b2
+        mixed = (self.dropout(hidden) * gates.unsqueeze(-1)).reshape(m, -1)
+        out = mixed @ self.w_out.reshape(-1, self.output_size).to(mixed.dtype)
+        if self.b_out is not None:
+            out = out + gates @ self.b_out.to(gates.dtype)
+        return out
+
+    def forward_grouped(self, x, expert_ids, offsets, kernel="auto", computed=None):
+        """Runs each expert on its contiguous slice of expert-sorted rows.
+
+        Arguments
+        ---------
+        x : torch.Tensor
+            [S, D] rows sorted by expert.
+        expert_ids : torch.Tensor
+            [S] expert of each row, in [0, N) (used for the biases).
+        offsets : torch.Tensor
+            [N] int32 cumulative row counts per expert.
+        kernel : str
+            See :func:`grouped_matmul`.
+        computed : torch.Tensor, optional
+            [S, 1] bool, False on the rows after ``offsets[-1]``. The kernel leaves those rows
+            (and their gradients) uninitialised; masking the gathered bias keeps that garbage
+            out of the bias gradient.
+
+        Returns
+        -------
+        torch.Tensor
+            [S, O] unweighted expert outputs; rows after ``offsets[-1]`` are arbitrary.
+        """
+        pre = grouped_matmul(x, self.w_in, offsets, kernel)
+        if self.b_in is not None:
+            bias = self.b_in[expert_ids]
+            if computed is not None and self.expert != "relu":
+                bias = torch.where(computed, bias, 0.0)
+            pre = pre + bias
+        hidden = self._hidden(pre)
+        if self.expert == "relu":
+            return hidden
+        out = grouped_matmul(self.dropout(hidden), self.w_out, offsets, kernel)
+        if self.b_out is not None:
+            out = out + self.b_out[expert_ids]
+        return out
+
+    def forward_expert(self, index, x):
+        """Expert ``index`` alone on ``x`` [M, D] -> [M, O]: the plain reference computation."""
+        pre = x @ self.w_in[index]
+        if self.b_in is not None:
+            pre = pre + self.b_in[index]
+        hidden = self._hidden(pre)
+        if self.expert == "relu":
+            return hidden
+        out = self.dropout(hidden) @ self.w_out[index]
+        if self.b_out is not None:
+            out = out + self.b_out[index]
+        return out
+
+    def extra_repr(self):
+        return (f"num_experts={self.num_experts}, expert={self.expert!r}, "
+                f"input_size={self.input_size}, hidden_size={self.hidden_size}, "
+                f"output_size={self.output_size}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Gating
+# ---------------------------------------------------------------------------------------------
+
+
+class Router(nn.Module):
+    """Gating network: logits over experts from a linear map or one hidden rectified layer.
+
+    With ``noisy=True`` (Shazeer et al. 2017) training adds Gaussian noise with a learned,
+    input-dependent scale ``softplus(W_noise x)`` to the logits; evaluation is noise-free.
+
+    Arguments
+    ---------
+    input_size : int
+        Input feature size.
+    num_experts : int
+        Number of experts.
+    hidden_size : int, optional
+        Size of the hidden rectified layer; None for a linear gate.
+    noisy : bool
+        Whether to add learned noise to the logits during training.
+
+    Example
+    -------
+    >>> router = Router(16, 4, hidden_size=8)
+    >>> router(torch.randn(5, 16)).shape
+    torch.Size([5, 4])
+    """
+
+    def __init__(self, input_size, num_experts, hidden_size=None, noisy=False):
+        super().__init__()
+        if hidden_size is None:
+            self.net = nn.Linear(input_size, num_experts)
+        else:
+            if hidden_size < 1:
+                raise ValueError(f"gate_hidden_size must be >= 1 or None, got {hidden_size}")
+            self.net = nn.Sequential(
+                nn.Linear(input_size, hidden_size), nn.ReLU(), nn.Linear(hidden_size, num_experts)
+            )
+        self.noise = None
+        if noisy:
+            self.noise = nn.Linear(input_size, num_experts)
+            nn.init.zeros_(self.noise.weight)
+            nn.init.zeros_(self.noise.bias)
+
+    def forward(self, x):
+        """Logits [M, N] in float32 (softmax and top-k stay exact under autocast)."""
+        logits = self.net(x).float()
+        if self.noise is not None and self.training:
+            scale = F.softplus(self.noise(x).float())
+            logits = logits + torch.randn_like(logits) * scale
+        return logits
+
+
+class BalancingConstraint(nn.Module):
+    """The paper's constraint that keeps every expert in use during a first training phase.
+
+    Keeps per-expert running totals ``G_i`` of the gate mass each expert has received. While
+    active, an expert with ``G_i - min_j G_j > margin`` gets gate 0 and the gate is
+    renormalised. The decision is taken per batch from the totals at its start (the paper
+    goes example by example), so the spread ``max G - min G`` stays below ``margin`` plus the
+    gate mass of one batch.
+
+    Only differences between totals matter, so they are stored relative to their minimum:
+    they stay small and exact in float32 however long training runs.
+
+    The constraint is active in training mode up to and including epoch ``phase_epochs``
+    (1-based, as SpeechBrain counts; set with :func:`set_moe_epoch`) and for the first
+    ``phase_steps`` training batches; with neither it is always active. State (totals, steps,
+    epoch) is in ``state_dict``: totals as a buffer, counters as extra state, so SpeechBrain's
+    Checkpointer saves and restores them with the model that holds the layer.
+
+    Arguments
+    ---------
+    num_experts : int
+        Number of experts.
+    margin : float
+        Margin m >= 0, in units of gate mass (one frame gives mass 1 in total).
+    phase_epochs : int, optional
+        Last epoch of phase one.
+    phase_steps : int, optional
+        Number of training batches of phase one.
+
+    Example
+    -------
+    >>> constraint = BalancingConstraint(3, margin=0.5).train()
+    >>> probs = torch.tensor([[0.8, 0.1, 0.1], [0.8, 0.1, 0.1]])
+    >>> constraint(probs, torch.tensor([True, True]))
+    tensor([[0.8000, 0.1000, 0.1000],
+            [0.8000, 0.1000, 0.1000]])
+    >>> constraint(probs, torch.tensor([True, True]))  # expert 0 is now 1.4 ahead: off
+    tensor([[0.0000, 0.5000, 0.5000],
+            [0.0000, 0.5000, 0.5000]])
+    """
+
+    def __init__(self, num_experts, margin, phase_epochs=None, phase_steps=None):
+        super().__init__()
+        if margin is None or margin < 0:
+            raise ValueError(f"balance_margin must be >= 0, got {margin}")
+        for name, value in (("balance_epochs", phase_epochs), ("balance_steps", phase_steps)):
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0 or None, got {value}")
+        self.margin = float(margin)
+        self.phase_epochs = phase_epochs
+        self.phase_steps = phase_steps
+        self.register_buffer("totals", torch.zeros(num_experts))
+        self.steps = 0
+        self.epoch = 0
+
+    @property
+    def active(self):
+        """Whether the constraint applies to the next training batch."""
+        if not self.training:
+            return False
+        if self.phase_steps is not None and self.steps >= self.phase_steps:
+            return False
+        return self.phase_epochs is None or self.epoch <= self.phase_epochs
+
+    def forward(self, probs, valid):
+        """Constrains gate distributions and adds their mass to the running totals.
+
+        Arguments
+        ---------
+        probs : torch.Tensor
+            [M, N] gate distributions.
+        valid : torch.Tensor
+            [M] bool, False on padding (not counted).
+
+        Returns
+        -------
+        torch.Tensor
+            [M, N] constrained, renormalised distributions (``probs`` itself when inactive).
+        """
+        if not self.active:
+            return probs
+        probs = self.constrain(probs)
+        self.record(probs, valid)
+        return probs
+
+    def constrain(self, probs):
+        """Zeroes the gates of experts ahead by more than the margin and renormalises."""
+        allowed = (self.totals - self.totals.min()) <= self.margin
+        probs = probs * allowed.to(probs.dtype)
+        return probs / probs.sum(-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
+
+    @torch.no_grad()
+    def record(self, gates, valid):
+        """Adds the gate mass of the valid rows of ``gates`` [M, N] to the totals."""
+        mass = (gates.float() * valid.unsqueeze(-1).float()).sum(0)
+        totals = self.totals + mass
+        self.totals.copy_(totals - totals.min())
+        self.steps += 1
+
+    def get_extra_state(self):
+        return {"steps": self.steps, "epoch": self.epoch}
+
+    def set_extra_state(self, state):
+        self.steps = int(state["steps"])
+        self.epoch = int(state["epoch"])
+
+    def extra_repr(self):
+        return (f"margin={self.margin}, phase_epochs={self.phase_epochs}, "
+                f"phase_steps={self.phase_steps}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The MoE layer
+# ---------------------------------------------------------------------------------------------
+
+
+def lengths_to_mask(lengths, max_len):
+    """Bool mask [B, max_len], True on real frames, from SpeechBrain relative lengths [B].
+
+    Example
+    -------
+    >>> lengths_to_mask(torch.tensor([1.0, 0.5]), 4)
+    tensor([[ True,  True,  True,  True],
+            [ True,  True, False, False]])
+    """
+    absolute = torch.round(lengths.float() * max_len)
+    return torch.arange(max_len, device=lengths.device) < absolute.unsqueeze(1)
+
+
+class MoE(nn.Module):
+    """A mixture-of-experts layer, dense (the paper) or sparse top-k, for [B, T, D] inputs.
+
+    Arguments
+    ---------
+    input_size : int
+        Input feature size D.
+    num_experts : int
+        Number of experts N.
+    output_size : int, optional
+        Output size O (default D).
+    expert : str
+        Expert type, see :class:`StackedExperts`: "relu" (paper), "ffn" or "swiglu".
+    expert_hidden_size : int, optional
+        Inner size of "ffn" and "swiglu" experts.
+    activation : type
+        Activation class of "relu" and "ffn" experts.
+    dropout : float
+        Dropout inside the experts.
+    top_k : int, optional
+        None for dense softmax gating over all experts (every expert runs); k in [1, N] to
+        run only the k experts with the highest gates, whose gates are renormalised to one.
+    gate_hidden_size : int, optional
+        Hidden size of the gating network (None: linear gate).
+    noisy_gating : bool
+        Learned gate noise in training (Shazeer et al. 2017).
+    load_balancing_weight : float
+        Weight of the Switch/GShard load-balancing loss ``N * sum_i f_i P_i``.
+    z_loss_weight : float
+        Weight of the router z-loss ``mean(logsumexp(logits)^2)``.
+    capacity_factor : float, optional
+        Top-k only: each expert takes at most ``ceil(capacity_factor * k * frames / N)``
+        assignments per batch, first choices before second choices; the rest are dropped
+        (their contribution is zero, a residual connection around the layer carries them).
+    balance_margin : float, optional
+        Enables the paper's :class:`BalancingConstraint` with this margin.
+    balance_epochs, balance_steps : int, optional
+        End of the constraint's phase one, in epochs or training batches.
+    kernel : str
+        Top-k expert kernel: "auto", "grouped_mm" or "loop".
+    expert_bias : bool, optional
+        Whether the experts have biases (default: True except for "swiglu").
+    track_stats : bool
+        Whether to accumulate usage statistics (read with :func:`collect_expert_stats`).
+
+    Example
+    -------
+    >>> moe = MoE(16, num_experts=4, expert="ffn", expert_hidden_size=32, top_k=2,
+    ...           load_balancing_weight=0.01)
+    >>> x = torch.randn(2, 5, 16)
+    >>> y = moe(x, lengths=torch.tensor([1.0, 0.6]))
+    >>> y.shape
+    torch.Size([2, 5, 16])
+    >>> int(torch.count_nonzero(y[1, 3:]))  # padding frames output zero
+    0
+    >>> moe_auxiliary_loss(moe).shape
+    torch.Size([])
+    """
+
+    def __init__(
+        self,
+        input_size,
+        num_experts,
+        output_size=None,
+        expert="relu",
+        expert_hidden_size=None,
+        activation=nn.ReLU,
+        dropout=0.0,
+        top_k=None,
+        gate_hidden_size=None,
+        noisy_gating=False,
+        load_balancing_weight=0.0,
+        z_loss_weight=0.0,
+        capacity_factor=None,
+        balance_margin=None,
+        balance_epochs=None,
+        balance_steps=None,
+        kernel="auto",
+        expert_bias=None,
+        track_stats=True,
+    ):
+        super().__init__()
+        if num_experts is None or num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        if top_k is not None and not 1 <= top_k <= num_experts:
+            raise ValueError(
+                f"top_k={top_k} is impossible with num_experts={num_experts}: "
+                "use 1 <= top_k <= num_experts, or top_k=None for dense gating"
+            )
+        if capacity_factor is not None:
+            if top_k is None:
+                raise ValueError("capacity_factor needs top_k routing (dense gating has no capacity)")
+            if capacity_factor <= 0:
+                raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
+        for name, value in (("load_balancing_weight", load_balancing_weight),
+                            ("z_loss_weight", z_loss_weight)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if balance_margin is None and (balance_epochs is not None or balance_steps is not None):
+            raise ValueError("balance_epochs/balance_steps given without balance_margin")
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel={kernel!r} is not one of {KERNELS}")
+        output_size = input_size if output_size is None else output_size
+        self.input_size = input_size
+        self.output_size = output_size
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.capacity_factor = capacity_factor
+        self.load_balancing_weight = load_balancing_weight
+        self.z_loss_weight = z_loss_weight
+        self.kernel = kernel
+        self.track_stats = track_stats
+
+        self.router = Router(input_size, num_experts, gate_hidden_size, noisy_gating)
+        self.experts = StackedExperts(
+            num_experts, input_size, output_size, expert, expert_hidden_size, activation,
+            dropout, expert_bias,
+        )
+        self.constraint = None
+        if balance_margin is not None:
+            self.constraint = BalancingConstraint(
+                num_experts, balance_margin, balance_epochs, balance_steps
+            )
+
+        # Set by the latest forward pass; read (and cleared) by the collectors below.
+        self.aux_loss = None
+        self.last_assignment = None  # [B, T] argmax expert, -1 on padding
+        self.padding_context = None  # (kind, tensor) set by set_padding_mask
+        for name in ("gate_mass", "top1_count", "routed_count", "dropped_count"):
+            self.register_buffer(f"stat_{name}", torch.zeros(num_experts), persistent=False)
+        self.register_buffer("stat_entropy", torch.zeros(()), persistent=False)
+        self.register_buffer("stat_frames", torch.zeros(()), persistent=False)
+
+    # -- padding ---------------------------------------------------------------------------
+
+    def _resolve_mask(self, x, lengths, mask):
+        batch, time = x.shape[0], x.shape[1]
+        if mask is None and lengths is None and self.padding_context is not None:
+            kind, value = self.padding_context
+            if kind == "mask":
+                mask = value
+            else:
+                lengths = value
+        if mask is not None:
+            if mask.shape != (batch, time):
+                raise ValueError(
+                    f"padding mask of shape {tuple(mask.shape)} does not match input "
+                    f"[batch={batch}, time={time}]; pass relative lengths to set_padding_mask "
+                    "when the layer runs at another frame rate"
+                )
+            return mask.to(device=x.device, dtype=torch.bool)
+        if lengths is not None:
+            if lengths.shape != (batch,):
+                raise ValueError(
+                    f"lengths of shape {tuple(lengths.shape)} do not match batch size {batch}"
+                )
+            return lengths_to_mask(lengths.to(x.device), time)
+        return None
+
+    # -- routing ---------------------------------------------------------------------------
+
+    def route(self, x, valid):
+        """Gate values of the valid frames.
+
+        Arguments
+        ---------
+        x : torch.Tensor
+            [M, D] frames.
+        valid : torch.Tensor
+            [M] bool.
+
+        Returns
+        -------
+        logits : torch.Tensor
+            [M, N] router logits (float32).
+        probs : torch.Tensor
+            [M, N] gate distribution after the balancing constraint.
+        top_w, top_i : torch.Tensor or None
+            [M, k] renormalised gates and indices of the selected experts (top-k only).
+        """
+        logits = self.router(x)
+        probs = torch.softmax(logits, dim=-1)
+        record = self.constraint is not None and self.constraint.active
+        if record:
+            # The totals count the gates actually used, so top-k records after selection.
+            probs = self.constraint.constrain(probs)
+        if self.top_k is None:
+            if record:
+                self.constraint.record(probs, valid)
+            return logits, probs, None, None
+        top_w, top_i = probs.topk(self.top_k, dim=-1)
+        top_w = top_w / top_w.sum(-1, keepdim=True).clamp_min(torch.finfo(top_w.dtype).tiny)
+        if record:
+            self.constraint.record(torch.zeros_like(probs).scatter(1, top_i, top_w), valid)
+        return logits, probs, top_w, top_i
+
+    # -- forward ---------------------------------------------------------------------------
+
+    def forward(self, x, lengths=None, mask=None):
+        """Mixes the experts' outputs frame by frame.
+
+        Arguments
+        ---------
+        x : torch.Tensor
+            [B, T, D] input.
+        lengths : torch.Tensor, optional
+            [B] SpeechBrain relative lengths.
+        mask : torch.Tensor, optional
+            [B, T] bool, True on real frames. Without lengths or mask, the layer uses what
+            :func:`set_padding_mask` set, else treats every frame as real.
+
+        Returns
+        -------
+        torch.Tensor
+            [B, T, O], zero on padding frames.
+        """
+        if x.dim() != 3 or x.shape[-1] != self.input_size:
+            raise ValueError(
+                f"MoE expects [batch, time, input_size={self.input_size}], got {tuple(x.shape)}"
+            )
+        batch, time, _ = x.shape
+        mask = self._resolve_mask(x, lengths, mask)
+        flat = x.reshape(batch * time, self.input_size)
+        if mask is None:
+            valid = torch.ones(batch * time, dtype=torch.bool, device=x.device)
+        else:
+            valid = mask.reshape(-1)
+
+        logits, probs, top_w, top_i = self.route(flat, valid)
+        if self.top_k is None:
+            gates = probs * valid.unsqueeze(-1)
+            out = self.experts.forward_dense(flat, gates)
+            assignment = probs.argmax(-1)
+            routed = None
+            dropped = None
+        else:
+            out, routed, dropped = self._sparse(flat, valid, top_w, top_i)
+            gates = torch.zeros_like(probs).scatter(1, top_i, top_w) * valid.unsqueeze(-1)
+            assignment = top_i[:, 0]
+
+        self.aux_loss = self._aux_loss(logits, probs, valid, routed, assignment)
+        self.last_assignment = torch.where(valid, assignment, -1).view(batch, time).detach()
+        if self.track_stats:
+            self._accumulate(probs, gates, valid, assignment, routed, dropped)
+        return out.view(batch, time, self.output_size)
+
+    def _sparse(self, flat, valid, top_w, top_i):
+        """Top-k dispatch: sort (frame, expert) pairs by expert once, run contiguous slices."""
+        n, k = self.num_experts, self.top_k
+        m = flat.shape[0]
+        # Pairs ordered choice-major ([k, M]) so capacity serves first choices first.
+        expert_ids = top_i.t().reshape(-1)
+        weights = top_w.t().reshape(-1)
+        frame_ids = torch.arange(m, device=flat.device).repeat(k)
+        # Padding pairs go to the sentinel expert n: sorted last, never computed.
+        expert_ids = torch.where(valid.repeat(k), expert_ids, n)
+        dropped = None
+        if self.capacity_factor is not None:
+            one_hot = F.one_hot(expert_ids, n + 1)
+            position = (one_hot.cumsum(0) * one_hot).sum(-1) - 1
+            n_valid = valid.sum()
+            capacity = torch.ceil(self.capacity_factor * k * n_valid / n)
+            over = (position >= capacity) & (expert_ids < n)
+            dropped = torch.bincount(expert_ids[over], minlength=n + 1)[:n]
+            expert_ids = torch.where(over, n, expert_ids)
+        routed = torch.bincount(expert_ids, minlength=n + 1)[:n]
+        offsets = routed.cumsum(0).to(torch.int32)
+
+        sorted_ids, perm = torch.sort(expert_ids, stable=True)
+        keep = (sorted_ids < n).unsqueeze(-1)
+        # where() (not a product) also zeroes the gradient of the rows the kernel skips.
+        xs = torch.where(keep, flat[frame_ids[perm]], 0.0)
+        ys = self.experts.forward_grouped(
+            xs, sorted_ids.clamp(max=n - 1), offsets, self.kernel, computed=keep
+        )
+        # Mask before weighting: the skipped rows may hold NaN, and NaN * 0 is NaN.
+        ys = torch.where(keep, ys, 0.0) * weights[perm].unsqueeze(-1).to(ys.dtype)
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+        out = ys[inverse].view(k, m, -1).sum(0)  # deterministic, unlike index_add_ on CUDA
+        return out, routed, dropped
+
+    def _aux_loss(self, logits, probs, valid, routed, assignment):
+        """Weighted load-balancing loss plus router z-loss, over valid frames only."""
+        if self.load_balancing_weight == 0 and self.z_loss_weight == 0:
+            return None
+        validf = valid.float()
+        n_valid = validf.sum().clamp_min(1.0)
+        loss = logits.new_zeros(())
+        if self.load_balancing_weight > 0:
+            if routed is None:  # dense gating: fraction of frames whose argmax is expert i
+                routed = torch.bincount(
+                    assignment[valid], minlength=self.num_experts
+                ).float()
+            fraction = routed.float() / routed.sum().clamp_min(1.0)
+            mean_prob = (probs * validf.unsqueeze(-1)).sum(0) / n_valid
+            loss = loss + self.load_balancing_weight * self.num_experts * (fraction * mean_prob).sum()
+        if self.z_loss_weight > 0:
+            z = torch.logsumexp(logits, dim=-1).pow(2)
+            loss = loss + self.z_loss_weight * (z * validf).sum() / n_valid
+        return loss
+
+    @torch.no_grad()
+    def _accumulate(self, probs, gates, valid, assignment, routed, dropped):
+        validf = valid.float().unsqueeze(-1)
+        self.stat_gate_mass += (gates.float() * validf).sum(0)
+        self.stat_top1_count += torch.bincount(
+            torch.where(valid, assignment, self.num_experts), minlength=self.num_experts + 1
+        )[: self.num_experts].float()
+        if routed is not None:
+            self.stat_routed_count += routed.float()
+        if dropped is not None:
+            self.stat_dropped_count += dropped.float()
+        entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
+        self.stat_entropy += (entropy * validf.squeeze(-1)).sum()
+        self.stat_frames += validf.sum()
+
+    def reset_stats(self):
+        """Zeroes the accumulated statistics."""
+        for name in ("gate_mass", "top1_count", "routed_count", "dropped_count", "entropy",
+                     "frames"):
+            getattr(self, f"stat_{name}").zero_()
+
+    def stats(self):
+        """Accumulated statistics as plain Python numbers (one device sync).
+
+        Returns
+        -------
+        dict
+            ``frames``: valid frames seen; ``usage``: mean gate mass per expert (sums to 1);
+            ``top1_usage``: fraction of frames whose best expert is i; ``routed_fraction``
+            (top-k): fraction of assignments per expert; ``dropped_fraction`` (capacity):
+            fraction of assignments dropped; ``gate_entropy``: mean entropy of the gate
+            distribution in nats; ``max_entropy``: log N.
+        """
+        frames = float(self.stat_frames)
+        denom = max(frames, 1.0)
+        result = {
+            "frames": frames,
+            "usage": (self.stat_gate_mass / denom).tolist(),
+            "top1_usage": (self.stat_top1_count / denom).tolist(),
+            "gate_entropy": float(self.stat_entropy) / denom,
+            "max_entropy": math.log(self.num_experts),
+        }
+        if self.top_k is not None:
+            assigned = self.stat_routed_count + self.stat_dropped_count
+            total = max(float(assigned.sum()), 1.0)
+            result["routed_fraction"] = (self.stat_routed_count / total).tolist()
+            if self.capacity_factor is not None:
+                result["dropped_fraction"] = float(self.stat_dropped_count.sum()) / total
+        return result
+
+    def extra_repr(self):
+        routing = "dense" if self.top_k is None else f"top_k={self.top_k}"
+        return f"{routing}, capacity_factor={self.capacity_factor}, kernel={self.kernel!r}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole-model helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def moe_layers(model):
+    """All :class:`MoE` layers of ``model`` as (qualified name, layer), in module order.
+
+    Example
+    -------
+    >>> model = nn.Sequential(MoE(4, 2), nn.ReLU(), MoE(4, 2))
+    >>> [name for name, _ in moe_layers(model)]
+    ['0', '2']
+    """
+    if isinstance(model, MoE):
+        return [("", model)]
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, MoE)]
+
+
+def moe_auxiliary_loss(model):
+    """Sum of the auxiliary losses of every MoE layer's latest forward pass; clears them.
+
+    A Brain adds this to its objective without knowing the architecture. A layer called
+    several times before one collection contributes its latest call only.
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar (zero when no layer has a loss to give).
+
+    Example
+    -------
+    >>> model = nn.Sequential(MoE(4, 2, z_loss_weight=1e-3), MoE(4, 2, z_loss_weight=1e-3))
+    >>> _ = model(torch.randn(1, 3, 4))
+    >>> bool(moe_auxiliary_loss(model) > 0), float(moe_auxiliary_loss(model))
+    (True, 0.0)
+    """
+    total = None
+    for _, layer in moe_layers(model):
+        if layer.aux_loss is not None:
+            total = layer.aux_loss if total is None else total + layer.aux_loss
+            layer.aux_loss = None
+    if total is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        total = torch.zeros((), device=device)
+    return total
+
+
+def collect_expert_stats(model, reset=False):
+    """Usage statistics of every MoE layer, keyed by layer name (see :meth:`MoE.stats`).
+
+    Example
+    -------
+    >>> model = nn.Sequential(MoE(4, 2))
+    >>> _ = model(torch.randn(2, 3, 4))
+    >>> stats = collect_expert_stats(model, reset=True)
+    >>> stats["0"]["frames"], round(sum(stats["0"]["usage"]), 4)
+    (6.0, 1.0)
+    >>> collect_expert_stats(model)["0"]["frames"]
+    0.0
+    """
+    stats = {}
+    for name, layer in moe_layers(model):
+        stats[name or "moe"] = layer.stats()
+        if reset:
+            layer.reset_stats()
+    return stats
+
+
+def reset_expert_stats(model):
+    """Zeroes the statistics of every MoE layer of ``model``."""
+    for _, layer in moe_layers(model):
+        layer.reset_stats()
+
+
+def set_padding_mask(model, mask=None, lengths=None):
+    """Tells every MoE layer of ``model`` which frames of the next batch are padding.
+
+    For modules that call their MoE feed-forward without a mask (SpeechBrain's Conformer and
+    Transformer layers). Give relative ``lengths`` [B] when the layers run at another frame
+    rate than the caller (each layer scales them to its own time axis), or a bool ``mask``
+    [B, T] (True on real frames) at the layers' frame rate. Call with neither to clear.
+
+    Example
+    -------
+    >>> model = nn.Sequential(MoE(4, 2))
+    >>> set_padding_mask(model, lengths=torch.tensor([1.0, 0.5]))
+    >>> y = model(torch.randn(2, 4, 4))
+    >>> int(torch.count_nonzero(y[1, 2:]))
+    0
+    >>> set_padding_mask(model)  # clear
+    """
+    if mask is not None and lengths is not None:
+        raise ValueError("give either mask or lengths to set_padding_mask, not both")
+    context = None
+    if mask is not None:
+        context = ("mask", mask)
+    elif lengths is not None:
+        context = ("lengths", lengths)
+    for _, layer in moe_layers(model):
+        layer.padding_context = context
+
+
+@contextmanager
+def padding_mask(model, mask=None, lengths=None):
+    """Context manager form of :func:`set_padding_mask` that clears the mask on exit.
+
+    Example
+    -------
+    >>> model = nn.Sequential(MoE(4, 2))
+    >>> with padding_mask(model, lengths=torch.tensor([0.5])):
+    ...     y = model(torch.randn(1, 4, 4))
+    >>> model[0].padding_context is None
+    True
+    """
+    set_padding_mask(model, mask=mask, lengths=lengths)
+    try:
+        yield model
+    finally:
+        set_padding_mask(model)
+
+
+def set_moe_epoch(model, epoch):
+    """Tells every balancing constraint in ``model`` the current (1-based) epoch.
+
+    Call at the start of each epoch (e.g. in ``Brain.on_stage_start``); the constraint is
+    off after its ``balance_epochs``.
+    """
+    for _, layer in moe_layers(model):
+        if layer.constraint is not None:
+            layer.constraint.epoch = int(epoch)

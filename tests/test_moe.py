@@ -1,0 +1,309 @@
+"""MoE layer: routing, fast kernels against a plain reference, padding, balancing, checkpoints."""
+
+import copy
+import math
+
+import pytest
+import torch
+from speechbrain.utils.checkpoints import Checkpointer
+from torch import nn
+
+from sb_crossmodal_kd.nnet.moe import (
+    MoE,
+    collect_expert_stats,
+    grouped_matmul,
+    moe_auxiliary_loss,
+    padding_mask,
+    set_moe_epoch,
+)
+
+
+def reference_forward(moe, x, mask):
+    """sum_i g_i(x) f_i(x) written out expert by expert, with plain torch ops only."""
+    flat = x.reshape(-1, x.shape[-1])
+    valid = mask.reshape(-1)
+    logits = moe.router.net(flat)
+    probs = torch.softmax(logits, dim=-1)
+    if moe.top_k is not None:
+        top_w, top_i = probs.topk(moe.top_k, dim=-1)
+        gates = torch.zeros_like(probs).scatter(1, top_i, top_w / top_w.sum(-1, keepdim=True))
+    else:
+        gates = probs
+    gates = gates * valid.unsqueeze(-1)
+    ex = moe.experts
+    out = 0
+    for i in range(moe.num_experts):
+        pre = flat @ ex.w_in[i]
+        if ex.b_in is not None:
+            pre = pre + ex.b_in[i]
+        if ex.expert == "swiglu":
+            g, u = pre.chunk(2, dim=-1)
+            h = torch.nn.functional.silu(g) * u
+        else:
+            h = torch.relu(pre)
+        if ex.expert != "relu":
+            h = h @ ex.w_out[i]
+            if ex.b_out is not None:
+                h = h + ex.b_out[i]
+        out = out + gates[:, i : i + 1] * h
+    return out.view(x.shape[0], x.shape[1], -1)
+
+
+def make_mask(batch=3, time=7):
+    lengths = torch.tensor([1.0, 4 / 7, 2 / 7])[:batch]
+    return torch.arange(time) < torch.round(lengths * time).unsqueeze(1)
+
+
+@pytest.mark.parametrize("expert", ["relu", "ffn", "swiglu"])
+@pytest.mark.parametrize("routing", ["dense", "grouped_mm", "loop"])
+def test_fast_kernels_equal_reference_in_outputs_and_gradients(expert, routing):
+    torch.manual_seed(0)
+    top_k = None if routing == "dense" else 2
+    kernel = "auto" if routing == "dense" else routing
+    moe = MoE(16, num_experts=4, output_size=8, expert=expert, expert_hidden_size=16,
+              top_k=top_k, kernel=kernel)
+    mask = make_mask()
+    x = torch.randn(3, 7, 16, requires_grad=True)
+    target = torch.randn(3, 7, 8)
+
+    y = moe(x, mask=mask)
+    ((y - target) ** 2).sum().backward()
+    grads = {n: p.grad.clone() for n, p in moe.named_parameters()}
+    x_grad = x.grad.clone()
+    moe.zero_grad()
+    x.grad = None
+
+    y_ref = reference_forward(moe, x, mask)
+    ((y_ref - target) ** 2).sum().backward()
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x_grad, x.grad, rtol=1e-4, atol=1e-5)
+    for name, param in moe.named_parameters():
+        torch.testing.assert_close(grads[name], param.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_grouped_matmul_kernels_agree_with_empty_groups():
+    torch.manual_seed(0)
+    x = torch.randn(12, 8, requires_grad=True)
+    w = torch.randn(4, 8, 4, requires_grad=True)
+    offsets = torch.tensor([3, 3, 9, 12], dtype=torch.int32)  # expert 1 gets no rows
+    outs = []
+    for kernel in ("grouped_mm", "loop"):
+        y = grouped_matmul(x, w, offsets, kernel)
+        y.backward(torch.ones_like(y) * 0.5 + y.detach())
+        outs.append((y.detach(), x.grad.clone(), w.grad.clone()))
+        x.grad = w.grad = None
+    for a, b in zip(outs[0], outs[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_gates_sum_to_one_and_top_k_selects_k():
+    torch.manual_seed(0)
+    x = torch.randn(50, 16)
+    valid = torch.ones(50, dtype=torch.bool)
+    dense = MoE(16, num_experts=5)
+    _, probs, _, _ = dense.route(x, valid)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(50))
+    sparse = MoE(16, num_experts=5, top_k=3)
+    _, probs, top_w, top_i = sparse.route(x, valid)
+    torch.testing.assert_close(top_w.sum(-1), torch.ones(50))
+    assert top_i.shape == (50, 3)
+    assert all(len(set(row.tolist())) == 3 for row in top_i)
+    # the selected experts are the three most probable ones
+    assert torch.equal(top_i.sort(-1).values, probs.topk(3, -1).indices.sort(-1).values)
+    sparse(x.view(5, 10, 16))
+    stats = collect_expert_stats(sparse)["moe"]
+    assert sum(stats["routed_fraction"]) == pytest.approx(1.0)
+    assert float(sparse.stat_routed_count.sum()) == 3 * 50
+
+
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_padding_frames_excluded_from_outputs_losses_and_statistics(top_k):
+    torch.manual_seed(0)
+    moe = MoE(8, num_experts=4, top_k=top_k, load_balancing_weight=0.1, z_loss_weight=0.01,
+              capacity_factor=1.0 if top_k else None, balance_margin=5.0)
+    moe.train()
+    mask = make_mask()
+    x = torch.randn(3, 7, 8)
+    x_other = torch.where(mask.unsqueeze(-1), x, 100 * torch.randn(3, 7, 8))
+
+    results = []
+    for inp in (x, x_other):
+        state = copy.deepcopy(moe.state_dict())
+        y = moe(inp, mask=mask)
+        loss = moe_auxiliary_loss(moe)
+        stats = collect_expert_stats(moe, reset=True)["moe"]
+        totals = moe.constraint.totals.clone()
+        results.append((y, loss, stats, totals, moe.last_assignment.clone()))
+        moe.load_state_dict(state)
+    (y1, l1, s1, t1, a1), (y2, l2, s2, t2, a2) = results
+    assert torch.count_nonzero(y1[~mask]) == 0
+    torch.testing.assert_close(y1, y2)
+    torch.testing.assert_close(l1, l2)
+    torch.testing.assert_close(t1, t2)
+    assert s1 == s2
+    assert s1["frames"] == int(mask.sum())
+    assert torch.equal(a1, a2) and bool((a1[~mask] == -1).all())
+
+
+def test_relative_lengths_and_context_mask_match_explicit_mask():
+    torch.manual_seed(0)
+    moe = MoE(8, num_experts=3, top_k=1)
+    x = torch.randn(3, 7, 8)
+    mask = make_mask()
+    lengths = torch.tensor([1.0, 4 / 7, 2 / 7])
+    y_mask = moe(x, mask=mask)
+    y_len = moe(x, lengths=lengths)
+    with padding_mask(nn.Sequential(moe), lengths=lengths):
+        y_ctx = moe(x)
+    torch.testing.assert_close(y_mask, y_len)
+    torch.testing.assert_close(y_mask, y_ctx)
+    assert moe.padding_context is None
+
+
+def test_balancing_constraint_keeps_totals_within_margin_then_switches_off():
+    torch.manual_seed(0)
+    margin, batch = 4.0, 20
+    moe = MoE(8, num_experts=4, balance_margin=margin, balance_steps=30)
+    with torch.no_grad():  # a router that sends everything to expert 0
+        moe.router.net.weight.zero_()
+        moe.router.net.bias.copy_(torch.tensor([8.0, 0.0, 0.0, 0.0]))
+    moe.train()
+    for _ in range(30):
+        moe(torch.randn(1, batch, 8))
+        spread = float(moe.constraint.totals.max() - moe.constraint.totals.min())
+        # decided per batch: at most one batch's gate mass beyond the margin
+        assert spread <= margin + batch
+    usage = collect_expert_stats(moe, reset=True)["moe"]["usage"]
+    assert min(usage) > 0.15  # every expert used despite the collapsed router
+    assert not moe.constraint.active  # phase one over after 30 steps
+    frozen = moe.constraint.totals.clone()
+    moe(torch.randn(1, batch, 8))
+    assert torch.equal(frozen, moe.constraint.totals)
+    assert collect_expert_stats(moe)["moe"]["usage"][0] > 0.99  # gates as the router says
+
+
+def test_balancing_constraint_phase_in_epochs():
+    moe = MoE(8, num_experts=2, balance_margin=0.0, balance_epochs=2).train()
+    set_moe_epoch(moe, 2)
+    assert moe.constraint.active
+    set_moe_epoch(moe, 3)
+    assert not moe.constraint.active
+    moe.eval()
+    set_moe_epoch(moe, 1)
+    assert not moe.constraint.active  # never in evaluation
+
+
+def test_without_constraint_collapsed_router_stays_collapsed():
+    moe = MoE(8, num_experts=4).train()
+    with torch.no_grad():
+        moe.router.net.weight.zero_()
+        moe.router.net.bias.copy_(torch.tensor([8.0, 0.0, 0.0, 0.0]))
+    moe(torch.randn(1, 20, 8))
+    assert collect_expert_stats(moe)["moe"]["usage"][0] > 0.99
+
+
+def test_constraint_state_survives_checkpointer_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(MoE(8, num_experts=4, top_k=2, balance_margin=3.0, balance_epochs=5))
+    model.train()
+    for _ in range(7):
+        model(torch.randn(2, 5, 8))
+    set_moe_epoch(model, 4)
+    Checkpointer(tmp_path, recoverables={"model": model}).save_checkpoint()
+
+    restored = nn.Sequential(MoE(8, num_experts=4, top_k=2, balance_margin=3.0, balance_epochs=5))
+    Checkpointer(tmp_path, recoverables={"model": restored}).recover_if_possible()
+    before, after = model[0].constraint, restored[0].constraint
+    assert float(before.totals.abs().sum()) > 0
+    assert torch.equal(before.totals, after.totals)
+    assert (after.steps, after.epoch) == (7, 4)
+    x = torch.randn(2, 5, 8)
+    restored.train()
+    torch.testing.assert_close(model(x), restored(x))
+    assert torch.equal(before.totals, after.totals)
+
+
+def test_auxiliary_losses_have_known_values_and_reach_the_router():
+    moe = MoE(8, num_experts=4, top_k=2, load_balancing_weight=1.0)
+    with torch.no_grad():
+        moe.router.net.weight.zero_()
+        moe.router.net.bias.zero_()
+    moe(torch.randn(2, 5, 8))
+    # uniform router: N * sum_i f_i * (1/N) = sum_i f_i = 1
+    assert float(moe_auxiliary_loss(moe).detach()) == pytest.approx(1.0)
+
+    zl = MoE(8, num_experts=4, z_loss_weight=1.0)
+    with torch.no_grad():
+        zl.router.net.weight.zero_()
+        zl.router.net.bias.zero_()
+    model = nn.Sequential(zl, MoE(8, num_experts=2, load_balancing_weight=0.5))
+    model(torch.randn(2, 5, 8))
+    loss = moe_auxiliary_loss(model)
+    assert float(loss) > math.log(4) ** 2  # z-loss of a zero router plus a positive term
+    loss.backward()
+    assert model[1].router.net.weight.grad.abs().sum() > 0
+    assert float(moe_auxiliary_loss(model)) == 0.0  # collected once
+
+
+def test_capacity_limits_assignments_per_expert():
+    moe = MoE(8, num_experts=4, top_k=1, capacity_factor=1.0)
+    with torch.no_grad():  # everyone wants expert 2
+        moe.router.net.weight.zero_()
+        moe.router.net.bias.copy_(torch.tensor([0.0, 0.0, 5.0, 0.0]))
+    mask = make_mask()
+    y = moe(torch.randn(3, 7, 8), mask=mask)
+    frames = int(mask.sum())
+    capacity = math.ceil(frames / 4)
+    assert moe.stat_routed_count.tolist() == [0, 0, capacity, 0]
+    stats = collect_expert_stats(moe)["moe"]
+    assert stats["dropped_fraction"] == pytest.approx((frames - capacity) / frames)
+    flat_valid = y.reshape(-1, 8)[mask.reshape(-1)]
+    assert int((flat_valid.abs().sum(-1) > 0).sum()) <= capacity
+
+
+def test_noisy_gating_is_random_in_training_only():
+    torch.manual_seed(0)
+    moe = MoE(8, num_experts=4, top_k=1, noisy_gating=True)
+    x = torch.randn(2, 30, 8)
+    moe.train()
+    assert not torch.equal(moe(x), moe(x))
+    moe.eval()
+    assert torch.equal(moe(x), moe(x))
+
+
+def test_bfloat16_autocast_runs_and_stays_finite():
+    moe = MoE(16, num_experts=4, expert="swiglu", expert_hidden_size=32, top_k=2)
+    x = torch.randn(2, 6, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = moe(x)
+    y.float().sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, setting",
+    [
+        ({"num_experts": 4, "top_k": 5}, "top_k"),
+        ({"num_experts": 4, "top_k": 0}, "top_k"),
+        ({"num_experts": 0}, "num_experts"),
+        ({"num_experts": 4, "balance_margin": -1.0}, "balance_margin"),
+        ({"num_experts": 4, "balance_epochs": 2}, "balance_margin"),
+        ({"num_experts": 4, "capacity_factor": 1.0}, "capacity_factor"),
+        ({"num_experts": 4, "top_k": 1, "capacity_factor": 0.0}, "capacity_factor"),
+        ({"num_experts": 4, "expert": "ffn"}, "hidden_size"),
+        ({"num_experts": 4, "expert": "gelu"}, "expert"),
+        ({"num_experts": 4, "kernel": "cuda"}, "kernel"),
+        ({"num_experts": 4, "load_balancing_weight": -1}, "load_balancing_weight"),
+    ],
+)
+def test_impossible_settings_fail_at_construction(kwargs, setting):
+    with pytest.raises(ValueError, match=setting):
+        MoE(8, **kwargs)
+
+
+def test_mismatched_sizes_fail_with_clear_message():
+    moe = MoE(8, num_experts=2)
+    with pytest.raises(ValueError, match="input_size=8"):
+        moe(torch.randn(2, 3, 6))
+    with pytest.raises(ValueError, match="padding mask"):
+        moe(torch.randn(2, 3, 8), mask=torch.ones(2, 4, dtype=torch.bool))
