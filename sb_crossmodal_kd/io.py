@@ -1,0 +1,55 @@
+"""Atomic file writes: a file is either absent or complete, never half written.
+
+Every writer in the package goes through these helpers (temp file in the same folder, then
+``os.replace``), so an interrupted run never leaves a truncated file that a re-run would
+mistake for a finished one.
+
+Example
+-------
+>>> import tempfile, pathlib
+>>> folder = pathlib.Path(tempfile.mkdtemp())
+>>> atomic_write_text(folder / "a.txt", "hello\\n")
+>>> (folder / "a.txt").read_text()
+'hello\\n'
+"""
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(path):
+    """Yields a temporary path next to ``path``; renames it onto ``path`` on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path, text):
+    """Writes ``text`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def atomic_write_json(path, obj):
+    """Writes ``obj`` as indented JSON to ``path`` atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_wav_atomic(path, waveform, sample_rate):
+    """Writes a mono float waveform as 16-bit PCM wav atomically."""
+    import soundfile
+
+    with atomic_path(path) as tmp:
+        soundfile.write(str(tmp), waveform, sample_rate, subtype="PCM_16", format="WAV")
