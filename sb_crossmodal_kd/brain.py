@@ -1,0 +1,122 @@
+"""The baseline acoustic model Brain: CTC over SentencePiece subwords.
+
+``CTCBrain`` is a ``speechbrain.core.Brain`` that expects, in its ``modules``:
+
+- ``compute_features``: waveform [B, S] -> features [B, T, F] (e.g. SpeechBrain's ``Fbank``),
+- ``normalize``: SpeechBrain's ``InputNormalization`` (stateful, checkpointed),
+- ``encoder``: ``encoder(features, lengths) -> [B, T', D]``
+  (e.g. :class:`~sb_crossmodal_kd.nnet.conformer.ConformerCTCEncoder`),
+- ``ctc_lin``: the output projection to ``vocab_size + 1`` classes,
+
+and in its ``hparams``: ``tokenizer`` (SpeechBrain's SentencePiece wrapper), ``blank_index``,
+``log_softmax``, ``lr_annealing`` (stepped every batch), ``epoch_counter``, ``checkpointer``,
+``train_logger``, ``wer_file`` and ``results_file``. Subclasses (e.g. the distillation Brain)
+extend :meth:`compute_forward`'s returned dict and :meth:`compute_objectives`.
+"""
+
+import time
+
+import speechbrain as sb
+import torch
+from speechbrain.utils.metric_stats import ErrorRateStats
+
+from sb_crossmodal_kd.io import atomic_write_json
+
+
+class CTCBrain(sb.Brain):
+    """Trains and evaluates a CTC acoustic model; writes WER/CER of the test split to JSON."""
+
+    def compute_forward(self, batch, stage):
+        """Returns ``{"log_probs": [B, T', V+1], "encoded": [B, T', D], "lengths": [B]}``."""
+        batch = batch.to(self.device)
+        wavs, wav_lens = batch.sig
+        feats = self.modules.compute_features(wavs)
+        feats = self.modules.normalize(feats, wav_lens)
+        encoded = self.modules.encoder(feats, wav_lens)
+        logits = self.modules.ctc_lin(encoded)
+        return {
+            "log_probs": self.hparams.log_softmax(logits),
+            "encoded": encoded,
+            "lengths": wav_lens,
+        }
+
+    def compute_objectives(self, predictions, batch, stage):
+        """CTC loss; on valid and test also decodes greedily and scores WER and CER."""
+        log_probs, lengths = predictions["log_probs"], predictions["lengths"]
+        tokens, token_lens = batch.tokens
+        loss = sb.nnet.losses.ctc_loss(
+            log_probs.float(), tokens, lengths, token_lens, self.hparams.blank_index
+        )
+        if stage != sb.Stage.TRAIN:
+            self._score(log_probs, lengths, batch)
+        return loss
+
+    def _score(self, log_probs, lengths, batch):
+        hyps = sb.decoders.ctc_greedy_decode(
+            log_probs, lengths, blank_id=self.hparams.blank_index
+        )
+        words = [self.hparams.tokenizer.sp.decode_ids(h).split() for h in hyps]
+        targets = [w.split() for w in batch.wrd]
+        self.wer_metric.append(batch.id, words, targets)
+        self.cer_metric.append(batch.id, ["".join(w) for w in words], ["".join(t) for t in targets])
+
+    def on_fit_batch_end(self, batch, outputs, loss, should_step):
+        """Steps the learning-rate schedule once per optimiser update."""
+        if should_step:
+            self.hparams.lr_annealing(self.optimizer)
+
+    def on_stage_start(self, stage, epoch=None):
+        """Fresh error-rate trackers for each evaluation pass."""
+        if stage != sb.Stage.TRAIN:
+            self.wer_metric = ErrorRateStats()
+            self.cer_metric = ErrorRateStats(split_tokens=True)
+        else:
+            self._epoch_start = time.time()
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        """Logs, checkpoints on valid WER, and writes the test results file."""
+        stats = {"loss": stage_loss}
+        if stage == sb.Stage.TRAIN:
+            self.train_stats = {**stats, "epoch_s": round(time.time() - self._epoch_start, 1)}
+            return
+        stats["WER"] = self.wer_metric.summarize("error_rate")
+        stats["CER"] = self.cer_metric.summarize("error_rate")
+        if stage == sb.Stage.VALID:
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.hparams.train_logger.log_stats(
+                stats_meta={"epoch": epoch, "lr": lr},
+                train_stats=self.train_stats,
+                valid_stats=stats,
+            )
+            self.checkpointer.save_and_keep_only(meta={"WER": stats["WER"]}, min_keys=["WER"])
+        elif stage == sb.Stage.TEST:
+            self.hparams.train_logger.log_stats(
+                stats_meta={"Epoch loaded": self.hparams.epoch_counter.current},
+                test_stats=stats,
+            )
+            if sb.utils.distributed.if_main_process():
+                with open(self.hparams.wer_file, "w") as handle:
+                    self.wer_metric.write_stats(handle)
+                atomic_write_json(
+                    self.hparams.results_file,
+                    {
+                        "wer": stats["WER"],
+                        "cer": stats["CER"],
+                        "test_loss": stage_loss,
+                        "utterances": len(self.wer_metric.scores),
+                        "epochs": self.hparams.epoch_counter.current,
+                        "params": count_parameters(self.modules),
+                    },
+                )
+            self.test_stats = stats
+
+
+def count_parameters(module):
+    """Number of trainable parameters of ``module``.
+
+    Example
+    -------
+    >>> count_parameters(torch.nn.Linear(3, 2))
+    8
+    """
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -1,0 +1,113 @@
+"""Runs a CTC experiment from a hyperpyyaml file: data, tokenizer, training, test.
+
+Recipes' ``train.py`` and ``sbkd demo`` both call :func:`run_asr_experiment`, so a recipe is
+its hparams file and the command line, as in SpeechBrain. The hparams file must define
+``train_csv``, ``valid_csv``, ``test_csv``, ``output_folder``, ``save_folder``,
+``tokenizer`` (SpeechBrain's SentencePiece wrapper, trained on ``train_csv``), ``modules``,
+``opt_class``, ``checkpointer``, ``epoch_counter``, ``brain_class`` and the loader options.
+"""
+
+import logging
+import sys
+from pathlib import Path
+
+import speechbrain as sb
+from hyperpyyaml import load_hyperpyyaml
+
+from sb_crossmodal_kd.data.manifest import check_manifest
+
+logger = logging.getLogger(__name__)
+
+
+def asr_datasets(hparams):
+    """Checks the manifests and returns ``{"train", "valid", "test"}`` DynamicItemDatasets.
+
+    Each item provides ``id``, ``wrd``, ``sig`` (the waveform) and ``tokens`` (subword ids).
+    """
+    sample_rate = hparams["sample_rate"]
+    for split in ("train", "valid", "test"):
+        check_manifest(hparams[f"{split}_csv"], expected_sample_rate=sample_rate)
+    # The tokenizer trains on the train manifest, so it is built only once that is checked.
+    # Under DDP the main process trains it first; every process then loads the saved model.
+    build_tokenizer = hparams["tokenizer"]
+    if not hasattr(build_tokenizer, "sp"):
+        sb.utils.distributed.run_on_main(build_tokenizer)
+        hparams["tokenizer"] = build_tokenizer()
+    tokenizer = hparams["tokenizer"]
+
+    @sb.utils.data_pipeline.takes("wav")
+    @sb.utils.data_pipeline.provides("sig")
+    def audio_pipeline(wav):
+        return sb.dataio.dataio.read_audio(wav)
+
+    @sb.utils.data_pipeline.takes("wrd")
+    @sb.utils.data_pipeline.provides("wrd", "tokens")
+    def text_pipeline(wrd):
+        yield wrd
+        yield sb.dataio.encoder.torch.LongTensor(tokenizer.sp.encode_as_ids(wrd))
+
+    datasets = {}
+    for split in ("train", "valid", "test"):
+        dataset = sb.dataio.dataset.DynamicItemDataset.from_csv(hparams[f"{split}_csv"])
+        dataset = dataset.filtered_sorted(sort_key="duration")
+        dataset.add_dynamic_item(audio_pipeline)
+        dataset.add_dynamic_item(text_pipeline)
+        dataset.set_output_keys(["id", "sig", "wrd", "tokens"])
+        datasets[split] = dataset
+    return datasets
+
+
+def load_hparams(hparams_file, overrides=None):
+    """Loads a hyperpyyaml file with ``overrides`` (a dict or a yaml string)."""
+    with open(hparams_file) as handle:
+        return load_hyperpyyaml(handle, overrides or {})
+
+
+def run_asr_experiment(hparams_file, overrides=None, run_opts=None):
+    """Trains and tests the model of ``hparams_file``; returns the results dict.
+
+    Arguments
+    ---------
+    hparams_file : str or Path
+        A recipe's hparams file.
+    overrides : dict, optional
+        Values replacing those of the file (as on a recipe's command line).
+    run_opts : dict, optional
+        SpeechBrain run options (``device``, ``precision``, ``distributed_launch``, ...).
+    """
+    import json
+
+    hparams = load_hparams(hparams_file, overrides)
+    sb.create_experiment_directory(
+        experiment_directory=hparams["output_folder"],
+        hyperparams_to_save=str(hparams_file),
+        overrides=overrides,
+    )
+    datasets = asr_datasets(hparams)
+    brain = hparams["brain_class"](
+        modules=hparams["modules"],
+        opt_class=hparams["opt_class"],
+        hparams=hparams,
+        run_opts=run_opts or {},
+        checkpointer=hparams["checkpointer"],
+    )
+    brain.fit(
+        brain.hparams.epoch_counter,
+        datasets["train"],
+        datasets["valid"],
+        train_loader_kwargs=hparams["train_dataloader_opts"],
+        valid_loader_kwargs=hparams["valid_dataloader_opts"],
+    )
+    brain.evaluate(
+        datasets["test"], min_key="WER", test_loader_kwargs=hparams["test_dataloader_opts"]
+    )
+    return json.loads(Path(hparams["results_file"]).read_text())
+
+
+def main(argv=None):
+    """``train.py hparams.yaml [--overrides...]``, as SpeechBrain recipes parse it."""
+    hparams_file, run_opts, overrides = sb.parse_arguments(argv or sys.argv[1:])
+    sb.utils.distributed.ddp_init_group(run_opts)
+    results = run_asr_experiment(hparams_file, overrides, run_opts)
+    logger.info("Test WER %.2f%%, CER %.2f%%", results["wer"], results["cer"])
+    return results

@@ -1,0 +1,99 @@
+"""The acoustic encoder of the CTC recipes: SpeechBrain's Conformer on a convolutional front
+end, behind one call ``encoder(features, lengths)``.
+
+SpeechBrain's ``ConformerEncoder`` needs relative positional embeddings and a key padding
+mask; this wrapper builds both so that Brains, taps and MoE swaps deal with one module whose
+``layers`` attribute is the unmodified SpeechBrain ``ConformerEncoder``.
+"""
+
+import torch
+from speechbrain.dataio.dataio import length_to_mask
+from speechbrain.lobes.models.convolution import ConvolutionFrontEnd
+from speechbrain.lobes.models.transformer.Conformer import ConformerEncoder
+from speechbrain.nnet.attention import RelPosEncXL
+
+
+class ConformerCTCEncoder(torch.nn.Module):
+    """Conv front end (4x time subsampling), projection, and a Conformer encoder.
+
+    Arguments
+    ---------
+    n_mels : int
+        Feature dimension of the input filterbanks.
+    d_model : int
+        Conformer width.
+    num_layers : int
+        Conformer layers.
+    nhead : int
+        Attention heads.
+    d_ffn : int
+        Hidden size of the Conformer feed-forward modules.
+    kernel_size : int
+        Conformer convolution kernel.
+    front_channels : tuple of int
+        Channels of the two stride-2 convolution blocks.
+    dropout : float
+        Dropout inside the Conformer.
+
+    Example
+    -------
+    >>> encoder = ConformerCTCEncoder(n_mels=40, d_model=32, num_layers=2, nhead=2, d_ffn=64)
+    >>> feats = torch.randn(3, 101, 40)
+    >>> out = encoder(feats, torch.tensor([1.0, 0.8, 0.5]))
+    >>> out.shape
+    torch.Size([3, 26, 32])
+    """
+
+    def __init__(
+        self,
+        n_mels=80,
+        d_model=144,
+        num_layers=4,
+        nhead=4,
+        d_ffn=576,
+        kernel_size=15,
+        front_channels=(32, 32),
+        dropout=0.1,
+    ):
+        super().__init__()
+        self.front_end = ConvolutionFrontEnd(
+            input_shape=(None, None, n_mels),
+            num_blocks=2,
+            num_layers_per_block=1,
+            out_channels=tuple(front_channels),
+            kernel_sizes=(3, 3),
+            strides=(2, 2),
+            residuals=(False, False),
+        )
+        front_dim = self._front_end_dim(n_mels)
+        self.projection = torch.nn.Linear(front_dim, d_model)
+        self.positional = RelPosEncXL(d_model)
+        self.layers = ConformerEncoder(
+            num_layers=num_layers,
+            d_model=d_model,
+            d_ffn=d_ffn,
+            nhead=nhead,
+            kernel_size=kernel_size,
+            dropout=dropout,
+        )
+
+    @torch.no_grad()
+    def _front_end_dim(self, n_mels):
+        out = self.front_end(torch.zeros(1, 8, n_mels))
+        return out.shape[2] * out.shape[3]
+
+    def subsample(self, features):
+        """Front end and projection: [B, T, n_mels] -> [B, ceil(T/4), d_model]."""
+        x = self.front_end(features)
+        return self.projection(x.flatten(start_dim=2))
+
+    def forward(self, features, lengths):
+        """Encodes ``features`` [B, T, n_mels] with relative ``lengths`` [B] -> [B, T', D]."""
+        x = self.subsample(features)
+        padding_mask = ~length_to_mask(
+            torch.round(lengths * x.shape[1]).long(), max_len=x.shape[1]
+        ).bool()
+        out, _ = self.layers(
+            x, src_key_padding_mask=padding_mask, pos_embs=self.positional(x)
+        )
+        return out
