@@ -1,0 +1,437 @@
+"""Teacher cache: top-k teacher distributions for a whole manifest, on disk, memory-mapped.
+
+:func:`build_cache` runs a teacher once over every utterance's unit sequence and stores, per
+position, the top-k probabilities (float16), their unit ids (int32) and the residual mass
+(float32, ``1 - sum`` of the float16 top-k, clamped at 0). :class:`TeacherCache` reads them back
+as the same :class:`~sb_crossmodal_kd.teachers.base.TopKDistributions` triple a live teacher
+gives, so the losses never know which one they got.
+
+Layout of a cache folder::
+
+    header.json              what the cache was built from (below) and whether it is complete
+    shard_00000.bin          ids int32 [P, k] | residual float32 [P] | probs float16 [P, k]
+    shard_00000.json         the shard's utterances: [[ID, first position, length], ...],
+                             P, k, byte size and SHA-256 of the .bin
+    ...
+
+Each shard holds ``shard_size`` consecutive utterances of the input order. ``header.json``
+names the teacher (its :meth:`~sb_crossmodal_kd.teachers.base.Teacher.describe`), the unit type,
+the vocabulary size, the tokenizer / lexicon / tree hash, the temperature, ``k``, the shard size
+and a hash of the input sequences.
+
+Writes are atomic (temporary file in the same folder, then ``os.replace``); a shard counts as
+done once its ``.json`` exists and its ``.bin`` has the recorded size and hash. An interrupted
+build, run again with the same arguments, skips the done shards and recomputes the rest with
+the same batching, so the result is byte-identical to an uninterrupted build (on a
+deterministic device). Running it with other arguments, or reading the cache with another
+vocabulary, tokenizer, unit type, temperature or a larger ``k``, raises
+:class:`CacheMismatchError` saying what differs.
+
+Example
+-------
+>>> from sb_crossmodal_kd.teachers.base import Teacher
+>>> class Bigram(Teacher):  # a deterministic toy teacher: prefers unit (previous + 1)
+...     def unit_logits(self, unit_ids, lengths):
+...         previous = torch.cat([unit_ids[:, :1] * 0, unit_ids[:, :-1]], 1)
+...         return 3.0 * torch.nn.functional.one_hot((previous + 1) % 5, 5).float()
+>>> teacher = Bigram(vocab_size=5, name="bigram", unit_type="toy", tokenizer_hash="t1")
+>>> folder = getfixture("tmp_path") / "cache"
+>>> header = build_cache(teacher, [("utt1", [1, 2, 3]), ("utt2", [4])], folder, k=2,
+...                      progress=False)
+>>> cache = TeacherCache(folder, vocab_size=5, tokenizer_hash="t1")
+>>> dist = cache.distributions(["utt2", "utt1"])
+>>> dist.top_ids.shape, dist.top_ids[1, :, 0].tolist()
+(torch.Size([2, 3, 2]), [1, 2, 3])
+>>> TeacherCache(folder, tokenizer_hash="other")
+Traceback (most recent call last):
+...
+sb_crossmodal_kd.teachers.cache.CacheMismatchError: ...tokenizer_hash...
+"""
+
+import hashlib
+import json
+import os
+import pathlib
+import tempfile
+
+import numpy as np
+import torch
+
+from sb_crossmodal_kd.teachers.base import TopKDistributions
+
+FORMAT = "sb-crossmodal-kd teacher cache v1"
+HEADER = "header.json"
+
+
+class CacheMismatchError(ValueError):
+    """A cache was built from something other than what it is used or resumed with."""
+
+
+def _atomic_write_bytes(path, data):
+    path = pathlib.Path(path)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _json_bytes(obj):
+    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+
+
+def _sequences_hash(utterances):
+    digest = hashlib.sha256()
+    for utt_id, units in utterances:
+        digest.update(f"{utt_id}\t{' '.join(str(int(u)) for u in units)}\n".encode())
+    return digest.hexdigest()
+
+
+def _shard_name(index):
+    return f"shard_{index:05d}"
+
+
+def _layout(n_positions, k):
+    """Byte offsets of ids, residual, probs and the total size of a shard."""
+    ids_bytes = 4 * n_positions * k
+    residual_bytes = 4 * n_positions
+    return 0, ids_bytes, ids_bytes + residual_bytes, ids_bytes + residual_bytes + 2 * n_positions * k
+
+
+def _shard_done(folder, index):
+    """True if shard ``index`` is complete and intact on disk."""
+    name = _shard_name(index)
+    index_path, bin_path = folder / f"{name}.json", folder / f"{name}.bin"
+    if not index_path.is_file() or not bin_path.is_file():
+        return False
+    info = json.loads(index_path.read_text())
+    if bin_path.stat().st_size != info["bytes"]:
+        return False
+    return hashlib.sha256(bin_path.read_bytes()).hexdigest() == info["sha256"]
+
+
+def _check_settings(found, wanted, folder, what):
+    """Raises CacheMismatchError listing every setting where ``found`` differs from ``wanted``."""
+    diffs = [
+        f"{key}: cache has {found.get(key)!r}, {what} {value!r}"
+        for key, value in wanted.items()
+        if found.get(key) != value
+    ]
+    if diffs:
+        raise CacheMismatchError(
+            f"teacher cache {folder} does not match: " + "; ".join(diffs) + ". Rebuild it with "
+            "`sbkd teacher-cache` for these units and teacher (or point to the right cache)."
+        )
+
+
+def build_cache(
+    teacher,
+    utterances,
+    output_dir,
+    k,
+    tau=1.0,
+    unit_type=None,
+    tokenizer_hash=None,
+    shard_size=1000,
+    batch_size=32,
+    device=None,
+    progress=True,
+):
+    """Precomputes ``teacher``'s top-k distributions for every utterance; resumable.
+
+    Arguments
+    ---------
+    teacher : Teacher
+        Any :class:`~sb_crossmodal_kd.teachers.base.Teacher`.
+    utterances : sequence of (str, sequence of int)
+        ``(utterance ID, unit ids)`` in the order to store them (e.g. manifest order).
+    output_dir : str or path
+        Cache folder (created; an unfinished build there with the same settings is resumed).
+    k : int
+        Probabilities kept per position (cut to the vocabulary size; ``k >= V`` keeps all).
+    tau : float
+        Teacher temperature.
+    unit_type, tokenizer_hash : str, optional
+        Default to the teacher's; recorded in the header and checked when reading.
+    shard_size : int
+        Utterances per shard file.
+    batch_size : int
+        Utterances per teacher call.
+    device : str, optional
+        Where the teacher runs (default: CUDA if available, else CPU).
+    progress : bool
+        Show a tqdm progress bar over positions.
+
+    Returns
+    -------
+    dict
+        The header written to ``output_dir/header.json``.
+    """
+    folder = pathlib.Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    utterances = [(str(utt_id), [int(u) for u in units]) for utt_id, units in utterances]
+    _validate(utterances, teacher.vocab_size)
+    if tokenizer_hash is not None and teacher.tokenizer_hash not in (None, tokenizer_hash):
+        raise CacheMismatchError(
+            f"{teacher.name} was built with tokenizer hash {teacher.tokenizer_hash!r} but the "
+            f"units were built with {tokenizer_hash!r}: the unit ids do not mean the same thing"
+        )
+    k = min(int(k), teacher.vocab_size)
+    n_shards = (len(utterances) + shard_size - 1) // shard_size
+    settings = {
+        "format": FORMAT,
+        "teacher": teacher.describe(),
+        "context": teacher.context,
+        "unit_type": unit_type if unit_type is not None else teacher.unit_type,
+        "vocab_size": teacher.vocab_size,
+        "tokenizer_hash": tokenizer_hash if tokenizer_hash is not None else teacher.tokenizer_hash,
+        "temperature": float(tau),
+        "k": k,
+        "shard_size": int(shard_size),
+        "n_shards": n_shards,
+        "n_utterances": len(utterances),
+        "n_positions": sum(len(units) for _, units in utterances),
+        "sequences_hash": _sequences_hash(utterances),
+    }
+    header_path = folder / HEADER
+    if header_path.is_file():
+        existing = json.loads(header_path.read_text())
+        existing_settings = {key: value for key, value in existing.items() if key != "complete"}
+        _check_settings(existing_settings, settings, folder, "this build asks for")
+        if existing.get("complete"):
+            return existing
+    else:
+        _atomic_write_bytes(header_path, _json_bytes({**settings, "complete": False}))
+    for stale in folder.glob(".tmp-*"):  # left by an interrupted write
+        stale.unlink()
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    teacher = teacher.to(device)
+    todo = [i for i in range(n_shards) if not _shard_done(folder, i)]
+    done_positions = settings["n_positions"] - sum(
+        len(units)
+        for i in todo
+        for _, units in utterances[i * shard_size : (i + 1) * shard_size]
+    )
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=settings["n_positions"], initial=done_positions, unit="pos",
+                   desc=f"teacher cache {folder.name}")
+    try:
+        for index in todo:
+            shard = utterances[index * shard_size : (index + 1) * shard_size]
+            _write_shard(folder, index, shard, teacher, k, tau, batch_size, device, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    header = {**settings, "complete": True}
+    _atomic_write_bytes(header_path, _json_bytes(header))
+    return header
+
+
+def _validate(utterances, vocab_size):
+    seen = set()
+    for utt_id, units in utterances:
+        if utt_id in seen:
+            raise ValueError(f"utterance {utt_id!r} appears twice in the input of the cache")
+        seen.add(utt_id)
+        if not units:
+            raise ValueError(f"utterance {utt_id!r} has an empty unit sequence; drop it first")
+        bad = [u for u in units if not 0 <= u < vocab_size]
+        if bad:
+            raise ValueError(
+                f"utterance {utt_id!r} has unit ids {bad[:5]} outside the teacher's vocabulary "
+                f"0..{vocab_size - 1}: units and teacher do not match"
+            )
+
+
+def _write_shard(folder, index, shard, teacher, k, tau, batch_size, device, bar):
+    """Computes one shard and writes its .bin then its .json, each atomically."""
+    lengths = [len(units) for _, units in shard]
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    n_positions = int(sum(lengths))
+    ids = np.zeros((n_positions, k), dtype=np.int32)
+    probs = np.zeros((n_positions, k), dtype=np.float16)
+    # Longest first inside the shard: less padding, and a fixed order, so that a resumed build
+    # batches exactly as an uninterrupted one.
+    order = sorted(range(len(shard)), key=lambda i: (-lengths[i], i))
+    for first in range(0, len(order), batch_size):
+        members = order[first : first + batch_size]
+        batch_lengths = torch.tensor([lengths[i] for i in members])
+        unit_ids = torch.zeros(len(members), int(batch_lengths.max()), dtype=torch.long)
+        for row, i in enumerate(members):
+            unit_ids[row, : lengths[i]] = torch.tensor(shard[i][1])
+        dist = teacher.distributions(unit_ids.to(device), batch_lengths.to(device), k, tau)
+        top_probs = dist.top_probs.to(torch.float16).cpu().numpy()
+        top_ids = dist.top_ids.to(torch.int32).cpu().numpy()
+        for row, i in enumerate(members):
+            span = slice(starts[i], starts[i] + lengths[i])
+            probs[span] = top_probs[row, : lengths[i]]
+            ids[span] = top_ids[row, : lengths[i]]
+        if bar is not None:
+            bar.update(int(batch_lengths.sum()))
+    # The residual is what the stored (float16) top-k leaves, so stored parts sum to one.
+    residual = np.clip(1.0 - probs.astype(np.float32).sum(-1), 0.0, None).astype(np.float32)
+    data = ids.tobytes() + residual.tobytes() + probs.tobytes()
+    name = _shard_name(index)
+    _atomic_write_bytes(folder / f"{name}.bin", data)
+    info = {
+        "shard": index,
+        "k": k,
+        "n_positions": n_positions,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "utterances": [[utt_id, int(s), n] for (utt_id, _), s, n in zip(shard, starts, lengths, strict=True)],
+    }
+    _atomic_write_bytes(folder / f"{name}.json", _json_bytes(info))
+
+
+class TeacherCache:
+    """Reads a cache built by :func:`build_cache`, memory-mapped, refusing mismatches.
+
+    Arguments
+    ---------
+    folder : str or path
+        The cache folder.
+    vocab_size, tokenizer_hash, unit_type, temperature : optional
+        What the caller's units and setup are; any that differs from the header raises
+        :class:`CacheMismatchError`. ``None`` skips that check.
+    k : int, optional
+        Read only the top ``k`` (at most the stored ``k``); the mass of the dropped
+        probabilities moves into the residual.
+    """
+
+    def __init__(
+        self, folder, vocab_size=None, tokenizer_hash=None, unit_type=None, temperature=None,
+        k=None,
+    ):
+        self.folder = pathlib.Path(folder)
+        header_path = self.folder / HEADER
+        if not header_path.is_file():
+            raise FileNotFoundError(f"{header_path} not found: not a teacher cache folder")
+        self.header = json.loads(header_path.read_text())
+        if self.header.get("format") != FORMAT:
+            raise CacheMismatchError(
+                f"{header_path}: format {self.header.get('format')!r}, expected {FORMAT!r}"
+            )
+        if not self.header.get("complete"):
+            raise CacheMismatchError(
+                f"teacher cache {self.folder} is incomplete (its build was interrupted); run the "
+                "same `sbkd teacher-cache` command again to finish it"
+            )
+        wanted = {
+            "vocab_size": vocab_size,
+            "tokenizer_hash": tokenizer_hash,
+            "unit_type": unit_type,
+            "temperature": None if temperature is None else float(temperature),
+        }
+        _check_settings(self.header, {a: b for a, b in wanted.items() if b is not None},
+                        self.folder, "the caller expects")
+        self.stored_k = self.header["k"]
+        self.k = self.stored_k if k is None else int(k)
+        if self.k > self.stored_k:
+            raise CacheMismatchError(
+                f"teacher cache {self.folder} keeps the top {self.stored_k} per position; "
+                f"k={self.k} was asked for. Rebuild with a larger k or ask for less."
+            )
+        self.vocab_size = self.header["vocab_size"]
+        self.index = {}
+        self._shard_sizes = []
+        for shard in range(self.header["n_shards"]):
+            info = json.loads((self.folder / f"{_shard_name(shard)}.json").read_text())
+            self._shard_sizes.append(info["n_positions"])
+            for utt_id, start, length in info["utterances"]:
+                self.index[utt_id] = (shard, start, length)
+        self._maps = {}
+
+    def __len__(self):
+        return len(self.index)
+
+    def __contains__(self, utt_id):
+        return utt_id in self.index
+
+    def __getstate__(self):
+        # Memory maps are reopened lazily in each DataLoader worker.
+        state = dict(self.__dict__)
+        state["_maps"] = {}
+        return state
+
+    def _arrays(self, shard):
+        if shard not in self._maps:
+            n, k = self._shard_sizes[shard], self.stored_k
+            path = self.folder / f"{_shard_name(shard)}.bin"
+            ids_at, residual_at, probs_at, _ = _layout(n, k)
+            self._maps[shard] = (
+                np.memmap(path, np.int32, "r", offset=ids_at, shape=(n, k)),
+                np.memmap(path, np.float32, "r", offset=residual_at, shape=(n,)),
+                np.memmap(path, np.float16, "r", offset=probs_at, shape=(n, k)),
+            )
+        return self._maps[shard]
+
+    def _lookup(self, utt_id):
+        try:
+            return self.index[utt_id]
+        except KeyError:
+            raise KeyError(
+                f"utterance {utt_id!r} is not in teacher cache {self.folder} "
+                f"({len(self.index)} utterances); was it built from this manifest?"
+            ) from None
+
+    def utterance(self, utt_id):
+        """``(top_probs [K, k] float32, top_ids [K, k] int64, residual [K] float32)``.
+
+        Suited to a SpeechBrain dynamic item: SpeechBrain's collation pads each of the three.
+        """
+        shard, start, length = self._lookup(utt_id)
+        ids, residual, probs = self._arrays(shard)
+        span = slice(start, start + length)
+        top_probs = torch.from_numpy(probs[span, : self.k].astype(np.float32))
+        top_ids = torch.from_numpy(ids[span, : self.k].astype(np.int64))
+        rest = torch.from_numpy(residual[span].copy())
+        if self.k < self.stored_k:
+            dropped = probs[span, self.k :].astype(np.float32).sum(-1)
+            rest = rest + torch.from_numpy(dropped)
+        return top_probs, top_ids, rest
+
+    def distributions(self, utt_ids, max_len=None, device=None):
+        """Padded :class:`TopKDistributions` ``[B, max_len, k]`` for a batch of utterances.
+
+        Arguments
+        ---------
+        utt_ids : sequence of str
+            Utterance IDs (e.g. ``batch.id``).
+        max_len : int, optional
+            Pad to this many positions (default: the longest); an utterance longer than
+            ``max_len`` is an error (its units do not match the cache).
+        device : str, optional
+            Where to put the tensors.
+        """
+        items = [self.utterance(utt_id) for utt_id in utt_ids]
+        longest = max(len(item[2]) for item in items)
+        if max_len is None:
+            max_len = longest
+        elif longest > max_len:
+            worst = utt_ids[max(range(len(items)), key=lambda i: len(items[i][2]))]
+            raise CacheMismatchError(
+                f"utterance {worst!r} has {longest} positions in teacher cache {self.folder} "
+                f"but the batch has only {max_len}: the cache was built from other units"
+            )
+        top_probs = torch.zeros(len(items), max_len, self.k)
+        top_ids = torch.zeros(len(items), max_len, self.k, dtype=torch.long)
+        residual = torch.zeros(len(items), max_len)
+        for row, (p, i, r) in enumerate(items):
+            top_probs[row, : len(r)] = p
+            top_ids[row, : len(r)] = i
+            residual[row, : len(r)] = r
+        dist = TopKDistributions(top_probs, top_ids, residual)
+        return dist if device is None else dist.to(device)
+
+    def length(self, utt_id):
+        """Number of positions stored for ``utt_id``."""
+        return self._lookup(utt_id)[2]
