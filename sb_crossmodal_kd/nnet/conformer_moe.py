@@ -1,0 +1,185 @@
+"""MoE feed-forward modules inside SpeechBrain's Conformer and Transformer encoders.
+
+:func:`use_moe_ffn` swaps the position-wise feed-forward modules of an already built
+SpeechBrain encoder for :class:`~sb_crossmodal_kd.nnet.moe.MoE` layers of the same sizes
+(WeNet U2++ MoE style), in every layer or every k-th, without touching SpeechBrain's code.
+From hparams::
+
+    encoder: !apply:sb_crossmodal_kd.nnet.conformer_moe.use_moe_ffn
+        encoder: !new:speechbrain.lobes.models.transformer.Conformer.ConformerEncoder
+            num_layers: 12
+            d_model: 256
+            ...
+        num_experts: 8
+        top_k: 2
+        every: 2
+
+SpeechBrain's layers call their FFN as ``ffn(x)``, without a padding mask, so the Brain
+tells the MoE layers about padding before each forward pass with
+:func:`~sb_crossmodal_kd.nnet.moe.set_padding_mask` (relative lengths work at any frame
+rate), and adds :func:`~sb_crossmodal_kd.nnet.moe.moe_auxiliary_loss` to its objective.
+"""
+
+import torch
+from speechbrain.lobes.models.transformer.Conformer import ConformerEncoderLayer
+from speechbrain.lobes.models.transformer.Transformer import TransformerEncoderLayer
+from speechbrain.nnet.attention import PositionalwiseFeedForward
+
+from sb_crossmodal_kd.nnet.moe import MoE
+
+CONFORMER_FFNS = ("both", "first", "second")
+
+
+def moe_from_ffn(ffn, num_experts, top_k=2, init_from_dense=True, **moe_kwargs):
+    """An MoE layer shaped like a SpeechBrain ``PositionalwiseFeedForward``.
+
+    Each expert is a copy of the dense FFN's architecture (same sizes, activation and
+    dropout). With ``init_from_dense`` every expert starts as a copy of the dense weights
+    ("upcycling"): since the gates sum to one, the MoE then computes exactly what the dense
+    FFN did, and training from a pretrained dense model starts where it was.
+
+    Arguments
+    ---------
+    ffn : speechbrain.nnet.attention.PositionalwiseFeedForward
+        The dense module.
+    num_experts : int
+        Number of experts.
+    top_k : int, optional
+        Experts per frame (None: dense softmax gating over all experts).
+    init_from_dense : bool
+        Copy the dense weights into every expert.
+    **moe_kwargs
+        Further :class:`~sb_crossmodal_kd.nnet.moe.MoE` settings.
+
+    Returns
+    -------
+    MoE
+
+    Example
+    -------
+    >>> dense = PositionalwiseFeedForward(32, input_size=16)
+    >>> moe = moe_from_ffn(dense, num_experts=4, top_k=2)
+    >>> x = torch.randn(2, 5, 16)
+    >>> torch.allclose(moe(x), dense(x), atol=1e-5)
+    True
+    """
+    first, act, drop, second = ffn.ffn[0], ffn.ffn[1], ffn.ffn[2], ffn.ffn[3]
+    moe = MoE(
+        first.in_features,
+        num_experts,
+        output_size=second.out_features,
+        expert="ffn",
+        expert_hidden_size=first.out_features,
+        activation=type(act),
+        dropout=drop.p,
+        top_k=top_k,
+        **moe_kwargs,
+    )
+    if init_from_dense:
+        experts = moe.experts
+        with torch.no_grad():
+            experts.w_in.copy_(first.weight.t().unsqueeze(0).expand_as(experts.w_in))
+            experts.w_out.copy_(second.weight.t().unsqueeze(0).expand_as(experts.w_out))
+            experts.b_in.copy_(first.bias.unsqueeze(0).expand_as(experts.b_in))
+            experts.b_out.copy_(second.bias.unsqueeze(0).expand_as(experts.b_out))
+    return moe.to(device=first.weight.device, dtype=first.weight.dtype)
+
+
+def _selected(index, every, layers):
+    if layers is not None:
+        return index in layers
+    return (index + 1) % every == 0
+
+
+def use_moe_ffn(
+    encoder,
+    num_experts=8,
+    top_k=2,
+    every=1,
+    layers=None,
+    conformer_ffn="both",
+    init_from_dense=True,
+    **moe_kwargs,
+):
+    """Replaces the FFN modules of a SpeechBrain encoder's layers with MoE layers, in place.
+
+    Arguments
+    ---------
+    encoder : torch.nn.Module
+        A built SpeechBrain ``ConformerEncoder`` or ``TransformerEncoder`` (or any module
+        holding their layers, e.g. a ``TransformerASR``).
+    num_experts : int
+        Experts per MoE layer.
+    top_k : int, optional
+        Experts per frame (None: dense softmax gating).
+    every : int
+        Use MoE in every k-th encoder layer: layers k-1, 2k-1, ... (0-based); 1 = all.
+    layers : list of int, optional
+        Explicit 0-based layer indices (overrides ``every``).
+    conformer_ffn : str
+        Which of a Conformer layer's two macaron FFNs to replace: "both", "first", "second".
+    init_from_dense : bool
+        Start every expert from the dense FFN's weights (see :func:`moe_from_ffn`).
+    **moe_kwargs
+        Further :class:`~sb_crossmodal_kd.nnet.moe.MoE` settings (load_balancing_weight,
+        z_loss_weight, capacity_factor, noisy_gating, kernel, balance_margin, ...).
+
+    Returns
+    -------
+    torch.nn.Module
+        ``encoder`` itself, so the function can be used with ``!apply:`` in hparams.
+
+    Example
+    -------
+    >>> from speechbrain.lobes.models.transformer.Conformer import ConformerEncoder
+    >>> encoder = ConformerEncoder(num_layers=2, d_model=16, d_ffn=32, nhead=2,
+    ...                            kernel_size=3, attention_type="regularMHA")
+    >>> encoder = use_moe_ffn(encoder, num_experts=4, top_k=2, every=2)
+    >>> from sb_crossmodal_kd.nnet.moe import moe_layers
+    >>> [name for name, _ in moe_layers(encoder)]
+    ['layers.1.ffn_module1.1', 'layers.1.ffn_module2.1']
+    """
+    if every is None or every < 1:
+        raise ValueError(f"every must be >= 1, got {every}")
+    if conformer_ffn not in CONFORMER_FFNS:
+        raise ValueError(f"conformer_ffn={conformer_ffn!r} is not one of {CONFORMER_FFNS}")
+    if layers is not None:
+        layers = set(layers)
+
+    def make(ffn):
+        return moe_from_ffn(ffn, num_experts, top_k, init_from_dense, **moe_kwargs)
+
+    encoder_layers = [
+        m for m in encoder.modules()
+        if isinstance(m, ConformerEncoderLayer | TransformerEncoderLayer)
+    ]
+    if not encoder_layers:
+        raise ValueError(
+            f"{type(encoder).__name__} holds no SpeechBrain ConformerEncoderLayer or "
+            "TransformerEncoderLayer whose FFN could become an MoE"
+        )
+    if layers is not None and max(layers) >= len(encoder_layers):
+        raise ValueError(
+            f"layers={sorted(layers)} but the encoder has {len(encoder_layers)} layers"
+        )
+    for index, layer in enumerate(encoder_layers):
+        if not _selected(index, every, layers):
+            continue
+        if isinstance(layer, ConformerEncoderLayer):
+            names = {"both": ("ffn_module1", "ffn_module2"), "first": ("ffn_module1",),
+                     "second": ("ffn_module2",)}[conformer_ffn]
+            for name in names:
+                block = getattr(layer, name)  # Sequential(LayerNorm, FFN, Dropout)
+                if not isinstance(block[1], PositionalwiseFeedForward):
+                    raise ValueError(f"layer {index}: {name}[1] is {type(block[1]).__name__}, "
+                                     "not a PositionalwiseFeedForward")
+                block[1] = make(block[1])
+        else:
+            if not isinstance(layer.pos_ffn, PositionalwiseFeedForward):
+                raise ValueError(
+                    f"layer {index}: pos_ffn is {type(layer.pos_ffn).__name__} "
+                    f"(ffn_type={getattr(layer, 'pos_ffn_type', '?')!r}); only the "
+                    "'regularFFN' PositionalwiseFeedForward can become an MoE"
+                )
+            layer.pos_ffn = make(layer.pos_ffn)
+    return encoder

@@ -1,0 +1,108 @@
+"""MoE FFNs swapped into SpeechBrain's Conformer and Transformer encoders."""
+
+import pytest
+import torch
+from hyperpyyaml import load_hyperpyyaml
+from speechbrain.lobes.models.transformer.Conformer import ConformerEncoder
+from speechbrain.lobes.models.transformer.Transformer import TransformerEncoder
+
+from sb_crossmodal_kd.nnet.conformer_moe import use_moe_ffn
+from sb_crossmodal_kd.nnet.moe import (
+    MoE,
+    collect_expert_stats,
+    moe_auxiliary_loss,
+    moe_layers,
+    set_padding_mask,
+)
+
+
+def conformer(num_layers=2, **kwargs):
+    return ConformerEncoder(num_layers=num_layers, d_model=16, d_ffn=32, nhead=2, kernel_size=3,
+                            attention_type="regularMHA", **kwargs)
+
+
+def test_swaps_every_kth_layer_and_chosen_macaron_halves():
+    names = [n for n, _ in moe_layers(use_moe_ffn(conformer(4), num_experts=2, every=2))]
+    assert names == ["layers.1.ffn_module1.1", "layers.1.ffn_module2.1",
+                     "layers.3.ffn_module1.1", "layers.3.ffn_module2.1"]
+    names = [n for n, _ in moe_layers(
+        use_moe_ffn(conformer(3), num_experts=2, layers=[0, 2], conformer_ffn="second"))]
+    assert names == ["layers.0.ffn_module2.1", "layers.2.ffn_module2.1"]
+    transformer = TransformerEncoder(num_layers=3, nhead=2, d_ffn=32, d_model=16)
+    names = [n for n, _ in moe_layers(use_moe_ffn(transformer, num_experts=4, top_k=1))]
+    assert names == [f"layers.{i}.pos_ffn" for i in range(3)]
+
+
+def test_upcycled_encoder_computes_what_the_dense_one_did():
+    torch.manual_seed(0)
+    encoder = conformer(2).eval()
+    x = torch.randn(2, 9, 16)
+    dense_out, _ = encoder(x)
+    use_moe_ffn(encoder, num_experts=4, top_k=2)
+    moe_out, _ = encoder(x)
+    torch.testing.assert_close(moe_out, dense_out, rtol=1e-4, atol=1e-5)
+
+
+def test_conformer_with_moe_ffns_trains_on_a_tiny_batch_with_padding():
+    torch.manual_seed(0)
+    encoder = use_moe_ffn(conformer(2), num_experts=4, top_k=2, init_from_dense=False,
+                          load_balancing_weight=0.01, z_loss_weight=1e-3)
+    head = torch.nn.Linear(16, 5)
+    x = torch.randn(3, 12, 16)
+    lengths = torch.tensor([1.0, 0.75, 0.5])
+    valid = torch.arange(12) < torch.round(lengths * 12).unsqueeze(1)
+    labels = torch.randint(0, 5, (3, 12))
+    pad = ~valid
+    params = list(encoder.parameters()) + list(head.parameters())
+    optimiser = torch.optim.Adam(params, lr=3e-3)
+    losses = []
+    for _ in range(30):
+        set_padding_mask(encoder, lengths=lengths)
+        out, _ = encoder(x, src_key_padding_mask=pad)
+        logits = head(out)[valid]
+        loss = torch.nn.functional.cross_entropy(logits, labels[valid])
+        aux = moe_auxiliary_loss(encoder)
+        assert aux.requires_grad
+        optimiser.zero_grad()
+        (loss + aux).backward()
+        optimiser.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    stats = collect_expert_stats(encoder)
+    assert len(stats) == 4
+    # padding frames never reach the MoE statistics
+    assert {s["frames"] for s in stats.values()} == {30.0 * int(valid.sum())}
+    assert all(m.experts.w_in.grad is not None for _, m in moe_layers(encoder))
+
+
+def test_usable_from_hparams_with_apply():
+    hparams = load_hyperpyyaml("""
+encoder: !apply:sb_crossmodal_kd.nnet.conformer_moe.use_moe_ffn
+    encoder: !new:speechbrain.lobes.models.transformer.Conformer.ConformerEncoder
+        num_layers: 2
+        d_model: 16
+        d_ffn: 32
+        nhead: 2
+        kernel_size: 3
+        attention_type: regularMHA
+    num_experts: 4
+    top_k: 1
+    every: 2
+    capacity_factor: 1.5
+""")
+    layers = moe_layers(hparams["encoder"])
+    assert len(layers) == 2 and all(isinstance(m, MoE) for _, m in layers)
+    assert layers[0][1].capacity_factor == 1.5 and layers[0][1].top_k == 1
+
+
+def test_bad_settings_name_the_setting():
+    with pytest.raises(ValueError, match="every"):
+        use_moe_ffn(conformer(2), every=0)
+    with pytest.raises(ValueError, match="layers="):
+        use_moe_ffn(conformer(2), layers=[5])
+    with pytest.raises(ValueError, match="conformer_ffn"):
+        use_moe_ffn(conformer(2), conformer_ffn="middle")
+    with pytest.raises(ValueError, match="top_k"):
+        use_moe_ffn(conformer(2), num_experts=2, top_k=3)
+    with pytest.raises(ValueError, match="no SpeechBrain"):
+        use_moe_ffn(torch.nn.Linear(3, 3))
