@@ -60,6 +60,7 @@ __all__ = [
     "UnitTargets",
     "auxiliary_losses",
     "combine_losses",
+    "DistillationObjective",
 ]
 
 # Stands in for -inf in masked logits: exp() of it is 0, and unlike -inf it never turns a
@@ -570,3 +571,137 @@ def combine_losses(main_loss, terms=None):
         log[name] = value.detach()
     log["total"] = total.detach()
     return total, log
+
+
+class DistillationObjective:
+    """The whole training objective of a distilled acoustic model, from hparams settings.
+
+    ``L = L_main [+ w_LI * LI] + sum_a alpha_a KD_a + sum_a w_a hard_a [+ w_MoE * L_MoE]``
+
+    A plain settings holder (not a Module: it owns no parameters; the heads it is given at
+    call time stay in the Brain's ``modules``), so every condition of the ablation is a few
+    hparams lines.
+
+    Arguments
+    ---------
+    label_interpolation : float, optional
+        ``lambda`` of label interpolation on the main output; ``None`` (default) leaves the
+        term out, ``0.0`` adds the plain frame CE (the control of the LI condition).
+    label_interpolation_weight : float
+        Weight of the label-interpolation term next to the main loss.
+    main_unit_type : str
+        Unit type of the main output (whose alignment and teacher LI uses).
+    main_blank_index : int, optional
+        The main output's CTC blank, which is not a unit (see
+        :func:`label_interpolation_loss`).
+    scale_by_tau_squared : bool
+        See :func:`distillation_loss`.
+    moe_weight : float
+        Weight of the MoE auxiliary losses (load balancing, z-loss) when given.
+
+    Example
+    -------
+    >>> objective = DistillationObjective(label_interpolation=0.0, moe_weight=0.5)
+    >>> targets = {"subword": UnitTargets(torch.tensor([[1]]), torch.ones(1),
+    ...                                   torch.tensor([[0, -1]]))}
+    >>> total, log = objective(torch.tensor(1.0), main_logits=torch.zeros(1, 2, 4),
+    ...                        targets=targets, moe_loss=torch.tensor(0.2))
+    >>> sorted(log), round(float(total), 4)  # 1 + log(4) + 0.5 * 0.2
+    (['li_main', 'main', 'moe', 'total'], 2.4863)
+    """
+
+    def __init__(
+        self,
+        label_interpolation=None,
+        label_interpolation_weight=1.0,
+        main_unit_type="subword",
+        main_blank_index=None,
+        scale_by_tau_squared=False,
+        moe_weight=1.0,
+    ):
+        if label_interpolation is not None and not 0.0 <= label_interpolation <= 1.0:
+            raise ValueError(
+                f"label_interpolation must be in [0, 1] or null, got {label_interpolation}."
+            )
+        self.label_interpolation = label_interpolation
+        self.label_interpolation_weight = float(label_interpolation_weight)
+        self.main_unit_type = main_unit_type
+        self.main_blank_index = main_blank_index
+        self.scale_by_tau_squared = bool(scale_by_tau_squared)
+        self.moe_weight = float(moe_weight)
+
+    @property
+    def uses_label_interpolation(self):
+        """Whether the main output gets a frame-level (interpolated) CE term."""
+        return self.label_interpolation is not None and self.label_interpolation_weight > 0
+
+    def required_unit_types(self, heads=None):
+        """Unit types a batch must carry (alignments, sequences, teachers if used)."""
+        needed = set(heads.unit_types) if heads is not None else set()
+        if self.uses_label_interpolation:
+            needed.add(self.main_unit_type)
+        return sorted(needed)
+
+    def __call__(
+        self,
+        main_loss,
+        main_logits=None,
+        heads=None,
+        head_logits=None,
+        targets=None,
+        frame_lens=None,
+        moe_loss=None,
+    ):
+        """Combines every term; returns ``(total, {term: detached value})``.
+
+        Arguments
+        ---------
+        main_loss : torch.Tensor
+            The main output's own loss (e.g. CTC).
+        main_logits : torch.Tensor, optional
+            ``[B, T, V]`` main output logits (needed for label interpolation).
+        heads : AuxiliaryHeads, optional
+            The auxiliary heads.
+        head_logits : dict, optional
+            Their logits, from ``heads(tapped_layers)``.
+        targets : dict of str to UnitTargets, optional
+            Batch fields by unit type.
+        frame_lens : torch.Tensor, optional
+            ``[B]`` relative frame lengths.
+        moe_loss : torch.Tensor, optional
+            Sum of the model's MoE auxiliary losses.
+        """
+        terms = {}
+        if self.uses_label_interpolation:
+            if main_logits is None or targets is None or self.main_unit_type not in targets:
+                raise ValueError(
+                    "Label interpolation needs the main logits and the main unit type's "
+                    f"('{self.main_unit_type}') alignment in the batch."
+                )
+            target = targets[self.main_unit_type]
+            if self.label_interpolation > 0 and target.teacher is None:
+                raise ValueError(
+                    f"Label interpolation with lambda={self.label_interpolation} needs a "
+                    f"teacher for '{self.main_unit_type}' in the batch."
+                )
+            terms["li_main"] = (
+                self.label_interpolation_weight,
+                label_interpolation_loss(
+                    main_logits,
+                    target.units,
+                    target.frame_to_position,
+                    target.teacher,
+                    self.label_interpolation,
+                    lengths=frame_lens,
+                    blank_index=self.main_blank_index,
+                ),
+            )
+        if heads is not None and len(heads) > 0:
+            terms.update(
+                auxiliary_losses(
+                    heads, head_logits, targets or {}, frame_lens, self.scale_by_tau_squared
+                )
+            )
+        if moe_loss is not None and self.moe_weight > 0:
+            terms["moe"] = (self.moe_weight, moe_loss)
+        return combine_losses(main_loss, terms)

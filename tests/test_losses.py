@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sb_crossmodal_kd.losses import (
+    DistillationObjective,
     UnitTargets,
     auxiliary_losses,
     combine_losses,
@@ -328,3 +329,35 @@ def test_head_with_alpha_but_no_teacher_is_a_clear_error():
         auxiliary_losses(heads, logits, targets)
     with pytest.raises(KeyError, match="carries only"):
         auxiliary_losses(heads, logits, {})
+
+
+def test_distillation_objective_selects_terms_from_settings():
+    logits, units, f2p, teacher, _ = _make_batch(seed=8)
+    targets = {"subword": UnitTargets(units, torch.ones(2), f2p, teacher)}
+    main = torch.tensor(2.0, dtype=torch.float64)
+    heads = AuxiliaryHeads(sub=AuxiliaryHead("subword", 1, 4, V, alpha=0.5))
+    head_logits = {"sub": logits * 0.5}
+
+    total, log = DistillationObjective()(main, logits, targets=targets)
+    assert set(log) == {"main", "total"} and total.item() == 2.0  # AM alone
+
+    lam = 0.3
+    objective = DistillationObjective(label_interpolation=lam, label_interpolation_weight=0.7,
+                                      main_blank_index=5, moe_weight=0.1)
+    total, log = objective(main, logits, heads, head_logits, targets,
+                           moe_loss=torch.tensor(0.4, dtype=torch.float64))
+    li = label_interpolation_loss(logits, units, f2p, teacher, lam, blank_index=5)
+    kd = _brute_kl(logits * 0.5, teacher, f2p)
+    assert set(log) == {"main", "li_main", "kd_sub", "moe", "total"}
+    assert log["li_main"].item() == pytest.approx(li.item(), rel=1e-12)
+    assert total.item() == pytest.approx(2.0 + 0.7 * li.item() + 0.5 * kd + 0.1 * 0.4,
+                                         rel=1e-9)
+
+    # lambda 0: the frame-CE control needs no teacher
+    no_teacher = {"subword": UnitTargets(units, torch.ones(2), f2p)}
+    _, log = DistillationObjective(label_interpolation=0.0)(main, logits, targets=no_teacher)
+    assert torch.equal(log["li_main"], frame_ce_loss(logits, units, f2p))
+    with pytest.raises(ValueError, match="needs a teacher"):
+        DistillationObjective(label_interpolation=0.3)(main, logits, targets=no_teacher)
+    with pytest.raises(ValueError, match=r"in \[0, 1\] or null"):
+        DistillationObjective(label_interpolation=1.5)
