@@ -150,3 +150,40 @@ def test_remove_detaches_hooks():
     taps = EncoderTaps(encoder, layers=[1, 2])
     taps.remove()
     assert not encoder.layers[0]._forward_hooks and not encoder._forward_pre_hooks
+
+
+def test_taps_on_the_deep_moe_stack_are_its_finished_layer_outputs():
+    from sb_crossmodal_kd.nnet.dmoe import DeepMoE
+
+    torch.manual_seed(0)
+    stack = DeepMoE(6, num_layers=3, layer_size=8, num_experts=2, residual=True,
+                    layer_norm=True).eval()
+    x = torch.randn(2, 5, 6)
+    lengths = torch.tensor([1.0, 0.6])
+    expected_out, expected_layers = stack(x, lengths=lengths)
+    assert [type(m).__name__ for m in encoder_layers(stack)] == ["MoE"] * 3
+    output, hidden = EncoderTaps(stack, layers=[0, 1, -1])(x, lengths=lengths)
+    assert hidden[0] is x and torch.equal(output, expected_out)
+    assert torch.equal(hidden[1], expected_layers[0])  # after residual + norm + padding mask
+    assert torch.equal(hidden[3], expected_layers[2])
+    hidden[1].sum().backward()
+    assert all(p.grad is not None for p in stack.layers[0].parameters())
+    assert all(p.grad is None for p in stack.layers[2].parameters())
+
+
+def test_taps_on_the_recipe_conformer_encoder():
+    from sb_crossmodal_kd.nnet.conformer import ConformerCTCEncoder
+
+    torch.manual_seed(0)
+    encoder = ConformerCTCEncoder(n_mels=20, d_model=D, num_layers=3, nhead=2, d_ffn=32,
+                                  kernel_size=3, front_channels=(4, 4)).eval()
+    feats, lengths = torch.randn(2, 41, 20), torch.tensor([1.0, 0.7])
+    output, hidden = EncoderTaps(encoder, layers=[0, 2])(feats, lengths)
+    x = encoder.subsample(feats)
+    assert hidden[0].shape == x.shape == (2, 11, D)  # layer 0: after the front end
+    assert torch.equal(hidden[0], x)
+    padding = torch.arange(11)[None, :] >= torch.round(lengths * 11)[:, None]
+    manual = _manual_layers(encoder.layers, x, src_key_padding_mask=padding,
+                            pos_embs=encoder.positional(x))
+    assert torch.equal(hidden[2], manual[1])
+    assert torch.equal(output, encoder(feats, lengths))

@@ -19,8 +19,13 @@ Which modules count as layers (see :func:`encoder_layers`):
   DNN blocks; pooling and dropout are not layers. CNN block outputs ``[B, T, F, C]`` are
   flattened to ``[B, T, F * C]`` (a view). Note CRDNN's optional time pooling comes after
   the CNN blocks, so CNN taps then have more frames than the output;
+* our :class:`~sb_crossmodal_kd.nnet.dmoe.DeepMoE` (or any module with a ``layers``
+  ModuleList and ``returns_layer_outputs = True``): it returns ``(output, [h^1..h^L])``, and
+  the taps are those returned per-layer outputs (after each layer's residual and norm);
 * any encoder with a ``layers`` ModuleList (SpeechBrain's ``ConformerEncoder`` and
-  ``TransformerEncoder``, our Deep MoE stack).
+  ``TransformerEncoder``);
+* a wrapper whose ``layers`` attribute is one of the above (e.g. ``ConformerCTCEncoder``);
+  layer 0 is then the input of that inner module, at the layers' frame rate.
 
 A layer that returns a tuple (Conformer layers return ``(output, attention)``) is tapped on
 its first element. With layerdrop, a dropped layer ``l`` has ``h^l = h^{l-1}``, which is what
@@ -70,24 +75,33 @@ def _crdnn_layers(crdnn):
     return layers
 
 
+def _returns_layer_outputs(module):
+    """Whether ``module`` returns ``(output, [h^1, ..., h^L])`` (our Deep MoE stack does)."""
+    if getattr(module, "returns_layer_outputs", False):
+        return True
+    from sb_crossmodal_kd.nnet.dmoe import DeepMoE
+
+    return isinstance(module, DeepMoE)
+
+
 def _layer_owner(encoder):
-    """``(module that runs the layers, its ordered layers)``."""
+    """``(module that runs the layers, its ordered layers, returns_layer_outputs)``."""
     if hasattr(encoder, "tappable_layers"):
-        return encoder, list(encoder.tappable_layers())
+        return encoder, list(encoder.tappable_layers()), False
     from speechbrain.lobes.models.CRDNN import CRDNN
 
     if isinstance(encoder, CRDNN):
-        return encoder, _crdnn_layers(encoder)
+        return encoder, _crdnn_layers(encoder), False
     layers = getattr(encoder, "layers", None)
     if isinstance(layers, torch.nn.ModuleList):
-        return encoder, list(layers)
+        return encoder, list(layers), _returns_layer_outputs(encoder)
     if isinstance(layers, torch.nn.Module):  # a wrapper whose `layers` is the encoder proper
         return _layer_owner(layers)
     raise TypeError(
         f"Cannot find the layers of a {type(encoder).__name__}: taps support SpeechBrain's "
-        "ConformerEncoder, TransformerEncoder and CRDNN, and any module with a `layers` "
-        "ModuleList (or a `layers` module that has one) or a `tappable_layers()` method. "
-        "Add one of these to your encoder."
+        "ConformerEncoder, TransformerEncoder and CRDNN, our DeepMoE, and any module with a "
+        "`layers` ModuleList (or a `layers` module that has one) or a `tappable_layers()` "
+        "method. Add one of these to your encoder."
     )
 
 
@@ -173,7 +187,7 @@ class EncoderTaps:
         self.encoder = encoder
         # Layer 0 is the input of the module that runs the layers (for a wrapper such as
         # ConformerCTCEncoder: after its front end, at the layers' frame rate).
-        owner, self.layer_modules = _layer_owner(encoder)
+        owner, self.layer_modules, returned = _layer_owner(encoder)
         n = len(self.layer_modules)
         resolved = []
         for layer in layers:
@@ -196,6 +210,11 @@ class EncoderTaps:
             self._handles.append(
                 owner.register_forward_pre_hook(self._input_hook, with_kwargs=True)
             )
+        if returned and deepest > 0:
+            # The stack returns every layer's finished output (after its residual, norm and
+            # padding mask), which a hook on the bare layer module would not see.
+            self._handles.append(owner.register_forward_hook(self._returned_hook))
+            deepest = 0
         # Hook every layer up to the deepest tap, so that a layer skipped by layerdrop can
         # fall back to the last layer that did run.
         for index in range(1, deepest + 1):
@@ -209,6 +228,14 @@ class EncoderTaps:
             self._last = (0, _as_frames(source))
             if 0 in self._wanted:
                 self._recording[0] = self._last[1]
+
+    def _returned_hook(self, module, args, output):
+        if self._recording is not None:
+            layer_outputs = output[1]
+            for layer in self.layers:
+                if layer > 0:
+                    self._recording[layer] = layer_outputs[layer - 1]
+            self._last = (len(layer_outputs), layer_outputs[-1])
 
     def _make_hook(self, index):
         def hook(module, args, output):
