@@ -1,0 +1,335 @@
+"""Expert-usage analysis of MoE models, as Eigen et al. (2013) report it.
+
+Per layer (from the layers' own counters, :func:`~sb_crossmodal_kd.nnet.moe.collect_expert_stats`):
+mean gate mass per expert and gate entropy. Across layers (:class:`ExpertUsageTracker`, fed
+after each forward pass): the joint usage matrix of consecutive layers by argmax expert, how
+many of the N^L expert combinations occur, and usage by class when frame labels are given.
+Padding frames (and frames labelled -1) are never counted.
+
+A Brain typically calls ``tracker.update(model, labels)`` in ``compute_objectives`` and, at
+the end of a stage, :func:`expert_usage_report`, :func:`log_expert_usage` (SpeechBrain's
+loggers: text, and TensorBoard when enabled) and :func:`plot_expert_usage` (PNG heat maps).
+"""
+
+import math
+
+import torch
+
+from sb_crossmodal_kd.io import atomic_path, atomic_write_json
+from sb_crossmodal_kd.nnet.moe import collect_expert_stats, moe_layers
+
+MAX_DENSE_COMBINATIONS = 1 << 20  # beyond this, count distinct paths with a set
+
+
+class ExpertUsageTracker:
+    """Accumulates cross-layer expert-usage statistics of a model's MoE layers.
+
+    Arguments
+    ---------
+    num_classes : int, optional
+        Number of frame classes, for usage by class.
+    class_names : list of str, optional
+        Names of the classes (for plots and reports).
+
+    Example
+    -------
+    >>> from sb_crossmodal_kd.nnet.dmoe import DeepMoE
+    >>> model = DeepMoE(8, num_layers=2, layer_size=8, num_experts=3)
+    >>> tracker = ExpertUsageTracker(num_classes=2)
+    >>> _ = model(torch.randn(2, 6, 8), lengths=torch.tensor([1.0, 0.5]))
+    >>> tracker.update(model, labels=torch.randint(0, 2, (2, 6)))
+    >>> summary = tracker.summary()
+    >>> summary["frames"], summary["num_combinations"]
+    (9, 9)
+    >>> sum(map(sum, summary["joint_usage"]["layers.0->layers.1"]))
+    9
+    """
+
+    def __init__(self, num_classes=None, class_names=None):
+        if class_names is not None and num_classes is None:
+            num_classes = len(class_names)
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(
+                f"class_names has {len(class_names)} names but num_classes={num_classes}"
+            )
+        self.num_classes = num_classes
+        self.class_names = class_names
+        self.reset()
+
+    def reset(self):
+        """Forgets everything accumulated."""
+        self.layer_names = None
+        self.num_experts = None
+        self.frames = 0
+        self._frames_tensor = None
+        self.joint = []  # [N_l, N_l+1] count tensors
+        self.by_class = []  # [C, N_l] count tensors
+        self.combination_counts = None  # dense [prod N] counts, or a set of path codes
+
+    def _start(self, layers, device):
+        self.layer_names = [name or "moe" for name, _ in layers]
+        self.num_experts = [layer.num_experts for _, layer in layers]
+        self.joint = [
+            torch.zeros(a, b, dtype=torch.long, device=device)
+            for a, b in zip(self.num_experts[:-1], self.num_experts[1:], strict=True)
+        ]
+        if self.num_classes is not None:
+            self.by_class = [
+                torch.zeros(self.num_classes, n, dtype=torch.long, device=device)
+                for n in self.num_experts
+            ]
+        total = math.prod(self.num_experts)
+        if total <= MAX_DENSE_COMBINATIONS:
+            self.combination_counts = torch.zeros(total, dtype=torch.long, device=device)
+        else:
+            self.combination_counts = set()
+        self._frames_tensor = torch.zeros((), dtype=torch.long, device=device)
+
+    @torch.no_grad()
+    def update(self, model, labels=None):
+        """Adds the routing of the model's latest forward pass.
+
+        Arguments
+        ---------
+        model : torch.nn.Module
+            The model whose MoE layers just ran (all on the same frames, e.g. a Deep MoE).
+        labels : torch.Tensor, optional
+            [B, T] class index per frame, -1 where there is none.
+        """
+        layers = moe_layers(model)
+        if not layers:
+            raise ValueError(f"{type(model).__name__} has no MoE layers to track")
+        assignments = [layer.last_assignment for _, layer in layers]
+        if any(a is None for a in assignments):
+            raise ValueError("update() must follow a forward pass of every MoE layer")
+        shape = assignments[0].shape
+        if any(a.shape != shape for a in assignments):
+            raise ValueError(
+                "the MoE layers ran on different frame grids "
+                f"{[tuple(a.shape) for a in assignments]}; track them separately"
+            )
+        if self.layer_names is None:
+            self._start(layers, assignments[0].device)
+        elif [name or "moe" for name, _ in layers] != self.layer_names:
+            raise ValueError("update() got a model with other MoE layers than before")
+        valid = assignments[0] >= 0
+        if labels is not None:
+            if labels.shape != shape:
+                raise ValueError(
+                    f"labels of shape {tuple(labels.shape)} do not match the routed frames "
+                    f"{tuple(shape)}"
+                )
+            labels = labels.to(valid.device)
+            valid = valid & (labels >= 0)
+        flat = [a[valid] for a in assignments]
+        self._frames_tensor += valid.sum()
+        for joint, a, b in zip(self.joint, flat[:-1], flat[1:], strict=True):
+            n_b = joint.shape[1]
+            joint += torch.bincount(a * n_b + b, minlength=joint.numel()).view_as(joint)
+        code = torch.zeros_like(flat[0])
+        for a, n in zip(flat, self.num_experts, strict=True):
+            code = code * n + a
+        if isinstance(self.combination_counts, set):
+            self.combination_counts.update(torch.unique(code).tolist())
+        else:
+            self.combination_counts += torch.bincount(
+                code, minlength=self.combination_counts.numel()
+            )
+        if labels is not None and self.num_classes is not None:
+            lab = labels[valid].long()
+            if lab.numel() and int(lab.max()) >= self.num_classes:
+                raise ValueError(f"label {int(lab.max())} >= num_classes={self.num_classes}")
+            for table, a in zip(self.by_class, flat, strict=True):
+                n = table.shape[1]
+                table += torch.bincount(lab * n + a, minlength=table.numel()).view_as(table)
+
+    def summary(self):
+        """Plain-Python summary (one device sync).
+
+        Returns
+        -------
+        dict
+            ``frames``; ``num_combinations`` (N^L); ``combinations_used`` (paths taken by at
+            least one frame, by argmax expert per layer); ``joint_usage`` {"a->b": counts
+            [N_a][N_b]}; ``usage_by_class`` {layer: counts [C][N]} when labels were given.
+        """
+        if self.layer_names is None:
+            return {"frames": 0, "num_combinations": 0, "combinations_used": 0,
+                    "joint_usage": {}, "usage_by_class": {}}
+        if isinstance(self.combination_counts, set):
+            used = len(self.combination_counts)
+        else:
+            used = int((self.combination_counts > 0).sum())
+        names = self.layer_names
+        result = {
+            "frames": int(self._frames_tensor),
+            "num_combinations": math.prod(self.num_experts),
+            "combinations_used": used,
+            "joint_usage": {
+                f"{a}->{b}": m.tolist()
+                for a, b, m in zip(names[:-1], names[1:], self.joint, strict=True)
+            },
+            "usage_by_class": {
+                n: t.tolist() for n, t in zip(names, self.by_class, strict=False)
+            },  # empty without classes
+        }
+        if self.class_names is not None:
+            result["class_names"] = list(self.class_names)
+        return result
+
+
+def expert_usage_report(model, tracker=None, reset=False):
+    """Per-layer statistics of ``model``'s MoE layers plus the tracker's cross-layer summary.
+
+    Arguments
+    ---------
+    model : torch.nn.Module
+        Model with MoE layers.
+    tracker : ExpertUsageTracker, optional
+        Cross-layer statistics to include.
+    reset : bool
+        Reset the layers' counters and the tracker after reading.
+
+    Returns
+    -------
+    dict
+        ``{"layers": {name: MoE.stats()}, **tracker.summary()}``.
+    """
+    report = {"layers": collect_expert_stats(model, reset=reset)}
+    if tracker is not None:
+        report.update(tracker.summary())
+        if reset:
+            tracker.reset()
+    return report
+
+
+def usage_scalars(report):
+    """Flat scalar view of a report for SpeechBrain's loggers.
+
+    Example
+    -------
+    >>> usage_scalars({"layers": {"l0": {"usage": [0.25, 0.75], "gate_entropy": 0.5,
+    ...                                  "max_entropy": 0.69, "frames": 4.0}}})
+    {'l0 entropy': 0.5, 'l0 usage min': 0.25, 'l0 usage max': 0.75}
+    """
+    scalars = {}
+    for name, stats in report["layers"].items():
+        scalars[f"{name} entropy"] = round(stats["gate_entropy"], 4)
+        scalars[f"{name} usage min"] = round(min(stats["usage"]), 4)
+        scalars[f"{name} usage max"] = round(max(stats["usage"]), 4)
+        if "dropped_fraction" in stats:
+            scalars[f"{name} dropped"] = round(stats["dropped_fraction"], 4)
+    if report.get("num_combinations"):
+        scalars["combinations used"] = report["combinations_used"]
+        scalars["combinations"] = report["num_combinations"]
+    return scalars
+
+
+def log_expert_usage(logger, report, epoch, stage="train"):
+    """Logs a report through a SpeechBrain train logger (``FileTrainLogger``,
+    ``TensorboardLogger``, ...) as scalars; TensorBoard also gets the heat maps as figures.
+
+    Arguments
+    ---------
+    logger : speechbrain.utils.train_logger.TrainLogger
+        The logger.
+    report : dict
+        From :func:`expert_usage_report`.
+    epoch : int
+        Epoch number for ``stats_meta``.
+    stage : str
+        "train", "valid" or "test".
+    """
+    scalars = usage_scalars(report)
+    key = {"train": "train_stats", "valid": "valid_stats", "test": "test_stats"}[stage]
+    logger.log_stats(stats_meta={"epoch": epoch}, **{key: scalars})
+    writer = getattr(logger, "writer", None)
+    if writer is not None and hasattr(writer, "add_figure"):
+        for title, figure in _figures(report):
+            writer.add_figure(f"expert_usage/{stage}/{title}", figure, global_step=epoch)
+
+
+def _heatmap(matrix, title, xlabel, ylabel, yticklabels=None):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    rows = len(matrix)
+    figure = Figure(figsize=(max(4.0, 0.35 * len(matrix[0]) + 2), max(3.0, 0.22 * rows + 1.5)))
+    axes = figure.add_subplot(1, 1, 1)
+    image = axes.imshow(matrix, aspect="auto", cmap="viridis", interpolation="nearest")
+    figure.colorbar(image, ax=axes)
+    axes.set_title(title)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    if yticklabels is not None and rows <= 60:
+        axes.set_yticks(range(rows))
+        axes.set_yticklabels(yticklabels, fontsize=6)
+    figure.tight_layout()
+    return figure
+
+
+def _normalise_rows(matrix):
+    return [[v / max(sum(row), 1) for v in row] for row in matrix]
+
+
+def _figures(report):
+    """(file stem, matplotlib Figure) pairs for every heat map a report supports."""
+    figures = []
+    layers = report.get("layers", {})
+    sizes = {len(s["usage"]) for s in layers.values()}
+    if layers and len(sizes) == 1:
+        figures.append((
+            "layer_usage",
+            _heatmap([s["usage"] for s in layers.values()], "mean gate mass per expert",
+                     "expert", "layer", list(layers)),
+        ))
+    for pair, matrix in report.get("joint_usage", {}).items():
+        total = max(sum(map(sum, matrix)), 1)
+        a, b = pair.split("->")
+        used = sum(v > 0 for row in matrix for v in row)
+        figures.append((
+            f"joint_{a}_{b}".replace(".", "_"),
+            _heatmap([[v / total for v in row] for row in matrix],
+                     f"joint usage (argmax), {used}/{len(matrix) * len(matrix[0])} pairs used",
+                     f"expert of {b}", f"expert of {a}"),
+        ))
+    names = report.get("class_names")
+    for layer, matrix in report.get("usage_by_class", {}).items():
+        figures.append((
+            f"by_class_{layer}".replace(".", "_"),
+            _heatmap(_normalise_rows(matrix), f"{layer}: expert use by class (row-normalised)",
+                     "expert", "class", names),
+        ))
+    return figures
+
+
+def plot_expert_usage(report, output_dir, prefix="expert_usage"):
+    """Writes every heat map of a report as PNG (and the report as JSON) into ``output_dir``.
+
+    Returns
+    -------
+    list of pathlib.Path
+        The files written.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> report = {"layers": {"a": {"usage": [0.5, 0.5]}}, "joint_usage": {"a->b": [[1, 0], [2, 3]]}}
+    >>> [p.name for p in plot_expert_usage(report, tempfile.mkdtemp())]
+    ['expert_usage_layer_usage.png', 'expert_usage_joint_a_b.png', 'expert_usage.json']
+    """
+    from pathlib import Path
+
+    output_dir = Path(output_dir)
+    written = []
+    for stem, figure in _figures(report):
+        path = output_dir / f"{prefix}_{stem}.png"
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, format="png", dpi=120)
+        written.append(path)
+    json_path = output_dir / f"{prefix}.json"
+    atomic_write_json(json_path, report)
+    written.append(json_path)
+    return written
