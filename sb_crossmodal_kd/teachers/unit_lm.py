@@ -50,6 +50,80 @@ BOUNDARY_INDEX = 1
 UNIT_OFFSET = 2
 
 
+class TextUnits:
+    """Text -> unit ids of one unit type, composed from the units package.
+
+    * ``"subword"``: ``tokenizer.encode(text)`` (:mod:`sb_crossmodal_kd.units.subwords`);
+    * ``"monophone"``: ``lexicon.phone_ids(words, silence)`` (indices of ``PHONES``);
+    * ``"senone"``: ``tree.senones(lexicon.phones(words, silence))``
+      (:mod:`sb_crossmodal_kd.units.senones`: contexts across words, ``sil`` at the edges).
+
+    ``hash`` names everything that defines the ids (tokenizer; lexicon and silence mode; plus
+    the tree), for the LM export and the teacher cache header.
+
+    Arguments
+    ---------
+    unit_type : str
+        ``"subword"``, ``"monophone"`` or ``"senone"``.
+    tokenizer : object, optional
+        A subword tokenizer with ``encode``, ``vocab_size`` and ``hash``.
+    lexicon : Lexicon, optional
+        For monophones and senones.
+    tree : SenoneTree, optional
+        For senones.
+    silence : str
+        Silence mode of the phone sequence (``"none"``, ``"edges"``, ``"between"``).
+
+    Example
+    -------
+    >>> from sb_crossmodal_kd.units.lexicon import Lexicon
+    >>> lexicon = Lexicon({"turn": [["T", "ER1", "N"]], "on": [["AA1", "N"]]}, name="toy")
+    >>> monophones = TextUnits("monophone", lexicon=lexicon)
+    >>> monophones("turn on"), monophones.vocab_size
+    ([31, 12, 23, 1, 23], 40)
+    """
+
+    def __init__(self, unit_type, tokenizer=None, lexicon=None, tree=None, silence="none"):
+        needs = {"subword": ("tokenizer",), "monophone": ("lexicon",),
+                 "senone": ("lexicon", "tree")}
+        if unit_type not in needs:
+            raise ValueError(f"unit_type must be one of {sorted(needs)}, got {unit_type!r}")
+        given = {"tokenizer": tokenizer, "lexicon": lexicon, "tree": tree}
+        missing = [name for name in needs[unit_type] if given[name] is None]
+        if missing:
+            raise ValueError(f"TextUnits({unit_type!r}) needs {', '.join(missing)}")
+        self.unit_type = unit_type
+        self.tokenizer, self.lexicon, self.tree, self.silence = tokenizer, lexicon, tree, silence
+
+    @property
+    def vocab_size(self):
+        """Number of unit ids."""
+        if self.unit_type == "subword":
+            return self.tokenizer.vocab_size
+        if self.unit_type == "monophone":
+            from sb_crossmodal_kd.units.phones import PHONES
+
+            return len(PHONES)
+        return self.tree.num_senones
+
+    @property
+    def hash(self):
+        """What defines the unit ids, as one string."""
+        if self.unit_type == "subword":
+            return self.tokenizer.hash
+        phones = f"{self.lexicon.hash}/silence={self.silence}"
+        return phones if self.unit_type == "monophone" else f"{phones}/{self.tree.hash}"
+
+    def __call__(self, text, utterance_id=None):
+        """Unit ids of ``text``; lexicon errors name ``utterance_id``."""
+        if self.unit_type == "subword":
+            return list(self.tokenizer.encode(text))
+        if self.unit_type == "monophone":
+            return self.lexicon.phone_ids(text, silence=self.silence, utterance_id=utterance_id)
+        phones = self.lexicon.phones(text, silence=self.silence, utterance_id=utterance_id)
+        return self.tree.senones(phones)
+
+
 class UnitLM(torch.nn.Module):
     """A causal LM over ``n_units`` units plus padding and the sentence boundary.
 
@@ -215,8 +289,10 @@ class UnitLMBrain(sb.Brain):
         if stage == sb.Stage.TRAIN:
             self.train_stats = stats
         elif stage == sb.Stage.VALID:
-            if hasattr(self.hparams, "train_logger"):
-                self.hparams.train_logger.log_stats(
+            self.valid_stats = stats
+            train_logger = getattr(getattr(self, "hparams", None), "train_logger", None)
+            if train_logger is not None:
+                train_logger.log_stats(
                     stats_meta={"epoch": epoch},
                     train_stats=getattr(self, "train_stats", None),
                     valid_stats=stats,
