@@ -1,0 +1,294 @@
+"""The distillation Brain: the CTC acoustic model plus heads, distillation and MoE losses.
+
+:class:`KDBrain` extends :class:`~sb_crossmodal_kd.brain.CTCBrain`; every condition of the
+ablation (AM alone, label interpolation, one auxiliary head, the full hierarchy, the
+hierarchy minus a level, each with or without MoE) is a matter of hparams:
+
+- ``modules.auxiliary_heads`` (optional): an
+  :class:`~sb_crossmodal_kd.nnet.heads.AuxiliaryHeads` (``hparams/heads.yaml``). Their tap
+  layers are read from ``modules[<tap_module>]`` (default ``encoder``) with
+  :class:`~sb_crossmodal_kd.nnet.taps.EncoderTaps`;
+- ``distillation`` (optional): a :class:`~sb_crossmodal_kd.losses.DistillationObjective`
+  (``hparams/kd.yaml``): label interpolation on the main output, tau^2 scaling, MoE weight.
+  Without it: CTC plus the heads' terms plus MoE auxiliary losses at weight 1. Its
+  ``main_blank_index`` defaults to ``hparams["blank_index"]``;
+- MoE layers anywhere in the modules are found by
+  :func:`~sb_crossmodal_kd.nnet.moe.moe_layers`: the Brain gives them the padding mask before
+  each forward pass, adds their auxiliary losses, and tells them the epoch.
+
+Distillation is a training objective: on valid and test the Brain runs the main output only
+(no taps, no heads, no teacher needed) and reports CTC loss, WER and CER, so evaluation is
+exactly the inference model.
+
+Batch fields, per unit type ``u`` that a head or label interpolation uses (the units and
+alignment pipeline and :func:`teacher_items` provide them):
+
+- ``{u}_units``: LongTensor ``[K]`` per utterance, the unit sequence;
+- ``{u}_frame_to_position``: LongTensor ``[T']`` per utterance at the encoder frame rate,
+  the position in ``{u}_units`` of each frame's unit, ``-1`` where there is none. Padding
+  added by collation is masked through the field's own lengths, whatever its value;
+- ``{u}_top_probs`` ``[K, k]``, ``{u}_top_ids`` ``[K, k]``, ``{u}_residual`` ``[K]``: the
+  teacher triple, when that unit type is distilled. Without them in the batch the Brain
+  reads ``hparams["teacher_caches"][u]`` (a
+  :class:`~sb_crossmodal_kd.teachers.cache.TeacherCache`) by utterance ID, in the main
+  process (slower: prefer the dynamic items, which run in the loader workers).
+
+Every loss term is averaged over the epoch and logged with the train stats
+(``main``, ``li_main``, ``kd_<head>``, ``<loss>_<head>``, ``moe``, ``total``).
+"""
+
+import contextlib
+
+import speechbrain as sb
+import torch
+
+from sb_crossmodal_kd.brain import CTCBrain
+from sb_crossmodal_kd.losses import DistillationObjective, UnitTargets
+from sb_crossmodal_kd.nnet.moe import moe_auxiliary_loss, moe_layers, padding_mask, set_moe_epoch
+from sb_crossmodal_kd.nnet.taps import EncoderTaps
+
+__all__ = ["KDBrain", "teacher_items", "kd_batch_fields", "fit_frames"]
+
+TEACHER_FIELDS = ("top_probs", "top_ids", "residual")
+
+
+def kd_batch_fields(unit_type, teacher=True):
+    """Names of the batch fields :class:`KDBrain` reads for ``unit_type``.
+
+    Example
+    -------
+    >>> kd_batch_fields("senone")
+    ['senone_units', 'senone_frame_to_position', 'senone_top_probs', 'senone_top_ids', 'senone_residual']
+    """
+    fields = [f"{unit_type}_units", f"{unit_type}_frame_to_position"]
+    if teacher:
+        fields += [f"{unit_type}_{name}" for name in TEACHER_FIELDS]
+    return fields
+
+
+def teacher_items(caches):
+    """SpeechBrain dynamic items giving each utterance's teacher triple from its cache.
+
+    Arguments
+    ---------
+    caches : dict of str to TeacherCache
+        Teacher caches by unit type.
+
+    Returns
+    -------
+    items : list
+        Dynamic items (``takes("id")``); add them with ``dataset.add_dynamic_item``.
+    keys : list of str
+        Their output keys, to add to ``set_output_keys``.
+    """
+    items, keys = [], []
+    for unit_type, cache in caches.items():
+        provides = [f"{unit_type}_{name}" for name in TEACHER_FIELDS]
+
+        def read(utt_id, cache=cache):
+            return cache.utterance(utt_id)
+
+        items.append(sb.utils.data_pipeline.DynamicItem(takes=["id"], func=read,
+                                                        provides=provides))
+        keys += provides
+    return items, keys
+
+
+def fit_frames(frame_to_position, lengths, n_frames, tolerance=2, ids=None):
+    """Masks collation padding to ``-1`` and fits an alignment batch to ``n_frames`` frames.
+
+    Arguments
+    ---------
+    frame_to_position : torch.Tensor
+        ``[B, T_a]`` int, as collated (padding of any value).
+    lengths : torch.Tensor
+        ``[B]`` its relative lengths.
+    n_frames : int
+        Encoder frames ``T'`` of the batch.
+    tolerance : int
+        Largest ``|T_a - T'|`` accepted (front-end rounding); larger is an error.
+    ids : list of str, optional
+        Utterance IDs, for the error message.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[B, n_frames]`` int, ``-1`` on padding and on frames past the alignment.
+
+    Example
+    -------
+    >>> fit_frames(torch.tensor([[0, 1, 1], [0, 0, 0]]), torch.tensor([1.0, 1 / 3]), 4)
+    tensor([[ 0,  1,  1, -1],
+            [ 0, -1, -1, -1]])
+    """
+    batch, aligned = frame_to_position.shape
+    if abs(aligned - n_frames) > tolerance:
+        raise ValueError(
+            f"Alignments have {aligned} frames but the encoder gives {n_frames} for the batch "
+            f"{list(ids or [])[:4]}...: alignments must be at the encoder frame rate (after "
+            "the front end's subsampling). Rebuild them with the model's FrameRate."
+        )
+    frames = torch.arange(aligned, device=frame_to_position.device)
+    real = frames[None, :] < torch.round(lengths.to(frames.device) * aligned)[:, None]
+    frame_to_position = torch.where(real, frame_to_position, torch.full_like(frame_to_position, -1))
+    if aligned >= n_frames:
+        return frame_to_position[:, :n_frames]
+    pad = frame_to_position.new_full((batch, n_frames - aligned), -1)
+    return torch.cat([frame_to_position, pad], dim=1)
+
+
+class KDBrain(CTCBrain):
+    """CTC acoustic model trained with auxiliary heads, distillation and MoE losses.
+
+    Arguments are those of ``speechbrain.core.Brain``; the settings it reads are in the
+    module docstring. Example (a full training run) in ``tests/test_kd_brain.py``.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.objective = getattr(self.hparams, "distillation", None) or DistillationObjective()
+        if self.objective.main_blank_index is None:
+            # The main output's CTC blank is not a unit of the teacher (see losses).
+            self.objective.main_blank_index = getattr(self.hparams, "blank_index", None)
+        self.tap_module = getattr(self.hparams, "tap_module", "encoder")
+        self.frame_tolerance = getattr(self.hparams, "alignment_frame_tolerance", 2)
+        heads = self._heads()
+        self.taps = None
+        if heads is not None and len(heads) > 0:
+            self.taps = EncoderTaps(self.modules[self.tap_module], layers=heads.layers)
+        self.has_moe = len(moe_layers(self.modules)) > 0
+        self._term_sums, self._term_batches = {}, 0
+
+    def _heads(self):
+        return self.modules["auxiliary_heads"] if "auxiliary_heads" in self.modules else None
+
+    # Forward -------------------------------------------------------------------------------
+
+    def compute_forward(self, batch, stage):
+        """Main output as in CTCBrain; in training also ``head_logits`` by head name."""
+        training = stage == sb.Stage.TRAIN
+        moe_context = contextlib.nullcontext()
+        if self.has_moe:  # SpeechBrain's layers call their FFN without a padding mask
+            moe_context = padding_mask(self.modules, lengths=batch.sig.lengths.to(self.device))
+        tap_context = self.taps.capture() if (training and self.taps) else contextlib.nullcontext()
+        with moe_context, tap_context as hidden:
+            predictions = super().compute_forward(batch, stage)
+        if training and self.taps:
+            predictions["head_logits"] = self.modules["auxiliary_heads"](hidden)
+        return predictions
+
+    # Objectives ----------------------------------------------------------------------------
+
+    def _unit_types(self):
+        heads = self._heads()
+        return self.objective.required_unit_types(heads)
+
+    def _needs_teacher(self, unit_type):
+        heads = self._heads()
+        if heads is not None and any(
+            h.unit_type == unit_type and h.alpha > 0 for h in heads.values()
+        ):
+            return True
+        return (
+            self.objective.uses_label_interpolation
+            and self.objective.label_interpolation > 0
+            and unit_type == self.objective.main_unit_type
+        )
+
+    def _field(self, batch, name):
+        try:
+            return getattr(batch, name)
+        except AttributeError:
+            raise KeyError(
+                f"The batch has no field '{name}': add the units/alignment pipeline (and the "
+                "teacher items) for this unit type to the datasets' dynamic items and output "
+                "keys, or drop the head / label interpolation that needs it."
+            ) from None
+
+    def unit_targets(self, batch, n_frames):
+        """Reads the batch's unit fields into ``{unit_type: UnitTargets}`` on the device."""
+        targets = {}
+        for unit_type in self._unit_types():
+            units = self._field(batch, f"{unit_type}_units")
+            f2p = self._field(batch, f"{unit_type}_frame_to_position")
+            frame_to_position = fit_frames(
+                f2p.data.to(self.device), f2p.lengths.to(self.device), n_frames,
+                self.frame_tolerance, batch.id,
+            )
+            unit_ids = units.data.to(self.device)
+            teacher = None
+            if self._needs_teacher(unit_type):
+                teacher = self._teacher(batch, unit_type, unit_ids.shape[1])
+            targets[unit_type] = UnitTargets(
+                unit_ids, units.lengths.to(self.device), frame_to_position, teacher
+            )
+        return targets
+
+    def _teacher(self, batch, unit_type, n_positions):
+        names = [f"{unit_type}_{name}" for name in TEACHER_FIELDS]
+        if all(hasattr(batch, name) for name in names):
+            triple = tuple(getattr(batch, name).data.to(self.device) for name in names)
+        else:
+            caches = getattr(self.hparams, "teacher_caches", None) or {}
+            if unit_type not in caches:
+                raise KeyError(
+                    f"No teacher for unit type '{unit_type}': the batch has no {names} and "
+                    "hparams has no teacher_caches entry for it."
+                )
+            dist = caches[unit_type].distributions(list(batch.id), max_len=n_positions,
+                                                   device=self.device)
+            triple = (dist.top_probs, dist.top_ids, dist.residual)
+        if triple[0].shape[1] != n_positions:
+            raise ValueError(
+                f"Teacher for '{unit_type}' has {triple[0].shape[1]} positions but the unit "
+                f"sequences have {n_positions} in batch {list(batch.id)[:4]}...: the teacher "
+                "cache was built from other unit sequences."
+            )
+        return triple
+
+    def compute_objectives(self, predictions, batch, stage):
+        """CTC (+ scoring on valid/test); in training the full distillation objective."""
+        main_loss = super().compute_objectives(predictions, batch, stage)
+        if stage != sb.Stage.TRAIN:
+            if self.has_moe:
+                moe_auxiliary_loss(self.modules)  # drop losses of an evaluation pass
+            return main_loss
+        log_probs = predictions["log_probs"]
+        targets = self.unit_targets(batch, log_probs.shape[1])
+        moe_loss = moe_auxiliary_loss(self.modules) if self.has_moe else None
+        total, log = self.objective(
+            main_loss,
+            main_logits=log_probs,  # log-softmax is idempotent: log-probs serve as logits
+            heads=self._heads(),
+            head_logits=predictions.get("head_logits"),
+            targets=targets,
+            frame_lens=predictions["lengths"],
+            moe_loss=moe_loss,
+        )
+        for name, value in log.items():  # summed on the device: no sync per batch
+            self._term_sums[name] = self._term_sums.get(name, 0.0) + value
+        self._term_batches += 1
+        return total
+
+    # Stages --------------------------------------------------------------------------------
+
+    def on_stage_start(self, stage, epoch=None):
+        """Resets the term averages; tells MoE balancing constraints the epoch."""
+        super().on_stage_start(stage, epoch)
+        if stage == sb.Stage.TRAIN:
+            self._term_sums, self._term_batches = {}, 0
+            if self.has_moe and epoch is not None:
+                set_moe_epoch(self.modules, epoch)
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        """Adds every loss term's epoch average to the logged train stats."""
+        super().on_stage_end(stage, stage_loss, epoch)
+        if stage == sb.Stage.TRAIN and self._term_batches:
+            self.train_stats.update(self.loss_terms())
+
+    def loss_terms(self):
+        """Epoch averages of every loss term so far (one device sync)."""
+        return {
+            f"loss_{name}": round(float(total) / self._term_batches, 5)
+            for name, total in self._term_sums.items()
+        }

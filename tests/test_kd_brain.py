@@ -1,0 +1,279 @@
+"""KDBrain trains the CTC model with heads, distillation and MoE losses chosen by hparams."""
+
+import pytest
+import sentencepiece as spm
+import speechbrain as sb
+import torch
+from speechbrain.dataio.batch import PaddedBatch
+from speechbrain.dataio.dataset import DynamicItemDataset
+from speechbrain.lobes.features import Fbank
+from speechbrain.nnet.activations import Softmax
+from speechbrain.processing.features import InputNormalization
+
+from sb_crossmodal_kd.alignment.framerate import FrameRate
+from sb_crossmodal_kd.kd_brain import KDBrain, fit_frames, teacher_items
+from sb_crossmodal_kd.losses import DistillationObjective
+from sb_crossmodal_kd.nnet.conformer import ConformerCTCEncoder
+from sb_crossmodal_kd.nnet.conformer_moe import use_moe_ffn
+from sb_crossmodal_kd.nnet.heads import AuxiliaryHead, AuxiliaryHeads
+from sb_crossmodal_kd.teachers.base import Teacher
+from sb_crossmodal_kd.teachers.cache import TeacherCache, build_cache
+
+D, VOCAB = 16, 12
+UNITS = {"senone": 9, "monophone": 7, "subword": VOCAB}
+RATE = FrameRate()
+
+
+class ShiftTeacher(Teacher):
+    """A deterministic toy LM: prefers unit (previous + 1), with some spread."""
+
+    def unit_logits(self, unit_ids, lengths):
+        previous = torch.cat([unit_ids[:, :1] * 0, unit_ids[:, :-1]], 1)
+        target = torch.nn.functional.one_hot((previous + 1) % self.vocab_size, self.vocab_size)
+        return 2.0 * target.float() + 0.1 * torch.arange(self.vocab_size).float()
+
+
+def _utterances(n=4, seed=0):
+    """Audio plus, per unit type, a unit sequence and a frame alignment to it."""
+    gen = torch.Generator().manual_seed(seed)
+    data = []
+    for i in range(n):
+        samples = 3200 + 800 * i
+        frames = RATE.frames_for_samples(samples)
+        item = {"id": f"utt{i}", "sig": 0.1 * torch.randn(samples, generator=gen),
+                "wrd": "a b"}
+        item["tokens"] = torch.randint(0, VOCAB, (2 + i % 2,), generator=gen)
+        for unit_type, size in UNITS.items():
+            n_units = 2 + i % 3
+            units = torch.randint(0, size, (n_units,), generator=gen)
+            # frame -> position: leading silence (-1), then units in order over the frames
+            f2p = torch.full((frames,), -1, dtype=torch.long)
+            f2p[1:] = torch.arange(frames - 1) * n_units // (frames - 1)
+            item[f"{unit_type}_units"] = units
+            item[f"{unit_type}_frame_to_position"] = f2p
+        data.append(item)
+    return data
+
+
+def _caches(tmp_path, data):
+    caches = {}
+    for unit_type, size in UNITS.items():
+        teacher = ShiftTeacher(vocab_size=size, name="shift", unit_type=unit_type,
+                               tokenizer_hash="toy")
+        sequences = [(item["id"], item[f"{unit_type}_units"].tolist()) for item in data]
+        build_cache(teacher, sequences, tmp_path / unit_type, k=3, progress=False)
+        caches[unit_type] = TeacherCache(tmp_path / unit_type, vocab_size=size)
+    return caches
+
+
+def _batch(data, caches):
+    examples = []
+    for item in data:
+        example = dict(item)
+        for unit_type, cache in caches.items():
+            probs, ids, rest = cache.utterance(item["id"])
+            example.update({f"{unit_type}_top_probs": probs, f"{unit_type}_top_ids": ids,
+                            f"{unit_type}_residual": rest})
+        examples.append(example)
+    return PaddedBatch(examples)
+
+
+class _Tokenizer:
+    def __init__(self, folder):
+        text = folder / "text.txt"
+        text.write_text("\n".join(["a b", "b a", "a a b", "b b a"] * 20))
+        spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(folder / "sp"),
+                                       vocab_size=VOCAB, model_type="char",
+                                       character_coverage=1.0, bos_id=-1, eos_id=-1)
+        self.sp = spm.SentencePieceProcessor(model_file=str(folder / "sp.model"))
+
+
+def _brain(tmp_path, heads=None, distillation=None, moe=False, caches=None):
+    torch.manual_seed(0)
+    encoder = ConformerCTCEncoder(n_mels=20, d_model=D, num_layers=3, nhead=2, d_ffn=32,
+                                  kernel_size=3, front_channels=(4, 4), dropout=0.0)
+    if moe:
+        use_moe_ffn(encoder.layers, num_experts=2, top_k=1, load_balancing_weight=0.01)
+    modules = {"compute_features": Fbank(n_mels=20), "normalize": InputNormalization(),
+               "encoder": encoder, "ctc_lin": torch.nn.Linear(D, VOCAB + 1)}
+    if heads is not None:
+        modules["auxiliary_heads"] = heads
+    hparams = {
+        "blank_index": VOCAB,
+        "log_softmax": Softmax(apply_log=True),
+        "lr_annealing": lambda optimizer: None,
+        "train_logger": sb.utils.train_logger.FileTrainLogger(tmp_path / "log.txt"),
+        "tokenizer": _Tokenizer(tmp_path),
+        "epoch_counter": sb.utils.epoch_loop.EpochCounter(1),
+        "wer_file": tmp_path / "wer.txt",
+        "results_file": tmp_path / "results.json",
+    }
+    if distillation is not None:
+        hparams["distillation"] = distillation
+    if caches is not None:
+        hparams["teacher_caches"] = caches
+    return KDBrain(modules=modules, opt_class=lambda p: torch.optim.SGD(p, lr=0.1),
+                   hparams=hparams, run_opts={"device": "cpu"})
+
+
+def _hierarchy():
+    return AuxiliaryHeads(
+        senone=AuxiliaryHead("senone", 1, D, UNITS["senone"], loss="frame_ce",
+                             loss_weight=0.2, alpha=1.0),
+        monophone=AuxiliaryHead("monophone", 2, D, UNITS["monophone"], alpha=0.5, tau=2.0),
+        subword=AuxiliaryHead("subword", 3, D, VOCAB, hidden_size=8, loss="ctc",
+                              loss_weight=0.3, alpha=1.0),
+    )
+
+
+def _train_step(brain, batch):
+    brain.init_optimizers()
+    brain.on_stage_start(sb.Stage.TRAIN, epoch=1)
+    loss = brain.fit_batch(batch)
+    brain.on_stage_end(sb.Stage.TRAIN, float(loss), epoch=1)
+    return loss
+
+
+CONDITIONS = {
+    "am_alone": (None, None, False, {"main", "total"}),
+    "label_interpolation": (None, DistillationObjective(0.3, main_blank_index=VOCAB), False,
+                            {"main", "li_main", "total"}),
+    "aux_subword": (lambda: AuxiliaryHeads(subword=AuxiliaryHead("subword", 3, D, VOCAB)),
+                    None, False, {"main", "kd_subword", "total"}),
+    "hierarchy": (_hierarchy, None, False,
+                  {"main", "kd_senone", "frame_ce_senone", "kd_monophone", "kd_subword",
+                   "ctc_subword", "total"}),
+    "hierarchy_moe": (_hierarchy, None, True,
+                      {"main", "kd_senone", "frame_ce_senone", "kd_monophone", "kd_subword",
+                       "ctc_subword", "moe", "total"}),
+}
+
+
+@pytest.mark.parametrize("condition", sorted(CONDITIONS))
+def test_each_condition_trains_and_logs_its_terms(tmp_path, condition):
+    make_heads, objective, moe, terms = CONDITIONS[condition]
+    data = _utterances()
+    caches = _caches(tmp_path, data)
+    brain = _brain(tmp_path, make_heads() if make_heads else None, objective, moe)
+    before = {n: p.detach().clone() for n, p in brain.modules.named_parameters()}
+    loss = _train_step(brain, _batch(data, caches))
+    assert torch.isfinite(loss)
+    logged = brain.train_stats
+    assert {k[len("loss_"):] for k in logged if k.startswith("loss_")} == terms
+    expected_total = logged["loss_main"] + sum(
+        w * logged[f"loss_{name}"] for name, w in _weights(brain).items() if name in terms)
+    assert logged["loss_total"] == pytest.approx(expected_total, rel=1e-4)
+    changed = {n for n, p in brain.modules.named_parameters() if not torch.equal(p, before[n])}
+    assert any(n.startswith("encoder.") for n in changed)
+    if make_heads:  # heads with a loss learn, and their gradient reaches the encoder
+        assert any(n.startswith("auxiliary_heads.") for n in changed)
+
+
+def _weights(brain):
+    weights = {"li_main": brain.objective.label_interpolation_weight,
+               "moe": brain.objective.moe_weight}
+    if "auxiliary_heads" in brain.modules:
+        for name, head in brain.modules["auxiliary_heads"].items():
+            weights[f"kd_{name}"] = head.alpha
+            weights[f"{head.loss}_{name}"] = head.loss_weight
+    return weights
+
+
+def test_kd_gradient_reaches_the_tapped_encoder_layer_only_from_below(tmp_path):
+    # a distillation-only head on layer 1: the encoder's first layer gets gradient from it
+    data = _utterances()
+    caches = _caches(tmp_path, data)
+    heads = AuxiliaryHeads(senone=AuxiliaryHead("senone", 1, D, UNITS["senone"]))
+    brain = _brain(tmp_path, heads)
+    batch = _batch(data, caches)
+    predictions = brain.compute_forward(batch, sb.Stage.TRAIN)
+    targets = brain.unit_targets(batch, predictions["log_probs"].shape[1])
+    total, log = brain.objective(predictions["log_probs"].sum() * 0, heads=heads,
+                                 head_logits=predictions["head_logits"], targets=targets)
+    total.backward()
+    layers = brain.modules.encoder.layers.layers
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in layers[0].parameters())
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in layers[2].parameters())
+
+
+def test_teacher_from_cache_equals_teacher_from_batch_fields(tmp_path):
+    data = _utterances()
+    caches = _caches(tmp_path, data)
+    brain = _brain(tmp_path, _hierarchy(), caches=caches)
+    with_fields = _batch(data, caches)
+    without = PaddedBatch([{k: v for k, v in item.items()} for item in data])
+    n_frames = brain.compute_forward(with_fields, sb.Stage.TRAIN)["log_probs"].shape[1]
+    a = brain.unit_targets(with_fields, n_frames)
+    b = brain.unit_targets(without, n_frames)
+    for unit_type in UNITS:
+        for x, y in zip(a[unit_type].teacher, b[unit_type].teacher, strict=True):
+            assert torch.equal(x, y)
+        assert torch.equal(a[unit_type].frame_to_position, b[unit_type].frame_to_position)
+
+
+def test_alignment_padding_is_masked_and_frames_match_the_encoder(tmp_path):
+    data = _utterances()
+    caches = _caches(tmp_path, data)
+    brain = _brain(tmp_path, _hierarchy())
+    batch = _batch(data, caches)
+    n_frames = brain.compute_forward(batch, sb.Stage.TRAIN)["log_probs"].shape[1]
+    assert n_frames == RATE.frames_for_samples(max(len(d["sig"]) for d in data))
+    f2p = brain.unit_targets(batch, n_frames)["senone"].frame_to_position
+    for row, item in enumerate(data):
+        own = item["senone_frame_to_position"]
+        assert torch.equal(f2p[row, : len(own)], own)
+        assert torch.all(f2p[row, len(own):] == -1)  # collation padded with 0: now masked
+
+
+def test_wrong_frame_rate_and_missing_fields_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="encoder frame rate"):
+        fit_frames(torch.zeros(2, 40, dtype=torch.long), torch.ones(2), 10, ids=["u1", "u2"])
+    data = _utterances()
+    brain = _brain(tmp_path, _hierarchy())
+
+    def objectives(batch):
+        predictions = brain.compute_forward(batch, sb.Stage.TRAIN)
+        return brain.compute_objectives(predictions, batch, sb.Stage.TRAIN)
+
+    with pytest.raises(KeyError, match="No teacher for unit type 'monophone'"):
+        objectives(PaddedBatch(data))
+    no_senone = [{k: v for k, v in d.items() if not k.startswith("senone")} for d in data]
+    caches = _caches(tmp_path, data)
+    for item in no_senone:
+        for unit_type in ("monophone", "subword"):
+            probs, ids, rest = caches[unit_type].utterance(item["id"])
+            item.update({f"{unit_type}_top_probs": probs, f"{unit_type}_top_ids": ids,
+                         f"{unit_type}_residual": rest})
+    with pytest.raises(KeyError, match="no field 'senone_units'"):
+        objectives(PaddedBatch(no_senone))
+
+
+def test_one_epoch_with_dynamic_items_then_evaluation_without_teachers(tmp_path):
+    data = _utterances(n=4)
+    caches = _caches(tmp_path, data)
+    items, keys = teacher_items(caches)
+    train = DynamicItemDataset({d["id"]: {k: v for k, v in d.items() if k != "id"}
+                                for d in data})
+    for item in items:
+        train.add_dynamic_item(item)
+    unit_keys = [k for k in data[0] if k.endswith(("_units", "_frame_to_position"))]
+    train.set_output_keys(["id", "sig", "wrd", "tokens", *unit_keys, *keys])
+    # valid/test carry no units, alignments or teachers: evaluation is the plain AM
+    valid = DynamicItemDataset({d["id"]: {k: d[k] for k in ("sig", "wrd", "tokens")}
+                                for d in data})
+    valid.set_output_keys(["id", "sig", "wrd", "tokens"])
+    brain = _brain(tmp_path, _hierarchy(), moe=True)
+    brain.checkpointer = sb.utils.checkpoints.Checkpointer(
+        tmp_path / "save", recoverables={**brain.modules, "counter": brain.hparams.epoch_counter})
+    brain.fit(brain.hparams.epoch_counter, train, valid,
+              train_loader_kwargs={"batch_size": 2}, valid_loader_kwargs={"batch_size": 2})
+    assert "loss_kd_subword" in brain.train_stats and "loss_moe" in brain.train_stats
+    log = (tmp_path / "log.txt").read_text()
+    assert "loss_kd_senone" in log and "WER" in log
+    brain.evaluate(valid, min_key="WER", test_loader_kwargs={"batch_size": 2})
+    assert (tmp_path / "results.json").is_file()
+
+
+def test_label_interpolation_excludes_the_main_blank_by_default(tmp_path):
+    brain = _brain(tmp_path, distillation=DistillationObjective(label_interpolation=0.3))
+    assert brain.objective.main_blank_index == VOCAB
