@@ -17,7 +17,6 @@ extend :meth:`compute_forward`'s returned dict and :meth:`compute_objectives`.
 import time
 
 import speechbrain as sb
-import torch
 from speechbrain.utils.metric_stats import ErrorRateStats
 
 from sb_crossmodal_kd.io import atomic_write_json
@@ -116,6 +115,7 @@ def count_parameters(module):
 
     Example
     -------
+    >>> import torch
     >>> count_parameters(torch.nn.Linear(3, 2))
     8
     """
