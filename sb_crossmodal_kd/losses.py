@@ -205,7 +205,7 @@ def gather_teacher_to_frames(top_probs, top_ids, residual, frame_to_position):
     index = positions[:, :, None].expand(batch, n_frames, k)
     return (
         top_probs.gather(1, index),
-        top_ids.gather(1, index),
+        top_ids.long().gather(1, index),  # caches may store int32 ids; indexing needs int64
         residual.gather(1, positions),
     )
 
@@ -367,6 +367,7 @@ def topk_kl_divergence(logits, top_probs, top_ids, residual, tau=1.0):
     log_probs = torch.log_softmax(z, dim=-1)
     q = _wide(top_probs)
     r = _wide(residual)
+    top_ids = top_ids.long()
     kl = (torch.special.xlogy(q, q) - q * log_probs.gather(-1, top_ids)).sum(-1)
     log_rest, rest_empty = _rest_log_prob(z, log_norm, top_ids)
     # A residual with no "other" unit left (k = V) can only be rounding: it is ignored.

@@ -361,3 +361,10 @@ def test_distillation_objective_selects_terms_from_settings():
         DistillationObjective(label_interpolation=0.3)(main, logits, targets=no_teacher)
     with pytest.raises(ValueError, match=r"in \[0, 1\] or null"):
         DistillationObjective(label_interpolation=1.5)
+
+
+def test_int32_teacher_ids_are_accepted():
+    logits, _, f2p, teacher, _ = _make_batch(seed=9)
+    as_int32 = (teacher[0], teacher[1].int(), teacher[2])
+    assert distillation_loss(logits, as_int32, f2p).item() == pytest.approx(
+        distillation_loss(logits, teacher, f2p).item(), rel=1e-12)
