@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ["corpus", "demo"]
+SUBCOMMANDS = ["corpus", "demo", "teacher-cache"]
 
 
 def build_parser():
