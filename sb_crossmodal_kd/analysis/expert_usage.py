@@ -260,7 +260,7 @@ def _heatmap(matrix, title, xlabel, ylabel, yticklabels=None):
     axes = figure.add_subplot(1, 1, 1)
     image = axes.imshow(matrix, aspect="auto", cmap="viridis", interpolation="nearest")
     figure.colorbar(image, ax=axes)
-    axes.set_title(title)
+    axes.set_title(title, fontsize=9)
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
     if yticklabels is not None and rows <= 60:
@@ -299,7 +299,7 @@ def _figures(report):
     for layer, matrix in report.get("usage_by_class", {}).items():
         figures.append((
             f"by_class_{layer}".replace(".", "_"),
-            _heatmap(_normalise_rows(matrix), f"{layer}: expert use by class (row-normalised)",
+            _heatmap(_normalise_rows(matrix), f"{layer}: use by class (row-normalised)",
                      "expert", "class", names),
         ))
     return figures

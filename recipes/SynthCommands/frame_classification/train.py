@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""Frame-level monophone classification: Deep MoE vs dense MLP vs single-layer MoE.
+
+The speech experiment of Eigen, Ranzato and Sutskever (2013) on the embedded SynthCommands
+corpus: each 10 ms Fbank frame, with +-5 frames of context, is classified into one of 40
+phones (39 ARPAbet + sil). Frame labels come from ``<split>_alignments.json`` (the
+synthesiser's phone timings): a frame takes the phone covering its centre.
+
+    sbkd corpus --output DATA
+    python train.py hparams/dmoe.yaml --data_folder DATA
+    python train.py hparams/dense_mlp.yaml --data_folder DATA
+    python train.py hparams/moe_single.yaml --data_folder DATA
+
+Frame accuracy and the expert-usage summary go to <output_folder>/results.json, the heat
+maps (joint usage of the two layers' experts, usage by phone) to <output_folder>/expert_usage/.
+"""
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import speechbrain as sb
+from hyperpyyaml import load_hyperpyyaml
+
+from sb_crossmodal_kd.alignment.framerate import FrameRate
+from sb_crossmodal_kd.data.manifest import check_manifest
+from sb_crossmodal_kd.frame_brain import FrameBrain, phone_frame_labels
+from sb_crossmodal_kd.units.phones import PHONES
+
+logger = logging.getLogger(__name__)
+
+
+def load_alignments(path):
+    """``{utterance ID: [[phone, start_s, end_s], ...]}`` from a SynthCommands alignment file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} is missing: frame labels come from the corpus's phone timings; make the "
+            "corpus with `sbkd corpus --output DIR` or give alignments in that format"
+        )
+    data = json.loads(path.read_text())
+    try:
+        return {utt: entry["phones"] for utt, entry in data.items()}
+    except (TypeError, KeyError) as error:
+        raise ValueError(f"{path}: every entry needs a 'phones' list ({error!r})") from error
+
+
+def dataio_prepare(hparams):
+    """``{"train", "valid", "test"}`` datasets giving ``sig`` and ``frame_labels``."""
+    rate = FrameRate(sample_rate=hparams["sample_rate"])
+    tolerance = hparams["alignment_tolerance"]
+    datasets = {}
+    for split in ("train", "valid", "test"):
+        csv_path = Path(hparams[f"{split}_csv"])
+        check_manifest(csv_path, expected_sample_rate=hparams["sample_rate"])
+        phones = load_alignments(csv_path.parent / f"{split}{hparams['alignments_suffix']}")
+        dataset = sb.dataio.dataset.DynamicItemDataset.from_csv(str(csv_path))
+        missing = [utt for utt in dataset.data_ids if utt not in phones]
+        if missing:
+            raise ValueError(
+                f"{csv_path}: {len(missing)} utterances have no alignment, e.g. {missing[:3]}"
+            )
+
+        @sb.utils.data_pipeline.takes("wav")
+        @sb.utils.data_pipeline.provides("sig")
+        def audio_pipeline(wav):
+            return sb.dataio.dataio.read_audio(wav)
+
+        @sb.utils.data_pipeline.takes("id", "sig")
+        @sb.utils.data_pipeline.provides("frame_labels")
+        def label_pipeline(utt, sig, phones=phones):
+            return phone_frame_labels(phones[utt], len(sig), rate, utt, tolerance)
+
+        dataset = dataset.filtered_sorted(sort_key="duration")
+        dataset.add_dynamic_item(audio_pipeline)
+        dataset.add_dynamic_item(label_pipeline)
+        dataset.set_output_keys(["id", "sig", "frame_labels"])
+        datasets[split] = dataset
+    return datasets
+
+
+def run(hparams_file, overrides=None, run_opts=None):
+    """Trains, tests and returns the results dict of one hparams file."""
+    with open(hparams_file) as handle:
+        hparams = load_hyperpyyaml(handle, overrides or {})
+    sb.create_experiment_directory(
+        experiment_directory=hparams["output_folder"],
+        hyperparams_to_save=str(hparams_file),
+        overrides=overrides,
+    )
+    datasets = dataio_prepare(hparams)
+    hparams.setdefault("class_names", list(PHONES))
+    brain = FrameBrain(
+        modules=hparams["modules"],
+        opt_class=hparams["opt_class"],
+        hparams=hparams,
+        run_opts=run_opts or {},
+        checkpointer=hparams["checkpointer"],
+    )
+    brain.fit(
+        brain.hparams.epoch_counter,
+        datasets["train"],
+        datasets["valid"],
+        train_loader_kwargs=hparams["train_dataloader_opts"],
+        valid_loader_kwargs=hparams["valid_dataloader_opts"],
+    )
+    brain.evaluate(datasets["test"], max_key="frame_acc",
+                   test_loader_kwargs=hparams["test_dataloader_opts"])
+    return brain.test_results
+
+
+def main(argv=None):
+    """``train.py hparams.yaml [--overrides...]``, as SpeechBrain recipes parse it."""
+    hparams_file, run_opts, overrides = sb.parse_arguments(argv or sys.argv[1:])
+    results = run(hparams_file, overrides, run_opts)
+    logger.info("Test frame accuracy %.4f", results["frame_accuracy"])
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""Frame-level classification Brain (e.g. monophones), with MoE auxiliary losses and
+expert-usage analysis: the setting of Eigen et al.'s (2013) speech experiment.
+
+``FrameBrain`` expects, in its ``modules``:
+
+- ``compute_features``: waveform [B, S] -> features [B, T, F] (SpeechBrain's ``Fbank``),
+- ``normalize``: SpeechBrain's ``InputNormalization``,
+- ``model``: stacked-context features [B, T, F * (2 * context + 1)] -> logits [B, T, C];
+  any module called as ``model(x)``: a Deep MoE classifier, a plain MLP, ... Its MoE layers
+  learn the padding through :func:`~sb_crossmodal_kd.nnet.moe.set_padding_mask`.
+
+and in its ``hparams``: ``context``, ``num_classes``, ``log_softmax``, ``epoch_counter``,
+``checkpointer``, ``train_logger``, ``output_folder``, and optionally ``class_names`` and
+``tensorboard_logger``. Batches carry ``sig`` (waveforms) and ``frame_labels`` (one class
+index per 10 ms feature frame, -1 for frames without a label).
+
+At the end of each stage it logs loss, frame accuracy and (for MoE models) expert usage;
+the test stage writes ``results.json`` and the expert-usage heat maps.
+"""
+
+import speechbrain as sb
+import torch
+import torch.nn.functional as F
+
+from sb_crossmodal_kd.analysis.expert_usage import (
+    ExpertUsageTracker,
+    expert_usage_report,
+    log_expert_usage,
+    plot_expert_usage,
+)
+from sb_crossmodal_kd.io import atomic_write_json
+from sb_crossmodal_kd.nnet.moe import (
+    moe_auxiliary_loss,
+    moe_layers,
+    reset_expert_stats,
+    set_moe_epoch,
+    set_padding_mask,
+)
+
+
+def stack_context(feats, context):
+    """Concatenates each frame with its ``context`` neighbours on each side.
+
+    Edges repeat the first / last frame, so the output has as many frames as the input.
+
+    Arguments
+    ---------
+    feats : torch.Tensor
+        [B, T, F]
+    context : int
+        Frames on each side.
+
+    Returns
+    -------
+    torch.Tensor
+        [B, T, F * (2 * context + 1)], earliest frame first.
+
+    Example
+    -------
+    >>> x = torch.arange(4.0).view(1, 4, 1)
+    >>> stack_context(x, 1)[0]
+    tensor([[0., 0., 1.],
+            [0., 1., 2.],
+            [1., 2., 3.],
+            [2., 3., 3.]])
+    """
+    if context == 0:
+        return feats
+    time = feats.shape[1]
+    padded = torch.cat(
+        [feats[:, :1].expand(-1, context, -1), feats, feats[:, -1:].expand(-1, context, -1)],
+        dim=1,
+    )
+    windows = [padded[:, i : i + time] for i in range(2 * context + 1)]
+    return torch.cat(windows, dim=-1)
+
+
+def align_labels(labels, label_lens, n_frames):
+    """Padded label batch -> [B, n_frames] labels with -1 on padding.
+
+    Arguments
+    ---------
+    labels : torch.Tensor
+        [B, L] padded labels (as SpeechBrain's ``PaddedBatch`` gives them).
+    label_lens : torch.Tensor
+        [B] relative lengths.
+    n_frames : int
+        Frames of the model output.
+
+    Example
+    -------
+    >>> align_labels(torch.tensor([[3, 4, 5], [6, 0, 0]]), torch.tensor([1.0, 1 / 3]), 4)
+    tensor([[ 3,  4,  5, -1],
+            [ 6, -1, -1, -1]])
+    """
+    batch, length = labels.shape
+    absolute = torch.round(label_lens * length).long()
+    keep = torch.arange(length, device=labels.device) < absolute.unsqueeze(1)
+    labels = torch.where(keep, labels.long(), -1)
+    if length >= n_frames:
+        return labels[:, :n_frames]
+    return F.pad(labels, (0, n_frames - length), value=-1)
+
+
+def phone_frame_labels(phones, n_samples, rate, utterance_id, tolerance=2):
+    """Labels 10 ms feature frames with the phone covering each frame's centre.
+
+    Arguments
+    ---------
+    phones : list of (phone, start_s, end_s)
+        Timed phones (e.g. the ``phones`` of a SynthCommands alignment), phones in
+        :data:`~sb_crossmodal_kd.units.phones.PHONES`.
+    n_samples : int
+        Length of the audio.
+    rate : sb_crossmodal_kd.alignment.framerate.FrameRate
+        Frame geometry (feature frame ``t`` is centred at ``t * hop``).
+    utterance_id : str
+        Named in errors.
+    tolerance : int
+        Frames by which the phones may fall short of or overrun the audio.
+
+    Returns
+    -------
+    torch.Tensor
+        [1 + n_samples // hop] long labels, -1 where no phone covers the frame centre.
+
+    Example
+    -------
+    >>> from sb_crossmodal_kd.alignment.framerate import FrameRate
+    >>> phone_frame_labels([["sil", 0.0, 0.025], ["AA", 0.025, 0.05]], 800, FrameRate(), "u")
+    tensor([ 0,  0,  0,  1,  1, -1])
+    """
+    from sb_crossmodal_kd.units.phones import phone_index
+
+    n_frames = rate.feature_frames(n_samples)
+    shift = rate.feature_shift_s
+    try:
+        segments = [(phone_index(p), float(start), float(end)) for p, start, end in phones]
+    except ValueError as error:
+        raise ValueError(f"utterance {utterance_id!r}: {error}") from error
+    end = max((e for _, _, e in segments), default=0.0)
+    audio_end = (n_frames - 1) * shift
+    if abs(end - audio_end) > tolerance * shift + 1e-6:
+        raise ValueError(
+            f"utterance {utterance_id!r}: phones end at {end:.3f} s but the audio's last frame "
+            f"is at {audio_end:.3f} s (tolerance {tolerance} frames); check that the "
+            "alignment belongs to this audio"
+        )
+    labels = rate.segments_to_frames(segments, n_frames, shift_s=shift, fill=-1)
+    return torch.from_numpy(labels).long()
+
+
+class FrameBrain(sb.Brain):
+    """Trains a frame classifier with cross-entropy plus every MoE layer's auxiliary loss."""
+
+    def compute_forward(self, batch, stage):
+        """Returns log-probabilities [B, T, C]."""
+        batch = batch.to(self.device)
+        wavs, wav_lens = batch.sig
+        feats = self.modules.compute_features(wavs)
+        feats = self.modules.normalize(feats, wav_lens)
+        feats = stack_context(feats, self.hparams.context)
+        set_padding_mask(self.modules.model, lengths=wav_lens)
+        logits = self.modules.model(feats)
+        return self.hparams.log_softmax(logits)
+
+    def compute_objectives(self, predictions, batch, stage):
+        """Frame cross-entropy over labelled frames, plus the MoE auxiliary losses."""
+        labels, label_lens = batch.frame_labels
+        labels = align_labels(labels, label_lens, predictions.shape[1])
+        loss = F.nll_loss(predictions.float().transpose(1, 2), labels, ignore_index=-1)
+        loss = loss + moe_auxiliary_loss(self.modules.model)
+        with torch.no_grad():
+            labelled = labels >= 0
+            self.correct += ((predictions.argmax(-1) == labels) & labelled).sum()
+            self.labelled += labelled.sum()
+            if self.tracker is not None:
+                self.tracker.update(self.modules.model, labels=labels)
+        return loss
+
+    def on_stage_start(self, stage, epoch=None):
+        """Resets accuracy and expert statistics; tells the balancing constraint the epoch."""
+        self.correct = torch.zeros((), dtype=torch.long, device=self.device)
+        self.labelled = torch.zeros((), dtype=torch.long, device=self.device)
+        model = self.modules.model
+        self.tracker = None
+        if moe_layers(model):
+            reset_expert_stats(model)
+            self.tracker = ExpertUsageTracker(
+                num_classes=self.hparams.num_classes,
+                class_names=getattr(self.hparams, "class_names", None),
+            )
+            if stage == sb.Stage.TRAIN and epoch is not None:
+                set_moe_epoch(model, epoch)
+
+    def _loggers(self):
+        loggers = [self.hparams.train_logger]
+        tensorboard = getattr(self.hparams, "tensorboard_logger", None)
+        if tensorboard is not None:
+            loggers.append(tensorboard)
+        return loggers
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        """Logs loss, frame accuracy and expert usage; checkpoints; writes test results."""
+        accuracy = float(self.correct) / max(int(self.labelled), 1)
+        stats = {"loss": stage_loss, "frame_acc": round(accuracy, 4)}
+        report = None
+        if self.tracker is not None:
+            report = expert_usage_report(self.modules.model, self.tracker, reset=True)
+        name = {sb.Stage.TRAIN: "train", sb.Stage.VALID: "valid", sb.Stage.TEST: "test"}[stage]
+        if stage == sb.Stage.TRAIN:
+            self.train_stats = stats
+        elif stage == sb.Stage.VALID:
+            for logger in self._loggers():
+                logger.log_stats(stats_meta={"epoch": epoch}, train_stats=self.train_stats,
+                                 valid_stats=stats)
+            self.checkpointer.save_and_keep_only(meta={"frame_acc": accuracy},
+                                                 max_keys=["frame_acc"])
+        else:
+            for logger in self._loggers():
+                logger.log_stats(stats_meta={"epoch loaded": self.hparams.epoch_counter.current},
+                                 test_stats=stats)
+        if report is not None:
+            step = epoch if epoch is not None else self.hparams.epoch_counter.current
+            for logger in self._loggers():
+                log_expert_usage(logger, report, step, stage=name)
+        if stage == sb.Stage.TEST and sb.utils.distributed.if_main_process():
+            results = {
+                "frame_accuracy": accuracy,
+                "test_loss": stage_loss,
+                "labelled_frames": int(self.labelled),
+                "params": sum(p.numel() for p in self.modules.model.parameters()),
+                "epochs": self.hparams.epoch_counter.current,
+            }
+            if report is not None:
+                results["num_combinations"] = report["num_combinations"]
+                results["combinations_used"] = report["combinations_used"]
+                results["usage"] = {k: v["usage"] for k, v in report["layers"].items()}
+                results["gate_entropy"] = {
+                    k: v["gate_entropy"] for k, v in report["layers"].items()
+                }
+                plot_expert_usage(report, f"{self.hparams.output_folder}/expert_usage")
+            atomic_write_json(f"{self.hparams.output_folder}/results.json", results)
+            self.test_results = results

@@ -1,0 +1,81 @@
+"""The frame-level monophone recipe: one tiny epoch end to end, and fair model sizes."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from hyperpyyaml import load_hyperpyyaml
+
+from sb_crossmodal_kd.data.corpus import make_corpus
+from sb_crossmodal_kd.units.phones import PHONES
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes/SynthCommands/frame_classification"
+
+
+def load_train_module():
+    spec = importlib.util.spec_from_file_location("frame_train", RECIPE / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("frame_corpus")
+    make_corpus(folder, progress=False, n_train=6, n_valid=2, n_test=2, n_text=20,
+                n_text_valid=5, speakers=(2, 1, 1), seed=11)
+    return folder
+
+
+def test_compared_models_have_equal_parameter_counts():
+    counts = {}
+    for name in ("dmoe", "dense_mlp", "moe_single"):
+        with open(RECIPE / "hparams" / f"{name}.yaml") as handle:
+            hparams = load_hyperpyyaml(handle, {"data_folder": "unused"})
+        counts[name] = sum(p.numel() for p in hparams["model"].parameters())
+    assert max(counts.values()) / min(counts.values()) < 1.01, counts
+
+
+def test_one_tiny_epoch_reports_accuracy_and_expert_combinations(corpus, tmp_path):
+    train = load_train_module()
+    out = tmp_path / "dmoe"
+    results = train.run(
+        RECIPE / "hparams" / "dmoe.yaml",
+        {"data_folder": str(corpus), "output_folder": str(out), "number_of_epochs": 1,
+         "batch_size": 3},
+    )
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert 0.0 <= saved["frame_accuracy"] <= 1.0
+    assert saved["labelled_frames"] > 100
+    assert saved["num_combinations"] == 16
+    assert 1 <= saved["combinations_used"] <= 16
+    assert len(saved["usage"]) == 2
+    heatmap = out / "expert_usage" / "expert_usage_joint_encoder_layers_0_encoder_layers_1.png"
+    assert heatmap.read_bytes()[:4] == b"\x89PNG"
+    log = (out / "train_log.txt").read_text()
+    assert "frame_acc" in log and "combinations used" in log
+
+
+def test_frame_labels_follow_the_phone_timings(corpus):
+    train = load_train_module()
+    hparams = {"sample_rate": 16000, "alignment_tolerance": 2,
+               "alignments_suffix": "_alignments.json",
+               **{f"{s}_csv": str(corpus / f"{s}.csv") for s in ("train", "valid", "test")}}
+    datasets = train.dataio_prepare(hparams)
+    alignments = json.loads((corpus / "valid_alignments.json").read_text())
+    item = datasets["valid"][0]
+    labels = item["frame_labels"]
+    assert len(labels) == 1 + len(item["sig"]) // 160
+    for phone, start, end in alignments[item["id"]]["phones"]:
+        if end - start < 0.02:  # too short to own a frame centre for sure
+            continue
+        centre = (start + end) / 2
+        assert PHONES[int(labels[int(round(centre / 0.01))])] == phone
+
+
+def test_missing_alignments_are_reported(corpus, tmp_path):
+    train = load_train_module()
+    with pytest.raises(FileNotFoundError, match="sbkd corpus"):
+        train.load_alignments(tmp_path / "nothing_alignments.json")
