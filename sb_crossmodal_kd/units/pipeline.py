@@ -1,0 +1,124 @@
+"""SpeechBrain data pipelines giving each utterance its unit sequences and frame alignments.
+
+:func:`add_unit_pipelines` adds dynamic items to SpeechBrain ``DynamicItemDataset`` s, read
+lazily from a :class:`~sb_crossmodal_kd.units.store.UnitStore`; for each unit type ``u``
+(``phones``, ``senones``, ``subwords``):
+
+- ``u_units``: ``LongTensor (K,)``, the unit sequence;
+- ``u_frame_to_position``: ``LongTensor (T_enc,)``, position per encoder frame, ``-1`` where no
+  unit;
+- ``u_frame_labels``: ``LongTensor (T_enc,)``, unit id per encoder frame (silence units for
+  phones and senones, ``-1`` elsewhere for subwords).
+
+``T_enc`` is checked against the audio (``FrameRate.frames_for_samples`` of the wav's length):
+an alignment longer or shorter than its audio by more than ``tolerance`` frames raises
+:class:`~sb_crossmodal_kd.alignment.framerate.AlignmentLengthError` naming the utterance; a
+smaller difference is padded or trimmed, so frame tensors always match the encoder output.
+
+Collate with :func:`unit_collate` (SpeechBrain's ``PaddedBatch`` with ``-1`` padding for the
+frame keys, ``0`` elsewhere), e.g. ``make_dataloader(dataset, collate_fn=unit_collate(...))``
+or in a Brain's ``train_loader_kwargs: {collate_fn: ...}``.
+
+Example
+-------
+>>> import numpy as np, soundfile, speechbrain as sb
+>>> from sb_crossmodal_kd.units.store import UnitStoreWriter
+>>> folder = getfixture("tmp_path")
+>>> soundfile.write(folder / "a.wav", np.zeros(3200), 16000)  # 0.2 s: 6 encoder frames
+>>> with UnitStoreWriter(folder / "u.units", {"lexicon": "l", "tokenizer": None, "tree": None}) as w:
+...     w.add("a", {"phones.units": [4, 7], "phones.frame_to_position": [-1, 0, 0, 1, 1, -1],
+...                 "phones.frame_labels": [0, 4, 4, 7, 7, 0]})
+>>> data = sb.dataio.dataset.DynamicItemDataset({"a": {"wav": str(folder / "a.wav")}})
+>>> add_unit_pipelines([data], [folder / "u.units"], unit_types=["phones"])
+>>> data.set_output_keys(["id", "phones_units", "phones_frame_to_position"])
+>>> batch = unit_collate(["phones"])([data[0]])
+>>> batch.phones_frame_to_position.data
+tensor([[-1,  0,  0,  1,  1, -1]])
+"""
+
+import functools
+
+import numpy as np
+import soundfile
+import torch
+from speechbrain.dataio.batch import PaddedBatch
+from speechbrain.utils.data_pipeline import provides, takes
+
+from sb_crossmodal_kd.alignment.framerate import FrameRate, fit_to_length
+from sb_crossmodal_kd.units.store import UnitStore
+
+FIELDS = ("units", "frame_to_position", "frame_labels")
+
+
+def unit_keys(unit_types):
+    """Dynamic item names provided for ``unit_types``."""
+    return [f"{u}_{f}" for u in unit_types for f in FIELDS]
+
+
+def unit_collate(unit_types, **kwargs):
+    """A ``PaddedBatch`` collate function padding frame keys with ``-1`` (no unit)."""
+    padding = {f"{u}_{f}": {"value": -1} for u in unit_types for f in FIELDS[1:]}
+    return functools.partial(PaddedBatch, per_key_padding_kwargs=padding, **kwargs)
+
+
+def add_unit_pipelines(
+    datasets,
+    stores,
+    unit_types=("phones", "senones", "subwords"),
+    expect=None,
+    frame_rate=None,
+    tolerance=2,
+    wav_key="wav",
+):
+    """Adds unit dynamic items to each dataset, reading its split's store.
+
+    Arguments
+    ---------
+    datasets : list of DynamicItemDataset
+    stores : list of str, Path or UnitStore
+        One store per dataset (same order).
+    unit_types : list of str
+        Unit types to provide.
+    expect : dict, optional
+        Hashes in use (``lexicon``, ``tokenizer``, ``tree``); a store built with others is
+        refused.
+    frame_rate : FrameRate, optional
+        Front-end geometry (default 16 kHz, 10 ms, two stride-2 blocks).
+    tolerance : int
+        Largest accepted difference, in encoder frames, between an alignment and its audio.
+    wav_key : str
+        Dataset key holding the wav path (its length is read from the file header).
+    """
+    frame_rate = frame_rate or FrameRate()
+    if len(datasets) != len(stores):
+        raise ValueError(f"add_unit_pipelines: {len(datasets)} datasets but {len(stores)} stores")
+    for dataset, store in zip(datasets, stores, strict=True):
+        if not isinstance(store, UnitStore):
+            store = UnitStore(store, expect=expect)
+        elif expect:
+            store.check(expect)
+        for unit in unit_types:
+            if store.ids() and f"{unit}.units" not in store[store.ids()[0]]:
+                raise ValueError(
+                    f"unit store {store.path} has no {unit!r} streams; rebuild it with "
+                    f"`sbkd export-units` including {unit}"
+                )
+        dataset.add_dynamic_item(_pipeline(store, tuple(unit_types), frame_rate, tolerance, wav_key))
+
+
+def _pipeline(store, unit_types, frame_rate, tolerance, wav_key):
+    @takes("id", wav_key)
+    @provides(*unit_keys(unit_types))
+    def units_pipeline(utterance_id, wav):
+        record = store[utterance_id]
+        n_frames = frame_rate.frames_for_samples(soundfile.info(wav).frames)
+        for unit in unit_types:
+            yield torch.as_tensor(record[f"{unit}.units"], dtype=torch.long)
+            for field in FIELDS[1:]:
+                values = fit_to_length(
+                    record[f"{unit}.{field}"], n_frames, tolerance, utterance_id,
+                    fill=-1 if field == "frame_to_position" or unit == "subwords" else None,
+                )
+                yield torch.as_tensor(np.asarray(values), dtype=torch.long)
+
+    return units_pipeline
