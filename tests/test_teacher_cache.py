@@ -163,3 +163,35 @@ def test_cache_pickles_for_dataloader_workers(tmp_path):
     clone = pickle.loads(pickle.dumps(cache))
     after = clone.utterance("utt002")
     assert all(torch.equal(x, y) for x, y in zip(before, after, strict=True))
+
+
+def test_sbkd_teacher_cache_builds_from_a_manifest(tmp_path, capsys):
+    from sb_crossmodal_kd.cli import main
+    from sb_crossmodal_kd.teachers.unit_lm import TextUnits, export_unit_lm
+    from sb_crossmodal_kd.units.lexicon import Lexicon
+
+    manifest = tmp_path / "train.csv"
+    manifest.write_text(
+        "ID,duration,wav,spk_id,wrd\n"
+        "a1,1.0,/x/a1.wav,s1,turn on the lights\n"
+        "a2,1.0,/x/a2.wav,s1,zzzqx the lights\n"  # OOV under the skip policy
+        "a3,1.0,/x/a3.wav,s2,set a timer\n"
+    )
+    monophones = TextUnits("monophone", lexicon=Lexicon.from_cmudict(oov_policy="skip"))
+    torch.manual_seed(0)
+    lm = UnitLM(monophones.vocab_size, embedding_dim=8, hidden_size=8, num_layers=1)
+    export_unit_lm(tmp_path / "lm", lm, unit_type="monophone", tokenizer_hash=monophones.hash)
+
+    main(["teacher-cache", "--manifest", str(manifest), "--units", "monophone",
+          "--oov-policy", "skip", "--teacher", str(tmp_path / "lm"),
+          "--output", str(tmp_path / "cache"), "--k", "4"])
+    assert '"skipped": 1' in capsys.readouterr().out
+    cache = TeacherCache(tmp_path / "cache", vocab_size=40, tokenizer_hash=monophones.hash)
+    assert sorted(cache.index) == ["a1", "a3"]
+    assert cache.length("a1") == len(monophones("turn on the lights"))
+
+    # Units made otherwise than the teacher's (here: with silences) are refused.
+    with pytest.raises(CacheMismatchError, match="tokenizer hash"):
+        main(["teacher-cache", "--manifest", str(manifest), "--units", "monophone",
+              "--oov-policy", "skip", "--silence", "edges", "--teacher", str(tmp_path / "lm"),
+              "--output", str(tmp_path / "cache2"), "--k", "4"])

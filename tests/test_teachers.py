@@ -144,7 +144,7 @@ def test_speechbrain_lm_through_hparams_and_pretrainer(tmp_path):
 
     teacher = SpeechBrainLMTeacher.from_hparams(folder, excluded_units=[1, 2])
     assert teacher.vocab_size == 30 and teacher.bos_index == 1
-    assert teacher.tokenizer_hash == file_sha256(folder / "tokenizer.ckpt")
+    assert teacher.describe()["tokenizer_file_sha256"] == file_sha256(folder / "tokenizer.ckpt")
     ids, lengths = _padded([[5, 9, 7, 12], [8, 15]])
     probs = teacher(ids, lengths, tau=0.5)
 

@@ -292,6 +292,47 @@ def _write_shard(folder, index, shard, teacher, k, tau, batch_size, device, bar)
     _atomic_write_bytes(folder / f"{name}.json", _json_bytes(info))
 
 
+def utterances_from_manifest(manifest, text_units, column="wrd"):
+    """``(ID, unit ids)`` for every row of a SpeechBrain CSV manifest, in manifest order.
+
+    Arguments
+    ---------
+    manifest : str or path
+        CSV with an ``ID`` column and a transcript column.
+    text_units : callable
+        ``text_units(text, utterance_id=...) -> list of int``, e.g.
+        :class:`~sb_crossmodal_kd.teachers.unit_lm.TextUnits`.
+    column : str
+        Transcript column.
+
+    Returns
+    -------
+    utterances : list of (str, list of int)
+    skipped : list of (str, str)
+        Utterances the converter refused (e.g. out-of-vocabulary words under the lexicon's
+        ``skip`` policy) or that gave no units, with the reason.
+    """
+    import csv
+
+    utterances, skipped = [], []
+    with open(manifest, encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        for name in ("ID", column):
+            if name not in (reader.fieldnames or []):
+                raise ValueError(f"{manifest}: no {name!r} column (columns: {reader.fieldnames})")
+        for row in reader:
+            try:
+                units = text_units(row[column], utterance_id=row["ID"])
+            except KeyError as error:  # the lexicon's OutOfVocabularyError is a KeyError
+                skipped.append((row["ID"], str(error)))
+                continue
+            if not units:
+                skipped.append((row["ID"], "no units"))
+                continue
+            utterances.append((row["ID"], units))
+    return utterances, skipped
+
+
 class TeacherCache:
     """Reads a cache built by :func:`build_cache`, memory-mapped, refusing mismatches.
 

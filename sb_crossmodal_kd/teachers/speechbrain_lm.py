@@ -11,8 +11,10 @@ subword LMs use their tokenizer's ids directly (``unit_offset: 0``); this packag
 keep 0 for padding and 1 for the sentence boundary (``unit_offset: 2``,
 :mod:`sb_crossmodal_kd.teachers.unit_lm`). Optional yaml keys read by the loader:
 ``bos_index``, ``unit_offset``, ``n_units``, ``unit_type``, ``tokenizer_hash``,
-``excluded_units``. Without ``tokenizer_hash`` the hash of the collected ``tokenizer`` file is
-used, so a cache records which tokenizer defined its ids.
+``excluded_units``. ``tokenizer_hash`` is what the unit ids were defined with, compared with
+the units' own hash when a cache is built; the SHA-256 of a collected ``tokenizer`` file is
+recorded separately (``describe()["tokenizer_file_sha256"]``), so a cache header still names
+the LM's tokenizer.
 
 Example
 -------
@@ -177,17 +179,24 @@ class SpeechBrainLMTeacher(Teacher):
         vocab_size = kwargs.pop(
             "vocab_size", hparams.get("n_units", output_size(model) - unit_offset)
         )
-        tokenizer_hash = kwargs.pop("tokenizer_hash", hparams.get("tokenizer_hash"))
-        if tokenizer_hash is None and "tokenizer" in paths:
-            tokenizer_hash = file_sha256(paths["tokenizer"])
-        return cls(
+        teacher = cls(
             model,
             vocab_size=vocab_size,
             bos_index=bos_index,
             unit_offset=unit_offset,
             name=kwargs.pop("name", f"speechbrain-lm:{source.resolve()}"),
             unit_type=kwargs.pop("unit_type", hparams.get("unit_type")),
-            tokenizer_hash=tokenizer_hash,
+            tokenizer_hash=kwargs.pop("tokenizer_hash", hparams.get("tokenizer_hash")),
             excluded_units=kwargs.pop("excluded_units", hparams.get("excluded_units", ())),
             **kwargs,
         )
+        if "tokenizer" in paths:
+            teacher.tokenizer_file_sha256 = file_sha256(paths["tokenizer"])
+        return teacher
+
+    def describe(self):
+        """The base description plus the SHA-256 of the LM's own tokenizer file, if any."""
+        description = super().describe()
+        if getattr(self, "tokenizer_file_sha256", None):
+            description["tokenizer_file_sha256"] = self.tokenizer_file_sha256
+        return description

