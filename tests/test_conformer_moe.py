@@ -1,5 +1,7 @@
 """MoE FFNs swapped into SpeechBrain's Conformer and Transformer encoders."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from hyperpyyaml import load_hyperpyyaml
@@ -57,8 +59,7 @@ def test_conformer_with_moe_ffns_trains_on_a_tiny_batch_with_padding():
     optimiser = torch.optim.Adam(params, lr=3e-3)
     losses = []
     for _ in range(30):
-        set_padding_mask(encoder, lengths=lengths)
-        out, _ = encoder(x, src_key_padding_mask=pad)
+        out, _ = encoder(x, src_key_padding_mask=pad)  # the swap's hook passes pad to MoEs
         logits = head(out)[valid]
         loss = torch.nn.functional.cross_entropy(logits, labels[valid])
         aux = moe_auxiliary_loss(encoder)
@@ -73,6 +74,16 @@ def test_conformer_with_moe_ffns_trains_on_a_tiny_batch_with_padding():
     # padding frames never reach the MoE statistics
     assert {s["frames"] for s in stats.values()} == {30.0 * int(valid.sum())}
     assert all(m.experts.w_in.grad is not None for _, m in moe_layers(encoder))
+    assert all(m.padding_context is None for _, m in moe_layers(encoder))  # not left stale
+
+
+def test_padding_from_set_padding_mask_when_the_encoder_gets_no_mask():
+    torch.manual_seed(0)
+    encoder = use_moe_ffn(conformer(1), num_experts=2, top_k=1)
+    x = torch.randn(2, 6, 16)
+    set_padding_mask(encoder, lengths=torch.tensor([1.0, 0.5]))
+    encoder(x)
+    assert {s["frames"] for s in collect_expert_stats(encoder).values()} == {9.0}
 
 
 def test_usable_from_hparams_with_apply():
@@ -106,3 +117,42 @@ def test_bad_settings_name_the_setting():
         use_moe_ffn(conformer(2), num_experts=2, top_k=3)
     with pytest.raises(ValueError, match="no SpeechBrain"):
         use_moe_ffn(torch.nn.Linear(3, 3))
+
+
+def test_project_conformer_ctc_encoder_routes_only_real_frames():
+    from sb_crossmodal_kd.nnet.conformer import ConformerCTCEncoder
+
+    torch.manual_seed(0)
+    encoder = use_moe_ffn(
+        ConformerCTCEncoder(n_mels=20, d_model=16, num_layers=2, nhead=2, d_ffn=32),
+        num_experts=4, top_k=2,
+    )
+    lengths = torch.tensor([1.0, 0.5])
+    out = encoder(torch.randn(2, 41, 20), lengths)  # 41 frames -> 11 after 4x subsampling
+    real = int(torch.round(lengths * out.shape[1]).sum())
+    stats = collect_expert_stats(encoder)
+    assert len(stats) == 4 and {s["frames"] for s in stats.values()} == {float(real)}
+
+
+def test_shared_moe_fragment_configures_an_encoder(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"""
+moe: !include:{root / "hparams" / "moe.yaml"}
+    num_experts: 4
+encoder: !apply:sb_crossmodal_kd.nnet.conformer_moe.use_moe_ffn_settings
+    encoder: !new:speechbrain.lobes.models.transformer.Conformer.ConformerEncoder
+        num_layers: 2
+        d_model: 16
+        d_ffn: 32
+        nhead: 2
+        kernel_size: 3
+        attention_type: regularMHA
+    settings: !ref <moe[ffn]>
+""")
+    with open(recipe) as handle:
+        hparams = load_hyperpyyaml(handle)
+    layers = moe_layers(hparams["encoder"])
+    assert [name for name, _ in layers] == ["layers.1.ffn_module1.1", "layers.1.ffn_module2.1"]
+    assert all(m.num_experts == 4 and m.top_k == 2 for _, m in layers)
+    assert layers[0][1].load_balancing_weight == 0.01

@@ -14,18 +14,57 @@ From hparams::
         top_k: 2
         every: 2
 
-SpeechBrain's layers call their FFN as ``ffn(x)``, without a padding mask, so the Brain
-tells the MoE layers about padding before each forward pass with
-:func:`~sb_crossmodal_kd.nnet.moe.set_padding_mask` (relative lengths work at any frame
-rate), and adds :func:`~sb_crossmodal_kd.nnet.moe.moe_auxiliary_loss` to its objective.
+Padding. SpeechBrain's layers call their FFN as ``ffn(x)``, without a padding mask. The
+swap therefore also hooks the encoder (``ConformerEncoder`` / ``TransformerEncoder``): when
+it is called with ``src_key_padding_mask``, its MoE layers get that mask for the duration of
+the call (:func:`~sb_crossmodal_kd.nnet.moe.padding_mask`). An encoder called without one
+uses whatever the caller set with :func:`~sb_crossmodal_kd.nnet.moe.set_padding_mask`,
+else treats all frames as real. The Brain adds
+:func:`~sb_crossmodal_kd.nnet.moe.moe_auxiliary_loss` to its objective.
 """
 
 import torch
-from speechbrain.lobes.models.transformer.Conformer import ConformerEncoderLayer
-from speechbrain.lobes.models.transformer.Transformer import TransformerEncoderLayer
+from speechbrain.lobes.models.transformer.Conformer import (
+    ConformerEncoder,
+    ConformerEncoderLayer,
+)
+from speechbrain.lobes.models.transformer.Transformer import (
+    TransformerEncoder,
+    TransformerEncoderLayer,
+)
 from speechbrain.nnet.attention import PositionalwiseFeedForward
 
-from sb_crossmodal_kd.nnet.moe import MoE
+from sb_crossmodal_kd.nnet.moe import MoE, moe_layers, set_padding_mask
+
+_HOOKED = "_moe_padding_hooks"
+
+
+def _padding_pre_hook(module, args, kwargs):
+    """Gives the encoder's MoE layers its key padding mask (True on padding) for this call."""
+    pad = kwargs.get("src_key_padding_mask")
+    if pad is None and len(args) > 2:  # forward(src, src_mask, src_key_padding_mask, ...)
+        pad = args[2]
+    module._moe_mask_set = pad is not None
+    if pad is not None:
+        set_padding_mask(module, mask=~pad.bool())
+
+
+def _padding_post_hook(module, args, kwargs, output):
+    """Clears the mask the pre-hook set, so a later call cannot see a stale one."""
+    if getattr(module, "_moe_mask_set", False):
+        set_padding_mask(module)
+        module._moe_mask_set = False
+
+
+def _hook_padding(encoder):
+    for module in encoder.modules():
+        if isinstance(module, ConformerEncoder | TransformerEncoder) and not hasattr(
+            module, _HOOKED
+        ) and moe_layers(module):
+            setattr(module, _HOOKED, (
+                module.register_forward_pre_hook(_padding_pre_hook, with_kwargs=True),
+                module.register_forward_hook(_padding_post_hook, with_kwargs=True),
+            ))
 
 CONFORMER_FFNS = ("both", "first", "second")
 
@@ -182,4 +221,20 @@ def use_moe_ffn(
                     "'regularFFN' PositionalwiseFeedForward can become an MoE"
                 )
             layer.pos_ffn = make(layer.pos_ffn)
+    _hook_padding(encoder)
     return encoder
+
+
+def use_moe_ffn_settings(encoder, settings, **overrides):
+    """:func:`use_moe_ffn` with its arguments from a mapping, e.g. the ``ffn`` block of the
+    shared ``hparams/moe.yaml`` fragment; ``overrides`` win over ``settings``.
+
+    Example
+    -------
+    >>> from speechbrain.lobes.models.transformer.Transformer import TransformerEncoder
+    >>> encoder = TransformerEncoder(num_layers=2, nhead=2, d_ffn=32, d_model=16)
+    >>> encoder = use_moe_ffn_settings(encoder, {"num_experts": 4, "top_k": 2}, every=2)
+    >>> len(moe_layers(encoder))
+    1
+    """
+    return use_moe_ffn(encoder, **{**dict(settings), **overrides})
