@@ -1,0 +1,407 @@
+"""Monophone forced alignment of a real corpus, from a flat start.
+
+No existing aligner or acoustic model is assumed: :class:`PhoneAligner` trains its own small
+frame-level phone classifier on the corpus (audio + lexicon phone sequences) the way HMM
+systems are bootstrapped, and Viterbi-aligns with it:
+
+1. *Flat start*: leading and trailing low-energy frames are labelled silence and the frames
+   between are split evenly over the utterance's phones.
+2. Train the frame classifier (a small 1-D convolutional network over 10 ms log-Mel frames)
+   on the current labels for a few epochs.
+3. Re-align every utterance: Viterbi (:func:`~sb_crossmodal_kd.alignment.viterbi.viterbi_align`)
+   on the classifier's scaled log-likelihoods ``log p(phone | x) - prior_scale * log p(phone)``
+   through the known phone sequence, with a minimum duration per phone and an optional
+   silence at the edges and between words. Every frame is labelled.
+4. Repeat 2-3 for ``iterations`` rounds.
+
+The alignment is made at the 10 ms feature rate and converted to the encoder rate with
+:class:`~sb_crossmodal_kd.alignment.framerate.FrameRate`.
+
+Example
+-------
+>>> from sb_crossmodal_kd.units.lexicon import Lexicon
+>>> lexicon = Lexicon({"hi": [["HH", "AY1"]], "you": [["Y", "UW1"]]})
+>>> aligner = PhoneAligner(lexicon, AlignerSettings(iterations=1, epochs=1))
+>>> result = aligner.align_features(torch.randn(60, 40), "hi you", "u1")
+>>> len(result.feature_positions), [w[0] for w in result.words]
+(60, ['hi', 'you'])
+"""
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from speechbrain.dataio.dataio import read_audio
+from speechbrain.lobes.features import Fbank
+from tqdm import tqdm
+
+from sb_crossmodal_kd.alignment.framerate import FrameRate
+from sb_crossmodal_kd.alignment.viterbi import viterbi_align
+from sb_crossmodal_kd.units.phones import PHONES, SILENCE_INDEX
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AlignerSettings:
+    """Settings of :class:`PhoneAligner` (all recorded with a saved aligner)."""
+
+    n_mels: int = 40
+    hidden: int = 128
+    kernel_size: int = 5
+    layers: int = 3
+    iterations: int = 3
+    epochs: int = 2
+    learning_rate: float = 2e-3
+    chunk_frames: int = 200
+    batch_size: int = 32
+    min_duration: int = 2
+    prior_scale: float = 0.7
+    silence_energy: float = 0.25
+    seed: int = 0
+    frame_rate: FrameRate = field(default_factory=FrameRate)
+
+
+class PhoneClassifier(torch.nn.Module):
+    """Frame-level phone classifier: 1-D convolutions over log-Mel frames.
+
+    Arguments
+    ---------
+    n_mels : int
+        Input feature dimension.
+    n_phones : int
+        Output classes.
+    hidden : int
+        Channels.
+    kernel_size : int
+        Convolution width (frames); the receptive field is ``layers * (kernel_size - 1) + 1``.
+    layers : int
+        Number of convolution layers.
+
+    Example
+    -------
+    >>> model = PhoneClassifier(40, 40)
+    >>> model(torch.randn(2, 50, 40)).shape
+    torch.Size([2, 50, 40])
+    """
+
+    def __init__(self, n_mels, n_phones, hidden=128, kernel_size=5, layers=3):
+        super().__init__()
+        blocks, channels = [], n_mels
+        for _ in range(layers):
+            blocks += [
+                torch.nn.Conv1d(channels, hidden, kernel_size, padding=kernel_size // 2),
+                torch.nn.BatchNorm1d(hidden),
+                torch.nn.ReLU(),
+            ]
+            channels = hidden
+        self.convs = torch.nn.Sequential(*blocks)
+        self.out = torch.nn.Linear(hidden, n_phones)
+
+    def forward(self, features):
+        """``(batch, time, n_mels)`` -> logits ``(batch, time, n_phones)``."""
+        hidden = self.convs(features.transpose(1, 2)).transpose(1, 2)
+        return self.out(hidden)
+
+
+@dataclass
+class PhoneAlignment:
+    """One utterance's forced alignment at the 10 ms feature rate.
+
+    Attributes
+    ----------
+    utterance_id : str
+    phones : list of str
+        The utterance's phone sequence as text gives it (no silence).
+    feature_positions : numpy.ndarray
+        Position in ``phones`` of each feature frame, ``-1`` for silence.
+    feature_labels : numpy.ndarray
+        Phone index (:data:`PHONES`) of each feature frame, ``0`` for silence.
+    words : list of (word, start_s, end_s)
+    phone_segments : list of (phone, start_s, end_s)
+        Including the silences that the alignment kept.
+    """
+
+    utterance_id: str
+    phones: list
+    feature_positions: np.ndarray
+    feature_labels: np.ndarray
+    words: list
+    phone_segments: list
+
+
+class PhoneAligner:
+    """Trains a frame-level phone model on a corpus from a flat start, and aligns with it.
+
+    Arguments
+    ---------
+    lexicon : Lexicon
+        Words to phones (its OOV policy applies; skipped utterances are logged).
+    settings : AlignerSettings
+    """
+
+    def __init__(self, lexicon, settings=None):
+        self.lexicon = lexicon
+        self.settings = settings or AlignerSettings()
+        torch.manual_seed(self.settings.seed)
+        s = self.settings
+        self.fbank = Fbank(n_mels=s.n_mels, sample_rate=s.frame_rate.sample_rate)
+        self.model = PhoneClassifier(s.n_mels, len(PHONES), s.hidden, s.kernel_size, s.layers)
+        self.log_prior = torch.full((len(PHONES),), -math.log(len(PHONES)))
+        self.model.eval()
+
+    # ---------------------------------------------------------------- features
+    def features(self, waveform):
+        """Mean- and variance-normalised log-Mel frames ``(T, n_mels)`` of a 1-D waveform."""
+        with torch.no_grad():
+            feats = self.fbank(waveform.reshape(1, -1))[0]
+        return (feats - feats.mean(0)) / (feats.std(0) + 1e-5)
+
+    def _token_sequence(self, words, utterance_id):
+        """Phones with optional silences at the edges and between words, and word spans."""
+        per_word = self.lexicon.word_phones(words, utterance_id)
+        tokens, optional, word_of, text_pos = [SILENCE_INDEX], [True], [-1], [-1]
+        position = 0
+        for w, phones in enumerate(per_word):
+            if w > 0:
+                tokens.append(SILENCE_INDEX)
+                optional.append(True)
+                word_of.append(-1)
+                text_pos.append(-1)
+            for p in phones:
+                tokens.append(PHONES.index(p))
+                optional.append(False)
+                word_of.append(w)
+                text_pos.append(position)
+                position += 1
+        tokens.append(SILENCE_INDEX)
+        optional.append(True)
+        word_of.append(-1)
+        text_pos.append(-1)
+        phones = [p for ph in per_word for p in ph]
+        return tokens, optional, word_of, text_pos, phones
+
+    # ---------------------------------------------------------------- flat start
+    def _flat_start(self, feats, tokens, optional):
+        """Energy-based edge silences and an even split of the rest over the phones."""
+        energy = feats.mean(1)
+        lo, hi = float(energy.min()), float(energy.max())
+        speech = torch.nonzero(energy > lo + self.settings.silence_energy * (hi - lo)).flatten()
+        n = feats.shape[0]
+        start, end = (int(speech[0]), int(speech[-1]) + 1) if len(speech) else (0, n)
+        phones = [k for k, opt in enumerate(optional) if not opt]
+        if end - start < len(phones):
+            start, end = 0, n
+        labels = np.full(n, SILENCE_INDEX, dtype=np.int64)
+        bounds = np.linspace(start, end, len(phones) + 1).round().astype(int)
+        for k, a, b in zip(phones, bounds[:-1], bounds[1:], strict=True):
+            labels[a:b] = tokens[k]
+        return labels
+
+    # ---------------------------------------------------------------- training
+    def _train_epochs(self, feats_list, labels_list, epochs, progress):
+        s = self.settings
+        feats = torch.cat(feats_list)
+        labels = torch.as_tensor(np.concatenate(labels_list))
+        counts = torch.bincount(labels, minlength=len(PHONES)).float() + 1.0
+        self.log_prior = (counts / counts.sum()).log()
+        n_chunks = max(1, feats.shape[0] // s.chunk_frames)
+        feats = feats[: n_chunks * s.chunk_frames].reshape(n_chunks, s.chunk_frames, -1)
+        labels = labels[: n_chunks * s.chunk_frames].reshape(n_chunks, s.chunk_frames)
+        optimiser = torch.optim.Adam(self.model.parameters(), lr=s.learning_rate)
+        gen = torch.Generator().manual_seed(s.seed)
+        self.model.train()
+        loss = torch.tensor(0.0)
+        for _ in tqdm(range(epochs), desc="phone model epochs", disable=not progress, leave=False):
+            order = torch.randperm(n_chunks, generator=gen)
+            for i in range(0, n_chunks, s.batch_size):
+                idx = order[i : i + s.batch_size]
+                logits = self.model(feats[idx])
+                loss = torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), labels[idx].reshape(-1)
+                )
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+        self.model.eval()
+        return float(loss.detach())
+
+    def train(self, utterances, progress=True):
+        """Flat start, then ``iterations`` rounds of (train the phone model, re-align).
+
+        Arguments
+        ---------
+        utterances : list of (utterance_id, waveform or wav path, text)
+        progress : bool
+            Show progress bars.
+
+        Returns
+        -------
+        dict
+            ``{"utterances": n used, "skipped": [(id, reason)], "frames": ...,
+            "losses": [...], "seconds": ...}``.
+        """
+        start_time = time.time()
+        items, skipped = [], []
+        for utt_id, audio, text in tqdm(utterances, desc="features", disable=not progress):
+            try:
+                seq = self._token_sequence(text, utt_id)
+            except KeyError as error:
+                skipped.append((utt_id, str(error)))
+                logger.warning("Skipping utterance %s: %s", utt_id, error)
+                continue
+            wav = read_audio(audio) if isinstance(audio, str) else audio
+            feats = self.features(wav)
+            if feats.shape[0] < self.settings.min_duration * len(seq[4]):
+                skipped.append((utt_id, "too short for its phone sequence"))
+                continue
+            items.append((utt_id, feats, seq))
+        if not items:
+            raise ValueError("PhoneAligner.train: no usable utterances")
+        feats_list = [f for _, f, _ in items]
+        labels_list = [self._flat_start(f, seq[0], seq[1]) for _, f, seq in items]
+        losses = []
+        for it in range(self.settings.iterations):
+            losses.append(self._train_epochs(feats_list, labels_list, self.settings.epochs, progress))
+            realigned = []
+            for (utt_id, feats, seq), old in tqdm(
+                list(zip(items, labels_list, strict=True)),
+                desc=f"realign {it + 1}/{self.settings.iterations}",
+                disable=not progress,
+            ):
+                path = self._viterbi(feats, seq, utt_id)
+                realigned.append(np.asarray(seq[0])[path.numpy()] if path is not None else old)
+            labels_list = realigned
+        return {
+            "utterances": len(items),
+            "skipped": skipped,
+            "frames": int(sum(f.shape[0] for f in feats_list)),
+            "losses": losses,
+            "seconds": time.time() - start_time,
+        }
+
+    # ---------------------------------------------------------------- alignment
+    def log_likelihoods(self, feats):
+        """Scaled log-likelihoods ``(T, n_phones)`` of normalised features ``(T, n_mels)``."""
+        with torch.no_grad():
+            log_post = self.model(feats.unsqueeze(0))[0].log_softmax(-1)
+        return log_post - self.settings.prior_scale * self.log_prior
+
+    def _viterbi(self, feats, seq, utt_id):
+        tokens, optional = seq[0], seq[1]
+        return viterbi_align(
+            self.log_likelihoods(feats),
+            tokens,
+            min_duration=self.settings.min_duration,
+            optional=optional,
+            utterance_id=utt_id,
+        )
+
+    def align_features(self, feats, words, utterance_id):
+        """Aligns normalised features ``(T, n_mels)`` (see :meth:`features`) to ``words``."""
+        seq = self._token_sequence(words, utterance_id)
+        tokens, _, word_of, text_pos, phones = seq
+        path = self._viterbi(feats, seq, utterance_id).numpy()
+        shift = self.settings.frame_rate.feature_shift_s
+        tokens_arr, text_pos_arr = np.asarray(tokens), np.asarray(text_pos)
+        positions = text_pos_arr[path]
+        labels = tokens_arr[path]
+        # Segments: runs of one token position; frame j spans [(j - 0.5) * shift, (j + 0.5) * shift)
+        # since Fbank frames are centred on j * shift; clip at 0.
+        change = np.flatnonzero(np.diff(path)) + 1
+        starts = np.concatenate([[0], change])
+        ends = np.concatenate([change, [len(path)]])
+        phone_segments, word_spans = [], {}
+        word_list = words.split() if isinstance(words, str) else list(words)
+        for a, b in zip(starts, ends, strict=True):
+            k = int(path[a])
+            t0, t1 = max(0.0, (a - 0.5) * shift), (b - 0.5) * shift
+            phone_segments.append((PHONES[tokens[k]], round(t0, 4), round(t1, 4)))
+            w = word_of[k]
+            if w >= 0:
+                s0, s1 = word_spans.get(w, (t0, t1))
+                word_spans[w] = (min(s0, t0), max(s1, t1))
+        word_segments = [
+            (word_list[w], round(word_spans[w][0], 4), round(word_spans[w][1], 4))
+            for w in sorted(word_spans)
+        ]
+        return PhoneAlignment(
+            utterance_id, phones, positions.astype(np.int32), labels.astype(np.int32),
+            word_segments, phone_segments,
+        )
+
+    def align(self, audio, words, utterance_id):
+        """Aligns a waveform (1-D tensor) or wav path to ``words``."""
+        wav = read_audio(audio) if isinstance(audio, str) else audio
+        return self.align_features(self.features(wav), words, utterance_id)
+
+    # ---------------------------------------------------------------- persistence
+    def state(self):
+        """Everything needed to rebuild the aligner (for ``torch.save``)."""
+        settings = asdict(self.settings)
+        settings["frame_rate"] = asdict(self.settings.frame_rate)
+        return {
+            "settings": settings,
+            "model": self.model.state_dict(),
+            "log_prior": self.log_prior,
+            "lexicon": self.lexicon.hash,
+        }
+
+    def save(self, path):
+        """Saves the trained aligner (atomically)."""
+        from sb_crossmodal_kd.io import atomic_path
+
+        with atomic_path(path) as tmp:
+            torch.save(self.state(), tmp)
+
+    @classmethod
+    def load(cls, path, lexicon):
+        """Loads an aligner saved with :meth:`save`; refuses another lexicon."""
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state["lexicon"] != lexicon.hash:
+            raise ValueError(
+                f"{path}: aligner trained with lexicon {state['lexicon']}, not "
+                f"{lexicon.hash}; retrain it with this lexicon"
+            )
+        settings = dict(state["settings"])
+        settings["frame_rate"] = FrameRate(**{
+            k: tuple(v) if isinstance(v, list) else v for k, v in settings["frame_rate"].items()
+        })
+        aligner = cls(lexicon, AlignerSettings(**settings))
+        aligner.model.load_state_dict(state["model"])
+        aligner.log_prior = state["log_prior"]
+        return aligner
+
+
+def boundary_errors(reference_words, hypothesis_words):
+    """Absolute word start and end differences (seconds) between two word alignments.
+
+    ``hypothesis_words`` has one entry per transcript word. A reference entry may hold several
+    words (a synthesiser that speaks "in the" as one unit reports one span for both): it is
+    compared with the span from its first word's start to its last word's end.
+
+    Example
+    -------
+    >>> ref = [("a", 0.1, 0.3), ("b c", 0.3, 0.5)]
+    >>> hyp = [("a", 0.12, 0.3), ("b", 0.3, 0.4), ("c", 0.4, 0.45)]
+    >>> boundary_errors(ref, hyp)
+    [0.02, 0.0, 0.0, 0.05]
+    """
+    errors, i = [], 0
+    for text, r0, r1 in reference_words:
+        n = len(text.split())
+        group = hypothesis_words[i : i + n]
+        if [w[0] for w in group] != text.split():
+            raise ValueError(
+                f"boundary_errors: reference word(s) {text!r} do not match the aligned words "
+                f"{[w[0] for w in group]}"
+            )
+        h0, h1 = group[0][1], group[-1][2]
+        errors += [round(abs(r0 - h0), 6), round(abs(r1 - h1), 6)]
+        i += n
+    if i != len(hypothesis_words):
+        raise ValueError("boundary_errors: the aligned words outnumber the reference words")
+    return errors

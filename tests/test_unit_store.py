@@ -1,0 +1,157 @@
+"""Unit store and pipelines: round trip, refused mismatches, length checks, unit streams."""
+
+import numpy as np
+import pytest
+import soundfile
+import speechbrain as sb
+import torch
+
+from sb_crossmodal_kd.alignment.framerate import AlignmentLengthError, FrameRate
+from sb_crossmodal_kd.alignment.units import unit_streams
+from sb_crossmodal_kd.units.lexicon import Lexicon
+from sb_crossmodal_kd.units.phones import PHONES
+from sb_crossmodal_kd.units.pipeline import add_unit_pipelines, unit_collate
+from sb_crossmodal_kd.units.senones import SenoneTree, TriphoneStats
+from sb_crossmodal_kd.units.store import UnitStore, UnitStoreMismatchError, UnitStoreWriter
+from sb_crossmodal_kd.units.subwords import SentencePieceUnits
+
+LEXICON = {
+    "turn": [["T", "ER1", "N"]], "on": [["AA1", "N"]], "the": [["DH", "AH0"]],
+    "lights": [["L", "AY1", "T", "S"]], "off": [["AO1", "F"]], "oven": [["AH1", "V", "AH0", "N"]],
+}
+TEXTS = ["turn on the lights", "turn off the oven", "turn the lights off", "turn on the oven"]
+
+
+@pytest.fixture(scope="module")
+def units(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("units")
+    (folder / "text.txt").write_text("\n".join(TEXTS * 10) + "\n")
+    tokenizer = SentencePieceUnits(str(folder / "spm"), 20, text_file=str(folder / "text.txt"))
+    lexicon = Lexicon(LEXICON)
+    gen = torch.Generator().manual_seed(0)
+    stats = TriphoneStats(dim=3)
+    for text in TEXTS:
+        phones = lexicon.phones(text)
+        labels = np.repeat(np.arange(len(phones)), 6)
+        stats.add(phones, labels, torch.randn(len(labels), 3, generator=gen))
+    tree = SenoneTree.build(stats, max_leaves=300, min_count=5, min_gain=5.0)
+    return folder, lexicon, tokenizer, tree
+
+
+def _utterance(lexicon, text, seconds=1.0):
+    """A plausible 10 ms alignment: 0.1 s silence, phones evenly over the speech, silence."""
+    rate = FrameRate()
+    phones = lexicon.phone_ids(text)
+    n_feat = rate.feature_frames(int(seconds * rate.sample_rate))
+    positions = np.full(n_feat, -1)
+    bounds = np.linspace(10, n_feat - 10, len(phones) + 1).round().astype(int)
+    words, k = [], 0
+    for w in text.split():
+        n = len(lexicon.pronounce(w))
+        words.append((w, bounds[k] * 0.01, bounds[k + n] * 0.01))
+        k += n
+    for k in range(len(phones)):
+        positions[bounds[k] : bounds[k + 1]] = k
+    return phones, positions, words
+
+
+def _header(lexicon, tokenizer, tree):
+    return {"lexicon": lexicon.hash, "tokenizer": tokenizer.hash, "tree": tree.hash}
+
+
+def test_unit_streams_are_consistent(units):
+    _, lexicon, tokenizer, tree = units
+    rate = FrameRate()
+    phones, positions, words = _utterance(lexicon, TEXTS[0])
+    n_enc = rate.frames_for_samples(16000)
+    s = unit_streams(phones, positions, n_enc, rate, tree, tokenizer, TEXTS[0], words)
+    for unit in ("phones", "senones", "subwords"):
+        f2p = s[f"{unit}.frame_to_position"]
+        assert len(f2p) == n_enc and len(s[f"{unit}.frame_labels"]) == n_enc
+        assert f2p.max() < len(s[f"{unit}.units"]) and f2p.min() >= -1
+        inside = f2p >= 0
+        # Positions move forward in time, and labels are the units at those positions.
+        assert (np.diff(f2p[inside]) >= 0).all()
+        assert (s[f"{unit}.frame_labels"][inside] == s[f"{unit}.units"][f2p[inside]]).all()
+    assert s["phones.units"].tolist() == lexicon.phone_ids(TEXTS[0])
+    assert s["senones.units"].tolist() == tree.senones(lexicon.phones(TEXTS[0]))
+    assert s["subwords.units"].tolist() == tokenizer.encode(TEXTS[0])
+    # Silence frames: no phone position, the silence phone and silence-state senones.
+    assert s["phones.frame_to_position"][0] == -1 and s["phones.frame_labels"][0] == 0
+    assert s["senones.frame_labels"][0] in (0, 1, 2)
+    assert s["subwords.frame_to_position"][0] == -1
+    # Every subword of a word is reached by some frame (the words are long enough).
+    assert set(s["subwords.frame_to_position"][s["subwords.frame_to_position"] >= 0]) == set(
+        range(len(s["subwords.units"]))
+    )
+
+
+def test_store_round_trip_and_mismatch_refused(units, tmp_path):
+    folder, lexicon, tokenizer, tree = units
+    rate = FrameRate()
+    path = tmp_path / "train.units"
+    records = {}
+    with UnitStoreWriter(path, _header(lexicon, tokenizer, tree)) as writer:
+        for i, text in enumerate(TEXTS):
+            phones, positions, words = _utterance(lexicon, text)
+            records[f"u{i}"] = unit_streams(
+                phones, positions, rate.frames_for_samples(16000), rate, tree, tokenizer, text,
+                words,
+            )
+            writer.add(f"u{i}", records[f"u{i}"])
+    store = UnitStore(path, expect=_header(lexicon, tokenizer, tree))
+    assert store.ids() == ["u0", "u1", "u2", "u3"]
+    for utt, streams in records.items():
+        got = store[utt]
+        assert set(got) == set(streams)
+        for name in streams:
+            assert got[name].tolist() == streams[name].tolist()
+    with pytest.raises(KeyError, match="'nope'"):
+        store["nope"]
+
+    other_lexicon = Lexicon(dict(LEXICON, on=[["AO1", "N"]]))
+    with pytest.raises(UnitStoreMismatchError, match="lexicon"):
+        UnitStore(path, expect=_header(other_lexicon, tokenizer, tree))
+    other_tok = SentencePieceUnits(str(folder / "spm"), 18, text_file=str(folder / "text.txt"))
+    with pytest.raises(UnitStoreMismatchError, match="tokenizer 'spm:"):
+        UnitStore(path, expect=_header(lexicon, other_tok, tree))
+    stats = TriphoneStats(dim=3)
+    stats.add(["T", "ER"], [0, 0, 0, 1, 1, 1], np.zeros((6, 3)))
+    other_tree = SenoneTree.build(stats, max_leaves=200)
+    with pytest.raises(UnitStoreMismatchError, match="tree 'tree:") as info:
+        UnitStore(path, expect=_header(lexicon, tokenizer, other_tree))
+    assert "built with lexicon" not in str(info.value)  # only the real mismatch is named
+
+
+def test_pipeline_pads_with_minus_one_and_refuses_wrong_lengths(units, tmp_path):
+    _, lexicon, tokenizer, tree = units
+    rate = FrameRate()
+    data, seconds = {}, {"a": 1.0, "b": 0.6, "bad": 0.5}
+    path = tmp_path / "valid.units"
+    with UnitStoreWriter(path, _header(lexicon, tokenizer, tree)) as writer:
+        for utt, dur in seconds.items():
+            wav = tmp_path / f"{utt}.wav"
+            n = int(dur * 16000)
+            soundfile.write(wav, np.zeros(n), 16000)
+            data[utt] = {"wav": str(wav)}
+            text = TEXTS[1]
+            phones, positions, words = _utterance(lexicon, text, seconds=dur)
+            # "bad" claims 1.0 s of alignment for 0.5 s of audio.
+            n_enc = rate.frames_for_samples(16000 if utt == "bad" else n)
+            writer.add(utt, unit_streams(phones, positions, n_enc, rate, tree, tokenizer, text, words))
+    dataset = sb.dataio.dataset.DynamicItemDataset(data)
+    add_unit_pipelines([dataset], [path], expect=_header(lexicon, tokenizer, tree))
+    dataset.set_output_keys(["id", "phones_units", "phones_frame_to_position",
+                             "senones_frame_labels", "subwords_frame_to_position"])
+    batch = unit_collate(["phones", "senones", "subwords"])([dataset[0], dataset[1]])
+    n_a, n_b = rate.frames_for_samples(16000), rate.frames_for_samples(9600)
+    f2p = batch.phones_frame_to_position.data
+    assert f2p.shape == (2, n_a)
+    assert (f2p[1, n_b:] == -1).all() and (f2p[1, :n_b] >= 0).any()
+    assert batch.phones_units.data[0].tolist() == lexicon.phone_ids(TEXTS[1])
+    assert (batch.subwords_frame_to_position.data[1, n_b:] == -1).all()
+    with pytest.raises(AlignmentLengthError, match="'bad'.*26 frames.*has 13 \\(longer by 13"):
+        dataset[2]
+    with pytest.raises(UnitStoreMismatchError, match="lexicon"):
+        add_unit_pipelines([dataset], [path], expect={"lexicon": "cmudict:x"})
+    assert PHONES[batch.phones_units.data[0][0]] == "T"
