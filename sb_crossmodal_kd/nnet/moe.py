@@ -58,13 +58,16 @@ def _grouped_mm_usable(x, weight):
 
 def _loop_grouped_mm(x, weight, offsets):
     """Reference-speed fallback: one matmul per expert on its contiguous slice of ``x``."""
-    out = x.new_zeros(x.shape[0], weight.shape[-1])
+    pieces = []
     start = 0
     for i, end in enumerate(offsets.tolist()):  # one device sync for all experts
         if end > start:
-            out[start:end] = x[start:end] @ weight[i]
+            pieces.append(x[start:end] @ weight[i])
         start = end
-    return out
+    if start < x.shape[0]:  # rows of no expert (padding, dropped): zeros
+        pieces.append(x.new_zeros(x.shape[0] - start, weight.shape[-1]))
+    # cat, not slice assignment: its backward hands each slice its gradient without copies
+    return torch.cat(pieces) if pieces else x.new_zeros(0, weight.shape[-1])
 
 
 def grouped_matmul(x, weight, offsets, kernel="auto"):
