@@ -752,7 +752,7 @@ class MoE(nn.Module):
             n_valid = valid.sum()
             capacity = torch.ceil(self.capacity_factor * k * n_valid / n)
             over = (position >= capacity) & (expert_ids < n)
-            dropped = torch.bincount(expert_ids[over], minlength=n + 1)[:n]
+            dropped = torch.bincount(torch.where(over, expert_ids, n), minlength=n + 1)[:n]
             expert_ids = torch.where(over, n, expert_ids)
         routed = torch.bincount(expert_ids, minlength=n + 1)[:n]
         offsets = routed.cumsum(0).to(torch.int32)
@@ -780,9 +780,8 @@ class MoE(nn.Module):
         loss = logits.new_zeros(())
         if self.load_balancing_weight > 0:
             if routed is None:  # dense gating: fraction of frames whose argmax is expert i
-                routed = torch.bincount(
-                    assignment[valid], minlength=self.num_experts
-                ).float()
+                n = self.num_experts
+                routed = torch.bincount(torch.where(valid, assignment, n), minlength=n + 1)[:n]
             fraction = routed.float() / routed.sum().clamp_min(1.0)
             mean_prob = (probs * validf.unsqueeze(-1)).sum(0) / n_valid
             loss = loss + self.load_balancing_weight * self.num_experts * (fraction * mean_prob).sum()
