@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ["corpus", "demo", "teacher-cache"]
+SUBCOMMANDS = ["corpus", "demo", "teacher-cache", "align", "build-tree", "export-units"]
 
 
 def build_parser():

@@ -1,0 +1,211 @@
+"""Corpus-level steps on SpeechBrain CSV manifests: align, build the senone tree, export units.
+
+These are the library functions behind ``sbkd align``, ``sbkd build-tree`` and
+``sbkd export-units``; each reads and writes files with a header naming what they were built
+from.
+
+- :func:`align_manifest`: monophone forced alignment of every utterance of a manifest with a
+  trained :class:`~sb_crossmodal_kd.alignment.forced.PhoneAligner`; OOV utterances are skipped
+  (``"skip"`` policy) with the reason recorded. :func:`save_alignments` /
+  :func:`load_alignments` keep them as JSON (10 ms phone positions, word and phone times).
+- :func:`tree_statistics`: single-Gaussian statistics of each triphone state's frames
+  (the aligner's normalised log-Mel features) for :meth:`SenoneTree.build`.
+- :func:`export_units`: one :class:`~sb_crossmodal_kd.units.store.UnitStore` per split with
+  phone, senone and subword sequences and their encoder-frame alignments.
+"""
+
+import csv
+import json
+import logging
+import time
+
+import numpy as np
+from speechbrain.dataio.dataio import read_audio
+from tqdm import tqdm
+
+from sb_crossmodal_kd.alignment.framerate import FrameRate, fit_to_length
+from sb_crossmodal_kd.alignment.units import unit_streams
+from sb_crossmodal_kd.alignment.viterbi import AlignmentError
+from sb_crossmodal_kd.io import atomic_write_text
+from sb_crossmodal_kd.units.lexicon import OutOfVocabularyError
+from sb_crossmodal_kd.units.phones import PHONES
+from sb_crossmodal_kd.units.senones import TriphoneStats
+from sb_crossmodal_kd.units.store import UnitStoreWriter
+
+logger = logging.getLogger(__name__)
+
+ALIGNMENTS_FORMAT = "sbkd-phone-alignments-1"
+
+
+def read_manifest(path, text_key="wrd"):
+    """Rows of a SpeechBrain CSV manifest as dicts; checks the columns needed here."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = {"ID", "wav", text_key} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{path}: manifest lacks the column(s) {sorted(missing)}")
+        return list(reader)
+
+
+def align_manifest(aligner, rows, text_key="wrd", progress=True):
+    """Aligns every row of a manifest.
+
+    Returns
+    -------
+    alignments : dict
+        ID -> :class:`~sb_crossmodal_kd.alignment.forced.PhoneAlignment`.
+    report : dict
+        ``{"utterances", "aligned", "skipped": [(id, reason)], "audio_s", "seconds",
+        "audio_s_per_s"}``.
+    """
+    alignments, skipped, audio_s = {}, [], 0.0
+    start = time.time()
+    for row in tqdm(rows, desc="align", disable=not progress):
+        utt = row["ID"]
+        try:
+            wav = read_audio(row["wav"])
+            audio_s += len(wav) / aligner.settings.frame_rate.sample_rate
+            alignments[utt] = aligner.align(wav, row[text_key], utt)
+        except (OutOfVocabularyError, AlignmentError) as error:
+            skipped.append((utt, str(error)))
+            logger.warning("Skipping utterance %s: %s", utt, error)
+    seconds = time.time() - start
+    report = {
+        "utterances": len(rows),
+        "aligned": len(alignments),
+        "skipped": skipped,
+        "audio_s": round(audio_s, 2),
+        "seconds": round(seconds, 2),
+        "audio_s_per_s": round(audio_s / max(seconds, 1e-9), 2),
+    }
+    return alignments, report
+
+
+def save_alignments(path, alignments, header):
+    """Writes phone alignments as JSON with ``header`` (lexicon hash, aligner settings)."""
+    payload = {
+        "format": ALIGNMENTS_FORMAT,
+        "header": header,
+        "utterances": {
+            utt: {
+                "phones": a.phones,
+                "feature_positions": a.feature_positions.tolist(),
+                "words": [list(w) for w in a.words],
+                "phone_segments": [list(p) for p in a.phone_segments],
+            }
+            for utt, a in alignments.items()
+        },
+    }
+    atomic_write_text(path, json.dumps(payload) + "\n")
+
+
+def load_alignments(path, lexicon_hash=None):
+    """Reads :func:`save_alignments` output; refuses alignments made with another lexicon."""
+    with open(path, encoding="utf-8") as f:
+        payload = json.load(f)
+    if payload.get("format") != ALIGNMENTS_FORMAT:
+        raise ValueError(f"{path}: not a phone alignment file written by `sbkd align`")
+    found = payload["header"].get("lexicon")
+    if lexicon_hash is not None and found != lexicon_hash:
+        raise ValueError(
+            f"{path}: aligned with lexicon {found!r}, but {lexicon_hash!r} is in use; "
+            "re-run `sbkd align` with this lexicon"
+        )
+    return payload["header"], payload["utterances"]
+
+
+def tree_statistics(alignments, rows, features, progress=True):
+    """Triphone-state statistics of a corpus.
+
+    Arguments
+    ---------
+    alignments : dict
+        ID -> alignment record from :func:`load_alignments` (``phones``, ``feature_positions``).
+    rows : list of dict
+        Manifest rows (``ID``, ``wav``).
+    features : callable
+        Waveform -> ``(T, D)`` features at the alignment's 10 ms rate
+        (e.g. ``PhoneAligner.features``).
+    """
+    stats = None
+    for row in tqdm(rows, desc="tree statistics", disable=not progress):
+        record = alignments.get(row["ID"])
+        if record is None:
+            continue
+        feats = features(read_audio(row["wav"]))
+        positions = fit_to_length(
+            np.asarray(record["feature_positions"]), feats.shape[0], 2, row["ID"], fill=-1
+        )
+        if stats is None:
+            stats = TriphoneStats(dim=feats.shape[1])
+        stats.add(record["phones"], positions, feats)
+    if stats is None:
+        raise ValueError("tree_statistics: no manifest row has an alignment")
+    return stats
+
+
+def export_units(
+    path,
+    alignments,
+    rows,
+    lexicon_hash,
+    tree=None,
+    tokenizer=None,
+    frame_rate=None,
+    mode="majority",
+    text_key="wrd",
+    progress=True,
+):
+    """Writes one split's unit store from its phone alignments.
+
+    Every encoder-frame stream is sized from the audio file's real length
+    (``FrameRate.frames_for_samples``), so it matches the encoder output.
+
+    Returns
+    -------
+    dict
+        ``{"utterances": written, "missing": [IDs without an alignment]}``.
+    """
+    import soundfile
+
+    frame_rate = frame_rate or FrameRate()
+    header = {
+        "lexicon": lexicon_hash,
+        "tokenizer": tokenizer.hash if tokenizer is not None else None,
+        "tree": tree.hash if tree is not None else None,
+        "frame_rate": {
+            "sample_rate": frame_rate.sample_rate,
+            "hop_length_ms": frame_rate.hop_length_ms,
+            "strides": list(frame_rate.strides),
+            "kernel_sizes": list(frame_rate.kernel_sizes),
+        },
+        "meta": {"mode": mode},
+    }
+    missing = []
+    with UnitStoreWriter(path, header) as writer:
+        for row in tqdm(rows, desc=f"export {path}", disable=not progress):
+            record = alignments.get(row["ID"])
+            if record is None:
+                missing.append(row["ID"])
+                continue
+            n_samples = soundfile.info(row["wav"]).frames
+            n_frames = frame_rate.frames_for_samples(n_samples)
+            positions = fit_to_length(
+                np.asarray(record["feature_positions"]),
+                frame_rate.feature_frames(n_samples), 2, row["ID"], fill=-1,
+            )
+            streams = unit_streams(
+                [PHONES.index(p) for p in record["phones"]],
+                positions,
+                n_frames,
+                frame_rate,
+                tree=tree,
+                tokenizer=tokenizer,
+                text=row[text_key],
+                word_times=[tuple(w) for w in record["words"]],
+                mode=mode,
+            )
+            writer.add(row["ID"], streams)
+    if missing:
+        logger.warning("%d utterances of %s have no alignment (skipped)", len(missing), path)
+    return {"utterances": len(rows) - len(missing), "missing": missing}
