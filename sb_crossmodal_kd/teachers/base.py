@@ -244,7 +244,8 @@ class Teacher(torch.nn.Module):
         self.unit_type = unit_type
         self.tokenizer_hash = tokenizer_hash
         excluded = torch.zeros(self.vocab_size, dtype=torch.bool)
-        excluded[list(excluded_units)] = True
+        # Special tokens past the unit range (e.g. added tokens) are already outside it.
+        excluded[[int(u) for u in excluded_units if 0 <= int(u) < self.vocab_size]] = True
         self.register_buffer("excluded", excluded, persistent=False)
 
     def train(self, mode=True):
