@@ -6,8 +6,8 @@ Each token ``k`` of the sequence (a phone) becomes a left-to-right chain of
 entirely. Every frame gets the position of exactly one token: a full segmentation.
 
 The recursion runs over frames in Python and is vectorised over all states of the sequence
-(one ``max`` over three candidate predecessors per frame), so an utterance of ``T`` frames and
-``S`` states costs ``O(T * S)`` tensor work in ``T`` small steps.
+(one ``argmax`` over three candidate predecessors per frame, in numpy on the CPU), so an
+utterance of ``T`` frames and ``S`` states costs ``O(T * S)`` array work in ``T`` small steps.
 
 Example
 -------
@@ -21,6 +21,7 @@ Example
 [0, 0, 0, 2, 2, 2]
 """
 
+import numpy as np
 import torch
 
 
@@ -88,43 +89,43 @@ def viterbi_align(log_probs, tokens, min_duration=1, optional=None, utterance_id
         skip_into[first[k[ok]]] = True
         skip_from[first[k[ok]]] = last[k[ok] - 2]
 
-    neg = torch.finfo(log_probs.dtype).min / 4
-    emit = log_probs.index_select(1, tokens[state_token])  # (T, S)
-
-    score = torch.full((n_states,), neg, dtype=log_probs.dtype, device=device)
+    # The recursion runs in numpy on the CPU: T small steps over S states are much cheaper
+    # there than as T rounds of tiny device kernels.
+    emit = log_probs.detach().index_select(1, tokens[state_token]).double().cpu().numpy()
+    is_last_np = is_last.cpu().numpy()
+    skip_into_np = skip_into.cpu().numpy()
+    skip_from_np = skip_from.clamp(min=0).cpu().numpy()
+    neg = -1e30
+    score = np.full(n_states, neg)
     score[0] = emit[0, 0]
-    if opt[0] and n_tokens > 1:
-        score[first[1]] = emit[0, first[1]]
-    back = torch.zeros(n_frames, n_states, dtype=torch.int8, device=device)  # 0 stay 1 next 2 skip
-    safe_skip = skip_from.clamp(min=0)
+    if bool(opt[0]) and n_tokens > 1:
+        start = int(first[1])
+        score[start] = emit[0, start]
+    back = np.zeros((n_frames, n_states), dtype=np.int8)  # 0 stay, 1 advance, 2 skip
+    candidates = np.empty((3, n_states))
     for t in range(1, n_frames):
-        stay = torch.where(is_last, score, neg)
-        advance = torch.cat([score.new_full((1,), neg), score[:-1]])
-        skip = torch.where(skip_into, score[safe_skip], neg)
-        candidates = torch.stack([stay, advance, skip])
-        best, choice = candidates.max(0)
-        score = best + emit[t]
-        back[t] = choice.to(torch.int8)
+        candidates[0] = np.where(is_last_np, score, neg)
+        candidates[1, 0] = neg
+        candidates[1, 1:] = score[:-1]
+        candidates[2] = np.where(skip_into_np, score[skip_from_np], neg)
+        choice = candidates.argmax(0)
+        back[t] = choice
+        score = candidates[choice, np.arange(n_states)] + emit[t]
 
     end_states = [int(last[-1])]
-    if opt[-1] and n_tokens > 1:
+    if bool(opt[-1]) and n_tokens > 1:
         end_states.append(int(last[-2]))
     end_scores = score[end_states]
-    state = end_states[int(end_scores.argmax())]
-    if float(end_scores.max()) <= neg / 2:
+    if end_scores.max() <= neg / 2:
         raise AlignmentError(f"{where}no path through all tokens in {n_frames} frames")
+    state = end_states[int(end_scores.argmax())]
 
-    # Backtrack on the CPU: T scalar steps over a small int8 table.
-    back_cpu = back.cpu()
-    skip_from_cpu = skip_from.cpu().tolist()
-    path = [0] * n_frames
+    path = np.empty(n_frames, dtype=np.int64)
     for t in range(n_frames - 1, -1, -1):
         path[t] = state
-        if t == 0:
-            break
-        move = int(back_cpu[t, state])
-        state = state if move == 0 else state - 1 if move == 1 else skip_from_cpu[state]
-    return state_token[torch.tensor(path, device=device)]
+        move = back[t, state]
+        state = state if move == 0 else state - 1 if move == 1 else int(skip_from_np[state])
+    return state_token[torch.from_numpy(path).to(device)]
 
 
 def segments(positions):
