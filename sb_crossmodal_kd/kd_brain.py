@@ -21,7 +21,9 @@ Distillation is a training objective: on valid and test the Brain runs the main 
 exactly the inference model.
 
 Batch fields, per unit type ``u`` that a head or label interpolation uses (the units and
-alignment pipeline and :func:`teacher_items` provide them):
+alignment pipeline and :func:`teacher_items` provide them). The prefix is ``u`` itself, else
+the units pipeline's name for it (``monophone`` -> ``phones``, ``senone`` -> ``senones``,
+``subword`` -> ``subwords``), or what ``hparams["unit_fields"][u]`` says:
 
 - ``{u}_units``: LongTensor ``[K]`` per utterance, the unit sequence;
 - ``{u}_frame_to_position``: LongTensor ``[T']`` per utterance at the encoder frame rate,
@@ -50,6 +52,10 @@ from sb_crossmodal_kd.nnet.taps import EncoderTaps
 __all__ = ["KDBrain", "teacher_items", "kd_batch_fields", "fit_frames"]
 
 TEACHER_FIELDS = ("top_probs", "top_ids", "residual")
+
+# The units pipeline (sb_crossmodal_kd.units.pipeline) names its fields after the unit store's
+# streams; the heads and teachers name unit types in the singular.
+UNIT_FIELD_ALIASES = {"monophone": "phones", "senone": "senones", "subword": "subwords"}
 
 
 def kd_batch_fields(unit_type, teacher=True):
@@ -195,22 +201,35 @@ class KDBrain(CTCBrain):
             and unit_type == self.objective.main_unit_type
         )
 
-    def _field(self, batch, name):
-        try:
-            return getattr(batch, name)
-        except AttributeError:
-            raise KeyError(
-                f"The batch has no field '{name}': add the units/alignment pipeline (and the "
-                "teacher items) for this unit type to the datasets' dynamic items and output "
-                "keys, or drop the head / label interpolation that needs it."
-            ) from None
+    def _prefixes(self, unit_type):
+        """Field-name prefixes to try for ``unit_type``, in order."""
+        explicit = (getattr(self.hparams, "unit_fields", None) or {}).get(unit_type)
+        if explicit:
+            return [explicit]
+        alias = UNIT_FIELD_ALIASES.get(unit_type)
+        return [unit_type] + ([alias] if alias else [])
+
+    def _prefix(self, batch, unit_type, suffix):
+        for prefix in self._prefixes(unit_type):
+            if hasattr(batch, f"{prefix}_{suffix}"):
+                return prefix
+        return None
 
     def unit_targets(self, batch, n_frames):
         """Reads the batch's unit fields into ``{unit_type: UnitTargets}`` on the device."""
         targets = {}
         for unit_type in self._unit_types():
-            units = self._field(batch, f"{unit_type}_units")
-            f2p = self._field(batch, f"{unit_type}_frame_to_position")
+            prefix = self._prefix(batch, unit_type, "units")
+            if prefix is None or not hasattr(batch, f"{prefix}_frame_to_position"):
+                tried = [f"{p}_units / {p}_frame_to_position" for p in self._prefixes(unit_type)]
+                raise KeyError(
+                    f"The batch has no fields {' or '.join(tried)} for unit type "
+                    f"'{unit_type}': add the units/alignment pipeline for it to the datasets' "
+                    "dynamic items and output keys (or map it with hparams `unit_fields`), or "
+                    "drop the head / label interpolation that needs it."
+                )
+            units = getattr(batch, f"{prefix}_units")
+            f2p = getattr(batch, f"{prefix}_frame_to_position")
             frame_to_position = fit_frames(
                 f2p.data.to(self.device), f2p.lengths.to(self.device), n_frames,
                 self.frame_tolerance, batch.id,
@@ -225,18 +244,20 @@ class KDBrain(CTCBrain):
         return targets
 
     def _teacher(self, batch, unit_type, n_positions):
-        names = [f"{unit_type}_{name}" for name in TEACHER_FIELDS]
-        if all(hasattr(batch, name) for name in names):
+        prefix = self._prefix(batch, unit_type, TEACHER_FIELDS[0])
+        if prefix is not None:
+            names = [f"{prefix}_{name}" for name in TEACHER_FIELDS]
             triple = tuple(getattr(batch, name).data.to(self.device) for name in names)
         else:
             caches = getattr(self.hparams, "teacher_caches", None) or {}
-            if unit_type not in caches:
+            cache = next((caches[p] for p in self._prefixes(unit_type) if p in caches), None)
+            if cache is None:
                 raise KeyError(
-                    f"No teacher for unit type '{unit_type}': the batch has no {names} and "
+                    f"No teacher for unit type '{unit_type}': the batch has no "
+                    f"{[f'{p}_top_probs' for p in self._prefixes(unit_type)]} fields and "
                     "hparams has no teacher_caches entry for it."
                 )
-            dist = caches[unit_type].distributions(list(batch.id), max_len=n_positions,
-                                                   device=self.device)
+            dist = cache.distributions(list(batch.id), max_len=n_positions, device=self.device)
             triple = (dist.top_probs, dist.top_ids, dist.residual)
         if triple[0].shape[1] != n_positions:
             raise ValueError(

@@ -244,7 +244,8 @@ def test_wrong_frame_rate_and_missing_fields_are_clear_errors(tmp_path):
             probs, ids, rest = caches[unit_type].utterance(item["id"])
             item.update({f"{unit_type}_top_probs": probs, f"{unit_type}_top_ids": ids,
                          f"{unit_type}_residual": rest})
-    with pytest.raises(KeyError, match="no field 'senone_units'"):
+    with pytest.raises(KeyError, match="no fields senone_units / senone_frame_to_position or "
+                                       "senones_units"):
         objectives(PaddedBatch(no_senone))
 
 
@@ -277,3 +278,37 @@ def test_one_epoch_with_dynamic_items_then_evaluation_without_teachers(tmp_path)
 def test_label_interpolation_excludes_the_main_blank_by_default(tmp_path):
     brain = _brain(tmp_path, distillation=DistillationObjective(label_interpolation=0.3))
     assert brain.objective.main_blank_index == VOCAB
+
+
+def test_fields_named_as_the_units_pipeline_names_them(tmp_path):
+    # the units pipeline says phones/senones/subwords, heads and teachers say
+    # monophone/senone/subword; its collate pads frame keys with -1
+    from sb_crossmodal_kd.units.pipeline import unit_collate
+
+    data = _utterances()
+    caches = _caches(tmp_path, data)
+    rename = {"monophone": "phones", "senone": "senones", "subword": "subwords"}
+    renamed = []
+    for item in data:
+        out = {}
+        for key, value in item.items():
+            unit_type = key.split("_")[0]
+            out[key.replace(unit_type, rename[unit_type], 1) if unit_type in rename else key] = value
+        renamed.append(out)
+    for item in renamed:
+        for unit_type, cache in caches.items():
+            probs, ids, rest = cache.utterance(item["id"])
+            item.update({f"{unit_type}_top_probs": probs, f"{unit_type}_top_ids": ids,
+                         f"{unit_type}_residual": rest})
+    collate = unit_collate(list(rename.values()))
+    brain = _brain(tmp_path, _hierarchy())
+    reference = _brain(tmp_path, _hierarchy())
+    plain, piped = _batch(data, caches), collate(renamed)
+    assert piped.senones_frame_to_position.data.min() == -1
+    n_frames = brain.compute_forward(plain, sb.Stage.TRAIN)["log_probs"].shape[1]
+    a = reference.unit_targets(plain, n_frames)
+    b = brain.unit_targets(piped, n_frames)
+    for unit_type in UNITS:
+        assert torch.equal(a[unit_type].units, b[unit_type].units)
+        assert torch.equal(a[unit_type].frame_to_position, b[unit_type].frame_to_position)
+        assert torch.equal(a[unit_type].teacher[1], b[unit_type].teacher[1])
