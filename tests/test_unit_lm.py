@@ -104,3 +104,31 @@ def test_text_units_for_senones_follow_the_tree():
     assert tree.hash in senones.hash and lexicon.hash in senones.hash
     with pytest.raises(ValueError, match="tree"):
         TextUnits("senone", lexicon=lexicon)
+
+
+def test_lm_recipe_trains_and_exports_a_loadable_teacher(tmp_path):
+    import importlib.util
+    import json
+    import pathlib
+
+    from sb_crossmodal_kd.teachers import load_teacher
+
+    recipe = pathlib.Path(__file__).parents[1] / "recipes" / "SynthCommands" / "LM"
+    spec = importlib.util.spec_from_file_location("lm_recipe_train", recipe / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+
+    (tmp_path / "data" / "lm_text").mkdir(parents=True)
+    sentences = ["turn on the kitchen lights", "turn off the oven", "set a timer for ten minutes",
+                 "what is the weather in boston", "play some jazz music"]
+    (tmp_path / "data" / "lm_text" / "train.txt").write_text("\n".join(sentences * 8) + "\n")
+    (tmp_path / "data" / "lm_text" / "valid.txt").write_text("\n".join(sentences[:3]) + "\n")
+    out = tmp_path / "run"
+    train.main([str(recipe / "hparams" / "subword.yaml"), "--data_folder",
+                str(tmp_path / "data"), "--output_folder", str(out), "--number_of_epochs", "1",
+                "--vocab_size", "30", "--device", "cpu"])
+    results = json.loads((out / "results.json").read_text())
+    assert results["unit_type"] == "subword" and results["vocab_size"] == 30
+    assert 1.0 < results["valid_ppl"] < 40.0
+    teacher = load_teacher(out / "lm")
+    assert teacher.vocab_size == 30 and teacher.tokenizer_hash == results["units_hash"]
