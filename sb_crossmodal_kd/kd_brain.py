@@ -13,8 +13,9 @@ hierarchy minus a level, each with or without MoE) is a matter of hparams:
   Without it: CTC plus the heads' terms plus MoE auxiliary losses at weight 1. Its
   ``main_blank_index`` defaults to ``hparams["blank_index"]``;
 - MoE layers anywhere in the modules are found by
-  :func:`~sb_crossmodal_kd.nnet.moe.moe_layers`: the Brain gives them the padding mask before
-  each forward pass, adds their auxiliary losses, and tells them the epoch.
+  :func:`~sb_crossmodal_kd.nnet.moe.moe_layers`: the Brain adds their auxiliary losses, tells
+  them the epoch, and sets the batch's relative lengths as their padding mask for the forward
+  pass (a fallback: encoders swapped by ``use_moe_ffn`` pass their exact mask themselves).
 
 Distillation is a training objective: on valid and test the Brain runs the main output only
 (no taps, no heads, no teacher needed) and reports CTC loss, WER and CER, so evaluation is
@@ -36,16 +37,22 @@ the units pipeline's name for it (``monophone`` -> ``phones``, ``senone`` -> ``s
   process (slower: prefer the dynamic items, which run in the loader workers).
 
 Every loss term is averaged over the epoch and logged with the train stats
-(``main``, ``li_main``, ``kd_<head>``, ``<loss>_<head>``, ``moe``, ``total``).
+(``main``, ``li_main``, ``kd_<head>``, ``<loss>_<head>``, ``moe``, ``total``). The test
+results' ``params`` counts the inference model (without heads); ``params_with_heads`` the
+trained one.
 """
 
 import contextlib
+import json
+from pathlib import Path
 
 import speechbrain as sb
 import torch
 
-from sb_crossmodal_kd.brain import CTCBrain
+from sb_crossmodal_kd.brain import CTCBrain, count_parameters
+from sb_crossmodal_kd.io import atomic_write_json
 from sb_crossmodal_kd.losses import DistillationObjective, UnitTargets
+from sb_crossmodal_kd.nnet.heads import inference_modules
 from sb_crossmodal_kd.nnet.moe import moe_auxiliary_loss, moe_layers, padding_mask, set_moe_epoch
 from sb_crossmodal_kd.nnet.taps import EncoderTaps
 
@@ -302,10 +309,18 @@ class KDBrain(CTCBrain):
                 set_moe_epoch(self.modules, epoch)
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
-        """Adds every loss term's epoch average to the logged train stats."""
+        """Logs every loss term's epoch average; reports the inference model's size."""
         super().on_stage_end(stage, stage_loss, epoch)
         if stage == sb.Stage.TRAIN and self._term_batches:
             self.train_stats.update(self.loss_terms())
+        results_file = getattr(self.hparams, "results_file", None)
+        if (stage == sb.Stage.TEST and self._heads() is not None and results_file
+                and sb.utils.distributed.if_main_process()):
+            # The heads are dropped for inference: `params` counts the model that is used.
+            results = json.loads(Path(results_file).read_text())
+            results["params_with_heads"] = results["params"]
+            results["params"] = count_parameters(inference_modules(self.modules))
+            atomic_write_json(results_file, results)
 
     def loss_terms(self):
         """Epoch averages of every loss term so far (one device sync)."""

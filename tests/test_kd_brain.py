@@ -1,5 +1,7 @@
 """KDBrain trains the CTC model with heads, distillation and MoE losses chosen by hparams."""
 
+import json
+
 import pytest
 import sentencepiece as spm
 import speechbrain as sb
@@ -272,7 +274,9 @@ def test_one_epoch_with_dynamic_items_then_evaluation_without_teachers(tmp_path)
     log = (tmp_path / "log.txt").read_text()
     assert "loss_kd_senone" in log and "WER" in log
     brain.evaluate(valid, min_key="WER", test_loader_kwargs={"batch_size": 2})
-    assert (tmp_path / "results.json").is_file()
+    results = json.loads((tmp_path / "results.json").read_text())
+    heads = sum(p.numel() for p in brain.modules["auxiliary_heads"].parameters())
+    assert results["params"] == results["params_with_heads"] - heads > 0
 
 
 def test_label_interpolation_excludes_the_main_blank_by_default(tmp_path):
