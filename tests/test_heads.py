@@ -153,3 +153,22 @@ def test_kd_fragment_defaults_are_the_plain_objective():
         objective = load_hyperpyyaml(handle)["distillation"]
     assert not objective.uses_label_interpolation
     assert not objective.scale_by_tau_squared and objective.moe_weight == 1.0
+
+
+def test_ablation_driver_can_drop_a_level_through_overrides(tmp_path):
+    # what an ablation driver passes to load_hyperpyyaml / run_asr_experiment
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"d_model: 32\nheads: !include:{FRAGMENTS / 'heads.yaml'}\n"
+                      "    d_model: !ref <d_model>\n")
+    for overrides, expected in [
+        ({}, ["senone", "monophone", "subword"]),
+        ({"heads": {"senone_head": None}}, ["monophone", "subword"]),
+        ({"heads": {"senone_head": None, "monophone_head": None}}, ["subword"]),
+    ]:
+        with open(recipe) as handle:
+            hp = load_hyperpyyaml(handle, overrides)
+        assert list(hp["heads"]["auxiliary_heads"]) == expected
+    with open(recipe) as handle:
+        hp = load_hyperpyyaml(handle, {"heads": {"subword_layer": 4, "subword_alpha": 0.25}})
+    sub = hp["heads"]["auxiliary_heads"]["subword"]
+    assert (sub.layer, sub.alpha, sub.projection[0].in_features) == (4, 0.25, 32)
