@@ -195,3 +195,33 @@ def test_sbkd_teacher_cache_builds_from_a_manifest(tmp_path, capsys):
         main(["teacher-cache", "--manifest", str(manifest), "--units", "monophone",
               "--oov-policy", "skip", "--silence", "edges", "--teacher", str(tmp_path / "lm"),
               "--output", str(tmp_path / "cache2"), "--k", "4"])
+
+
+def test_sbkd_teacher_cache_reads_the_unit_store_sequences(tmp_path, capsys):
+    import numpy as np
+
+    from sb_crossmodal_kd.cli import main
+    from sb_crossmodal_kd.teachers.unit_lm import export_unit_lm, units_hash
+    from sb_crossmodal_kd.units.store import UnitStoreWriter
+
+    header = {"lexicon": "cmudict:aa", "tokenizer": "spm:bb", "tree": "tree:cc"}
+    with UnitStoreWriter(tmp_path / "train.units", header) as writer:
+        writer.add("u1", {"senones.units": np.array([3, 4, 5, 9]), "phones.units": [1, 2]})
+        writer.add("u2", {"senones.units": np.array([7, 8]), "phones.units": [3]})
+    torch.manual_seed(0)
+    export_unit_lm(tmp_path / "lm", UnitLM(VOCAB, embedding_dim=8, hidden_size=8, num_layers=1),
+                   unit_type="senone", tokenizer_hash="cmudict:aa/tree:cc")
+    assert units_hash("senone", lexicon="cmudict:aa", tree="tree:cc") == "cmudict:aa/tree:cc"
+
+    main(["teacher-cache", "--units-store", str(tmp_path / "train.units"), "--units", "senone",
+          "--teacher", str(tmp_path / "lm"), "--output", str(tmp_path / "cache"), "--k", "3"])
+    capsys.readouterr()
+    cache = TeacherCache(tmp_path / "cache", tokenizer_hash="cmudict:aa/tree:cc")
+    assert (cache.length("u1"), cache.length("u2")) == (4, 2)
+
+    # A teacher trained with another tree is refused.
+    export_unit_lm(tmp_path / "lm2", UnitLM(VOCAB, embedding_dim=8, hidden_size=8, num_layers=1),
+                   unit_type="senone", tokenizer_hash="cmudict:aa/tree:zz")
+    with pytest.raises(CacheMismatchError, match="tree:zz"):
+        main(["teacher-cache", "--units-store", str(tmp_path / "train.units"), "--units",
+              "senone", "--teacher", str(tmp_path / "lm2"), "--output", str(tmp_path / "c2")])

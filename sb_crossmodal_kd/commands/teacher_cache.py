@@ -4,7 +4,11 @@ import json
 import logging
 
 from sb_crossmodal_kd.teachers import TEACHER_KINDS, load_teacher
-from sb_crossmodal_kd.teachers.cache import build_cache, utterances_from_manifest
+from sb_crossmodal_kd.teachers.cache import (
+    build_cache,
+    utterances_from_manifest,
+    utterances_from_unit_store,
+)
 from sb_crossmodal_kd.teachers.unit_lm import TextUnits
 
 logger = logging.getLogger(__name__)
@@ -12,13 +16,18 @@ logger = logging.getLogger(__name__)
 
 def add_arguments(parser):
     """Registers the manifest, unit, teacher and cache options."""
-    parser.add_argument("--manifest", required=True, help="SpeechBrain CSV (ID and wrd columns)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--units-store", help="unit store of the split (sbkd export-units): its "
+                        "sequences are the ones the frame alignments index (preferred)")
+    source.add_argument("--manifest", help="SpeechBrain CSV (ID and wrd columns): transcripts "
+                        "converted to units here")
     parser.add_argument("--column", default="wrd", help="transcript column (default wrd)")
     parser.add_argument("--units", required=True, choices=["subword", "monophone", "senone"])
     parser.add_argument("--tokenizer", help="subwords: <vocab>_<type>.model (SentencePiece) or "
                         "a transformers tokenizer folder (default for transformers teachers: "
                         "the teacher's own)")
     parser.add_argument("--tree", help="senones: tree JSON written by SenoneTree.save")
+    # --tokenizer, --tree, --oov-policy, --silence and --column apply to --manifest only.
     parser.add_argument("--oov-policy", default="g2p", choices=["g2p", "skip"])
     parser.add_argument("--silence", default="none", choices=["none", "edges", "between"])
     parser.add_argument("--teacher", required=True, help="teacher LM folder (a unit LM export, "
@@ -38,19 +47,24 @@ def run(args):
     tokenizer = args.tokenizer
     if args.units == "subword" and tokenizer is None and teacher.name.startswith("hf-"):
         tokenizer = args.teacher  # a transformers teacher's units are its own tokens
-    text_units = TextUnits.from_files(args.units, tokenizer=tokenizer, tree=args.tree,
-                                      oov_policy=args.oov_policy, silence=args.silence)
-    if text_units.vocab_size != teacher.vocab_size:
-        raise SystemExit(
-            f"the {args.units} units have {text_units.vocab_size} ids but the teacher "
-            f"{args.teacher} predicts {teacher.vocab_size}: they were built for other units"
-        )
-    utterances, skipped = utterances_from_manifest(args.manifest, text_units, args.column)
+    if args.units_store:
+        utterances, units_hash = utterances_from_unit_store(args.units_store, args.units)
+        skipped = []
+    else:
+        text_units = TextUnits.from_files(args.units, tokenizer=tokenizer, tree=args.tree,
+                                          oov_policy=args.oov_policy, silence=args.silence)
+        if text_units.vocab_size != teacher.vocab_size:
+            raise SystemExit(
+                f"the {args.units} units have {text_units.vocab_size} ids but the teacher "
+                f"{args.teacher} predicts {teacher.vocab_size}: they were built for other units"
+            )
+        utterances, skipped = utterances_from_manifest(args.manifest, text_units, args.column)
+        units_hash = text_units.hash
     for utt_id, reason in skipped:
         logger.warning("skipped %s: %s", utt_id, reason)
     header = build_cache(
         teacher, utterances, args.output, k=args.k, tau=args.tau, unit_type=args.units,
-        tokenizer_hash=text_units.hash, shard_size=args.shard_size,
+        tokenizer_hash=units_hash, shard_size=args.shard_size,
         batch_size=args.batch_size, device=args.device,
     )
     summary = {key: header[key] for key in ("unit_type", "vocab_size", "k", "temperature",

@@ -333,6 +333,39 @@ def utterances_from_manifest(manifest, text_units, column="wrd"):
     return utterances, skipped
 
 
+STORE_STREAMS = {"subword": "subwords", "monophone": "phones", "senone": "senones"}
+
+
+def utterances_from_unit_store(path, unit_type):
+    """``(ID, unit ids)`` from a unit store (``sbkd export-units``), and its units hash.
+
+    The sequences are exactly those the store's frame alignments index, so cached positions
+    line up with ``frame_to_position``. The hash is built from the store's header as
+    :func:`sb_crossmodal_kd.teachers.unit_lm.units_hash` does.
+
+    Arguments
+    ---------
+    path : str or path
+        A store written by :class:`sb_crossmodal_kd.units.store.UnitStoreWriter`.
+    unit_type : str
+        ``"subword"``, ``"monophone"`` or ``"senone"``.
+    """
+    from sb_crossmodal_kd.teachers.unit_lm import units_hash
+    from sb_crossmodal_kd.units.store import UnitStore
+
+    store = UnitStore(path)
+    stream = f"{STORE_STREAMS[unit_type]}.units"
+    utterances = []
+    for utt_id in store.ids():
+        record = store[utt_id]
+        if stream not in record:
+            raise ValueError(f"unit store {path}: utterance {utt_id!r} has no {stream!r} stream")
+        utterances.append((utt_id, record[stream].tolist()))
+    header = store.header
+    return utterances, units_hash(unit_type, tokenizer=header.get("tokenizer"),
+                                  lexicon=header.get("lexicon"), tree=header.get("tree"))
+
+
 class TeacherCache:
     """Reads a cache built by :func:`build_cache`, memory-mapped, refusing mismatches.
 

@@ -50,6 +50,27 @@ BOUNDARY_INDEX = 1
 UNIT_OFFSET = 2
 
 
+def units_hash(unit_type, tokenizer=None, lexicon=None, tree=None, silence="none"):
+    """The one string naming what defines a unit type's ids, from its parts' hashes.
+
+    Subwords: the tokenizer's hash; monophones: the lexicon's; senones: lexicon and tree.
+    A silence mode other than ``"none"`` (the unit store's phone sequences have no silence)
+    is appended. Unit LM exports and teacher cache headers record it, and a unit store's
+    header (``lexicon``, ``tokenizer``, ``tree``) gives the same string.
+
+    Example
+    -------
+    >>> units_hash("senone", lexicon="cmudict:ab", tree="tree:cd")
+    'cmudict:ab/tree:cd'
+    """
+    parts = {"subword": [tokenizer], "monophone": [lexicon], "senone": [lexicon, tree]}
+    if unit_type not in parts:
+        raise ValueError(f"unit_type must be one of {sorted(parts)}, got {unit_type!r}")
+    if unit_type != "subword" and silence != "none":
+        parts[unit_type].append(f"silence={silence}")
+    return "/".join(str(part) for part in parts[unit_type])
+
+
 class TextUnits:
     """Text -> unit ids of one unit type, composed from the units package.
 
@@ -156,11 +177,14 @@ class TextUnits:
 
     @property
     def hash(self):
-        """What defines the unit ids, as one string."""
-        if self.unit_type == "subword":
-            return self.tokenizer.hash
-        phones = f"{self.lexicon.hash}/silence={self.silence}"
-        return phones if self.unit_type == "monophone" else f"{phones}/{self.tree.hash}"
+        """What defines the unit ids, as one string (see :func:`units_hash`)."""
+        return units_hash(
+            self.unit_type,
+            tokenizer=self.tokenizer.hash if self.tokenizer is not None else None,
+            lexicon=self.lexicon.hash if self.lexicon is not None else None,
+            tree=self.tree.hash if self.tree is not None else None,
+            silence=self.silence,
+        )
 
     def __call__(self, text, utterance_id=None):
         """Unit ids of ``text``; lexicon errors name ``utterance_id``."""
