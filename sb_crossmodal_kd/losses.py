@@ -324,7 +324,7 @@ def label_interpolation_loss(
     if teacher is None:
         raise ValueError("label_interpolation_loss: lam > 0 needs a teacher triple.")
     top_probs, top_ids, residual = gather_teacher_to_frames(*teacher, frame_to_position)
-    top_probs, residual = _wide(top_probs), _wide(residual)
+    top_probs, residual = _wide(top_probs).detach(), _wide(residual).detach()  # fixed targets
     log_rest, rest_empty = _rest_log_prob(z, torch.logsumexp(z, -1), top_ids, blank_index)
     soft = -(top_probs * log_probs.gather(-1, top_ids)).sum(-1)
     use_rest = (residual > 0) & ~rest_empty
@@ -365,8 +365,8 @@ def topk_kl_divergence(logits, top_probs, top_ids, residual, tau=1.0):
     z = _wide(logits) / tau
     log_norm = torch.logsumexp(z, dim=-1)
     log_probs = torch.log_softmax(z, dim=-1)
-    q = _wide(top_probs)
-    r = _wide(residual)
+    q = _wide(top_probs).detach()  # the teacher is a fixed target
+    r = _wide(residual).detach()
     top_ids = top_ids.long()
     kl = (torch.special.xlogy(q, q) - q * log_probs.gather(-1, top_ids)).sum(-1)
     log_rest, rest_empty = _rest_log_prob(z, log_norm, top_ids)

@@ -368,3 +368,15 @@ def test_int32_teacher_ids_are_accepted():
     as_int32 = (teacher[0], teacher[1].int(), teacher[2])
     assert distillation_loss(logits, as_int32, f2p).item() == pytest.approx(
         distillation_loss(logits, teacher, f2p).item(), rel=1e-12)
+
+
+def test_teacher_is_a_fixed_target():
+    logits, units, f2p, teacher, _ = _make_batch(seed=10)
+    probs = teacher[0].clone().requires_grad_(True)
+    rest = teacher[2].clone().requires_grad_(True)
+    live = (probs, teacher[1], rest)
+    logits.requires_grad_(True)
+    loss = distillation_loss(logits, live, f2p) + label_interpolation_loss(
+        logits, units, f2p, live, 0.5)
+    loss.backward()
+    assert logits.grad is not None and probs.grad is None and rest.grad is None
