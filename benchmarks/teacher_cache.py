@@ -14,8 +14,8 @@ transcripts converted to subwords. Figures:
   ``k`` in 8, 32 and the full vocabulary;
 * ``topk32_rel_diff``: ``|KL_top32 - KL_full| / KL_full`` summed over all positions, where
   ``KL_top32`` uses the top-32 cache as read back (float16, residual spread in proportion to
-  the student, :func:`sb_crossmodal_kd.teachers.base.kl_divergence`) and ``KL_full`` the
-  teacher's full distribution. Two stand-in students, since no trained acoustic model is
+  the student) and ``KL_full`` the teacher's full distribution, both through the training
+  loss :func:`sb_crossmodal_kd.losses.topk_kl_divergence`. Two stand-in students, since no trained acoustic model is
   involved: the subword unigram of the speech transcripts (context-blind) and an add-one
   bigram of them (partly agreeing with the teacher); the larger difference is reported;
 * ``read_vs_consume``: positions per second the cache serves (``TeacherCache.distributions``
@@ -38,8 +38,8 @@ import time
 import speechbrain as sb
 import torch
 
+from sb_crossmodal_kd.losses import topk_kl_divergence
 from sb_crossmodal_kd.teachers import load_teacher
-from sb_crossmodal_kd.teachers.base import kl_divergence
 from sb_crossmodal_kd.teachers.cache import TeacherCache, build_cache, utterances_from_manifest
 from sb_crossmodal_kd.teachers.unit_lm import TextUnits, batches
 
@@ -88,8 +88,9 @@ def topk_rel_diff(teacher, cache, utterances, students):
         cached = cache.distributions(ids[start : start + 64], max_len=unit_ids.shape[1])
         for name, student in students.items():
             student_lp = student(unit_ids)
-            totals[name][0] += float((kl_divergence(full, student_lp) * mask).sum())
-            totals[name][1] += float((kl_divergence(cached, student_lp) * mask).sum())
+            # The training loss itself (sb_crossmodal_kd.losses), fed both triples.
+            totals[name][0] += float((topk_kl_divergence(student_lp, *full) * mask).sum())
+            totals[name][1] += float((topk_kl_divergence(student_lp, *cached) * mask).sum())
     return {
         name: {"kl_full": full / mask_count(sequences), "kl_top": top / mask_count(sequences),
                "rel_diff": abs(top - full) / full}

@@ -213,3 +213,15 @@ def test_padding_positions_are_zero_and_dense_sums_to_one():
     torch.testing.assert_close(dense[0].gather(-1, dist.top_ids[0]),
                                probs[0].gather(-1, dist.top_ids[0]))
     torch.testing.assert_close(teacher.distributions(ids, lengths, k=6).to_dense(6)[0], probs[0])
+
+
+def test_reference_kl_agrees_with_the_training_loss():
+    from sb_crossmodal_kd.losses import topk_kl_divergence
+
+    torch.manual_seed(1)
+    teacher = torch.log_softmax(torch.randn(3, 5, 40) * 3, -1)
+    student = torch.randn(3, 5, 40)
+    for k in (1, 8, 40):
+        dist = topk_from_log_probs(teacher, k)
+        torch.testing.assert_close(kl_divergence(dist, torch.log_softmax(student, -1)),
+                                   topk_kl_divergence(student, *dist), atol=1e-5, rtol=1e-4)
