@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from sb_crossmodal_kd.teachers import load_teacher
 from sb_crossmodal_kd.teachers.base import (
     TopKDistributions,
     kl_divergence,
@@ -59,6 +60,7 @@ def test_hf_causal_adapter_matches_manual_gpt2(tmp_path):
     _save_tokenizer(tmp_path)
 
     teacher = HFCausalLMTeacher.from_pretrained(tmp_path)
+    assert isinstance(load_teacher(tmp_path), HFCausalLMTeacher)  # kind found from config.json
     assert teacher.context == "causal"
     assert teacher.vocab_size == len(WORDS)
     assert teacher.tokenizer_hash == PretrainedTokenizerUnits(str(tmp_path)).hash
@@ -88,6 +90,7 @@ def test_hf_masked_adapter_matches_one_position_at_a_time(tmp_path):
     _save_tokenizer(tmp_path)
 
     teacher = HFMaskedLMTeacher.from_pretrained(tmp_path, max_sequences=3)  # several chunks
+    assert isinstance(load_teacher(tmp_path), HFMaskedLMTeacher)
     assert teacher.context == "bidirectional"
     assert (teacher.mask_token_id, teacher.cls_token_id, teacher.sep_token_id) == (3, 1, 2)
     ids, lengths = _padded(SEQUENCES)
