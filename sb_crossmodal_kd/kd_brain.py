@@ -37,7 +37,8 @@ the units pipeline's name for it (``monophone`` -> ``phones``, ``senone`` -> ``s
   process (slower: prefer the dynamic items, which run in the loader workers).
 
 Every loss term is averaged over the epoch and logged with the train stats
-(``main``, ``li_main``, ``kd_<head>``, ``<loss>_<head>``, ``moe``, ``total``). The test
+(``main``, ``li_main``, ``kd_<head>``, ``<loss>_<head>``, ``moe``, ``total``), with each
+head's frame accuracy against its aligned units (``acc_<head>``). The test
 results' ``params`` counts the inference model (without heads); ``params_with_heads`` the
 trained one.
 """
@@ -51,7 +52,12 @@ import torch
 
 from sb_crossmodal_kd.brain import CTCBrain, count_parameters
 from sb_crossmodal_kd.io import atomic_write_json
-from sb_crossmodal_kd.losses import DistillationObjective, UnitTargets
+from sb_crossmodal_kd.losses import (
+    DistillationObjective,
+    UnitTargets,
+    aligned_units,
+    frame_mask,
+)
 from sb_crossmodal_kd.nnet.heads import inference_modules
 from sb_crossmodal_kd.nnet.moe import moe_auxiliary_loss, moe_layers, padding_mask, set_moe_epoch
 from sb_crossmodal_kd.nnet.taps import EncoderTaps
@@ -293,10 +299,27 @@ class KDBrain(CTCBrain):
             frame_lens=predictions["lengths"],
             moe_loss=moe_loss,
         )
+        if "head_logits" in predictions:
+            log.update(self.head_accuracies(predictions["head_logits"], targets,
+                                            predictions["lengths"]))
         for name, value in log.items():  # summed on the device: no sync per batch
             self._term_sums[name] = self._term_sums.get(name, 0.0) + value
         self._term_batches += 1
         return total
+
+    @torch.no_grad()
+    def head_accuracies(self, head_logits, targets, frame_lens=None):
+        """``{"acc_<head>": tensor}``: how often each head's top unit is the aligned unit,
+        over frames with a unit (a check that the heads learn what their level means)."""
+        accuracies = {}
+        for name, head in self._heads().items():
+            target = targets[head.unit_type]
+            guess = head.unit_logits(head_logits[name]).argmax(-1)
+            truth = aligned_units(target.units, target.frame_to_position)
+            mask = frame_mask(target.frame_to_position, frame_lens)
+            hits = ((guess == truth) & mask).sum()
+            accuracies[f"acc_{name}"] = hits / mask.sum().clamp(min=1)
+        return accuracies
 
     # Stages --------------------------------------------------------------------------------
 
@@ -323,8 +346,10 @@ class KDBrain(CTCBrain):
             atomic_write_json(results_file, results)
 
     def loss_terms(self):
-        """Epoch averages of every loss term so far (one device sync)."""
+        """Epoch averages of every loss term (``loss_<term>``) and head accuracy
+        (``acc_<head>``) so far (one device sync)."""
         return {
-            f"loss_{name}": round(float(total) / self._term_batches, 5)
+            (name if name.startswith("acc_") else f"loss_{name}"):
+                round(float(total) / self._term_batches, 5)
             for name, total in self._term_sums.items()
         }

@@ -162,6 +162,9 @@ def test_each_condition_trains_and_logs_its_terms(tmp_path, condition):
     assert torch.isfinite(loss)
     logged = brain.train_stats
     assert {k[len("loss_"):] for k in logged if k.startswith("loss_")} == terms
+    head_names = list(brain.modules["auxiliary_heads"]) if make_heads else []
+    assert {k for k in logged if k.startswith("acc_")} == {f"acc_{n}" for n in head_names}
+    assert all(0.0 <= logged[f"acc_{n}"] <= 1.0 for n in head_names)
     expected_total = logged["loss_main"] + sum(
         w * logged[f"loss_{name}"] for name, w in _weights(brain).items() if name in terms)
     assert logged["loss_total"] == pytest.approx(expected_total, rel=1e-4)
@@ -316,3 +319,17 @@ def test_fields_named_as_the_units_pipeline_names_them(tmp_path):
         assert torch.equal(a[unit_type].units, b[unit_type].units)
         assert torch.equal(a[unit_type].frame_to_position, b[unit_type].frame_to_position)
         assert torch.equal(a[unit_type].teacher[1], b[unit_type].teacher[1])
+
+
+def test_head_accuracy_counts_aligned_frames_only(tmp_path):
+    from sb_crossmodal_kd.losses import UnitTargets
+
+    heads = AuxiliaryHeads(sub=AuxiliaryHead("subword", 1, D, 4, loss="ctc"))
+    brain = _brain(tmp_path, heads)
+    # frames: unit 1 (right), unit 2 (wrong: guesses 0), no unit (ignored, guesses blank)
+    logits = torch.tensor([[[0.0, 5.0, 0.0, 0.0, 0.0], [5.0, 0.0, 0.0, 0.0, 0.0],
+                            [0.0, 0.0, 0.0, 0.0, 9.0]]])
+    targets = {"subword": UnitTargets(torch.tensor([[1, 2]]), torch.ones(1),
+                                      torch.tensor([[0, 1, -1]]))}
+    accuracy = brain.head_accuracies({"sub": logits}, targets)
+    assert accuracy["acc_sub"].item() == pytest.approx(0.5)
