@@ -12,7 +12,7 @@ from sb_crossmodal_kd.data.corpus import make_corpus
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "SynthCommands" / "ASR"
 TINY_MODEL = [
     "--d_model=32", "--num_layers=1", "--nhead=2", "--d_ffn=64", "--n_mels=40",
-    "--vocab_size=40", "--batch_size=8", "--warmup_steps=5", "--lr=0.003",
+    "--vocab_size=40", "--max_batch_seconds=25", "--warmup_steps=5", "--lr=0.003",
 ]
 
 
