@@ -333,3 +333,64 @@ def test_head_accuracy_counts_aligned_frames_only(tmp_path):
                                       torch.tensor([[0, 1, -1]]))}
     accuracy = brain.head_accuracies({"sub": logits}, targets)
     assert accuracy["acc_sub"].item() == pytest.approx(0.5)
+
+
+def test_one_epoch_from_wav_files_unit_store_and_teacher_caches(tmp_path):
+    """The real data path: wav files, a UnitStore read by the units pipeline (its names,
+    its -1 padding), teacher caches built from the store's sequences, read by
+    teacher_items in the loader."""
+    import soundfile
+
+    from sb_crossmodal_kd.units.pipeline import add_unit_pipelines, unit_collate, unit_keys
+    from sb_crossmodal_kd.units.store import UnitStoreWriter
+
+    data = _utterances(n=4)
+    stream = {"monophone": "phones", "senone": "senones", "subword": "subwords"}
+    store_path = tmp_path / "train.units"
+    with UnitStoreWriter(store_path, {"lexicon": "l", "tokenizer": "t", "tree": "r"}) as w:
+        for item in data:
+            streams = {}
+            for unit_type, name in stream.items():
+                f2p = item[f"{unit_type}_frame_to_position"]
+                units = item[f"{unit_type}_units"]
+                streams[f"{name}.units"] = units.numpy()
+                streams[f"{name}.frame_to_position"] = f2p.numpy()
+                streams[f"{name}.frame_labels"] = torch.where(
+                    f2p >= 0, units[f2p.clamp(min=0)], -1).numpy()
+            w.add(item["id"], streams)
+    manifest = {}
+    for item in data:
+        wav = tmp_path / f"{item['id']}.wav"
+        soundfile.write(wav, item["sig"].numpy(), 16000)
+        manifest[item["id"]] = {"wav": str(wav), "wrd": item["wrd"]}
+    caches = {}
+    for unit_type, name in stream.items():  # caches keyed as the pipeline names the units
+        teacher = ShiftTeacher(vocab_size=UNITS[unit_type], name="shift", unit_type=unit_type)
+        sequences = [(d["id"], d[f"{unit_type}_units"].tolist()) for d in data]
+        build_cache(teacher, sequences, tmp_path / name, k=3, progress=False)
+        caches[name] = TeacherCache(tmp_path / name, vocab_size=UNITS[unit_type])
+
+    dataset = DynamicItemDataset(manifest)
+    add_unit_pipelines([dataset], [store_path], unit_types=list(stream.values()))
+    items, teacher_keys = teacher_items(caches)
+    for item in items:
+        dataset.add_dynamic_item(item)
+
+    @sb.utils.data_pipeline.takes("wav", "wrd")
+    @sb.utils.data_pipeline.provides("sig", "tokens")
+    def audio(wav, wrd):
+        yield sb.dataio.dataio.read_audio(wav)
+        yield torch.tensor([1, 2])
+
+    dataset.add_dynamic_item(audio)
+    dataset.set_output_keys(["id", "sig", "wrd", "tokens", *unit_keys(stream.values()),
+                             *teacher_keys])
+    brain = _brain(tmp_path, _hierarchy(), moe=True)
+    brain.checkpointer = sb.utils.checkpoints.Checkpointer(
+        tmp_path / "save", recoverables={**brain.modules, "counter": brain.hparams.epoch_counter})
+    loader = {"batch_size": 2, "collate_fn": unit_collate(list(stream.values()))}
+    brain.fit(brain.hparams.epoch_counter, dataset, dataset, train_loader_kwargs=loader,
+              valid_loader_kwargs=loader)
+    stats = brain.train_stats
+    assert all(f"loss_kd_{head}" in stats for head in ("senone", "monophone", "subword"))
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in stats.items() if k != "epoch_s")
