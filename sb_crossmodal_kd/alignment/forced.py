@@ -52,7 +52,8 @@ class AlignerSettings:
     n_mels: int = 40
     hidden: int = 128
     kernel_size: int = 5
-    layers: int = 3
+    layers: int = 4
+    dilation_growth: int = 2
     iterations: int = 3
     epochs: int = 2
     learning_rate: float = 2e-3
@@ -77,9 +78,13 @@ class PhoneClassifier(torch.nn.Module):
     hidden : int
         Channels.
     kernel_size : int
-        Convolution width (frames); the receptive field is ``layers * (kernel_size - 1) + 1``.
+        Convolution width (frames).
     layers : int
         Number of convolution layers.
+    dilation_growth : int
+        Layer ``i`` has dilation ``dilation_growth ** i``, widening the context at no extra
+        cost: the receptive field is ``1 + (kernel_size - 1) * sum(dilations)`` frames
+        (61 frames, +-0.3 s, for the defaults), about what phone identification needs.
 
     Example
     -------
@@ -88,12 +93,16 @@ class PhoneClassifier(torch.nn.Module):
     torch.Size([2, 50, 40])
     """
 
-    def __init__(self, n_mels, n_phones, hidden=128, kernel_size=5, layers=3):
+    def __init__(self, n_mels, n_phones, hidden=128, kernel_size=5, layers=3, dilation_growth=2):
         super().__init__()
         blocks, channels = [], n_mels
-        for _ in range(layers):
+        for i in range(layers):
+            dilation = dilation_growth**i
             blocks += [
-                torch.nn.Conv1d(channels, hidden, kernel_size, padding=kernel_size // 2),
+                torch.nn.Conv1d(
+                    channels, hidden, kernel_size, padding=dilation * (kernel_size // 2),
+                    dilation=dilation,
+                ),
                 torch.nn.BatchNorm1d(hidden),
                 torch.nn.ReLU(),
             ]
@@ -149,7 +158,9 @@ class PhoneAligner:
         torch.manual_seed(self.settings.seed)
         s = self.settings
         self.fbank = Fbank(n_mels=s.n_mels, sample_rate=s.frame_rate.sample_rate)
-        self.model = PhoneClassifier(s.n_mels, len(PHONES), s.hidden, s.kernel_size, s.layers)
+        self.model = PhoneClassifier(
+            s.n_mels, len(PHONES), s.hidden, s.kernel_size, s.layers, s.dilation_growth
+        )
         self.log_prior = torch.full((len(PHONES),), -math.log(len(PHONES)))
         self.model.eval()
 

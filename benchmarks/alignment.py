@@ -1,0 +1,119 @@
+"""Forced-alignment quality and speed on the embedded corpus; prints one JSON line.
+
+Steps, all with the library the ``sbkd align`` / ``build-tree`` commands use:
+
+1. the SynthCommands corpus in ``--corpus`` (made with default settings if absent);
+2. CMUdict lexicon with the g2p OOV fallback; ``oov_rate`` = OOV word tokens / word tokens
+   over the train and test transcripts;
+3. a flat-start phone model trained on the first ``--train-utterances`` train utterances
+   (``train_seconds``);
+4. Viterbi alignment of the test split (speakers unseen in training), compared with the
+   synthesiser's own word timings: every word start and end is a boundary;
+   ``boundary_mae_ms`` (mean absolute error), ``boundary_median_ms``, ``within_20ms`` (share
+   of boundaries within 20 ms; the classic forced-alignment yardstick, target >= 0.8), and
+   ``audio_s_per_s`` (seconds of test audio aligned per second, median of ``--repeats``
+   runs, features + phone model + Viterbi, ``--threads`` CPU threads);
+5. the senone tree grown from the train alignments: ``senones`` and ``tree_depth``.
+
+Usage::
+
+    nice python benchmarks/alignment.py --corpus /tmp/synthcommands [--train-utterances 400]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--corpus", required=True, help="SynthCommands folder (made if absent)")
+    parser.add_argument("--train-utterances", type=int, default=400)
+    parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--max-leaves", type=int, default=500)
+    parser.add_argument("--min-count", type=int, default=50)
+    parser.add_argument("--min-gain", type=float, default=100.0)
+    parser.add_argument("--repeats", type=int, default=1, help="timed passes over the test set")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from speechbrain.dataio.dataio import read_audio
+
+    from sb_crossmodal_kd.alignment.corpus import read_manifest, tree_statistics
+    from sb_crossmodal_kd.alignment.forced import AlignerSettings, PhoneAligner, boundary_errors
+    from sb_crossmodal_kd.data.corpus import make_corpus
+    from sb_crossmodal_kd.units.lexicon import Lexicon, oov_report
+    from sb_crossmodal_kd.units.senones import SenoneTree
+
+    if not os.path.isfile(os.path.join(args.corpus, "test.csv")):
+        make_corpus(args.corpus, progress=False)
+    train_rows = read_manifest(os.path.join(args.corpus, "train.csv"))
+    test_rows = read_manifest(os.path.join(args.corpus, "test.csv"))
+    with open(os.path.join(args.corpus, "test_alignments.json")) as f:
+        reference = json.load(f)
+
+    lexicon = Lexicon.from_cmudict(oov_policy="g2p")
+    oov = oov_report(lexicon, [(r["ID"], r["wrd"]) for r in train_rows + test_rows])
+
+    rows = train_rows[: args.train_utterances]
+    aligner = PhoneAligner(lexicon, AlignerSettings(iterations=args.iterations, epochs=args.epochs))
+    start = time.time()
+    aligner.train([(r["ID"], r["wav"], r["wrd"]) for r in rows], progress=False)
+    train_seconds = time.time() - start
+
+    if args.device != "cpu":
+        aligner.model.to(args.device)
+        aligner.log_prior = aligner.log_prior.to(args.device)
+    audio = [read_audio(r["wav"]) for r in test_rows]
+    audio_s = sum(len(a) for a in audio) / aligner.settings.frame_rate.sample_rate
+    speeds, errors = [], []
+    for repeat in range(args.repeats):
+        start = time.time()
+        results = []
+        for row, wav in zip(test_rows, audio, strict=True):
+            feats = aligner.features(wav).to(args.device)
+            results.append(aligner.align_features(feats, row["wrd"], row["ID"]))
+        speeds.append(audio_s / (time.time() - start))
+        if repeat == 0:
+            for row, result in zip(test_rows, results, strict=True):
+                ref = [tuple(w) for w in reference[row["ID"]]["words"]]
+                errors += boundary_errors(ref, result.words)
+    errors = np.asarray(errors)
+
+    # Tree from the train utterances' alignments (the phone model's own training data).
+    alignments = {}
+    for row in rows:
+        a = aligner.align(row["wav"], row["wrd"], row["ID"])
+        alignments[row["ID"]] = {"phones": a.phones, "feature_positions": a.feature_positions}
+    stats = tree_statistics(alignments, rows, aligner.features, progress=False)
+    tree = SenoneTree.build(stats, args.max_leaves, args.min_count, args.min_gain)
+
+    print(json.dumps({
+        "boundary_mae_ms": round(1000 * float(errors.mean()), 2),
+        "boundary_median_ms": round(1000 * float(np.median(errors)), 2),
+        "within_20ms": round(float((errors <= 0.020).mean()), 4),
+        "boundaries": int(errors.size),
+        "senones": tree.num_senones,
+        "tree_depth": tree.depth,
+        "oov_rate": round(oov["oov_rate"], 6),
+        "oov_types": oov["oov_types"],
+        "audio_s_per_s": round(statistics.median(speeds), 2),
+        "test_audio_s": round(audio_s, 1),
+        "train_utterances": len(rows),
+        "train_seconds": round(train_seconds, 1),
+        "threads": args.threads,
+        "device": args.device,
+    }))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
