@@ -10,11 +10,13 @@ d=256, ffn=1024, 8 experts, top-2, batch 16 x 200 frames (the sizes of issue 3):
 - ``vs_dense_active``: our time / a dense SwiGLU FFN with the same active parameters (2048);
 - ``dense_gating_vs_loop``: our dense-softmax MoE layer with 4 paper experts (one ReLU
   layer, 256 -> 1024) / the same layer written as a Python loop over per-expert modules;
-- ``peak_mib``: peak memory of each workload (CUDA: allocator peak; CPU: peak RSS growth).
+- ``peak_mib``: peak memory of one forward+backward step of each workload, each in a fresh
+  process (CUDA: allocator peak; CPU: growth of the peak resident set).
 
-Every workload runs in its own subprocess (an out-of-memory kill then costs one entry, not
-the benchmark), one after the other in the same invocation, for ``--rounds`` rounds in
-rotating order; times are medians over rounds. Usage::
+Each comparison runs in its own subprocess (an out-of-memory kill then costs one entry, not
+the benchmark), one after the other in the same invocation. Inside it the compared modules
+take turns step by step, so a burst of load from other processes hits both alike; ratios are
+of medians over the repeats. Usage::
 
     nice python benchmarks/moe.py [--device cpu|cuda] [--threads 1] [--repeats 7]
 """
@@ -22,7 +24,6 @@ rotating order; times are medians over rounds. Usage::
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,7 +34,7 @@ import torch
 from sb_crossmodal_kd.nnet.moe import MoE
 
 D_MODEL, D_FFN, N_EXPERTS, TOP_K, BATCH, FRAMES = 256, 1024, 8, 2, 16, 200
-DEEP_EXPERTS, DEEP_WIDTH = 4, 1024
+DEEP_EXPERTS, DEEP_WIDTH, DEEP_WIDTH_SMALL = 4, 1024, 128
 
 
 def _rss_bytes():
@@ -62,11 +63,12 @@ def _build(name, device):
             torch.nn.init.normal_(param, std=0.02)
     elif name == "dense_swiglu":
         module = DenseSwiGLU(D_MODEL, TOP_K * D_FFN)
-    elif name == "deep_dense_gating":
-        module = MoE(D_MODEL, DEEP_EXPERTS, output_size=DEEP_WIDTH, expert="relu",
-                     track_stats=False)
-    elif name == "deep_loop":
-        module = LoopMoE(D_MODEL, DEEP_EXPERTS, DEEP_WIDTH)
+    elif name.startswith("deep_dense_gating"):
+        width = DEEP_WIDTH_SMALL if name.endswith("_small") else DEEP_WIDTH
+        module = MoE(D_MODEL, DEEP_EXPERTS, output_size=width, expert="relu", track_stats=False)
+    elif name.startswith("deep_loop"):
+        width = DEEP_WIDTH_SMALL if name.endswith("_small") else DEEP_WIDTH
+        module = LoopMoE(D_MODEL, DEEP_EXPERTS, width)
     else:
         raise ValueError(f"unknown workload {name!r}")
     return module.to(device), x.requires_grad_(True)
@@ -101,36 +103,64 @@ class LoopMoE(torch.nn.Module):
         return out
 
 
-def run_workload(name, device, threads, warmup, repeats):
-    """Times one workload in this process; returns its result dict."""
-    torch.set_num_threads(threads)
-    module, x = _build(name, device)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    rss_before = _rss_bytes()
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+def _peak_rss_bytes():
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
-    def step():
+
+def _reset_peak_rss():
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+    except OSError:
+        pass
+
+
+def run_group(names, device, threads, warmup, repeats, memory_only=False):
+    """Times the workloads ``names`` in this process, taking turns step by step (or, with
+    ``memory_only``, measures the peak memory of one step of a single workload)."""
+    torch.set_num_threads(threads)
+    built = {name: _build(name, device) for name in names}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def step(name):
+        module, x = built[name]
         out = module(x)
         out.float().pow(2).mean().backward()
         module.zero_grad(set_to_none=True)
         x.grad = None
 
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
+    results = {name: {} for name in names}
+    if memory_only:  # a fresh process per workload: growth of its first step's peak
+        (name,) = names
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            _reset_peak_rss()
+            base = _rss_bytes()
+        step(name)
         sync()
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
-    if device == "cuda":
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
-    return {"median_s": statistics.median(times), "peak_mib": round(max(peak, 0) / 2**20, 1)}
+        if device == "cuda":
+            peak = torch.cuda.max_memory_allocated() - base
+        else:
+            peak = _peak_rss_bytes() - base
+        return {name: {"peak_mib": round(max(peak, 0) / 2**20, 1)}}
+    times = {name: [] for name in names}
+    for index in range(warmup + repeats):
+        for name in names:
+            sync()
+            start = time.perf_counter()
+            step(name)
+            sync()
+            if index >= warmup:
+                times[name].append(time.perf_counter() - start)
+    for name in names:
+        results[name]["median_s"] = statistics.median(times[name])
+    return results
 
 
 def _available_bytes():
@@ -149,10 +179,10 @@ def _batched_mm_estimate():
     return 2 * pairs * per_pair
 
 
-def _in_subprocess(name, args):
-    command = [sys.executable, __file__, "--workload", name, "--device", args.device,
+def _in_subprocess(names, args, memory_only=False):
+    command = [sys.executable, __file__, "--workloads", ",".join(names), "--device", args.device,
                "--threads", str(args.threads), "--warmup", str(args.warmup),
-               "--repeats", str(args.repeats)]
+               "--repeats", str(args.repeats)] + (["--memory-only"] if memory_only else [])
     proc = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -167,75 +197,76 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--timeout", type=int, default=1800)
-    parser.add_argument("--workload", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--workloads", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.workload is not None:
-        result = run_workload(args.workload, args.device, args.threads, args.warmup,
-                              args.repeats)
+    if args.workloads is not None:
+        result = run_group(args.workloads.split(","), args.device, args.threads, args.warmup,
+                           args.repeats, args.memory_only)
         print(json.dumps(result))
         return
 
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
     implementations = ["eager"] + sorted(ALL_EXPERTS_FUNCTIONS.keys())
-    workloads = ["ours", "ours:loop"]
-    results = {}
+    groups, skipped = [], {}
     for impl in implementations:
-        name = f"transformers:{impl}"
         if impl == "batched_mm" and _batched_mm_estimate() > 0.5 * _available_bytes():
-            results[name] = {"skipped": f"estimated {_batched_mm_estimate() / 2**30:.1f} GiB "
+            skipped[impl] = {"skipped": f"estimated {_batched_mm_estimate() / 2**30:.1f} GiB "
                              f"> half of {_available_bytes() / 2**30:.1f} GiB available"}
         elif impl in ("deepgemm", "sonicmoe") and args.device != "cuda":
-            results[name] = {"skipped": f"{impl} needs CUDA kernels"}
+            skipped[impl] = {"skipped": f"{impl} needs CUDA kernels"}
         else:
-            workloads.append(name)
-    workloads += ["dense_swiglu", "deep_dense_gating", "deep_loop"]
-    # Several rounds in rotating order; each workload's time is the median over rounds of
-    # its per-round medians, so a burst of load from other processes hits every entry alike.
-    per_round = {name: [] for name in workloads}
-    for round_index in range(args.rounds):
-        shift = round_index % len(workloads)
-        for name in workloads[shift:] + workloads[:shift]:
-            per_round[name].append(_in_subprocess(name, args))
-    for name, runs in per_round.items():
-        ok = [r for r in runs if "median_s" in r]
-        if not ok:
-            results[name] = runs[-1]
-            continue
-        results[name] = {"median_s": statistics.median(r["median_s"] for r in ok),
-                         "peak_mib": max(r["peak_mib"] for r in ok)}
+            groups.append(("ours", f"transformers:{impl}"))
+    groups += [("ours", "dense_swiglu"), ("ours", "ours:loop"),
+               ("deep_dense_gating", "deep_loop"),
+               ("deep_dense_gating_small", "deep_loop_small")]
+    measured = {pair: _in_subprocess(pair, args) for pair in groups}
 
     def ratio(a, b):
-        if "median_s" not in results.get(a, {}) or "median_s" not in results.get(b, {}):
-            return None
-        return round(results[a]["median_s"] / results[b]["median_s"], 3)
+        result = measured[(a, b)]
+        if "error" in result:
+            return result
+        return round(result[a]["median_s"] / result[b]["median_s"], 3)
 
     vs_transformers = {}
     for impl in implementations:
-        name = f"transformers:{impl}"
-        value = ratio("ours", name)
-        vs_transformers[impl] = value if value is not None else results[name]
+        if impl in skipped:
+            vs_transformers[impl] = skipped[impl]
+        else:
+            vs_transformers[impl] = ratio("ours", f"transformers:{impl}")
     timed = [v for v in vs_transformers.values() if isinstance(v, float)]
+    peak, median = {}, {}
+    for name in sorted({name for pair in groups for name in pair}):
+        result = _in_subprocess([name], args, memory_only=True)
+        peak[name] = result if "error" in result else result[name]["peak_mib"]
+    for pair, result in measured.items():
+        if "error" in result:
+            continue
+        for name in pair:
+            median[f"{name} (with {[n for n in pair if n != name][0]})"] = round(
+                result[name]["median_s"], 4)
     summary = {
         "device": args.device,
         "torch": torch.__version__,
         "grouped_mm": hasattr(torch, "_grouped_mm"),
         "threads": args.threads,
         "repeats": args.repeats,
-        "rounds": args.rounds,
         "sizes": {"d": D_MODEL, "ffn": D_FFN, "experts": N_EXPERTS, "top_k": TOP_K,
-                  "batch": BATCH, "frames": FRAMES},
+                  "batch": BATCH, "frames": FRAMES, "deep_experts": DEEP_EXPERTS,
+                  "deep_width": DEEP_WIDTH, "deep_width_small": DEEP_WIDTH_SMALL},
         "vs_transformers": vs_transformers,
         "vs_fastest_transformers": round(max(timed), 3) if timed else None,
         "vs_dense_active": ratio("ours", "dense_swiglu"),
         "dense_gating_vs_loop": ratio("deep_dense_gating", "deep_loop"),
-        "loop_kernel_vs_auto": ratio("ours:loop", "ours"),
-        "median_s": {k: round(v["median_s"], 4) for k, v in results.items() if "median_s" in v},
-        "peak_mib": {k: v["peak_mib"] for k, v in results.items() if "peak_mib" in v},
+        "dense_gating_vs_loop_small": ratio("deep_dense_gating_small", "deep_loop_small"),
+        "loop_kernel_vs_auto": (lambda r: round(1 / r, 3) if isinstance(r, float) else r)(
+            ratio("ours", "ours:loop")),
+        "median_s": median,
+        "peak_mib": peak,
     }
     print(json.dumps(summary))
 

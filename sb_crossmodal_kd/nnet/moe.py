@@ -119,6 +119,44 @@ def grouped_matmul(x, weight, offsets, kernel="auto"):
 # ---------------------------------------------------------------------------------------------
 
 
+class _SwiGLU(torch.autograd.Function):
+    """``silu(gate) * up`` of a fused ``[gate | up]`` tensor, whose backward writes both halves'
+    gradients straight into one buffer (autograd's chunk would concatenate them: one more
+    full pass over the largest activation of the layer)."""
+
+    @staticmethod
+    def forward(ctx, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        act = F.silu(gate)
+        ctx.save_for_backward(gate_up, act)
+        return act * up
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        gate_up, act = ctx.saved_tensors
+        half = act.shape[-1]
+        gate, up = gate_up[..., :half], gate_up[..., half:]
+        grad = grad.to(act.dtype)
+        grad_in = torch.empty_like(gate_up)
+        torch.mul(grad, act, out=grad_in[..., half:])
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_in[..., :half])
+        return grad_in
+
+
+def swiglu(gate_up):
+    """SwiGLU activation of a fused ``[..., 2H]`` gate/up projection -> ``[..., H]``.
+
+    Example
+    -------
+    >>> gate_up = torch.randn(3, 8)
+    >>> gate, up = gate_up.chunk(2, dim=-1)
+    >>> torch.allclose(swiglu(gate_up), F.silu(gate) * up)
+    True
+    """
+    return _SwiGLU.apply(gate_up)
+
+
 class StackedExperts(nn.Module):
     """N experts of one shape whose weights are stacked on a leading expert dimension.
 
@@ -213,8 +251,7 @@ class StackedExperts(nn.Module):
     def _hidden(self, pre):
         """Activation of the first projection's output (SwiGLU splits the fused halves)."""
         if self.expert == "swiglu":
-            gate, up = pre.chunk(2, dim=-1)
-            return F.silu(gate) * up
+            return swiglu(pre)
         return self.activation(pre)
 
     def forward_dense(self, x, gates):
