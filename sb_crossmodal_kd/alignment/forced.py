@@ -4,8 +4,10 @@ No existing aligner or acoustic model is assumed: :class:`PhoneAligner` trains i
 frame-level phone classifier on the corpus (audio + lexicon phone sequences) the way HMM
 systems are bootstrapped, and Viterbi-aligns with it:
 
-1. *Flat start*: leading and trailing low-energy frames are labelled silence and the frames
-   between are split evenly over the utterance's phones.
+1. *Start*: ``init="flat"``: leading and trailing low-energy frames are labelled silence and
+   the frames between are split evenly over the utterance's phones; ``init="ctc"``: a CTC
+   phone model (same network plus a blank output) is trained on the phone sequences, which
+   needs no segmentation, and its blank-free posteriors are Viterbi-aligned.
 2. Train the frame classifier (a small 1-D convolutional network over 10 ms log-Mel frames)
    on the current labels for a few epochs.
 3. Re-align every utterance: Viterbi (:func:`~sb_crossmodal_kd.alignment.viterbi.viterbi_align`)
@@ -52,8 +54,10 @@ class AlignerSettings:
     n_mels: int = 40
     hidden: int = 128
     kernel_size: int = 5
-    layers: int = 4
-    dilation_growth: int = 2
+    layers: int = 3
+    dilation_growth: int = 1
+    init: str = "flat"
+    ctc_epochs: int = 4
     iterations: int = 3
     epochs: int = 2
     learning_rate: float = 2e-3
@@ -83,8 +87,9 @@ class PhoneClassifier(torch.nn.Module):
         Number of convolution layers.
     dilation_growth : int
         Layer ``i`` has dilation ``dilation_growth ** i``, widening the context at no extra
-        cost: the receptive field is ``1 + (kernel_size - 1) * sum(dilations)`` frames
-        (61 frames, +-0.3 s, for the defaults), about what phone identification needs.
+        cost: the receptive field is ``1 + (kernel_size - 1) * sum(dilations)`` frames. A wide
+        context lets a model trained on a flat start learn the flat start's positions instead
+        of the acoustics, so the aligner's default is 1 (13 frames, +-60 ms).
 
     Example
     -------
@@ -93,7 +98,7 @@ class PhoneClassifier(torch.nn.Module):
     torch.Size([2, 50, 40])
     """
 
-    def __init__(self, n_mels, n_phones, hidden=128, kernel_size=5, layers=3, dilation_growth=2):
+    def __init__(self, n_mels, n_phones, hidden=128, kernel_size=5, layers=3, dilation_growth=1):
         super().__init__()
         blocks, channels = [], n_mels
         for i in range(layers):
@@ -212,6 +217,57 @@ class PhoneAligner:
             labels[a:b] = tokens[k]
         return labels
 
+    def _ctc_start(self, items, progress):
+        """First alignment from a CTC phone model: no initial segmentation needed.
+
+        The phone model gets one extra (blank) output and is trained with CTC on the phone
+        sequences; its blank-free, renormalised posteriors are then Viterbi-aligned. The blank
+        output is dropped afterwards and frame-level training continues from these weights.
+        """
+        s = self.settings
+        blank = len(PHONES)
+        ctc_model = PhoneClassifier(
+            s.n_mels, len(PHONES) + 1, s.hidden, s.kernel_size, s.layers, s.dilation_growth
+        )
+        optimiser = torch.optim.Adam(ctc_model.parameters(), lr=s.learning_rate)
+        gen = torch.Generator().manual_seed(s.seed)
+        # Batches of similar length keep padding small.
+        order = sorted(range(len(items)), key=lambda i: items[i][1].shape[0])
+        size = max(1, s.batch_size // 4)
+        batches = [order[i : i + size] for i in range(0, len(order), size)]
+        ctc_model.train()
+        for _ in tqdm(range(s.ctc_epochs), desc="CTC phone model", disable=not progress, leave=False):
+            for b in torch.randperm(len(batches), generator=gen).tolist():
+                feats = [items[i][1] for i in batches[b]]
+                targets = [torch.tensor([t for t, o in zip(*items[i][2][:2], strict=True) if not o])
+                           for i in batches[b]]
+                x = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True)
+                log_probs = ctc_model(x).log_softmax(-1).transpose(0, 1)
+                loss = torch.nn.functional.ctc_loss(
+                    log_probs,
+                    torch.cat(targets),
+                    torch.tensor([f.shape[0] for f in feats]),
+                    torch.tensor([len(t) for t in targets]),
+                    blank=blank,
+                    zero_infinity=True,
+                )
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+        ctc_model.eval()
+        # Frame-level training continues from the CTC network without its blank output.
+        state = ctc_model.state_dict()
+        state["out.weight"] = state["out.weight"][:blank]
+        state["out.bias"] = state["out.bias"][:blank]
+        self.model.load_state_dict(state)
+        labels = []
+        for utt_id, feats, seq in items:
+            with torch.no_grad():
+                log_post = ctc_model(feats.unsqueeze(0))[0][:, :blank].log_softmax(-1)
+            path = viterbi_align(log_post, seq[0], s.min_duration, seq[1], utt_id)
+            labels.append(np.asarray(seq[0])[path.numpy()])
+        return labels
+
     # ---------------------------------------------------------------- training
     def _train_epochs(self, feats_list, labels_list, epochs, progress):
         s = self.settings
@@ -273,7 +329,12 @@ class PhoneAligner:
         if not items:
             raise ValueError("PhoneAligner.train: no usable utterances")
         feats_list = [f for _, f, _ in items]
-        labels_list = [self._flat_start(f, seq[0], seq[1]) for _, f, seq in items]
+        if self.settings.init == "ctc":
+            labels_list = self._ctc_start(items, progress)
+        elif self.settings.init == "flat":
+            labels_list = [self._flat_start(f, seq[0], seq[1]) for _, f, seq in items]
+        else:
+            raise ValueError(f"AlignerSettings.init must be 'flat' or 'ctc', not {self.settings.init!r}")
         losses = []
         for it in range(self.settings.iterations):
             losses.append(self._train_epochs(feats_list, labels_list, self.settings.epochs, progress))
