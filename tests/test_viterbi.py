@@ -67,3 +67,26 @@ def test_too_few_frames_names_the_utterance():
     log_probs = torch.zeros(4, 5).log_softmax(-1)
     with pytest.raises(AlignmentError, match="'utt9'.*at least 6 frames"):
         viterbi_align(log_probs, [1, 2, 3], min_duration=2, utterance_id="utt9")
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_recovers_planted_substate_alignment_exactly(seed):
+    """Phones of 3 HMM states each (classes 3p, 3p+1, 3p+2), optional silences between."""
+    gen = torch.Generator().manual_seed(seed)
+    phones = [0, 5, 9, 0, 7, 5, 0, 2, 0]  # 0: silence, optional
+    optional = [p == 0 for p in phones]
+    tokens = [[3 * p, 3 * p + 1, 3 * p + 2] for p in phones]
+    positions, substates = [], []
+    for k, opt in enumerate(optional):
+        if opt and k % 2 == 1:
+            continue  # one of the inner silences is absent
+        for j in range(3):
+            n = int(torch.randint(1, 5, (1,), generator=gen))
+            positions += [k] * n
+            substates += [j] * n
+    true_class = torch.tensor([tokens[k][j] for k, j in zip(positions, substates, strict=True)])
+    logits = torch.randn(len(positions), 30, generator=gen)
+    logits[torch.arange(len(positions)), true_class] = logits.max(1).values + 1.0
+    pos, sub = viterbi_align(logits.log_softmax(-1), tokens, optional=optional,
+                             return_substates=True)
+    assert pos.tolist() == positions and sub.tolist() == substates

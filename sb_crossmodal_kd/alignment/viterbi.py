@@ -29,76 +29,100 @@ class AlignmentError(ValueError):
     """The token sequence cannot be aligned to the frames (too few frames)."""
 
 
-def viterbi_align(log_probs, tokens, min_duration=1, optional=None, utterance_id=None):
+def viterbi_align(
+    log_probs, tokens, min_duration=1, optional=None, utterance_id=None, return_substates=False
+):
     """Best segmentation of ``log_probs`` into ``tokens`` (in order).
 
     Arguments
     ---------
     log_probs : torch.Tensor
         Frame log-probabilities (log-posteriors or scaled log-likelihoods), shape ``(T, C)``.
-    tokens : list of int or torch.Tensor
-        Token class ids, length ``K``.
+    tokens : list of int, torch.Tensor, or list of list of int
+        Token class ids, length ``K``; or, for tokens with several sub-states (HMM states of a
+        phone: begin, middle, end), one list of sub-state class ids per token, passed through
+        left to right.
     min_duration : int or list of int
-        Minimum frames per token (shared, or one per token; ``>= 1``). An optional token that
-        is skipped takes no frames.
+        Minimum frames per token, or per sub-state when tokens have sub-states (shared, or one
+        per token; ``>= 1``). An optional token that is skipped takes no frames.
     optional : list of bool, optional
         Tokens that may be skipped (default: none).
     utterance_id : str, optional
         Named in errors.
+    return_substates : bool
+        Also return the sub-state index of each frame.
 
     Returns
     -------
     torch.Tensor
-        Long tensor ``(T,)``: the position ``k`` in ``tokens`` of each frame (never ``-1``).
+        Long tensor ``(T,)``: the position ``k`` in ``tokens`` of each frame (never ``-1``);
+        with ``return_substates``, a second ``(T,)`` tensor of sub-state indices.
+
+    Example
+    -------
+    >>> frames = torch.tensor([0, 1, 1, 2, 3, 3])  # classes of (token 0: 0 1 | token 1: 2 3)
+    >>> log_probs = torch.log_softmax(5.0 * torch.nn.functional.one_hot(frames, 4).float(), -1)
+    >>> pos, sub = viterbi_align(log_probs, [[0, 1], [2, 3]], return_substates=True)
+    >>> pos.tolist(), sub.tolist()
+    ([0, 0, 0, 1, 1, 1], [0, 1, 1, 0, 1, 1])
     """
     device = log_probs.device
-    tokens = torch.as_tensor(tokens, dtype=torch.long, device=device)
-    n_frames, n_tokens = log_probs.shape[0], tokens.numel()
+    if torch.is_tensor(tokens):
+        tokens = tokens.tolist()
+    sub_states = [list(t) if isinstance(t, (list, tuple)) else [int(t)] for t in tokens]
+    n_frames, n_tokens = log_probs.shape[0], len(sub_states)
     where = f"utterance {utterance_id!r}: " if utterance_id is not None else ""
-    if n_tokens == 0:
-        raise AlignmentError(f"{where}no tokens to align")
-    min_dur = torch.as_tensor(min_duration, dtype=torch.long, device=device).expand(n_tokens)
-    if bool((min_dur < 1).any()):
+    if n_tokens == 0 or any(len(t) == 0 for t in sub_states):
+        raise AlignmentError(f"{where}no tokens (or a token without states) to align")
+    min_dur = np.broadcast_to(np.asarray(min_duration, dtype=np.int64), (n_tokens,))
+    if (min_dur < 1).any():
         raise ValueError(f"{where}min_duration must be >= 1")
-    opt = torch.zeros(n_tokens, dtype=torch.bool, device=device)
+    opt = np.zeros(n_tokens, dtype=bool)
     if optional is not None:
-        opt = torch.as_tensor(optional, dtype=torch.bool, device=device)
-        if opt.numel() != n_tokens:
-            raise ValueError(f"{where}optional has {opt.numel()} flags for {n_tokens} tokens")
-    needed = int(min_dur[~opt].sum())
+        opt = np.asarray(optional, dtype=bool)
+        if opt.size != n_tokens:
+            raise ValueError(f"{where}optional has {opt.size} flags for {n_tokens} tokens")
+    per_token = np.array([len(t) for t in sub_states]) * min_dur
+    needed = int(per_token[~opt].sum())
     if needed > n_frames:
         raise AlignmentError(
             f"{where}{n_tokens} tokens need at least {needed} frames but there are only "
             f"{n_frames}; the transcript may not belong to this audio, or lower min_duration"
         )
 
-    # Expand tokens into states: state s belongs to token state_token[s].
-    state_token = torch.repeat_interleave(torch.arange(n_tokens, device=device), min_dur)
-    n_states = state_token.numel()
-    first = torch.cumsum(min_dur, 0) - min_dur  # first state of each token
-    last = first + min_dur - 1
-    is_last = torch.zeros(n_states, dtype=torch.bool, device=device)
-    is_last[last] = True
+    # Expand tokens into HMM states: each sub-state is a chain of min_duration states with
+    # the sub-state's class, the last of which may repeat.
+    state_class, state_token, state_sub, self_loop = [], [], [], []
+    for k, classes in enumerate(sub_states):
+        for j, c in enumerate(classes):
+            for d in range(min_dur[k]):
+                state_class.append(c)
+                state_token.append(k)
+                state_sub.append(j)
+                self_loop.append(d == min_dur[k] - 1)
+    state_token = np.asarray(state_token)
+    n_states = len(state_class)
+    first = np.concatenate([[0], np.cumsum(per_token)[:-1]])  # first state of each token
+    last = first + per_token - 1
+    is_last = np.asarray(self_loop)
     # A token's first state may also be entered from the last state of the token two back
     # when the token in between is optional (skip).
-    skip_into = torch.zeros(n_states, dtype=torch.bool, device=device)
-    skip_from = torch.full((n_states,), -1, dtype=torch.long, device=device)
+    skip_into = np.zeros(n_states, dtype=bool)
+    skip_from = np.zeros(n_states, dtype=np.int64)
     if n_tokens > 2:
-        k = torch.arange(2, n_tokens, device=device)
-        ok = opt[k - 1]
-        skip_into[first[k[ok]]] = True
-        skip_from[first[k[ok]]] = last[k[ok] - 2]
+        k = np.arange(2, n_tokens)[opt[1:-1]]
+        skip_into[first[k]] = True
+        skip_from[first[k]] = last[k - 2]
 
     # The recursion runs in numpy on the CPU: T small steps over S states are much cheaper
     # there than as T rounds of tiny device kernels.
-    emit = log_probs.detach().index_select(1, tokens[state_token]).double().cpu().numpy()
-    is_last_np = is_last.cpu().numpy()
-    skip_into_np = skip_into.cpu().numpy()
-    skip_from_np = skip_from.clamp(min=0).cpu().numpy()
+    index = torch.as_tensor(state_class, dtype=torch.long, device=device)
+    emit = log_probs.detach().index_select(1, index).double().cpu().numpy()
+    is_last_np, skip_into_np, skip_from_np = is_last, skip_into, skip_from
     neg = -1e30
     score = np.full(n_states, neg)
     score[0] = emit[0, 0]
-    if bool(opt[0]) and n_tokens > 1:
+    if opt[0] and n_tokens > 1:
         start = int(first[1])
         score[start] = emit[0, start]
     back = np.zeros((n_frames, n_states), dtype=np.int8)  # 0 stay, 1 advance, 2 skip
@@ -113,7 +137,7 @@ def viterbi_align(log_probs, tokens, min_duration=1, optional=None, utterance_id
         score = candidates[choice, np.arange(n_states)] + emit[t]
 
     end_states = [int(last[-1])]
-    if bool(opt[-1]) and n_tokens > 1:
+    if opt[-1] and n_tokens > 1:
         end_states.append(int(last[-2]))
     end_scores = score[end_states]
     if end_scores.max() <= neg / 2:
@@ -125,7 +149,10 @@ def viterbi_align(log_probs, tokens, min_duration=1, optional=None, utterance_id
         path[t] = state
         move = back[t, state]
         state = state if move == 0 else state - 1 if move == 1 else int(skip_from_np[state])
-    return state_token[torch.from_numpy(path).to(device)]
+    positions = torch.from_numpy(state_token[path]).to(device)
+    if return_substates:
+        return positions, torch.from_numpy(np.asarray(state_sub)[path]).to(device)
+    return positions
 
 
 def segments(positions):
