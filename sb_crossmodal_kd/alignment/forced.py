@@ -43,6 +43,7 @@ from tqdm import tqdm
 from sb_crossmodal_kd.alignment.framerate import FrameRate
 from sb_crossmodal_kd.alignment.viterbi import viterbi_align
 from sb_crossmodal_kd.units.phones import PHONES, SILENCE_INDEX
+from sb_crossmodal_kd.units.senones import split_states
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,8 @@ class AlignerSettings:
     learning_rate: float = 2e-3
     chunk_frames: int = 200
     batch_size: int = 32
-    min_duration: int = 2
+    states_per_phone: int = 3
+    min_duration: int = 1
     prior_scale: float = 0.7
     silence_energy: float = 0.25
     seed: int = 0
@@ -163,10 +165,11 @@ class PhoneAligner:
         torch.manual_seed(self.settings.seed)
         s = self.settings
         self.fbank = Fbank(n_mels=s.n_mels, sample_rate=s.frame_rate.sample_rate)
+        self.n_classes = len(PHONES) * s.states_per_phone
         self.model = PhoneClassifier(
-            s.n_mels, len(PHONES), s.hidden, s.kernel_size, s.layers, s.dilation_growth
+            s.n_mels, self.n_classes, s.hidden, s.kernel_size, s.layers, s.dilation_growth
         )
-        self.log_prior = torch.full((len(PHONES),), -math.log(len(PHONES)))
+        self.log_prior = torch.full((self.n_classes,), -math.log(self.n_classes))
         self.model.eval()
 
     # ---------------------------------------------------------------- features
@@ -211,11 +214,30 @@ class PhoneAligner:
         phones = [k for k, opt in enumerate(optional) if not opt]
         if end - start < len(phones):
             start, end = 0, n
-        labels = np.full(n, SILENCE_INDEX, dtype=np.int64)
+        positions = np.zeros(n, dtype=np.int64)  # token 0 is the leading silence
+        positions[end:] = len(tokens) - 1  # the trailing silence
         bounds = np.linspace(start, end, len(phones) + 1).round().astype(int)
         for k, a, b in zip(phones, bounds[:-1], bounds[1:], strict=True):
-            labels[a:b] = tokens[k]
-        return labels
+            positions[a:b] = k
+        return self._state_labels(positions, tokens)
+
+    def _state_labels(self, positions, tokens, substates=None):
+        """Class per frame: ``phone * states_per_phone + state``.
+
+        Without ``substates``, each run of one token position is split into equal parts.
+        """
+        n_states = self.settings.states_per_phone
+        positions = np.asarray(positions)
+        if substates is None:
+            substates = np.zeros(len(positions), dtype=np.int64)
+            change = np.flatnonzero(np.diff(positions)) + 1
+            for a, b in zip(np.r_[0, change], np.r_[change, len(positions)], strict=True):
+                substates[a:b] = split_states(a, b, n_states)
+        return np.asarray(tokens)[positions] * n_states + np.asarray(substates)
+
+    def _state_tokens(self, tokens):
+        n_states = self.settings.states_per_phone
+        return [[p * n_states + j for j in range(n_states)] for p in tokens]
 
     def _ctc_start(self, items, progress):
         """First alignment from a CTC phone model: no initial segmentation needed.
@@ -255,17 +277,16 @@ class PhoneAligner:
                 loss.backward()
                 optimiser.step()
         ctc_model.eval()
-        # Frame-level training continues from the CTC network without its blank output.
-        state = ctc_model.state_dict()
-        state["out.weight"] = state["out.weight"][:blank]
-        state["out.bias"] = state["out.bias"][:blank]
-        self.model.load_state_dict(state)
+        # Frame-level training continues from the CTC network's convolutions.
+        self.model.convs.load_state_dict(ctc_model.convs.state_dict())
         labels = []
         for utt_id, feats, seq in items:
             with torch.no_grad():
                 log_post = ctc_model(feats.unsqueeze(0))[0][:, :blank].log_softmax(-1)
-            path = viterbi_align(log_post, seq[0], s.min_duration, seq[1], utt_id)
-            labels.append(np.asarray(seq[0])[path.numpy()])
+            path = viterbi_align(
+                log_post, seq[0], s.min_duration * s.states_per_phone, seq[1], utt_id
+            )
+            labels.append(self._state_labels(path.numpy(), seq[0]))
         return labels
 
     # ---------------------------------------------------------------- training
@@ -273,7 +294,7 @@ class PhoneAligner:
         s = self.settings
         feats = torch.cat(feats_list)
         labels = torch.as_tensor(np.concatenate(labels_list))
-        counts = torch.bincount(labels, minlength=len(PHONES)).float() + 1.0
+        counts = torch.bincount(labels, minlength=self.n_classes).float() + 1.0
         self.log_prior = (counts / counts.sum()).log()
         n_chunks = max(1, feats.shape[0] // s.chunk_frames)
         feats = feats[: n_chunks * s.chunk_frames].reshape(n_chunks, s.chunk_frames, -1)
@@ -322,7 +343,8 @@ class PhoneAligner:
                 continue
             wav = read_audio(audio) if isinstance(audio, str) else audio
             feats = self.features(wav)
-            if feats.shape[0] < self.settings.min_duration * len(seq[4]):
+            needed = self.settings.min_duration * self.settings.states_per_phone * len(seq[4])
+            if feats.shape[0] < needed:
                 skipped.append((utt_id, "too short for its phone sequence"))
                 continue
             items.append((utt_id, feats, seq))
@@ -339,13 +361,13 @@ class PhoneAligner:
         for it in range(self.settings.iterations):
             losses.append(self._train_epochs(feats_list, labels_list, self.settings.epochs, progress))
             realigned = []
-            for (utt_id, feats, seq), old in tqdm(
-                list(zip(items, labels_list, strict=True)),
+            for utt_id, feats, seq in tqdm(
+                items,
                 desc=f"realign {it + 1}/{self.settings.iterations}",
                 disable=not progress,
             ):
-                path = self._viterbi(feats, seq, utt_id)
-                realigned.append(np.asarray(seq[0])[path.numpy()] if path is not None else old)
+                positions, substates = self._viterbi(feats, seq, utt_id)
+                realigned.append(self._state_labels(positions.numpy(), seq[0], substates.numpy()))
             labels_list = realigned
         return {
             "utterances": len(items),
@@ -357,26 +379,28 @@ class PhoneAligner:
 
     # ---------------------------------------------------------------- alignment
     def log_likelihoods(self, feats):
-        """Scaled log-likelihoods ``(T, n_phones)`` of normalised features ``(T, n_mels)``."""
+        """Scaled log-likelihoods ``(T, n_phones * states_per_phone)`` of features ``(T, n_mels)``."""
         with torch.no_grad():
             log_post = self.model(feats.unsqueeze(0))[0].log_softmax(-1)
         return log_post - self.settings.prior_scale * self.log_prior
 
     def _viterbi(self, feats, seq, utt_id):
+        """Token position and state per frame."""
         tokens, optional = seq[0], seq[1]
         return viterbi_align(
             self.log_likelihoods(feats),
-            tokens,
+            self._state_tokens(tokens),
             min_duration=self.settings.min_duration,
             optional=optional,
             utterance_id=utt_id,
+            return_substates=True,
         )
 
     def align_features(self, feats, words, utterance_id):
         """Aligns normalised features ``(T, n_mels)`` (see :meth:`features`) to ``words``."""
         seq = self._token_sequence(words, utterance_id)
         tokens, _, word_of, text_pos, phones = seq
-        path = self._viterbi(feats, seq, utterance_id).numpy()
+        path = self._viterbi(feats, seq, utterance_id)[0].numpy()
         shift = self.settings.frame_rate.feature_shift_s
         tokens_arr, text_pos_arr = np.asarray(tokens), np.asarray(text_pos)
         positions = text_pos_arr[path]

@@ -1,0 +1,70 @@
+"""`sbkd align`, `build-tree` and `export-units` chained on a tiny manifest."""
+
+import csv
+import json
+
+import numpy as np
+import soundfile
+
+from sb_crossmodal_kd.alignment.framerate import FrameRate
+from sb_crossmodal_kd.cli import main
+from sb_crossmodal_kd.units.lexicon import Lexicon
+from sb_crossmodal_kd.units.senones import SenoneTree
+from sb_crossmodal_kd.units.store import UnitStore
+
+WORDS = ["sam", "me", "miss", "sea", "ma"]
+
+
+def _manifest(folder, name, n, rng):
+    rows = []
+    for i in range(n):
+        words = [WORDS[j] for j in rng.integers(0, len(WORDS), 3)]
+        # Tones with pauses: a stand-in for speech, enough to exercise every step.
+        pieces = [0.01 * rng.standard_normal(2000)]
+        for _ in range(9):
+            f = rng.choice([300.0, 900.0, 1500.0, 2500.0])
+            pieces.append(0.5 * np.sin(2 * np.pi * f * np.arange(1600) / 16000))
+        pieces.append(0.01 * rng.standard_normal(2000))
+        wav = folder / f"{name}{i}.wav"
+        soundfile.write(wav, np.concatenate(pieces), 16000)
+        rows.append({"ID": f"{name}{i}", "duration": 1.15, "wav": str(wav), "spk_id": "s",
+                     "wrd": " ".join(words)})
+    path = folder / f"{name}.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_align_build_tree_export_units_chain(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    train = _manifest(tmp_path, "train", 12, rng)
+    test = _manifest(tmp_path, "test", 3, rng)
+    (tmp_path / "text.txt").write_text("\n".join(" ".join(rng.choice(WORDS, 4)) for _ in range(50)))
+    out = tmp_path / "out"
+    main(["align", "--train", str(train), "--manifests", str(train), str(test), "--output",
+          str(out), "--oov-policy", "skip", "--iterations", "1", "--epochs", "1", "--hidden",
+          "16", "--init", "flat"])
+    report = json.loads((out / "align_report.json").read_text())
+    assert report["test"]["alignment"]["aligned"] == 3 and report["test"]["oov"]["oov_rate"] == 0
+    main(["build-tree", "--alignments", str(out / "train_phone_alignments.json"), "--manifest",
+          str(train), "--aligner", str(out / "aligner.pt"), "--oov-policy", "skip", "--output",
+          str(out / "tree.json"), "--min-count", "5", "--min-gain", "1"])
+    tree = SenoneTree.load(out / "tree.json")
+    main(["export-units", "--alignments", str(out / "test_phone_alignments.json"), "--manifest",
+          str(test), "--oov-policy", "skip", "--tree", str(out / "tree.json"), "--spm-dir",
+          str(tmp_path / "spm"), "--spm-vocab-size", "12", "--spm-train-text",
+          str(tmp_path / "text.txt"), "--output", str(out / "test.units")])
+    lexicon = Lexicon.from_cmudict()
+    store = UnitStore(out / "test.units", expect={"lexicon": lexicon.hash, "tree": tree.hash})
+    assert store.ids() == ["test0", "test1", "test2"]
+    record = store["test0"]
+    n_frames = FrameRate().frames_for_samples(soundfile.info(tmp_path / "test0.wav").frames)
+    for unit in ("phones", "senones", "subwords"):
+        assert len(record[f"{unit}.frame_to_position"]) == n_frames
+    with open(test) as f:
+        text = next(csv.DictReader(f))["wrd"]
+    assert record["phones.units"].tolist() == lexicon.phone_ids(text)
+    assert record["senones.units"].tolist() == tree.senones(lexicon.phones(text))
+    assert "aligned 3/3" in capsys.readouterr().out
