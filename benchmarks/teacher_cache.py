@@ -17,7 +17,9 @@ transcripts converted to subwords. Figures:
   the student) and ``KL_full`` the teacher's full distribution, both through the training
   loss :func:`sb_crossmodal_kd.losses.topk_kl_divergence`. Two stand-in students, since no trained acoustic model is
   involved: the subword unigram of the speech transcripts (context-blind) and an add-one
-  bigram of them (partly agreeing with the teacher); the larger difference is reported;
+  bigram of them (partly agreeing with the teacher); the larger difference is reported
+  (``topk32_rel_diff_tau2``, ``topk64_rel_diff_tau2``: the same with the teacher softened
+  to ``tau = 2``);
 * ``read_vs_consume``: positions per second the cache serves (``TeacherCache.distributions``
   for random batches of ``--batch_size`` utterance IDs, median over batches) divided by the
   positions per second a training step of the baseline acoustic model consumes
@@ -75,7 +77,7 @@ def student_log_probs(utterances, vocab_size):
     return {"unigram": unigram_student, "bigram": bigram_student}
 
 
-def topk_rel_diff(teacher, cache, utterances, students):
+def topk_rel_diff(teacher, cache, utterances, students, tau=1.0):
     """Relative difference of summed KL (top-k cache vs full) per student."""
     sequences = [units for _, units in utterances]
     ids = [utt_id for utt_id, _ in utterances]
@@ -84,7 +86,7 @@ def topk_rel_diff(teacher, cache, utterances, students):
         range(0, len(sequences), 64), batches(sequences, 64), strict=True
     ):
         mask = torch.arange(unit_ids.shape[1])[None, :] < lengths[:, None]
-        full = teacher.distributions(unit_ids, lengths, k=teacher.vocab_size)
+        full = teacher.distributions(unit_ids, lengths, k=teacher.vocab_size, tau=tau)
         cached = cache.distributions(ids[start : start + 64], max_len=unit_ids.shape[1])
         for name, student in students.items():
             student_lp = student(unit_ids)
@@ -190,6 +192,17 @@ def main(argv=None):
             name: {key: round(value, 5) for key, value in d.items()} for name, d in diffs.items()
         }
         log(f"topk32: {diffs}")
+        # A softened teacher (tau = 2, common in distillation) spreads more mass past the top 32.
+        for k in (32, 64):
+            soft = os.path.join(scratch, f"k{k}_tau2")
+            build_cache(teacher, utterances, soft, k=k, tau=2.0, tokenizer_hash=text_units.hash,
+                        device="cpu", progress=False)
+            soft_diffs = topk_rel_diff(teacher, TeacherCache(soft, temperature=2.0), utterances,
+                                       students, tau=2.0)
+            result[f"topk{k}_rel_diff_tau2"] = round(
+                max(d["rel_diff"] for d in soft_diffs.values()), 5
+            )
+            log(f"topk{k} tau=2: {soft_diffs}")
 
         rng = random.Random(1)
         ids = [utt_id for utt_id, _ in utterances]
