@@ -225,9 +225,11 @@ def use_moe_ffn(
     return encoder
 
 
-def use_moe_ffn_settings(encoder, settings, **overrides):
+def use_moe_ffn_settings(encoder, settings, enabled=True, **overrides):
     """:func:`use_moe_ffn` with its arguments from a mapping, e.g. the ``ffn`` block of the
-    shared ``hparams/moe.yaml`` fragment; ``overrides`` win over ``settings``.
+    shared ``hparams/moe.yaml`` fragment; ``overrides`` win over ``settings``. With
+    ``enabled=False`` the encoder is returned unchanged (dense), so one hparams file serves
+    both variants of an experiment.
 
     Example
     -------
@@ -236,5 +238,10 @@ def use_moe_ffn_settings(encoder, settings, **overrides):
     >>> encoder = use_moe_ffn_settings(encoder, {"num_experts": 4, "top_k": 2}, every=2)
     >>> len(moe_layers(encoder))
     1
+    >>> dense = TransformerEncoder(num_layers=2, nhead=2, d_ffn=32, d_model=16)
+    >>> len(moe_layers(use_moe_ffn_settings(dense, {"num_experts": 4}, enabled=False)))
+    0
     """
+    if not enabled:
+        return encoder
     return use_moe_ffn(encoder, **{**dict(settings), **overrides})
