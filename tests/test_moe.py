@@ -182,6 +182,31 @@ def test_balancing_constraint_keeps_totals_within_margin_then_switches_off():
     assert collect_expert_stats(moe)["moe"]["usage"][0] > 0.99  # gates as the router says
 
 
+@pytest.mark.parametrize("top_k", [None, 2])
+@pytest.mark.parametrize("chunk", [1, 7])
+def test_chunked_constraint_keeps_totals_within_margin_plus_chunk(chunk, top_k):
+    torch.manual_seed(0)
+    margin = 3.0
+    moe = MoE(8, num_experts=4, top_k=top_k, balance_margin=margin,
+              balance_chunk_size=chunk).train()
+    with torch.no_grad():  # a router that sends everything to expert 0
+        moe.router.net.weight.zero_()
+        moe.router.net.bias.copy_(torch.tensor([8.0, 0.0, 0.0, 0.0]))
+    constraint = moe.constraint
+    spreads = []
+    record = constraint.record
+
+    def record_and_watch(gates, valid):  # observe the totals after every chunk
+        record(gates, valid)
+        spreads.append(float(constraint.totals.max() - constraint.totals.min()))
+
+    constraint.record = record_and_watch
+    moe(torch.randn(2, 20, 8), mask=make_mask(2, 20))
+    assert len(spreads) == -(-40 // chunk)
+    assert max(spreads) <= margin + chunk + 1e-5
+    assert constraint.steps == 1
+
+
 def test_balancing_constraint_phase_in_epochs():
     moe = MoE(8, num_experts=2, balance_margin=0.0, balance_epochs=2).train()
     set_moe_epoch(moe, 2)
@@ -288,6 +313,8 @@ def test_bfloat16_autocast_runs_and_stays_finite():
         ({"num_experts": 0}, "num_experts"),
         ({"num_experts": 4, "balance_margin": -1.0}, "balance_margin"),
         ({"num_experts": 4, "balance_epochs": 2}, "balance_margin"),
+        ({"num_experts": 4, "balance_margin": 1.0, "balance_chunk_size": 0},
+         "balance_chunk_size"),
         ({"num_experts": 4, "capacity_factor": 1.0}, "capacity_factor"),
         ({"num_experts": 4, "top_k": 1, "capacity_factor": 0.0}, "capacity_factor"),
         ({"num_experts": 4, "expert": "ffn"}, "hidden_size"),

@@ -402,9 +402,10 @@ class BalancingConstraint(nn.Module):
 
     Keeps per-expert running totals ``G_i`` of the gate mass each expert has received. While
     active, an expert with ``G_i - min_j G_j > margin`` gets gate 0 and the gate is
-    renormalised. The decision is taken per batch from the totals at its start (the paper
-    goes example by example), so the spread ``max G - min G`` stays below ``margin`` plus the
-    gate mass of one batch.
+    renormalised. The paper decides example by example; here frames are taken in chunks of
+    ``chunk_size`` (default: the whole batch), each decided from the totals left by the
+    previous chunks, so the spread ``max G - min G`` stays below ``margin + chunk_size``.
+    ``chunk_size=1`` is the paper's rule exactly (and a Python loop over frames).
 
     Only differences between totals matter, so they are stored relative to their minimum:
     they stay small and exact in float32 however long training runs.
@@ -425,6 +426,8 @@ class BalancingConstraint(nn.Module):
         Last epoch of phase one.
     phase_steps : int, optional
         Number of training batches of phase one.
+    chunk_size : int, optional
+        Frames decided together (None: the whole batch).
 
     Example
     -------
@@ -438,10 +441,14 @@ class BalancingConstraint(nn.Module):
             [0.0000, 0.5000, 0.5000]])
     """
 
-    def __init__(self, num_experts, margin, phase_epochs=None, phase_steps=None):
+    def __init__(self, num_experts, margin, phase_epochs=None, phase_steps=None,
+                 chunk_size=None):
         super().__init__()
         if margin is None or margin < 0:
             raise ValueError(f"balance_margin must be >= 0, got {margin}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"balance_chunk_size must be >= 1 or None, got {chunk_size}")
+        self.chunk_size = chunk_size
         for name, value in (("balance_epochs", phase_epochs), ("balance_steps", phase_steps)):
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be >= 0 or None, got {value}")
@@ -461,8 +468,8 @@ class BalancingConstraint(nn.Module):
             return False
         return self.phase_epochs is None or self.epoch <= self.phase_epochs
 
-    def forward(self, probs, valid):
-        """Constrains gate distributions and adds their mass to the running totals.
+    def forward(self, probs, valid, select=None):
+        """Constrains gate distributions and adds the gate mass used to the running totals.
 
         Arguments
         ---------
@@ -470,6 +477,9 @@ class BalancingConstraint(nn.Module):
             [M, N] gate distributions.
         valid : torch.Tensor
             [M] bool, False on padding (not counted).
+        select : callable, optional
+            Maps constrained distributions [c, N] to the gates actually used [c, N] (e.g.
+            top-k, renormalised); default: the distributions themselves.
 
         Returns
         -------
@@ -478,9 +488,15 @@ class BalancingConstraint(nn.Module):
         """
         if not self.active:
             return probs
-        probs = self.constrain(probs)
-        self.record(probs, valid)
-        return probs
+        size = self.chunk_size or max(probs.shape[0], 1)
+        pieces = []
+        for start in range(0, probs.shape[0], size):
+            piece = self.constrain(probs[start : start + size])
+            used = piece if select is None else select(piece)
+            self.record(used, valid[start : start + size])
+            pieces.append(piece)
+        self.steps += 1
+        return torch.cat(pieces) if len(pieces) != 1 else pieces[0]
 
     def constrain(self, probs):
         """Zeroes the gates of experts ahead by more than the margin and renormalises."""
@@ -494,7 +510,6 @@ class BalancingConstraint(nn.Module):
         mass = (gates.float() * valid.unsqueeze(-1).float()).sum(0)
         totals = self.totals + mass
         self.totals.copy_(totals - totals.min())
-        self.steps += 1
 
     def get_extra_state(self):
         return {"steps": self.steps, "epoch": self.epoch}
@@ -505,7 +520,7 @@ class BalancingConstraint(nn.Module):
 
     def extra_repr(self):
         return (f"margin={self.margin}, phase_epochs={self.phase_epochs}, "
-                f"phase_steps={self.phase_steps}")
+                f"phase_steps={self.phase_steps}, chunk_size={self.chunk_size}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -564,6 +579,9 @@ class MoE(nn.Module):
         Enables the paper's :class:`BalancingConstraint` with this margin.
     balance_epochs, balance_steps : int, optional
         End of the constraint's phase one, in epochs or training batches.
+    balance_chunk_size : int, optional
+        Frames the constraint decides together (None: the whole batch; 1: the paper's
+        frame-by-frame rule).
     kernel : str
         Top-k expert kernel: "auto", "grouped_mm" or "loop".
     expert_bias : bool, optional
@@ -603,6 +621,7 @@ class MoE(nn.Module):
         balance_margin=None,
         balance_epochs=None,
         balance_steps=None,
+        balance_chunk_size=None,
         kernel="auto",
         expert_bias=None,
         track_stats=True,
@@ -624,8 +643,12 @@ class MoE(nn.Module):
                             ("z_loss_weight", z_loss_weight)):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
-        if balance_margin is None and (balance_epochs is not None or balance_steps is not None):
-            raise ValueError("balance_epochs/balance_steps given without balance_margin")
+        if balance_margin is None and any(
+            v is not None for v in (balance_epochs, balance_steps, balance_chunk_size)
+        ):
+            raise ValueError(
+                "balance_epochs/balance_steps/balance_chunk_size given without balance_margin"
+            )
         if kernel not in KERNELS:
             raise ValueError(f"kernel={kernel!r} is not one of {KERNELS}")
         output_size = input_size if output_size is None else output_size
@@ -647,7 +670,7 @@ class MoE(nn.Module):
         self.constraint = None
         if balance_margin is not None:
             self.constraint = BalancingConstraint(
-                num_experts, balance_margin, balance_epochs, balance_steps
+                num_experts, balance_margin, balance_epochs, balance_steps, balance_chunk_size
             )
 
         # Set by the latest forward pass; read (and cleared) by the collectors below.
@@ -708,19 +731,24 @@ class MoE(nn.Module):
         """
         logits = self.router(x)
         probs = torch.softmax(logits, dim=-1)
-        record = self.constraint is not None and self.constraint.active
-        if record:
-            # The totals count the gates actually used, so top-k records after selection.
-            probs = self.constraint.constrain(probs)
+        if self.constraint is not None:
+            # The totals count the gates actually used: top-k records after selection.
+            select = None if self.top_k is None else self._sparse_gates
+            probs = self.constraint(probs, valid, select)
         if self.top_k is None:
-            if record:
-                self.constraint.record(probs, valid)
             return logits, probs, None, None
+        top_w, top_i = self._top_k(probs)
+        return logits, probs, top_w, top_i
+
+    def _top_k(self, probs):
         top_w, top_i = probs.topk(self.top_k, dim=-1)
         top_w = top_w / top_w.sum(-1, keepdim=True).clamp_min(torch.finfo(top_w.dtype).tiny)
-        if record:
-            self.constraint.record(torch.zeros_like(probs).scatter(1, top_i, top_w), valid)
-        return logits, probs, top_w, top_i
+        return top_w, top_i
+
+    def _sparse_gates(self, probs):
+        """Dense [M, N] view of the renormalised top-k gates."""
+        top_w, top_i = self._top_k(probs)
+        return torch.zeros_like(probs).scatter(1, top_i, top_w)
 
     # -- forward ---------------------------------------------------------------------------
 
