@@ -11,6 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
+import ruamel.yaml
 import speechbrain as sb
 from hyperpyyaml import load_hyperpyyaml
 
@@ -54,6 +55,8 @@ def asr_datasets(hparams):
         dataset.add_dynamic_item(text_pipeline)
         dataset.set_output_keys(["id", "sig", "wrd", "tokens"])
         datasets[split] = dataset
+    if hparams.get("dataset_pipelines") is not None:  # e.g. the KD recipe's units and teachers
+        hparams["dataset_pipelines"](datasets, hparams)
     return datasets
 
 
@@ -73,10 +76,35 @@ def train_loader_options(hparams, train_data):
     return {**options, "batch_sampler": sampler}
 
 
-def load_hparams(hparams_file, overrides=None):
-    """Loads a hyperpyyaml file with ``overrides`` (a dict or a yaml string)."""
+WRAPPER_KEY = "experiment"
+
+
+def file_overrides(hparams_file, overrides=None):
+    """``overrides`` (a dict or a yaml string) in the structure of ``hparams_file``.
+
+    hyperpyyaml has no top-level include, so a variant of an experiment can be a file whose
+    one key is ``experiment: !include:base.yaml`` with the variant's settings under it (see
+    ``recipes/SynthCommands/KD``). Flat overrides of such a file apply inside that include.
+    """
+    if isinstance(overrides, str):
+        overrides = ruamel.yaml.YAML().load(overrides)
+    overrides = dict(overrides or {})
     with open(hparams_file) as handle:
-        return load_hyperpyyaml(handle, overrides or {})
+        keys = list(ruamel.yaml.YAML().load(handle) or {})
+    if keys == [WRAPPER_KEY] and overrides and list(overrides) != [WRAPPER_KEY]:
+        return {WRAPPER_KEY: overrides}
+    return overrides
+
+
+def load_hparams(hparams_file, overrides=None):
+    """Loads a hyperpyyaml file with ``overrides`` (a dict or a yaml string); a file wrapping
+    a shared base in ``experiment:`` (see :func:`file_overrides`) is unwrapped."""
+    overrides = file_overrides(hparams_file, overrides)
+    with open(hparams_file) as handle:
+        hparams = load_hyperpyyaml(handle, overrides)
+    if list(hparams) == [WRAPPER_KEY]:
+        return hparams[WRAPPER_KEY]
+    return hparams
 
 
 def run_asr_experiment(hparams_file, overrides=None, run_opts=None):
@@ -97,7 +125,7 @@ def run_asr_experiment(hparams_file, overrides=None, run_opts=None):
     sb.create_experiment_directory(
         experiment_directory=hparams["output_folder"],
         hyperparams_to_save=str(hparams_file),
-        overrides=overrides,
+        overrides=file_overrides(hparams_file, overrides),
     )
     datasets = asr_datasets(hparams)
     brain = hparams["brain_class"](
