@@ -1,0 +1,382 @@
+"""The data chain of hierarchical distillation, as library steps, and the KD recipe's datasets.
+
+:func:`prepare_kd_data` chains the existing steps, each one skipped when its output is
+complete (every output is a file with a header saying what it was built from):
+
+1. corpus: :func:`~sb_crossmodal_kd.data.corpus.make_corpus` (SynthCommands);
+2. lexicon and forced alignment: CMUdict with the letter-to-sound fallback (OOV report),
+   a flat-start :class:`~sb_crossmodal_kd.alignment.forced.PhoneAligner` trained on the
+   train split, every split that needs units aligned;
+3. senone tree: :class:`~sb_crossmodal_kd.units.senones.SenoneTree` from the train split's
+   alignments and the aligner's features;
+4. subword tokenizer (SentencePiece on the train transcripts, as the baseline recipe's) and one
+   :class:`~sb_crossmodal_kd.units.store.UnitStore` per split (phones, senones, subwords with
+   their encoder-frame alignments);
+5. three unit LMs on the text-only corpus, by the LM recipe (``recipes/SynthCommands/LM``)
+   run as a subprocess, with the tokenizer and tree above so their unit ids are the store's;
+6. one teacher cache per unit type and split, from the store's unit sequences.
+
+Layout of ``prep_dir`` (read by ``recipes/SynthCommands/KD/hparams/base.yaml``)::
+
+    prep.json                    settings, paths and per-step seconds (refuses other settings)
+    align/aligner.pt             the phone model;  align/{split}_phone_alignments.json
+    align/train_oov.txt          out-of-vocabulary words of the train split and their fallback
+    senone_tree.json
+    tokenizer/<V>_unigram.model
+    units/{split}.units
+    lm/{subword,monophone,senone}/   LM recipe outputs (lm/ is the teacher, results.json)
+    caches/{unit_type}_{split}/  top-k teacher distributions
+
+:func:`add_kd_items` is the KD recipe's ``dataset_pipelines`` hook: it gives the train split
+the unit sequences, alignments and teacher triples that the chosen heads and label
+interpolation need, and nothing for conditions that need none.
+"""
+
+import copy
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sb_crossmodal_kd.io import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PREP_DEFAULTS", "prep_settings", "prepare_kd_data", "add_kd_items", "senone_count"]
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+LM_RECIPE = RECIPES / "SynthCommands" / "LM"
+
+UNIT_TYPES = ("subword", "monophone", "senone")
+STORE_STREAMS = {"subword": "subwords", "monophone": "phones", "senone": "senones"}
+
+# Sized for `sbkd demo` (every condition, 2 CPU cores, 15 minutes in all): see the KD README.
+PREP_DEFAULTS = {
+    "corpus": {"n_train": 600, "n_valid": 100, "n_test": 300, "n_text": 10000,
+               "n_text_valid": 500},
+    "vocab_size": 128,
+    "oov_policy": "g2p",
+    "aligner_utterances": 200,  # the phone model trains on the first N train utterances
+    "aligner": {"iterations": 2, "epochs": 2},
+    "tree": {"max_leaves": 200, "min_count": 20, "min_gain": 50.0},
+    "lm": {"number_of_epochs": 1, "max_train_sentences": 10000},
+    "cache_k": 32,
+    "splits": ["train"],  # the Brain reads units and teachers in training only
+}
+
+
+def prep_settings(**overrides):
+    """:data:`PREP_DEFAULTS` updated with ``overrides`` (nested dicts are merged).
+
+    Example
+    -------
+    >>> prep_settings(corpus={"n_train": 50})["corpus"]["n_train"]
+    50
+    >>> prep_settings(corpus={"n_train": 50})["corpus"]["n_test"]
+    300
+    >>> prep_settings(vocab=3)
+    Traceback (most recent call last):
+    ...
+    KeyError: "Unknown prep setting 'vocab'; known: ['aligner', 'aligner_utterances', ..."
+    """
+    settings = copy.deepcopy(PREP_DEFAULTS)
+    for key, value in overrides.items():
+        if key not in settings:
+            raise KeyError(f"Unknown prep setting {key!r}; known: {sorted(settings)}")
+        if isinstance(settings[key], dict) and isinstance(value, dict):
+            settings[key].update(value)
+        else:
+            settings[key] = value
+    settings["splits"] = sorted(set(settings["splits"]) | {"train"})
+    return settings
+
+
+def senone_count(tree_file):
+    """Number of senones of a saved tree (for hparams: ``!apply:...senone_count [path]``)."""
+    path = Path(tree_file)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"senone tree {path} not found: prepare the KD data first "
+            "(sb_crossmodal_kd.pipeline.prepare_kd_data or `sbkd ablation`)"
+        )
+    return json.loads(path.read_text())["num_senones"]
+
+
+class _Record:
+    """``prep.json``: settings, outputs and step timings, rewritten after every step."""
+
+    def __init__(self, prep_dir, settings, data_dir):
+        self.path = prep_dir / "prep.json"
+        header = {"format": "sbkd-kd-prep-1", "data_folder": str(data_dir), "settings": settings}
+        if self.path.is_file():
+            existing = json.loads(self.path.read_text())
+            old = {k: existing.get(k) for k in header}
+            if old != header:
+                changed = sorted(k for k in settings if existing["settings"].get(k) != settings[k])
+                raise FileExistsError(
+                    f"{prep_dir} holds KD data prepared with other settings or another corpus "
+                    f"(differs in: {', '.join(changed) or 'data_folder'}). Choose another "
+                    "folder or delete that one; nothing was changed."
+                )
+            self.data = existing
+        else:
+            self.data = {**header, "steps": {}, "outputs": {}}
+
+    def step(self, name, seconds, **outputs):
+        self.data["steps"][name] = round(seconds, 1)
+        self.data["outputs"].update(outputs)
+        atomic_write_json(self.path, self.data)
+
+
+def prepare_kd_data(data_dir, prep_dir, settings=None, progress=False, device="cpu"):
+    """Runs the chain (corpus -> ... -> teacher caches), skipping finished steps.
+
+    Arguments
+    ---------
+    data_dir : str or Path
+        Corpus folder (made here if absent; an existing one must have the same settings).
+    prep_dir : str or Path
+        Folder of everything else (layout in the module docstring).
+    settings : dict, optional
+        From :func:`prep_settings` (default: :data:`PREP_DEFAULTS`).
+    progress : bool
+        Show progress bars.
+    device : str
+        Where teachers run to fill the caches.
+
+    Returns
+    -------
+    dict
+        ``prep.json``'s content: ``settings``, ``steps`` (seconds, this run's work only) and
+        ``outputs`` (``n_senones``, ``tokenizer_hash``, LM ``valid_ppl`` per unit type, ...).
+    """
+    from sb_crossmodal_kd.data.corpus import make_corpus
+    from sb_crossmodal_kd.units.lexicon import Lexicon
+
+    settings = settings or prep_settings()
+    data_dir, prep_dir = Path(data_dir).resolve(), Path(prep_dir).resolve()
+    prep_dir.mkdir(parents=True, exist_ok=True)
+    record = _Record(prep_dir, settings, data_dir)
+
+    start = time.time()
+    manifests = make_corpus(data_dir, progress=progress, **settings["corpus"])
+    record.step("corpus", time.time() - start)
+
+    start = time.time()
+    lexicon = Lexicon.from_cmudict(oov_policy=settings["oov_policy"])
+    aligner = _aligner(prep_dir / "align", manifests["train"], lexicon, settings, progress)
+    alignments = {
+        split: _alignments(prep_dir / "align", split, manifests[split], aligner, lexicon,
+                           progress)
+        for split in settings["splits"]
+    }
+    record.step("lexicon_alignment", time.time() - start, lexicon=lexicon.hash)
+
+    start = time.time()
+    tree = _tree(prep_dir / "senone_tree.json", alignments["train"], manifests["train"], aligner,
+                 settings["tree"], progress)
+    record.step("senone_tree", time.time() - start, n_senones=tree.num_senones, tree=tree.hash)
+
+    start = time.time()
+    tokenizer = _tokenizer(prep_dir / "tokenizer", manifests["train"], settings["vocab_size"])
+    stores = {
+        split: _unit_store(prep_dir / "units" / f"{split}.units", alignments[split],
+                           manifests[split], lexicon, tree, tokenizer, progress)
+        for split in settings["splits"]
+    }
+    record.step("unit_stores", time.time() - start, tokenizer=tokenizer.hash,
+                unit_stores={split: str(path) for split, path in stores.items()})
+
+    start = time.time()
+    lms = _unit_lms(prep_dir, data_dir, settings)
+    record.step("unit_lms", time.time() - start,
+                lm_valid_ppl={unit: lm["valid_ppl"] for unit, lm in lms.items()})
+
+    start = time.time()
+    caches = {
+        unit: {
+            split: str(_teacher_cache(prep_dir, unit, split, stores[split], settings, device,
+                                      progress))
+            for split in settings["splits"]
+        }
+        for unit in UNIT_TYPES
+    }
+    record.step("teacher_caches", time.time() - start, teacher_caches=caches)
+    return record.data
+
+
+def _aligner(folder, train_manifest, lexicon, settings, progress):
+    from sb_crossmodal_kd.alignment.corpus import read_manifest
+    from sb_crossmodal_kd.alignment.forced import AlignerSettings, PhoneAligner
+    from sb_crossmodal_kd.units.lexicon import oov_report
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "aligner.pt"
+    if path.is_file():
+        return PhoneAligner.load(path, lexicon)
+    rows = read_manifest(train_manifest)
+    report = oov_report(lexicon, [(r["ID"], r["wrd"]) for r in rows], folder / "train_oov.txt")
+    logger.info("train OOV rate %.4f (%d types, fallback: %s)", report["oov_rate"],
+                report["oov_types"], settings["oov_policy"])
+    aligner = PhoneAligner(lexicon, AlignerSettings(**settings["aligner"]))
+    rows = rows[: settings["aligner_utterances"]]
+    aligner.train([(r["ID"], r["wav"], r["wrd"]) for r in rows], progress=progress)
+    aligner.save(path)
+    return aligner
+
+
+def _alignments(folder, split, manifest, aligner, lexicon, progress):
+    from sb_crossmodal_kd.alignment.corpus import (
+        align_manifest,
+        load_alignments,
+        read_manifest,
+        save_alignments,
+    )
+
+    path = folder / f"{split}_phone_alignments.json"
+    if not path.is_file():
+        found, report = align_manifest(aligner, read_manifest(manifest), progress=progress)
+        if report["skipped"]:
+            logger.warning("%s: %d utterances not aligned, e.g. %s", split,
+                           len(report["skipped"]), report["skipped"][0])
+        header = {"lexicon": lexicon.hash, "manifest": str(manifest),
+                  "aligner": aligner.state()["settings"], "report": report}
+        save_alignments(path, found, header)
+    return load_alignments(path, lexicon.hash)[1]
+
+
+def _tree(path, alignments, manifest, aligner, tree_settings, progress):
+    from sb_crossmodal_kd.alignment.corpus import read_manifest, tree_statistics
+    from sb_crossmodal_kd.units.senones import SenoneTree
+
+    if path.is_file():
+        return SenoneTree.load(path)
+    stats = tree_statistics(alignments, read_manifest(manifest), aligner.features,
+                            progress=progress)
+    tree = SenoneTree.build(stats, **tree_settings)
+    tree.save(path)
+    return tree
+
+
+def _tokenizer(folder, train_manifest, vocab_size):
+    from sb_crossmodal_kd.units.subwords import SentencePieceUnits
+
+    # The baseline recipe's tokenizer (same trainer, text and settings): the CTC output, the
+    # subword store and the subword LM all use this one model.
+    return SentencePieceUnits(str(folder), vocab_size, csv_file=str(train_manifest))
+
+
+def _unit_store(path, alignments, manifest, lexicon, tree, tokenizer, progress):
+    from sb_crossmodal_kd.alignment.corpus import export_units, read_manifest
+    from sb_crossmodal_kd.units.store import UnitStore, UnitStoreMismatchError
+
+    expect = {"lexicon": lexicon.hash, "tokenizer": tokenizer.hash, "tree": tree.hash}
+    if path.is_file():
+        try:
+            UnitStore(path, expect=expect)
+            return path
+        except UnitStoreMismatchError as error:  # an upstream step was rebuilt
+            logger.warning("%s; rebuilding it", error)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    export_units(path, alignments, read_manifest(manifest), lexicon.hash, tree, tokenizer,
+                 progress=progress)
+    return path
+
+
+def _unit_lms(prep_dir, data_dir, settings):
+    """Trains the three unit LMs with the LM recipe, side by side (subprocesses: the library
+    imports no recipe, and most of a small LM's time is start-up)."""
+    recipe = LM_RECIPE / "train.py"
+    if not recipe.is_file():
+        raise FileNotFoundError(
+            f"{recipe} not found: the KD data chain runs the repository's LM recipe, so install "
+            "the package from a clone (pip install -e .)"
+        )
+    running = {}
+    for unit in UNIT_TYPES:
+        folder = prep_dir / "lm" / unit
+        if (folder / "results.json").is_file() and (folder / "lm" / "hyperparams.yaml").is_file():
+            continue
+        args = [sys.executable, str(recipe), str(LM_RECIPE / "hparams" / f"{unit}.yaml"),
+                f"--data_folder={data_dir}", f"--output_folder={folder}"]
+        args += [f"--{key}={value}" for key, value in settings["lm"].items()]
+        if unit == "subword":
+            args += [f"--tokenizer_dir={prep_dir / 'tokenizer'}",
+                     f"--vocab_size={settings['vocab_size']}"]
+        if unit == "senone":
+            args += [f"--tree_file={prep_dir / 'senone_tree.json'}"]
+        folder.mkdir(parents=True, exist_ok=True)
+        log = open(folder / "recipe_output.txt", "w")  # noqa: SIM115 (closed below)
+        running[unit] = (subprocess.Popen(args, cwd=folder, stdout=log, stderr=subprocess.STDOUT,
+                                          env=os.environ.copy()), log, args)
+    failed = []
+    for unit, (process, log, args) in running.items():
+        process.wait()
+        log.close()
+        if process.returncode != 0:
+            failed.append(f"{unit} ({' '.join(args)}; see {log.name})")
+    if failed:
+        raise RuntimeError(f"The LM recipe failed for: {'; '.join(failed)}")
+    return {unit: json.loads((prep_dir / "lm" / unit / "results.json").read_text())
+            for unit in UNIT_TYPES}
+
+
+def _teacher_cache(prep_dir, unit, split, store, settings, device, progress):
+    from sb_crossmodal_kd.teachers import load_teacher
+    from sb_crossmodal_kd.teachers.cache import build_cache, utterances_from_unit_store
+
+    folder = prep_dir / "caches" / f"{unit}_{split}"
+    header = folder / "header.json"
+    if header.is_file() and json.loads(header.read_text()).get("complete"):
+        return folder
+    utterances, units_hash = utterances_from_unit_store(store, unit)
+    teacher = load_teacher(prep_dir / "lm" / unit / "lm")
+    build_cache(teacher, utterances, folder, k=settings["cache_k"], unit_type=unit,
+                tokenizer_hash=units_hash, device=device, progress=progress)
+    return folder
+
+
+def kd_unit_types(hparams):
+    """Unit types the condition's heads and label interpolation read (sorted)."""
+    heads = hparams["modules"].get("auxiliary_heads")
+    objective = hparams.get("distillation")
+    if objective is not None:
+        return objective.required_unit_types(heads)
+    return heads.unit_types if heads is not None else []
+
+
+def add_kd_items(datasets, hparams):
+    """The KD recipe's ``dataset_pipelines`` hook (called by ``experiment.asr_datasets``).
+
+    Adds to ``datasets["train"]`` the units pipeline (sequences and frame alignments from
+    ``hparams["unit_stores"]["train"]``) and the teacher triples (``hparams["teacher_caches"]``)
+    of every unit type in :func:`kd_unit_types`, and keeps only utterances the store holds
+    (the aligner may refuse some). Valid and test stay plain: evaluation is the AM alone.
+    """
+    from sb_crossmodal_kd.kd_brain import teacher_items
+    from sb_crossmodal_kd.units.pipeline import add_unit_pipelines, unit_keys
+    from sb_crossmodal_kd.units.store import UnitStore
+
+    unit_types = kd_unit_types(hparams)
+    if not unit_types:
+        return
+    store = UnitStore(hparams["unit_stores"]["train"])
+    train = datasets["train"]
+    kept = train.filtered_sorted(key_test={"id": lambda utt_id: utt_id in store})
+    if len(kept) < len(train):
+        logger.warning("%d of %d train utterances have no units in %s (not aligned): left out",
+                       len(train) - len(kept), len(train), store.path)
+    streams = [STORE_STREAMS[unit] for unit in unit_types]
+    add_unit_pipelines([kept], [store], unit_types=streams)
+    caches = hparams["teacher_caches"]
+    missing = [unit for unit in unit_types if unit not in caches]
+    if missing:
+        raise KeyError(f"hparams teacher_caches has no cache for {missing}")
+    items, teacher_keys = teacher_items({unit: caches[unit] for unit in unit_types})
+    for item in items:
+        kept.add_dynamic_item(item)
+    kept.set_output_keys(["id", "sig", "wrd", "tokens", *unit_keys(streams), *teacher_keys])
+    datasets["train"] = kept
