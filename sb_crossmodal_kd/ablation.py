@@ -1,0 +1,319 @@
+"""The ablation of hierarchical distillation: every condition, paired seeds, one table.
+
+:func:`run_ablation` prepares the KD data (:func:`~sb_crossmodal_kd.pipeline.prepare_kd_data`),
+trains and tests every condition of the KD recipe (``recipes/SynthCommands/KD``) for the same
+seeds, and writes to its output folder:
+
+- ``ablation.json``: ``{"conditions": {name: entry}, "seeds": [...], "settings": {...},
+  "prep_s": ...}``; each entry has ``wer_mean``, ``wer_std``, ``cer_mean``, ``cer_std`` (%,
+  std over seeds, ``null`` with one seed), ``train_s`` (mean wall time of a run: training
+  and test), ``params`` (inference model, heads dropped), ``params_with_heads``, the paired
+  difference to the AM alone of the same encoder (``delta_wer_mean``, ``delta_wer_std``:
+  seed by seed, so shared seed noise cancels) and ``per_seed`` values;
+- ``ablation.md``: the same as a Markdown table;
+- ``ablation.png``: WER per condition with the seed std as error bars, dense vs MoE encoder.
+
+Runs live in ``runs/<condition>/<seed>/`` (SpeechBrain's output folder) and each finished one
+leaves ``run.json``; a run with that file is not run again, and an interrupted one resumes
+from its last epoch checkpoint, so the driver can be stopped and restarted at any point.
+
+Conditions (METHOD.md section 2): ``am_alone``, ``label_interpolation``, ``aux_subword``,
+``hierarchy``, ``hierarchy_minus_senone``, ``hierarchy_minus_monophone``,
+``hierarchy_minus_subword``, and each with ``_moe`` (MoE feed-forward modules in the Conformer).
+"""
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+from sb_crossmodal_kd.io import atomic_path, atomic_write_json, atomic_write_text
+from sb_crossmodal_kd.pipeline import RECIPES, prep_settings, prepare_kd_data
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CONDITIONS", "DEMO_TRAINING", "condition_recipe", "run_ablation", "summarize",
+           "markdown_table", "plot_ablation", "paired_seeds"]
+
+KD_HPARAMS = RECIPES / "SynthCommands" / "KD" / "hparams"
+DENSE_CONDITIONS = (
+    "am_alone",
+    "label_interpolation",
+    "aux_subword",
+    "hierarchy",
+    "hierarchy_minus_senone",
+    "hierarchy_minus_monophone",
+    "hierarchy_minus_subword",
+)
+CONDITIONS = DENSE_CONDITIONS + tuple(f"{name}_moe" for name in DENSE_CONDITIONS)
+MOE_SUFFIX = "_moe"
+FIRST_SEED = 1986
+
+# Recipe overrides sized for `sbkd demo` (every condition, 1 seed, 2 CPU cores): see the README.
+DEMO_TRAINING = {"number_of_epochs": 8}
+
+
+def paired_seeds(n):
+    """The seeds of an ``n``-seed study; every condition runs the same ones.
+
+    Example
+    -------
+    >>> paired_seeds(3)
+    [1986, 1987, 1988]
+    """
+    if n < 1:
+        raise ValueError(f"seeds must be at least 1, got {n}")
+    return [FIRST_SEED + i for i in range(n)]
+
+
+def condition_recipe(name):
+    """The hparams file and overrides of condition ``name``.
+
+    Example
+    -------
+    >>> path, overrides = condition_recipe("hierarchy_minus_senone_moe")
+    >>> path.name, overrides
+    ('hierarchy_minus_senone.yaml', {'condition': 'hierarchy_minus_senone_moe', 'use_moe': True})
+    >>> condition_recipe("hierarchy_minus_lexicon")
+    Traceback (most recent call last):
+    ...
+    ValueError: Unknown condition 'hierarchy_minus_lexicon'; choose from am_alone, ...
+    """
+    if name not in CONDITIONS:
+        raise ValueError(f"Unknown condition {name!r}; choose from {', '.join(CONDITIONS)}")
+    moe = name.endswith(MOE_SUFFIX)
+    family = name[: -len(MOE_SUFFIX)] if moe else name
+    path = KD_HPARAMS / f"{family}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: the ablation runs the repository's KD recipe, so install the "
+            "package from a clone (pip install -e .)"
+        )
+    return path, {"condition": name, "use_moe": moe}
+
+
+def _run_one(name, seed, run_dir, common, run_opts):
+    """Trains and tests one condition with one seed; writes and returns ``run.json``."""
+    from sb_crossmodal_kd.experiment import run_asr_experiment
+
+    hparams_file, overrides = condition_recipe(name)
+    overrides = {**common, **overrides, "seed": seed, "output_folder": str(run_dir)}
+    start = time.time()
+    results = run_asr_experiment(hparams_file, overrides, run_opts)
+    record = {
+        "condition": name,
+        "seed": seed,
+        "wer": results["wer"],
+        "cer": results["cer"],
+        "train_s": round(time.time() - start, 1),
+        "params": results["params"],
+        "params_with_heads": results.get("params_with_heads", results["params"]),
+        "epochs": results["epochs"],
+        "test_utterances": results["utterances"],
+    }
+    atomic_write_json(run_dir / "run.json", record)
+    return record
+
+
+def _mean_std(values):
+    values = [float(v) for v in values]
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return round(mean, 3), None
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return round(mean, 3), round(math.sqrt(var), 3)
+
+
+def summarize(records, conditions, seeds):
+    """One entry per condition from the runs' records (see the module docstring).
+
+    Arguments
+    ---------
+    records : dict
+        ``{(condition, seed): run record}`` with ``wer``, ``cer``, ``train_s``, ``params``.
+    conditions : list of str
+    seeds : list of int
+
+    Example
+    -------
+    >>> records = {("am_alone", 1): {"wer": 40.0, "cer": 20.0, "train_s": 10, "params": 5},
+    ...            ("am_alone", 2): {"wer": 44.0, "cer": 22.0, "train_s": 12, "params": 5},
+    ...            ("hierarchy", 1): {"wer": 37.0, "cer": 18.0, "train_s": 11, "params": 5},
+    ...            ("hierarchy", 2): {"wer": 42.0, "cer": 21.0, "train_s": 13, "params": 5}}
+    >>> entry = summarize(records, ["am_alone", "hierarchy"], [1, 2])["hierarchy"]
+    >>> entry["wer_mean"], entry["wer_std"], entry["delta_wer_mean"], entry["delta_wer_std"]
+    (39.5, 3.536, -2.5, 0.707)
+    """
+    summary = {}
+    for name in conditions:
+        runs = [records[(name, seed)] for seed in seeds]
+        entry = {}
+        for metric in ("wer", "cer"):
+            entry[f"{metric}_mean"], entry[f"{metric}_std"] = _mean_std([r[metric] for r in runs])
+        entry["train_s"] = round(sum(r["train_s"] for r in runs) / len(runs), 1)
+        entry["params"] = runs[0]["params"]
+        entry["params_with_heads"] = runs[0].get("params_with_heads", runs[0]["params"])
+        reference = "am_alone" + (MOE_SUFFIX if name.endswith(MOE_SUFFIX) else "")
+        if reference in conditions:
+            deltas = [records[(name, s)]["wer"] - records[(reference, s)]["wer"] for s in seeds]
+            entry["reference"] = reference
+            entry["delta_wer_mean"], entry["delta_wer_std"] = _mean_std(deltas)
+        entry["wer"] = [r["wer"] for r in runs]
+        entry["cer"] = [r["cer"] for r in runs]
+        entry["per_seed"] = {
+            str(seed): {key: r[key] for key in ("wer", "cer", "train_s", "epochs") if key in r}
+            for seed, r in zip(seeds, runs, strict=True)
+        }
+        summary[name] = entry
+    return summary
+
+
+def _pm(mean, std, digits=2):
+    if mean is None:
+        return "-"
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def markdown_table(summary, seeds):
+    """The summary as a Markdown table (WER/CER in %, paired delta to the AM alone).
+
+    Example
+    -------
+    >>> table = markdown_table({"am_alone": {"wer_mean": 40.0, "wer_std": None,
+    ...     "cer_mean": 20.0, "cer_std": None, "train_s": 10.0, "params": 1000}}, [1986])
+    >>> print(table.splitlines()[2])
+    | am_alone | 40.00 | 20.00 | - | 10 | 1,000 |
+    """
+    seed_text = f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''} ({', '.join(map(str, seeds))})"
+    lines = [
+        "| condition | WER % | CER % | ΔWER vs AM alone (paired) | train s | params |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, entry in summary.items():
+        delta = "-"
+        if "delta_wer_mean" in entry and name != entry.get("reference"):
+            delta = _pm(entry["delta_wer_mean"], entry["delta_wer_std"])
+        lines.append(
+            f"| {name} | {_pm(entry['wer_mean'], entry['wer_std'])} "
+            f"| {_pm(entry['cer_mean'], entry['cer_std'])} | {delta} "
+            f"| {entry['train_s']:.0f} | {entry['params']:,} |"
+        )
+    lines.append("")
+    lines.append(f"Mean ± std over {seed_text}; the same seeds for every condition.")
+    return "\n".join(lines) + "\n"
+
+
+def plot_ablation(summary, path):
+    """Bar plot of WER per condition (seed std as error bars), dense and MoE side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    families = [n for n in DENSE_CONDITIONS
+                if n in summary or n + MOE_SUFFIX in summary]
+    width = 0.4
+    fig, ax = plt.subplots(figsize=(1.2 * len(families) + 2, 4))
+    for offset, suffix, label in ((-width / 2, "", "Conformer"),
+                                  (width / 2, MOE_SUFFIX, "Conformer + MoE FFN")):
+        xs, means, stds = [], [], []
+        for i, family in enumerate(families):
+            entry = summary.get(family + suffix)
+            if entry is not None:
+                xs.append(i + offset)
+                means.append(entry["wer_mean"])
+                stds.append(entry["wer_std"] or 0.0)
+        if xs:
+            ax.bar(xs, means, width, yerr=stds, capsize=3, label=label)
+    ax.set_xticks(range(len(families)))
+    ax.set_xticklabels([f.replace("hierarchy_minus_", "hier. - ").replace("_", " ")
+                        for f in families], rotation=30, ha="right")
+    ax.set_ylabel("test WER %")
+    ax.set_title("Hierarchical cross-modal distillation: ablation")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def run_ablation(
+    output_dir,
+    seeds=1,
+    conditions=None,
+    prep=None,
+    training=None,
+    device="cpu",
+    progress=False,
+):
+    """Runs the ablation (resumable) and writes ``ablation.json``, ``.md`` and ``.png``.
+
+    Arguments
+    ---------
+    output_dir : str or Path
+        Everything goes here: ``data/`` (corpus), ``prep/`` (KD data), ``runs/``, results.
+    seeds : int
+        Seeds per condition (:func:`paired_seeds`: the same for every condition).
+    conditions : list of str, optional
+        Subset of :data:`CONDITIONS` (default: all, in that order).
+    prep : dict, optional
+        Data-chain settings overriding :data:`~sb_crossmodal_kd.pipeline.PREP_DEFAULTS`
+        (e.g. ``{"corpus": {"n_train": 1200}}``).
+    training : dict, optional
+        Recipe overrides for every run (default :data:`DEMO_TRAINING`), e.g.
+        ``{"number_of_epochs": 20, "d_model": 144}``.
+    device : str
+        ``cpu`` or ``cuda:0``.
+    progress : bool
+        Progress bars of the data chain.
+
+    Returns
+    -------
+    dict
+        The content of ``ablation.json``.
+    """
+    output_dir = Path(output_dir).resolve()
+    conditions = list(conditions or CONDITIONS)
+    for name in conditions:
+        condition_recipe(name)  # unknown names fail before hours of work
+    seed_list = paired_seeds(seeds)
+    settings = prep_settings(**(prep or {}))
+    training = dict(DEMO_TRAINING if training is None else training)
+
+    start = time.time()
+    prepared = prepare_kd_data(output_dir / "data", output_dir / "prep", settings,
+                               progress=progress, device=device)
+    prep_s = round(time.time() - start, 1)
+    common = {
+        "data_folder": str(output_dir / "data"),
+        "prep_folder": str(output_dir / "prep"),
+        "vocab_size": settings["vocab_size"],
+        **training,
+    }
+    records = {}
+    for name in conditions:
+        for seed in seed_list:
+            run_dir = output_dir / "runs" / name / str(seed)
+            record_file = run_dir / "run.json"
+            if record_file.is_file():
+                records[(name, seed)] = json.loads(record_file.read_text())
+                continue
+            logger.info("ablation: %s, seed %d", name, seed)
+            records[(name, seed)] = _run_one(name, seed, run_dir, common, {"device": device})
+    summary = summarize(records, conditions, seed_list)
+    result = {
+        "format": "sbkd-ablation-1",
+        "conditions": summary,
+        "condition_order": conditions,
+        "seeds": seed_list,
+        "settings": {"prep": settings, "training": training, "device": device},
+        "prep_s": prep_s,
+        "prep_steps_s": prepared["steps"],
+        "lm_valid_ppl": prepared["outputs"].get("lm_valid_ppl"),
+        "n_senones": prepared["outputs"].get("n_senones"),
+    }
+    atomic_write_json(output_dir / "ablation.json", result)
+    atomic_write_text(output_dir / "ablation.md", markdown_table(summary, seed_list))
+    plot_ablation(summary, output_dir / "ablation.png")
+    return result
