@@ -9,7 +9,9 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ["corpus", "demo", "teacher-cache", "align", "build-tree", "export-units"]
+SUBCOMMANDS = [
+    "corpus", "demo", "teacher-cache", "align", "build-tree", "export-units", "ablation",
+]
 
 
 def build_parser():
