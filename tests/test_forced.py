@@ -1,4 +1,4 @@
-"""The flat-start aligner learns a phone model from scratch and recovers planted boundaries."""
+"""The aligner learns a phone model from scratch and recovers planted word boundaries."""
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ def _utterance(rng, words, sample_rate=16000):
     return torch.tensor(wav, dtype=torch.float32), times
 
 
-def test_flat_start_aligner_recovers_planted_word_boundaries():
+def test_flat_start_aligner_learns_and_recovers_planted_word_boundaries():
     rng = np.random.default_rng(0)
     vocab = list(LEXICON)
     data = []
@@ -48,8 +48,8 @@ def test_flat_start_aligner_recovers_planted_word_boundaries():
         wav, times = _utterance(rng, words)
         data.append((f"u{i}", wav, " ".join(words), times))
     lexicon = Lexicon(LEXICON)
-    settings = AlignerSettings(hidden=32, layers=2, dilation_growth=1, iterations=3, epochs=4,
-                               chunk_frames=100, batch_size=8)
+    settings = AlignerSettings(hidden=32, layers=2, iterations=3, epochs=4, chunk_frames=100,
+                               batch_size=8, init="flat")
     aligner = PhoneAligner(lexicon, settings)
     aligner.train([(u, wav, text) for u, wav, text, _ in data[:30]], progress=False)
     errors = []

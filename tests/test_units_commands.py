@@ -45,7 +45,7 @@ def test_align_build_tree_export_units_chain(tmp_path, capsys):
     out = tmp_path / "out"
     main(["align", "--train", str(train), "--manifests", str(train), str(test), "--output",
           str(out), "--oov-policy", "skip", "--iterations", "1", "--epochs", "1", "--hidden",
-          "16", "--init", "flat"])
+          "16", "--init", "ctc", "--ctc-epochs", "1"])
     report = json.loads((out / "align_report.json").read_text())
     assert report["test"]["alignment"]["aligned"] == 3 and report["test"]["oov"]["oov_rate"] == 0
     main(["build-tree", "--alignments", str(out / "train_phone_alignments.json"), "--manifest",

@@ -57,8 +57,8 @@ class AlignerSettings:
     kernel_size: int = 5
     layers: int = 3
     dilation_growth: int = 1
-    init: str = "flat"
-    ctc_epochs: int = 4
+    init: str = "ctc"
+    ctc_epochs: int = 6
     iterations: int = 3
     epochs: int = 2
     learning_rate: float = 2e-3
