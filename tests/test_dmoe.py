@@ -71,3 +71,18 @@ def test_classifier_learns_a_toy_frame_task_with_balancing_and_aux_losses():
     assert len(stats) == 2
     for layer_stats in stats.values():
         assert min(layer_stats["usage"]) > 0.05  # the constraint kept every expert in use
+
+
+def test_ctc_encoder_subsamples_and_exposes_layers_to_taps():
+    from sb_crossmodal_kd.nnet.dmoe import DeepMoECTCEncoder
+    from sb_crossmodal_kd.nnet.taps import EncoderTaps
+
+    torch.manual_seed(0)
+    encoder = DeepMoECTCEncoder(n_mels=20, d_model=16, num_layers=3, num_experts=2, top_k=1)
+    lengths = torch.tensor([1.0, 0.5])
+    taps = EncoderTaps(encoder, layers=[1, 3])
+    out, hidden = taps(torch.randn(2, 81, 20), lengths)
+    assert out.shape == (2, 21, 16) and hidden[1].shape == (2, 21, 16)
+    torch.testing.assert_close(hidden[3], out)
+    real = int(torch.round(lengths * 21).sum())
+    assert {s["frames"] for s in collect_expert_stats(encoder).values()} == {float(real)}

@@ -8,7 +8,7 @@ every layer's output, so auxiliary heads can tap intermediate depths.
 
 import math
 
-import torch  # noqa: F401  (the Examples use it)
+import torch
 from torch import nn
 
 from sb_crossmodal_kd.nnet.moe import MoE, lengths_to_mask
@@ -177,3 +177,68 @@ class DeepMoEClassifier(nn.Module):
         """Logits [B, T, num_classes] (log-softmax them for the paper's softmax output)."""
         hidden, _ = self.encoder(x, lengths=lengths, mask=mask)
         return self.output(hidden)
+
+
+class DeepMoECTCEncoder(nn.Module):
+    """A Deep MoE encoder behind the project's convolutional front end, called like
+    :class:`~sb_crossmodal_kd.nnet.conformer.ConformerCTCEncoder`:
+    ``encoder(features, lengths) -> [B, T', d_model]``, so the CTC Brains, taps and heads
+    take it in place of the Conformer.
+
+    Front end: SpeechBrain's ``ConvolutionFrontEnd`` with two stride-2 blocks (4x time
+    subsampling), then a linear projection to ``d_model``; then ``num_layers`` MoE layers of
+    width ``d_model`` with residual connections and layer norm.
+
+    Arguments
+    ---------
+    n_mels : int
+        Input filterbank size.
+    d_model : int
+        Width of every MoE layer.
+    num_layers : int
+        MoE layers.
+    num_experts : int or list
+        Experts per layer.
+    front_channels : tuple of int
+        Channels of the two convolution blocks.
+    dropout : float
+        Dropout on each layer's output.
+    **dmoe_kwargs
+        Further :class:`DeepMoE` settings (expert, expert_hidden_size, top_k, balance_margin,
+        load_balancing_weight, ...).
+
+    Example
+    -------
+    >>> encoder = DeepMoECTCEncoder(n_mels=20, d_model=16, num_layers=2, num_experts=2)
+    >>> encoder(torch.randn(2, 41, 20), torch.tensor([1.0, 0.5])).shape
+    torch.Size([2, 11, 16])
+    """
+
+    def __init__(self, n_mels=80, d_model=144, num_layers=4, num_experts=4,
+                 front_channels=(32, 32), dropout=0.1, **dmoe_kwargs):
+        super().__init__()
+        from speechbrain.lobes.models.convolution import ConvolutionFrontEnd
+
+        self.front_end = ConvolutionFrontEnd(
+            input_shape=(None, None, n_mels),
+            num_blocks=2,
+            num_layers_per_block=1,
+            out_channels=tuple(front_channels),
+            kernel_sizes=(3, 3),
+            strides=(2, 2),
+            residuals=(False, False),
+        )
+        with torch.no_grad():
+            probe = self.front_end(torch.zeros(1, 8, n_mels))
+        self.projection = nn.Linear(probe.shape[2] * probe.shape[3], d_model)
+        dmoe_kwargs.setdefault("residual", True)
+        dmoe_kwargs.setdefault("layer_norm", True)
+        self.layers = DeepMoE(d_model, num_layers=num_layers, layer_size=d_model,
+                              num_experts=num_experts, dropout=dropout, **dmoe_kwargs)
+
+    def forward(self, features, lengths):
+        """Encodes ``features`` [B, T, n_mels] with relative ``lengths`` [B] -> [B, T', D]."""
+        x = self.front_end(features)
+        x = self.projection(x.flatten(start_dim=2))
+        out, _ = self.layers(x, lengths=lengths)
+        return out
