@@ -4,9 +4,9 @@ Steps, all with the library the ``sbkd align`` / ``build-tree`` commands use:
 
 1. the SynthCommands corpus in ``--corpus`` (made with default settings if absent);
 2. CMUdict lexicon with the g2p OOV fallback; ``oov_rate`` = OOV word tokens / word tokens
-   over the train and test transcripts;
-3. a flat-start phone model trained on the first ``--train-utterances`` train utterances
-   (``train_seconds``);
+   of the test transcripts (``oov_rate_train``: of the train transcripts);
+3. the aligner's phone model (CTC start, then 3-state frame-level re-alignment rounds)
+   trained on the first ``--train-utterances`` train utterances (``train_seconds``);
 4. Viterbi alignment of the test split (speakers unseen in training), compared with the
    synthesiser's own word timings: every word start and end is a boundary;
    ``boundary_mae_ms`` (mean absolute error), ``boundary_median_ms``, ``within_20ms`` (share
@@ -37,6 +37,9 @@ def main(argv=None):
     parser.add_argument("--train-utterances", type=int, default=400)
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--init", choices=["ctc", "flat"], default="ctc")
+    parser.add_argument("--ctc-epochs", type=int, default=6)
+    parser.add_argument("--prior-scale", type=float, default=0.7)
     parser.add_argument("--max-leaves", type=int, default=500)
     parser.add_argument("--min-count", type=int, default=50)
     parser.add_argument("--min-gain", type=float, default=100.0)
@@ -62,10 +65,15 @@ def main(argv=None):
         reference = json.load(f)
 
     lexicon = Lexicon.from_cmudict(oov_policy="g2p")
-    oov = oov_report(lexicon, [(r["ID"], r["wrd"]) for r in train_rows + test_rows])
+    oov = oov_report(lexicon, [(r["ID"], r["wrd"]) for r in test_rows])
+    oov_train = oov_report(lexicon, [(r["ID"], r["wrd"]) for r in train_rows])
 
     rows = train_rows[: args.train_utterances]
-    aligner = PhoneAligner(lexicon, AlignerSettings(iterations=args.iterations, epochs=args.epochs))
+    settings = AlignerSettings(
+        iterations=args.iterations, epochs=args.epochs, init=args.init,
+        ctc_epochs=args.ctc_epochs, prior_scale=args.prior_scale,
+    )
+    aligner = PhoneAligner(lexicon, settings)
     start = time.time()
     aligner.train([(r["ID"], r["wav"], r["wrd"]) for r in rows], progress=False)
     train_seconds = time.time() - start
@@ -106,6 +114,7 @@ def main(argv=None):
         "tree_depth": tree.depth,
         "oov_rate": round(oov["oov_rate"], 6),
         "oov_types": oov["oov_types"],
+        "oov_rate_train": round(oov_train["oov_rate"], 6),
         "audio_s_per_s": round(statistics.median(speeds), 2),
         "test_audio_s": round(audio_s, 1),
         "train_utterances": len(rows),

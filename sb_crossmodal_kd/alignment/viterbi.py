@@ -118,7 +118,6 @@ def viterbi_align(
     # there than as T rounds of tiny device kernels.
     index = torch.as_tensor(state_class, dtype=torch.long, device=device)
     emit = log_probs.detach().index_select(1, index).double().cpu().numpy()
-    is_last_np, skip_into_np, skip_from_np = is_last, skip_into, skip_from
     neg = -1e30
     score = np.full(n_states, neg)
     score[0] = emit[0, 0]
@@ -128,10 +127,10 @@ def viterbi_align(
     back = np.zeros((n_frames, n_states), dtype=np.int8)  # 0 stay, 1 advance, 2 skip
     candidates = np.empty((3, n_states))
     for t in range(1, n_frames):
-        candidates[0] = np.where(is_last_np, score, neg)
+        candidates[0] = np.where(is_last, score, neg)
         candidates[1, 0] = neg
         candidates[1, 1:] = score[:-1]
-        candidates[2] = np.where(skip_into_np, score[skip_from_np], neg)
+        candidates[2] = np.where(skip_into, score[skip_from], neg)
         choice = candidates.argmax(0)
         back[t] = choice
         score = candidates[choice, np.arange(n_states)] + emit[t]
@@ -148,7 +147,7 @@ def viterbi_align(
     for t in range(n_frames - 1, -1, -1):
         path[t] = state
         move = back[t, state]
-        state = state if move == 0 else state - 1 if move == 1 else int(skip_from_np[state])
+        state = state if move == 0 else state - 1 if move == 1 else int(skip_from[state])
     positions = torch.from_numpy(state_token[path]).to(device)
     if return_substates:
         return positions, torch.from_numpy(np.asarray(state_sub)[path]).to(device)
