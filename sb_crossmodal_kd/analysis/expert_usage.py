@@ -16,7 +16,7 @@ import math
 import torch
 
 from sb_crossmodal_kd.io import atomic_path, atomic_write_json
-from sb_crossmodal_kd.nnet.moe import collect_expert_stats, moe_layers
+from sb_crossmodal_kd.nnet.moe import collect_expert_stats, count_ids, moe_layers
 
 MAX_DENSE_COMBINATIONS = 1 << 20  # beyond this, count distinct paths with a set
 
@@ -125,23 +125,21 @@ class ExpertUsageTracker:
         self._frames_tensor += valid.sum()
         for joint, a, b in zip(self.joint, flat[:-1], flat[1:], strict=True):
             n_b = joint.shape[1]
-            joint += torch.bincount(a * n_b + b, minlength=joint.numel()).view_as(joint)
+            joint += count_ids(a * n_b + b, joint.numel()).view_as(joint)
         code = torch.zeros_like(flat[0])
         for a, n in zip(flat, self.num_experts, strict=True):
             code = code * n + a
         if isinstance(self.combination_counts, set):
             self.combination_counts.update(torch.unique(code).tolist())
         else:
-            self.combination_counts += torch.bincount(
-                code, minlength=self.combination_counts.numel()
-            )
+            self.combination_counts += count_ids(code, self.combination_counts.numel())
         if labels is not None and self.num_classes is not None:
             lab = labels[valid].long()
             if lab.numel() and int(lab.max()) >= self.num_classes:
                 raise ValueError(f"label {int(lab.max())} >= num_classes={self.num_classes}")
             for table, a in zip(self.by_class, flat, strict=True):
                 n = table.shape[1]
-                table += torch.bincount(lab * n + a, minlength=table.numel()).view_as(table)
+                table += count_ids(lab * n + a, table.numel()).view_as(table)
 
     def summary(self):
         """Plain-Python summary (one device sync).

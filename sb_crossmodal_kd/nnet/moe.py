@@ -30,6 +30,27 @@ EXPERT_TYPES = ("relu", "ffn", "swiglu")
 KERNELS = ("auto", "grouped_mm", "loop")
 
 
+def count_ids(ids, bins):
+    """Counts of each value ``0 .. bins - 1`` in an integer tensor, without a host sync.
+
+    ``torch.bincount`` reads the maximum back to the host on CUDA; ``histc`` does not. Values
+    outside ``[0, bins)`` are not counted.
+
+    Example
+    -------
+    >>> count_ids(torch.tensor([0, 2, 2, 3, 5]), 4)
+    tensor([1, 0, 2, 1])
+    """
+    if ids.numel() == 0:
+        return torch.zeros(bins, dtype=torch.long, device=ids.device)
+    # histc bins [0, bins]: value v < bins lands in bin v; v = bins in the extra last bin.
+    # Deterministic mode: CPU histc takes floats only, CUDA histc integers only.
+    values = ids.clamp(-1, bins)
+    values = values.float() if ids.device.type in ("cpu", "mps") else values.int()
+    counts = torch.histc(values, bins=bins + 1, min=0, max=bins)
+    return counts[:bins].long()
+
+
 # ---------------------------------------------------------------------------------------------
 # Grouped matrix multiplication over contiguous per-expert slices
 # ---------------------------------------------------------------------------------------------
@@ -817,9 +838,9 @@ class MoE(nn.Module):
             n_valid = valid.sum()
             capacity = torch.ceil(self.capacity_factor * k * n_valid / n)
             over = (position >= capacity) & (expert_ids < n)
-            dropped = torch.bincount(torch.where(over, expert_ids, n), minlength=n + 1)[:n]
+            dropped = count_ids(torch.where(over, expert_ids, n), n)
             expert_ids = torch.where(over, n, expert_ids)
-        routed = torch.bincount(expert_ids, minlength=n + 1)[:n]
+        routed = count_ids(expert_ids, n)
         offsets = routed.cumsum(0).to(torch.int32)
 
         sorted_ids, perm = torch.sort(expert_ids, stable=True)
@@ -846,7 +867,7 @@ class MoE(nn.Module):
         if self.load_balancing_weight > 0:
             if routed is None:  # dense gating: fraction of frames whose argmax is expert i
                 n = self.num_experts
-                routed = torch.bincount(torch.where(valid, assignment, n), minlength=n + 1)[:n]
+                routed = count_ids(torch.where(valid, assignment, n), n)
             fraction = routed.float() / routed.sum().clamp_min(1.0)
             mean_prob = (probs * validf.unsqueeze(-1)).sum(0) / n_valid
             loss = loss + self.load_balancing_weight * self.num_experts * (fraction * mean_prob).sum()
@@ -859,9 +880,9 @@ class MoE(nn.Module):
     def _accumulate(self, probs, gates, valid, assignment, routed, dropped):
         validf = valid.float().unsqueeze(-1)
         self.stat_gate_mass += (gates.float() * validf).sum(0)
-        self.stat_top1_count += torch.bincount(
-            torch.where(valid, assignment, self.num_experts), minlength=self.num_experts + 1
-        )[: self.num_experts].float()
+        self.stat_top1_count += count_ids(
+            torch.where(valid, assignment, self.num_experts), self.num_experts
+        ).float()
         if routed is not None:
             self.stat_routed_count += routed.float()
         if dropped is not None:
