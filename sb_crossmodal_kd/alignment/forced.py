@@ -58,8 +58,8 @@ class AlignerSettings:
     layers: int = 3
     dilation_growth: int = 1
     init: str = "ctc"
-    ctc_epochs: int = 6
-    iterations: int = 3
+    ctc_epochs: int = 12
+    iterations: int = 4
     epochs: int = 2
     learning_rate: float = 2e-3
     chunk_frames: int = 200
