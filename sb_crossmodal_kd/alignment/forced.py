@@ -53,6 +53,7 @@ class AlignerSettings:
     """Settings of :class:`PhoneAligner` (all recorded with a saved aligner)."""
 
     n_mels: int = 40
+    win_length_ms: float = 15.0
     hidden: int = 128
     kernel_size: int = 5
     layers: int = 3
@@ -164,7 +165,14 @@ class PhoneAligner:
         self.settings = settings or AlignerSettings()
         torch.manual_seed(self.settings.seed)
         s = self.settings
-        self.fbank = Fbank(n_mels=s.n_mels, sample_rate=s.frame_rate.sample_rate)
+        # The aligner's own features: same hop and centring as the model's Fbank, so frame j
+        # is centred at j * hop; a shorter window than the model's blurs boundaries less.
+        self.fbank = Fbank(
+            n_mels=s.n_mels,
+            sample_rate=s.frame_rate.sample_rate,
+            win_length=s.win_length_ms,
+            hop_length=s.frame_rate.hop_length_ms,
+        )
         self.n_classes = len(PHONES) * s.states_per_phone
         self.model = PhoneClassifier(
             s.n_mels, self.n_classes, s.hidden, s.kernel_size, s.layers, s.dilation_growth

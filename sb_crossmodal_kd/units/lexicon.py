@@ -37,8 +37,8 @@ import json
 import logging
 import math
 import os
-import tempfile
 
+from sb_crossmodal_kd.io import atomic_write_text
 from sb_crossmodal_kd.units.phones import PHONES, SILENCE, strip_stress
 
 logger = logging.getLogger(__name__)
@@ -67,15 +67,6 @@ class OutOfVocabularyError(KeyError):
 def normalise_word(word):
     """Lower-cases a word and strips surrounding punctuation (apostrophes inside are kept)."""
     return word.lower().strip(".,;:!?\"()[]")
-
-
-def _atomic_write_text(path, text):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 class GraphemeToPhoneme:
@@ -213,7 +204,7 @@ class GraphemeToPhoneme:
 
     def save(self, path):
         """Writes the table as JSON (atomically)."""
-        _atomic_write_text(path, json.dumps({"max_chunk": self.max_chunk, "table": self.table}))
+        atomic_write_text(path, json.dumps({"max_chunk": self.max_chunk, "table": self.table}))
 
     @classmethod
     def load(cls, path):
@@ -402,7 +393,7 @@ def oov_report(lexicon, texts, path=None):
         for word, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
             fallback = " ".join(lexicon.g2p(word)) if lexicon.oov_policy == "g2p" else ""
             lines.append(f"{word}\t{n}\t{fallback}\n")
-        _atomic_write_text(path, "".join(lines))
+        atomic_write_text(path, "".join(lines))
     return {
         "words": n_words,
         "oov_tokens": sum(counts.values()),

@@ -41,12 +41,11 @@ import hashlib
 import heapq
 import json
 import math
-import os
-import tempfile
 
 import numpy as np
 import torch
 
+from sb_crossmodal_kd.io import atomic_write_text
 from sb_crossmodal_kd.units.phones import ARPABET, PHONES, SILENCE
 
 STATES = 3
@@ -88,15 +87,6 @@ QUESTIONS = {
     "r_coloured": "ER R".split(),
 }
 QUESTIONS.update({f"is_{p}": [p] for p in PHONES if f"is_{p}" not in QUESTIONS})
-
-
-def _atomic_write_text(path, text):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def contexts(phones):
@@ -421,7 +411,7 @@ class SenoneTree:
             "questions": {k: sorted(v) for k, v in self.questions.items()},
             "trees": self.trees,
         }
-        _atomic_write_text(path, json.dumps(payload, indent=1))
+        atomic_write_text(path, json.dumps(payload, indent=1))
 
     @classmethod
     def load(cls, path):
