@@ -102,6 +102,7 @@ def _run_one(name, seed, run_dir, common, run_opts):
     start = time.time()
     results = run_asr_experiment(hparams_file, overrides, run_opts)
     record = {
+        "overrides": overrides,
         "condition": name,
         "seed": seed,
         "wer": results["wer"],
@@ -113,6 +114,21 @@ def _run_one(name, seed, run_dir, common, run_opts):
         "test_utterances": results["utterances"],
     }
     atomic_write_json(run_dir / "run.json", record)
+    return record
+
+
+def _finished(record_file, name, seed, run_dir, common):
+    """A finished run's record; refuses one trained with other settings."""
+    record = json.loads(record_file.read_text())
+    _, overrides = condition_recipe(name)
+    wanted = {**common, **overrides, "seed": seed, "output_folder": str(run_dir)}
+    if record.get("overrides") != json.loads(json.dumps(wanted)):
+        old = record.get("overrides") or {}
+        changed = sorted(k for k in set(old) | set(wanted) if old.get(k) != wanted.get(k))
+        raise ValueError(
+            f"{record_file}: this run was made with other settings (differs in: "
+            f"{', '.join(changed)}). Use another output folder, or delete the runs to redo."
+        )
     return record
 
 
@@ -297,7 +313,7 @@ def run_ablation(
             run_dir = output_dir / "runs" / name / str(seed)
             record_file = run_dir / "run.json"
             if record_file.is_file():
-                records[(name, seed)] = json.loads(record_file.read_text())
+                records[(name, seed)] = _finished(record_file, name, seed, run_dir, common)
                 continue
             logger.info("ablation: %s, seed %d", name, seed)
             records[(name, seed)] = _run_one(name, seed, run_dir, common, {"device": device})

@@ -55,14 +55,15 @@ STORE_STREAMS = {"subword": "subwords", "monophone": "phones", "senone": "senone
 
 # Sized for `sbkd demo` (every condition, 2 CPU cores, 15 minutes in all): see the KD README.
 PREP_DEFAULTS = {
-    "corpus": {"n_train": 600, "n_valid": 100, "n_test": 300, "n_text": 10000,
+    "corpus": {"n_train": 600, "n_valid": 100, "n_test": 300, "n_text": 5000,
                "n_text_valid": 500},
     "vocab_size": 128,
     "oov_policy": "g2p",
     "aligner_utterances": 200,  # the phone model trains on the first N train utterances
     "aligner": {"iterations": 2, "epochs": 2},
     "tree": {"max_leaves": 200, "min_count": 20, "min_gain": 50.0},
-    "lm": {"number_of_epochs": 1, "max_train_sentences": 10000},
+    "lm": {"number_of_epochs": 1, "max_train_sentences": 3000,  # LM recipe overrides
+           "lm_model": {"hidden_size": 128, "embedding_dim": 32}},
     "cache_k": 32,
     "splits": ["train"],  # the Brain reads units and teachers in training only
 }
@@ -110,6 +111,7 @@ class _Record:
 
     def __init__(self, prep_dir, settings, data_dir):
         self.path = prep_dir / "prep.json"
+        settings = json.loads(json.dumps(settings))  # as prep.json holds them (lists, not tuples)
         header = {"format": "sbkd-kd-prep-1", "data_folder": str(data_dir), "settings": settings}
         if self.path.is_file():
             existing = json.loads(self.path.read_text())
@@ -302,7 +304,7 @@ def _unit_lms(prep_dir, data_dir, settings):
             continue
         args = [sys.executable, str(recipe), str(LM_RECIPE / "hparams" / f"{unit}.yaml"),
                 f"--data_folder={data_dir}", f"--output_folder={folder}"]
-        args += [f"--{key}={value}" for key, value in settings["lm"].items()]
+        args += [f"--{key}={json.dumps(value)}" for key, value in settings["lm"].items()]
         if unit == "subword":
             args += [f"--tokenizer_dir={prep_dir / 'tokenizer'}",
                      f"--vocab_size={settings['vocab_size']}"]

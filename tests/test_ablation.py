@@ -1,0 +1,159 @@
+"""The KD data chain, one epoch of every KD recipe condition, and the ablation driver.
+
+One module fixture runs the real chain (corpus, forced alignment, senone tree, unit stores,
+three unit LMs by the LM recipe, teacher caches) and the driver over every condition with a
+tiny model for one epoch; the tests then check what each condition trained and what the
+driver wrote.
+"""
+
+import json
+import re
+
+import pytest
+
+from sb_crossmodal_kd.ablation import CONDITIONS, DENSE_CONDITIONS, condition_recipe, run_ablation
+from sb_crossmodal_kd.pipeline import prep_settings, prepare_kd_data
+
+TINY_PREP = {
+    "corpus": {"n_train": 30, "n_valid": 4, "n_test": 4, "n_text": 200, "n_text_valid": 20,
+               "speakers": [3, 1, 1], "seed": 7},
+    "vocab_size": 32,
+    "aligner_utterances": 30,
+    "aligner": {"iterations": 1, "epochs": 1, "hidden": 16},
+    "tree": {"max_leaves": 130, "min_count": 5, "min_gain": 1.0},
+    "lm": {"number_of_epochs": 1, "max_train_sentences": 100,
+           "lm_model": {"hidden_size": 16, "embedding_dim": 8}},
+    "cache_k": 8,
+}
+TINY_MODEL = {
+    "number_of_epochs": 1, "d_model": 32, "num_layers": 3, "nhead": 2, "d_ffn": 64,
+    "warmup_steps": 5, "max_batch_seconds": 30, "teacher_k": 8,
+    "moe": {"num_experts": 2, "top_k": 1},
+}
+HEAD_TERMS = {"senone", "monophone", "subword"}
+
+
+def expected_terms(condition):
+    """Loss terms each condition must log, from its name alone."""
+    family = condition.removesuffix("_moe")
+    heads = set()
+    if family == "aux_subword":
+        heads = {"subword"}
+    elif family.startswith("hierarchy"):
+        heads = HEAD_TERMS - {family.removeprefix("hierarchy_minus_")}
+    terms = {"main", "total"} | {f"kd_{head}" for head in heads}
+    if family == "label_interpolation":
+        terms.add("li_main")
+    if condition.endswith("_moe"):
+        terms.add("moe")
+    return terms
+
+
+@pytest.fixture(scope="module")
+def ablation(tmp_path_factory):
+    output = tmp_path_factory.mktemp("ablation")
+    result = run_ablation(output, seeds=1, prep=TINY_PREP, training=TINY_MODEL)
+    return output, result
+
+
+def logged_terms(run_dir):
+    line = (run_dir / "train_log.txt").read_text().splitlines()[0]
+    return set(re.findall(r"train loss_(\w+):", line))
+
+
+@pytest.mark.parametrize("condition", CONDITIONS)
+def test_each_condition_trains_what_its_name_says(ablation, condition):
+    output, result = ablation
+    run_dir = output / "runs" / condition / "1986"
+    assert logged_terms(run_dir) == expected_terms(condition)
+    saved = (run_dir / "hyperparams.yaml").read_text()
+    assert f"condition: {condition}" in saved
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["epochs"] == 1 and record["test_utterances"] == 4
+    assert 0 <= record["wer"] and record["train_s"] > 0
+    entry = result["conditions"][condition]
+    assert entry["wer"] == [record["wer"]] and entry["params"] == record["params"]
+
+
+def test_heads_are_trained_but_not_counted_and_moe_adds_experts(ablation):
+    _, result = ablation
+    entries = result["conditions"]
+    for name in DENSE_CONDITIONS:
+        entry = entries[name]
+        has_heads = name in {"aux_subword"} or name.startswith("hierarchy")
+        assert (entry["params_with_heads"] > entry["params"]) == has_heads
+        assert entry["params"] == entries["am_alone"]["params"]  # the same inference model
+        assert entries[f"{name}_moe"]["params"] > entry["params"]
+
+
+def test_driver_writes_json_table_and_plot(ablation):
+    output, result = ablation
+    on_disk = json.loads((output / "ablation.json").read_text())
+    assert on_disk == json.loads(json.dumps(result))
+    assert on_disk["condition_order"] == list(CONDITIONS) and on_disk["seeds"] == [1986]
+    for name in CONDITIONS:
+        entry = on_disk["conditions"][name]
+        for key in ("wer_mean", "wer_std", "cer_mean", "cer_std", "train_s", "params",
+                    "per_seed", "delta_wer_mean"):
+            assert key in entry, (name, key)
+        assert entry["wer_std"] is None  # one seed: no spread to report
+        assert entry["reference"] == ("am_alone_moe" if name.endswith("_moe") else "am_alone")
+    table = (output / "ablation.md").read_text().splitlines()
+    assert table[0].startswith("| condition | WER % | CER %")
+    assert [row.split(" | ")[0][2:] for row in table[2:2 + len(CONDITIONS)]] == list(CONDITIONS)
+    assert (output / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_chain_outputs_agree_on_units(ablation):
+    from sb_crossmodal_kd.teachers.cache import TeacherCache
+    from sb_crossmodal_kd.units.store import UnitStore
+    from sb_crossmodal_kd.units.subwords import SentencePieceUnits
+
+    output, result = ablation
+    prep = output / "prep"
+    store = UnitStore(prep / "units" / "train.units")
+    tokenizer = SentencePieceUnits(str(prep / "tokenizer"), TINY_PREP["vocab_size"])
+    assert store.header["tokenizer"] == tokenizer.hash  # the CTC output's tokenizer
+    lm = json.loads((prep / "lm" / "subword" / "results.json").read_text())
+    assert lm["units_hash"] == tokenizer.hash
+    for unit, stream in (("subword", "subwords"), ("monophone", "phones"),
+                         ("senone", "senones")):
+        cache = TeacherCache(prep / "caches" / f"{unit}_train")
+        assert len(cache) == len(store)
+        for utt_id in store.ids()[:3]:
+            assert cache.length(utt_id) == len(store[utt_id][f"{stream}.units"])
+    assert result["n_senones"] == TeacherCache(prep / "caches" / "senone_train").vocab_size
+
+
+def test_rerun_skips_finished_work_and_refuses_other_settings(ablation):
+    output, result = ablation
+    watched = [output / "runs" / name / "1986" / "run.json" for name in CONDITIONS]
+    watched += [output / "prep" / "align" / "aligner.pt",
+                output / "prep" / "lm" / "senone" / "results.json",
+                output / "prep" / "caches" / "senone_train" / "header.json"]
+    before = {path: path.stat().st_mtime_ns for path in watched}
+    again = run_ablation(output, seeds=1, prep=TINY_PREP, training=TINY_MODEL)
+    assert {path: path.stat().st_mtime_ns for path in watched} == before
+    assert again["conditions"] == result["conditions"]
+    with pytest.raises(FileExistsError, match="differs in: vocab_size"):
+        prepare_kd_data(output / "data", output / "prep",
+                        prep_settings(**{**TINY_PREP, "vocab_size": 33}))
+
+
+def test_unknown_condition_fails_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="Unknown condition 'hierarchy_minus_lexicon'"):
+        run_ablation(tmp_path / "x", conditions=["am_alone", "hierarchy_minus_lexicon"])
+    assert not (tmp_path / "x").exists()
+    assert condition_recipe("am_alone_moe")[1] == {"condition": "am_alone_moe", "use_moe": True}
+
+
+def test_cli_prints_the_table_of_finished_runs(ablation, capsys):
+    from sb_crossmodal_kd.cli import main
+
+    output, _ = ablation
+    main(["ablation", "--output", str(output), "--conditions", "am_alone", "hierarchy",
+          "--epochs", "1", "--training", json.dumps(TINY_MODEL), "--prep",
+          json.dumps(TINY_PREP)])
+    printed = capsys.readouterr().out
+    assert "| am_alone |" in printed and "| hierarchy |" in printed
+    assert "| aux_subword |" not in printed
