@@ -11,6 +11,8 @@ Example
 >>> atomic_write_text(folder / "a.txt", "hello\\n")
 >>> (folder / "a.txt").read_text()
 'hello\\n'
+>>> oct((folder / "a.txt").stat().st_mode & 0o077) != oct(0)
+True
 """
 
 import json
@@ -29,6 +31,10 @@ def atomic_path(path):
     os.close(fd)
     try:
         yield Path(tmp)
+        # mkstemp makes the file private (0600); give it the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
