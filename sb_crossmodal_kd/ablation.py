@@ -117,6 +117,32 @@ def _run_one(name, seed, run_dir, common, run_opts):
     return record
 
 
+def _init_worker(threads):
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _run_all(todo, jobs):
+    """Runs ``todo`` (arguments of :func:`_run_one`), ``jobs`` at a time."""
+    if jobs <= 1 or len(todo) <= 1:
+        records = {}
+        for args in todo:
+            logger.info("ablation: %s, seed %d", args[0], args[1])
+            records[(args[0], args[1])] = _run_one(*args)
+        return records
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    context = multiprocessing.get_context("spawn")  # no forked torch state
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
+                             initargs=(threads,)) as pool:
+        futures = {(args[0], args[1]): pool.submit(_run_one, *args) for args in todo}
+        return {key: future.result() for key, future in futures.items()}
+
+
 def _finished(record_file, name, seed, run_dir, common):
     """A finished run's record; refuses one trained with other settings."""
     record = json.loads(record_file.read_text())
@@ -261,6 +287,7 @@ def run_ablation(
     prep=None,
     training=None,
     device="cpu",
+    jobs=1,
     progress=False,
 ):
     """Runs the ablation (resumable) and writes ``ablation.json``, ``.md`` and ``.png``.
@@ -281,6 +308,10 @@ def run_ablation(
         ``{"number_of_epochs": 20, "d_model": 144}``.
     device : str
         ``cpu`` or ``cuda:0``.
+    jobs : int
+        Runs trained side by side, each in its own process with ``cpu_count // jobs``
+        threads (small models use CPU cores better this way; ``train_s`` then includes the
+        contention, equally for every condition).
     progress : bool
         Progress bars of the data chain.
 
@@ -307,16 +338,16 @@ def run_ablation(
         "vocab_size": settings["vocab_size"],
         **training,
     }
-    records = {}
+    records, todo = {}, []
     for name in conditions:
         for seed in seed_list:
             run_dir = output_dir / "runs" / name / str(seed)
             record_file = run_dir / "run.json"
             if record_file.is_file():
                 records[(name, seed)] = _finished(record_file, name, seed, run_dir, common)
-                continue
-            logger.info("ablation: %s, seed %d", name, seed)
-            records[(name, seed)] = _run_one(name, seed, run_dir, common, {"device": device})
+            else:
+                todo.append((name, seed, run_dir, common, {"device": device}))
+    records.update(_run_all(todo, jobs))
     summary = summarize(records, conditions, seed_list)
     result = {
         "format": "sbkd-ablation-1",

@@ -157,3 +157,17 @@ def test_cli_prints_the_table_of_finished_runs(ablation, capsys):
     printed = capsys.readouterr().out
     assert "| am_alone |" in printed and "| hierarchy |" in printed
     assert "| aux_subword |" not in printed
+
+
+def test_interrupted_runs_resume_from_their_checkpoint_side_by_side(ablation):
+    output, result = ablation
+    redo = ["aux_subword", "hierarchy_moe"]
+    for name in redo:  # as if stopped after training, before the record was written
+        (output / "runs" / name / "1986" / "run.json").unlink()
+    again = run_ablation(output, seeds=1, prep=TINY_PREP, training=TINY_MODEL, jobs=2)
+    for name in redo:
+        record = json.loads((output / "runs" / name / "1986" / "run.json").read_text())
+        assert record["wer"] == result["conditions"][name]["wer"][0]  # the same trained model
+        log = (output / "runs" / name / "1986" / "train_log.txt").read_text()
+        assert log.count("epoch: 1,") == 1  # not trained again
+    assert again["conditions"]["am_alone"] == result["conditions"]["am_alone"]

@@ -21,6 +21,8 @@ def add_arguments(parser):
     parser.add_argument("--prep", default=None,
                         help='data-chain settings as JSON, e.g. \'{"corpus": {"n_train": 1200}}\'')
     parser.add_argument("--device", default="cpu", help="cpu or cuda:0")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs trained side by side (e.g. 2 on a 2-core CPU)")
 
 
 def run(args):
@@ -33,6 +35,6 @@ def run(args):
         training["number_of_epochs"] = args.epochs
     run_ablation(args.output, seeds=args.seeds, conditions=args.conditions,
                  prep=json.loads(args.prep) if args.prep else None, training=training,
-                 device=args.device, progress=True)
+                 device=args.device, jobs=args.jobs, progress=True)
     with open(f"{args.output}/ablation.md", encoding="utf-8") as handle:
         print(handle.read())
