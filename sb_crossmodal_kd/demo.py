@@ -15,7 +15,7 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 BASELINE_HPARAMS = RECIPES / "SynthCommands" / "ASR" / "hparams" / "conformer_ctc.yaml"
 
 # The demo's corpus: big enough for a meaningful WER, small enough for 2 CPU cores.
-DEMO_CORPUS = {"n_train": 1200, "n_valid": 150, "n_test": 300}
+DEMO_CORPUS = {"n_train": 600, "n_valid": 100, "n_test": 300}
 
 
 def recipe_hparams(path=BASELINE_HPARAMS):
