@@ -59,6 +59,18 @@ class CTCBrain(sb.Brain):
         self.wer_metric.append(batch.id, words, targets)
         self.cer_metric.append(batch.id, ["".join(w) for w in words], ["".join(t) for t in targets])
 
+    def on_fit_start(self):
+        """Refuses MoE encoders, whose auxiliary losses and balancing phases this Brain would
+        silently ignore; :class:`~sb_crossmodal_kd.kd_brain.KDBrain` handles them."""
+        from sb_crossmodal_kd.nnet.moe import moe_layers
+
+        if type(self) is CTCBrain and moe_layers(self.modules):
+            raise ValueError(
+                "The model has MoE layers: use brain_class: !name:sb_crossmodal_kd.kd_brain.KDBrain "
+                "(with no heads it trains the plain CTC objective plus the MoE auxiliary losses)"
+            )
+        super().on_fit_start()
+
     def on_fit_batch_end(self, batch, outputs, loss, should_step):
         """Steps the learning-rate schedule once per optimiser update."""
         if should_step:
