@@ -57,7 +57,7 @@ STORE_STREAMS = {"subword": "subwords", "monophone": "phones", "senone": "senone
 PREP_DEFAULTS = {
     "corpus": {"n_train": 600, "n_valid": 100, "n_test": 300, "n_text": 5000,
                "n_text_valid": 500},
-    "vocab_size": 128,
+    "vocab_size": 40,  # as the KD recipe's CTC output
     "oov_policy": "g2p",
     "aligner_utterances": 200,  # the phone model trains on the first N train utterances
     "aligner": {"iterations": 2, "epochs": 2},
