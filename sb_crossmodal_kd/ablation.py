@@ -51,7 +51,7 @@ MOE_SUFFIX = "_moe"
 FIRST_SEED = 1986
 
 # Recipe overrides sized for `sbkd demo` (every condition, 1 seed, 2 CPU cores): see the README.
-DEMO_TRAINING = {"number_of_epochs": 6, "d_model": 64, "num_layers": 3, "d_ffn": 256}
+DEMO_TRAINING = {"number_of_epochs": 5, "d_model": 64, "num_layers": 3, "d_ffn": 256}
 
 
 def paired_seeds(n):
