@@ -60,6 +60,15 @@ def _first_not_none(*values):
     return None
 
 
+
+def _unit_vocab_size(model, vocab_size, name):
+    """The unit vocabulary: the model's output tokens, or the first ``vocab_size`` of them."""
+    n_tokens = model.get_output_embeddings().weight.shape[0]
+    vocab_size = n_tokens if vocab_size is None else vocab_size
+    if vocab_size > n_tokens:
+        raise ValueError(f"{name}: vocab_size {vocab_size} > the model's {n_tokens} tokens")
+    return vocab_size
+
 class HFCausalLMTeacher(Teacher):
     """A transformers causal LM (``AutoModelForCausalLM``) as a causal teacher.
 
@@ -95,10 +104,7 @@ class HFCausalLMTeacher(Teacher):
         tokenizer_hash=None,
         excluded_units=(),
     ):
-        n_tokens = model.get_output_embeddings().weight.shape[0]
-        vocab_size = n_tokens if vocab_size is None else vocab_size
-        if vocab_size > n_tokens:
-            raise ValueError(f"{name}: vocab_size {vocab_size} > the model's {n_tokens} tokens")
+        vocab_size = _unit_vocab_size(model, vocab_size, name)
         super().__init__(vocab_size, name, CAUSAL, unit_type, tokenizer_hash, excluded_units)
         if bos_token_id is None:
             raise ValueError(
@@ -190,10 +196,7 @@ class HFMaskedLMTeacher(Teacher):
         tokenizer_hash=None,
         excluded_units=(),
     ):
-        n_tokens = model.get_output_embeddings().weight.shape[0]
-        vocab_size = n_tokens if vocab_size is None else vocab_size
-        if vocab_size > n_tokens:
-            raise ValueError(f"{name}: vocab_size {vocab_size} > the model's {n_tokens} tokens")
+        vocab_size = _unit_vocab_size(model, vocab_size, name)
         super().__init__(vocab_size, name, BIDIRECTIONAL, unit_type, tokenizer_hash, excluded_units)
         if mask_token_id is None:
             raise ValueError(f"{name}: no mask token; pass mask_token_id=...")
