@@ -179,7 +179,7 @@ def test_taps_on_the_recipe_conformer_encoder():
                                   kernel_size=3, front_channels=(4, 4)).eval()
     feats, lengths = torch.randn(2, 41, 20), torch.tensor([1.0, 0.7])
     output, hidden = EncoderTaps(encoder, layers=[0, 2])(feats, lengths)
-    x = encoder.subsample(feats)
+    x = encoder.front_end(feats)
     assert hidden[0].shape == x.shape == (2, 11, D)  # layer 0: after the front end
     assert torch.equal(hidden[0], x)
     padding = torch.arange(11)[None, :] >= torch.round(lengths * 11)[:, None]

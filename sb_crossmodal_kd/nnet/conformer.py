@@ -13,6 +13,48 @@ from speechbrain.lobes.models.transformer.Conformer import ConformerEncoder
 from speechbrain.nnet.attention import RelPosEncXL
 
 
+class SubsamplingFrontEnd(torch.nn.Module):
+    """Two stride-2 convolution blocks (4x time subsampling) and a projection to ``d_model``.
+
+    The front end every CTC encoder of the package shares, so that frame-rate utilities
+    (:mod:`sb_crossmodal_kd.alignment.framerate`) describe all of them.
+
+    Arguments
+    ---------
+    n_mels : int
+        Feature dimension of the input filterbanks.
+    d_model : int
+        Output width.
+    channels : tuple of int
+        Channels of the two convolution blocks.
+
+    Example
+    -------
+    >>> front = SubsamplingFrontEnd(n_mels=40, d_model=32)
+    >>> front(torch.randn(3, 101, 40)).shape
+    torch.Size([3, 26, 32])
+    """
+
+    def __init__(self, n_mels=80, d_model=144, channels=(32, 32)):
+        super().__init__()
+        self.convolutions = ConvolutionFrontEnd(
+            input_shape=(None, None, n_mels),
+            num_blocks=2,
+            num_layers_per_block=1,
+            out_channels=tuple(channels),
+            kernel_sizes=(3, 3),
+            strides=(2, 2),
+            residuals=(False, False),
+        )
+        with torch.no_grad():
+            probe = self.convolutions(torch.zeros(1, 8, n_mels))
+        self.projection = torch.nn.Linear(probe.shape[2] * probe.shape[3], d_model)
+
+    def forward(self, features):
+        """[B, T, n_mels] -> [B, ceil(T/4), d_model]."""
+        return self.projection(self.convolutions(features).flatten(start_dim=2))
+
+
 class ConformerCTCEncoder(torch.nn.Module):
     """Conv front end (4x time subsampling), projection, and a Conformer encoder.
 
@@ -56,17 +98,7 @@ class ConformerCTCEncoder(torch.nn.Module):
         dropout=0.1,
     ):
         super().__init__()
-        self.front_end = ConvolutionFrontEnd(
-            input_shape=(None, None, n_mels),
-            num_blocks=2,
-            num_layers_per_block=1,
-            out_channels=tuple(front_channels),
-            kernel_sizes=(3, 3),
-            strides=(2, 2),
-            residuals=(False, False),
-        )
-        front_dim = self._front_end_dim(n_mels)
-        self.projection = torch.nn.Linear(front_dim, d_model)
+        self.front_end = SubsamplingFrontEnd(n_mels, d_model, front_channels)
         self.positional = RelPosEncXL(d_model)
         self.layers = ConformerEncoder(
             num_layers=num_layers,
@@ -77,19 +109,9 @@ class ConformerCTCEncoder(torch.nn.Module):
             dropout=dropout,
         )
 
-    @torch.no_grad()
-    def _front_end_dim(self, n_mels):
-        out = self.front_end(torch.zeros(1, 8, n_mels))
-        return out.shape[2] * out.shape[3]
-
-    def subsample(self, features):
-        """Front end and projection: [B, T, n_mels] -> [B, ceil(T/4), d_model]."""
-        x = self.front_end(features)
-        return self.projection(x.flatten(start_dim=2))
-
     def forward(self, features, lengths):
         """Encodes ``features`` [B, T, n_mels] with relative ``lengths`` [B] -> [B, T', D]."""
-        x = self.subsample(features)
+        x = self.front_end(features)
         padding_mask = ~length_to_mask(
             torch.round(lengths * x.shape[1]).long(), max_len=x.shape[1]
         ).bool()

@@ -8,7 +8,6 @@ every layer's output, so auxiliary heads can tap intermediate depths.
 
 import math
 
-import torch
 from torch import nn
 
 from sb_crossmodal_kd.nnet.moe import MoE, lengths_to_mask
@@ -60,6 +59,7 @@ class DeepMoE(nn.Module):
 
     Example
     -------
+    >>> import torch
     >>> encoder = DeepMoE(40, num_layers=2, layer_size=32, num_experts=4)
     >>> out, layers = encoder(torch.randn(2, 10, 40), lengths=torch.tensor([1.0, 0.5]))
     >>> out.shape, len(layers), encoder.num_combinations
@@ -163,6 +163,7 @@ class DeepMoEClassifier(nn.Module):
 
     Example
     -------
+    >>> import torch
     >>> model = DeepMoEClassifier(40, 10, num_layers=2, layer_size=16, num_experts=2)
     >>> model(torch.randn(2, 5, 40)).shape
     torch.Size([2, 5, 10])
@@ -209,6 +210,7 @@ class DeepMoECTCEncoder(nn.Module):
 
     Example
     -------
+    >>> import torch
     >>> encoder = DeepMoECTCEncoder(n_mels=20, d_model=16, num_layers=2, num_experts=2)
     >>> encoder(torch.randn(2, 41, 20), torch.tensor([1.0, 0.5])).shape
     torch.Size([2, 11, 16])
@@ -217,20 +219,9 @@ class DeepMoECTCEncoder(nn.Module):
     def __init__(self, n_mels=80, d_model=144, num_layers=4, num_experts=4,
                  front_channels=(32, 32), dropout=0.1, **dmoe_kwargs):
         super().__init__()
-        from speechbrain.lobes.models.convolution import ConvolutionFrontEnd
+        from sb_crossmodal_kd.nnet.conformer import SubsamplingFrontEnd
 
-        self.front_end = ConvolutionFrontEnd(
-            input_shape=(None, None, n_mels),
-            num_blocks=2,
-            num_layers_per_block=1,
-            out_channels=tuple(front_channels),
-            kernel_sizes=(3, 3),
-            strides=(2, 2),
-            residuals=(False, False),
-        )
-        with torch.no_grad():
-            probe = self.front_end(torch.zeros(1, 8, n_mels))
-        self.projection = nn.Linear(probe.shape[2] * probe.shape[3], d_model)
+        self.front_end = SubsamplingFrontEnd(n_mels, d_model, front_channels)
         dmoe_kwargs.setdefault("residual", True)
         dmoe_kwargs.setdefault("layer_norm", True)
         self.layers = DeepMoE(d_model, num_layers=num_layers, layer_size=d_model,
@@ -238,7 +229,5 @@ class DeepMoECTCEncoder(nn.Module):
 
     def forward(self, features, lengths):
         """Encodes ``features`` [B, T, n_mels] with relative ``lengths`` [B] -> [B, T', D]."""
-        x = self.front_end(features)
-        x = self.projection(x.flatten(start_dim=2))
-        out, _ = self.layers(x, lengths=lengths)
+        out, _ = self.layers(self.front_end(features), lengths=lengths)
         return out
