@@ -11,6 +11,7 @@ import sys
 
 SUBCOMMANDS = [
     "corpus", "demo", "teacher-cache", "align", "build-tree", "export-units", "ablation",
+    "export", "transcribe",
 ]
 
 

@@ -1,0 +1,30 @@
+"""Transcribe audio files with an exported model; prints FILE<TAB>TRANSCRIPT per file.
+
+Audio of another sample rate is resampled and multi-channel audio averaged to mono. A
+file that cannot be read is reported on stderr; the others are still transcribed, and the
+exit status is then 1.
+"""
+
+import sys
+
+from sb_crossmodal_kd.inference import load_asr, transcribe_files
+
+
+def add_arguments(parser):
+    """Registers the model folder, the files and the device."""
+    parser.add_argument("--model", required=True, help="folder written by `sbkd export`")
+    parser.add_argument("files", nargs="+", metavar="FILE", help="audio files (WAV, FLAC, ...)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda:0")
+
+
+def run(args):
+    """Prints one line per file; returns 1 if any file could not be read."""
+    asr = load_asr(args.model, device=args.device)
+    failed = 0
+    for path, result in transcribe_files(asr, args.files):
+        if isinstance(result, Exception):
+            print(f"sbkd transcribe: {result}", file=sys.stderr)
+            failed += 1
+        else:
+            print(f"{path}\t{result}", flush=True)
+    return 1 if failed else 0
