@@ -21,10 +21,10 @@ import sys
 from pathlib import Path
 
 import speechbrain as sb
-from hyperpyyaml import load_hyperpyyaml
 
 from sb_crossmodal_kd.alignment.framerate import FrameRate
 from sb_crossmodal_kd.data.manifest import check_manifest
+from sb_crossmodal_kd.experiment import file_overrides, load_hparams
 from sb_crossmodal_kd.frame_brain import FrameBrain, phone_frame_labels
 from sb_crossmodal_kd.units.phones import PHONES
 
@@ -82,12 +82,13 @@ def dataio_prepare(hparams):
 
 def run(hparams_file, overrides=None, run_opts=None):
     """Trains, tests and returns the results dict of one hparams file."""
-    with open(hparams_file) as handle:
-        hparams = load_hyperpyyaml(handle, overrides or {})
+    # load_hparams also takes a file that wraps these hparams in `experiment: !include:...`
+    # with other settings (another corpus's recipe, e.g. recipes/TIMIT/frame_classification).
+    hparams = load_hparams(hparams_file, overrides)
     sb.create_experiment_directory(
         experiment_directory=hparams["output_folder"],
         hyperparams_to_save=str(hparams_file),
-        overrides=overrides,
+        overrides=file_overrides(hparams_file, overrides),
     )
     datasets = dataio_prepare(hparams)
     hparams.setdefault("class_names", list(PHONES))
