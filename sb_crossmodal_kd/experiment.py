@@ -83,17 +83,23 @@ def file_overrides(hparams_file, overrides=None):
     """``overrides`` (a dict or a yaml string) in the structure of ``hparams_file``.
 
     hyperpyyaml has no top-level include, so a variant of an experiment can be a file whose
-    one key is ``experiment: !include:base.yaml`` with the variant's settings under it (see
-    ``recipes/SynthCommands/KD``). Flat overrides of such a file apply inside that include.
+    key is ``experiment: !include:base.yaml`` with the variant's settings under it (see
+    ``recipes/SynthCommands/KD``). Flat overrides of such a file apply inside that include,
+    except those naming another top-level key of the file: a wrapping file may hold settings
+    that its include refers to (values under the include are resolved in the wrapping file,
+    e.g. ``prep_folder: !PLACEHOLDER`` beside ``experiment: !include:...`` with
+    ``data_folder: !ref <prep_folder>/data`` under it, as ``recipes/LibriSpeech``).
     """
     if isinstance(overrides, str):
         overrides = ruamel.yaml.YAML().load(overrides)
     overrides = dict(overrides or {})
     with open(hparams_file) as handle:
         keys = list(ruamel.yaml.YAML().load(handle) or {})
-    if keys == [WRAPPER_KEY] and overrides and list(overrides) != [WRAPPER_KEY]:
-        return {WRAPPER_KEY: overrides}
-    return overrides
+    if WRAPPER_KEY not in keys or not overrides or WRAPPER_KEY in overrides:
+        return overrides
+    outer = {key: value for key, value in overrides.items() if key in keys}
+    inner = {key: value for key, value in overrides.items() if key not in keys}
+    return {**outer, WRAPPER_KEY: inner} if inner else outer
 
 
 def load_hparams(hparams_file, overrides=None):
@@ -102,7 +108,7 @@ def load_hparams(hparams_file, overrides=None):
     overrides = file_overrides(hparams_file, overrides)
     with open(hparams_file) as handle:
         hparams = load_hyperpyyaml(handle, overrides)
-    if list(hparams) == [WRAPPER_KEY]:
+    if isinstance(hparams.get(WRAPPER_KEY), dict):
         return hparams[WRAPPER_KEY]
     return hparams
 

@@ -1,9 +1,18 @@
 """The data chain of hierarchical distillation, as library steps, and the KD recipe's datasets.
 
-:func:`prepare_kd_data` chains the existing steps, each one skipped when its output is
-complete (every output is a file with a header saying what it was built from):
+Two entry points run the same chain, each step skipped when its output is complete (every
+output is a file with a header saying what it was built from):
 
-1. corpus: :func:`~sb_crossmodal_kd.data.corpus.make_corpus` (SynthCommands);
+- :func:`prepare_kd_data` starts by making the SynthCommands corpus (what ``sbkd ablation``
+  runs);
+- :func:`prepare_kd_data_from_manifests` starts from any corpus's SpeechBrain manifests
+  (CSV or JSON; ``train``, ``valid``, ``test``) and a text file for the unit LMs: what the
+  ``recipes/Manifest`` and ``recipes/LibriSpeech`` recipes (and any other corpus) use.
+
+The steps:
+
+1. corpus: :func:`~sb_crossmodal_kd.data.corpus.make_corpus` (SynthCommands), or the given
+   manifests, checked and written as CSVs to ``prep_dir/data/{split}.csv`` with the LM text;
 2. lexicon and forced alignment: CMUdict with the letter-to-sound fallback (OOV report),
    a flat-start :class:`~sb_crossmodal_kd.alignment.forced.PhoneAligner` trained on the
    train split, every split that needs units aligned;
@@ -12,13 +21,16 @@ complete (every output is a file with a header saying what it was built from):
 4. subword tokenizer (SentencePiece on the train transcripts, as the baseline recipe's) and one
    :class:`~sb_crossmodal_kd.units.store.UnitStore` per split (phones, senones, subwords with
    their encoder-frame alignments);
-5. three unit LMs on the text-only corpus, by the LM recipe (``recipes/SynthCommands/LM``)
-   run as a subprocess, with the tokenizer and tree above so their unit ids are the store's;
+5. three unit LMs on the text-only corpus (``lm_text``), by the LM recipe
+   (``recipes/SynthCommands/LM``) run as a subprocess, with the tokenizer and tree above so
+   their unit ids are the store's;
 6. one teacher cache per unit type and split, from the store's unit sequences.
 
 Layout of ``prep_dir`` (read by ``recipes/SynthCommands/KD/hparams/base.yaml``)::
 
     prep.json                    settings, paths and per-step seconds (refuses other settings)
+    data/{split}.csv             (from manifests only) the checked manifests, the KD
+                                 recipe's data_folder;  lm_text/{train,valid}.txt its LM text
     align/aligner.pt             the phone model;  align/{split}_phone_alignments.json
     align/train_oov.txt          out-of-vocabulary words of the train split and their fallback
     senone_tree.json
@@ -36,22 +48,27 @@ import copy
 import json
 import logging
 import os
+import random
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from sb_crossmodal_kd.io import atomic_write_json
+from sb_crossmodal_kd.io import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PREP_DEFAULTS", "prep_settings", "prepare_kd_data", "add_kd_items", "senone_count"]
+__all__ = ["PREP_DEFAULTS", "prep_settings", "prep_settings_file", "prepare_kd_data",
+           "prepare_kd_data_from_manifests", "add_kd_items", "senone_count", "prepared_setting"]
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 LM_RECIPE = RECIPES / "SynthCommands" / "LM"
 
 UNIT_TYPES = ("subword", "monophone", "senone")
 STORE_STREAMS = {"subword": "subwords", "monophone": "phones", "senone": "senones"}
+MANIFEST_SPLITS = ("train", "valid", "test")  # what the KD recipe reads
+SAMPLE_RATE = 16000  # the aligner's features and the KD recipe's front end
+LM_SAMPLE_SEED = 1986  # which LM sentences are kept when max_train_sentences limits them
 
 # Sized for `sbkd demo` (every condition, 2 CPU cores, 15 minutes in all): see the KD README.
 PREP_DEFAULTS = {
@@ -95,6 +112,28 @@ def prep_settings(**overrides):
     return settings
 
 
+def prep_settings_file(path=None, **overrides):
+    """:func:`prep_settings` from a yaml file of overrides (a recipe's ``hparams/prep.yaml``),
+    then ``overrides``; no file: the defaults.
+
+    Example
+    -------
+    >>> import tempfile, pathlib
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "prep.yaml"
+    >>> _ = path.write_text("vocab_size: 256\\ntree: {max_leaves: 2000}\\n")
+    >>> settings = prep_settings_file(path, cache_k=16)
+    >>> settings["vocab_size"], settings["tree"]["max_leaves"], settings["tree"]["min_count"]
+    (256, 2000, 20)
+    """
+    import ruamel.yaml
+
+    from_file = {}
+    if path is not None:
+        with open(path, encoding="utf-8") as handle:
+            from_file = ruamel.yaml.YAML(typ="safe").load(handle) or {}
+    return prep_settings(**{**from_file, **overrides})
+
+
 def senone_count(tree_file):
     """Number of senones of a saved tree (for hparams: ``!apply:...senone_count [path]``)."""
     path = Path(tree_file)
@@ -106,21 +145,48 @@ def senone_count(tree_file):
     return json.loads(path.read_text())["num_senones"]
 
 
-class _Record:
-    """``prep.json``: settings, outputs and step timings, rewritten after every step."""
+def prepared_setting(prep_folder, key):
+    """One setting of prepared KD data (for hparams, so the recipe matches its data:
+    ``vocab_size: !apply:sb_crossmodal_kd.pipeline.prepared_setting [<prep_folder>, vocab_size]``).
 
-    def __init__(self, prep_dir, settings, data_dir):
+    Example
+    -------
+    >>> import tempfile
+    >>> prepared_setting(tempfile.mkdtemp(), "vocab_size")
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: .../prep.json not found: prepare the KD data first (...)
+    """
+    path = Path(prep_folder) / "prep.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: prepare the KD data first (the recipe's *_prepare.py, "
+            "sb_crossmodal_kd.pipeline.prepare_kd_data_from_manifests or `sbkd ablation`)"
+        )
+    return json.loads(path.read_text())["settings"][key]
+
+
+class _Record:
+    """``prep.json``: settings, outputs and step timings, rewritten after every step.
+
+    ``source`` names the data (``{"data_folder": ...}`` or the manifests and LM text); data
+    prepared from another source or with other settings is refused, never mixed in.
+    """
+
+    def __init__(self, prep_dir, settings, source):
         self.path = prep_dir / "prep.json"
         settings = json.loads(json.dumps(settings))  # as prep.json holds them (lists, not tuples)
-        header = {"format": "sbkd-kd-prep-1", "data_folder": str(data_dir), "settings": settings}
+        header = {"format": "sbkd-kd-prep-1", **source, "settings": settings}
         if self.path.is_file():
             existing = json.loads(self.path.read_text())
             old = {k: existing.get(k) for k in header}
             if old != header:
-                changed = sorted(k for k in settings if existing["settings"].get(k) != settings[k])
+                old_settings = existing.get("settings") or {}
+                changed = sorted(k for k in settings if old_settings.get(k) != settings[k])
+                changed += sorted(k for k in source if existing.get(k) != source[k])
                 raise FileExistsError(
                     f"{prep_dir} holds KD data prepared with other settings or another corpus "
-                    f"(differs in: {', '.join(changed) or 'data_folder'}). Choose another "
+                    f"(differs in: {', '.join(changed) or 'the data source'}). Choose another "
                     "folder or delete that one; nothing was changed."
                 )
             self.data = existing
@@ -134,7 +200,7 @@ class _Record:
 
 
 def prepare_kd_data(data_dir, prep_dir, settings=None, progress=False, device="cpu"):
-    """Runs the chain (corpus -> ... -> teacher caches), skipping finished steps.
+    """Runs the chain on SynthCommands (corpus -> ... -> teacher caches), skipping finished steps.
 
     Arguments
     ---------
@@ -147,7 +213,7 @@ def prepare_kd_data(data_dir, prep_dir, settings=None, progress=False, device="c
     progress : bool
         Show progress bars.
     device : str
-        Where teachers run to fill the caches.
+        Where the unit LMs train and the teachers fill the caches (the aligner uses the CPU).
 
     Returns
     -------
@@ -156,16 +222,175 @@ def prepare_kd_data(data_dir, prep_dir, settings=None, progress=False, device="c
         ``outputs`` (``n_senones``, ``tokenizer_hash``, LM ``valid_ppl`` per unit type, ...).
     """
     from sb_crossmodal_kd.data.corpus import make_corpus
-    from sb_crossmodal_kd.units.lexicon import Lexicon
 
     settings = settings or prep_settings()
     data_dir, prep_dir = Path(data_dir).resolve(), Path(prep_dir).resolve()
     prep_dir.mkdir(parents=True, exist_ok=True)
-    record = _Record(prep_dir, settings, data_dir)
+    record = _Record(prep_dir, settings, {"data_folder": str(data_dir)})
 
     start = time.time()
     manifests = make_corpus(data_dir, progress=progress, **settings["corpus"])
     record.step("corpus", time.time() - start)
+    lm_texts = {"train": manifests["lm_train"], "valid": manifests["lm_valid"]}
+    return _chain(prep_dir, record, manifests, lm_texts, settings, progress, device)
+
+
+def prepare_kd_data_from_manifests(
+    manifests,
+    prep_dir,
+    lm_text=None,
+    settings=None,
+    lm_valid_text=None,
+    replacements=None,
+    progress=False,
+    device="cpu",
+):
+    """Runs the chain on any corpus given by its manifests, skipping finished steps.
+
+    Arguments
+    ---------
+    manifests : dict
+        ``{"train": path, "valid": path, "test": path, ...}``: SpeechBrain CSV or JSON
+        manifests with ``ID, duration, wav, wrd`` (extra columns are kept), 16 kHz audio.
+        Every row is checked first; a bad one stops the run naming file, line and utterance.
+        Further splits (e.g. ``test_other``) are checked and written like the others.
+    prep_dir : str or Path
+        Folder of everything (layout in the module docstring). The KD recipe then reads
+        ``--data_folder PREP/data --prep_folder PREP``.
+    lm_text : str or Path, optional
+        Text for the unit LMs, one sentence per line, written as the transcripts are (same
+        case and punctuation: it goes through the same lexicon and tokenizer). With
+        ``settings["lm"]["max_train_sentences"]`` a seeded uniform sample of that many lines
+        is used (one pass over the file). ``None``: the train transcripts (logged).
+    settings : dict, optional
+        From :func:`prep_settings`; ``corpus`` is ignored (default: :data:`PREP_DEFAULTS`).
+    lm_valid_text : str or Path, optional
+        Held-out text for the LMs' perplexity; ``None``: the valid transcripts.
+    replacements : dict, optional
+        Manifest placeholders, e.g. ``{"data_root": "/data"}`` (``$data_root`` in CSV,
+        ``{data_root}`` in JSON).
+    progress : bool
+        Show progress bars.
+    device : str
+        Where the unit LMs train and the teachers fill the caches (the aligner uses the CPU).
+
+    Returns
+    -------
+    dict
+        ``prep.json``'s content, as :func:`prepare_kd_data` returns it.
+    """
+    missing = [split for split in MANIFEST_SPLITS if split not in manifests]
+    if missing:
+        raise ValueError(
+            f"manifests lacks {', '.join(missing)}: the KD recipe trains on train, picks "
+            f"checkpoints on valid and reports test; give all three (got {sorted(manifests)})"
+        )
+    settings = {k: v for k, v in (settings or prep_settings()).items() if k != "corpus"}
+    prep_dir = Path(prep_dir).resolve()
+    prep_dir.mkdir(parents=True, exist_ok=True)
+    source = {
+        "manifests": {split: str(Path(path).resolve()) for split, path in manifests.items()},
+        "lm_text": str(Path(lm_text).resolve()) if lm_text else None,
+        "lm_valid_text": str(Path(lm_valid_text).resolve()) if lm_valid_text else None,
+    }
+    record = _Record(prep_dir, settings, source)
+
+    start = time.time()
+    written = {
+        split: _import_manifest(Path(path), prep_dir / "data" / f"{split}.csv", replacements)
+        for split, path in manifests.items()
+    }
+    lm_texts = _lm_texts(prep_dir / "lm_text", lm_text, lm_valid_text, written,
+                         settings["lm"].get("max_train_sentences"))
+    record.step("manifests", time.time() - start)
+    return _chain(prep_dir, record, written, lm_texts, settings, progress, device)
+
+
+def _import_manifest(source, target, replacements):
+    """Checks ``source`` (CSV or JSON) and writes it as the SpeechBrain CSV ``target``; skipped
+    while ``source`` is unchanged (checking every audio header of a large corpus takes long)."""
+    from sb_crossmodal_kd.data.manifest import check_manifest, write_manifest_csv
+
+    done = target.with_name(target.name + ".source")
+    if source.is_file():
+        status = source.stat()
+        stamp = json.dumps({"source": str(source), "size": status.st_size,
+                            "mtime_ns": status.st_mtime_ns,
+                            "replacements": {k: str(v) for k, v in (replacements or {}).items()}})
+        if target.is_file() and done.is_file() and done.read_text() == stamp:
+            return target
+    rows = check_manifest(source, replacements=replacements, expected_sample_rate=SAMPLE_RATE)
+    write_manifest_csv(target, rows)
+    atomic_write_text(done, stamp)
+    return target
+
+
+def _transcripts(manifest):
+    from sb_crossmodal_kd.alignment.corpus import read_manifest
+
+    return [row["wrd"].strip() for row in read_manifest(manifest)]
+
+
+def _lm_texts(folder, lm_text, lm_valid_text, manifests, max_sentences):
+    """``{"train": path, "valid": path}`` of the unit LMs' text (see
+    :func:`prepare_kd_data_from_manifests`)."""
+    texts = {"train": folder / "train.txt", "valid": folder / "valid.txt"}
+    if all(path.is_file() for path in texts.values()):  # prep.json vouches for their source
+        return texts
+    if lm_text is None:
+        logger.info("No LM text given: the unit LMs train on the %s transcripts only, so the "
+                    "teachers know no more text than the acoustic model", manifests["train"])
+        sentences = _transcripts(manifests["train"])
+    else:
+        sentences = _sample_lines(Path(lm_text), max_sentences)
+    atomic_write_text(texts["train"], "\n".join(sentences) + "\n")
+    if lm_valid_text is None:
+        sentences = _transcripts(manifests["valid"])
+    else:
+        sentences = _sample_lines(Path(lm_valid_text), None)
+    atomic_write_text(texts["valid"], "\n".join(sentences) + "\n")
+    return texts
+
+
+def _sample_lines(path, n):
+    """The non-empty lines of ``path``, or a seeded uniform sample of ``n`` of them in file
+    order (reservoir sampling: one pass, ``n`` lines in memory, for multi-GB LM corpora).
+
+    Example
+    -------
+    >>> import tempfile, pathlib
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "lm.txt"
+    >>> _ = path.write_text("".join(f"S{i}\\n" for i in range(100)))
+    >>> sample = _sample_lines(path, 5)
+    >>> len(sample), sample == sorted(sample, key=lambda s: int(s[1:]))
+    (5, True)
+    >>> len(_sample_lines(path, None)), _sample_lines(path, 5) == sample
+    (100, True)
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"LM text {path} not found (one sentence per line)")
+    rng = random.Random(LM_SAMPLE_SEED)
+    kept, seen = [], 0
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            text = line.strip()
+            if not text:
+                continue
+            if n is None or len(kept) < n:
+                kept.append((seen, text))
+            else:
+                slot = rng.randrange(seen + 1)
+                if slot < n:
+                    kept[slot] = (seen, text)
+            seen += 1
+    if not kept:
+        raise ValueError(f"LM text {path} has no sentences (one sentence per line)")
+    return [text for _, text in sorted(kept)]
+
+
+def _chain(prep_dir, record, manifests, lm_texts, settings, progress, device):
+    """The steps after the corpus (module docstring), on CSV ``manifests`` and ``lm_texts``."""
+    from sb_crossmodal_kd.units.lexicon import Lexicon
 
     start = time.time()
     lexicon = Lexicon.from_cmudict(oov_policy=settings["oov_policy"])
@@ -193,7 +418,7 @@ def prepare_kd_data(data_dir, prep_dir, settings=None, progress=False, device="c
                 unit_stores={split: str(path) for split, path in stores.items()})
 
     start = time.time()
-    lms = _unit_lms(prep_dir, data_dir, settings)
+    lms = _unit_lms(prep_dir, lm_texts, settings, device)
     record.step("unit_lms", time.time() - start,
                 lm_valid_ppl={unit: lm["valid_ppl"] for unit, lm in lms.items()})
 
@@ -288,7 +513,7 @@ def _unit_store(path, alignments, manifest, lexicon, tree, tokenizer, progress):
     return path
 
 
-def _unit_lms(prep_dir, data_dir, settings):
+def _unit_lms(prep_dir, lm_texts, settings, device):
     """Trains the three unit LMs with the LM recipe, side by side (subprocesses: the library
     imports no recipe, and most of a small LM's time is start-up)."""
     recipe = LM_RECIPE / "train.py"
@@ -302,8 +527,11 @@ def _unit_lms(prep_dir, data_dir, settings):
         folder = prep_dir / "lm" / unit
         if (folder / "results.json").is_file() and (folder / "lm" / "hyperparams.yaml").is_file():
             continue
+        text = {split: Path(path).resolve() for split, path in lm_texts.items()}
         args = [sys.executable, str(recipe), str(LM_RECIPE / "hparams" / f"{unit}.yaml"),
-                f"--data_folder={data_dir}", f"--output_folder={folder}"]
+                f"--data_folder={text['train'].parent}", f"--train_text={text['train']}",
+                f"--valid_text={text['valid']}", f"--output_folder={folder}",
+                f"--device={device}"]
         args += [f"--{key}={json.dumps(value)}" for key, value in settings["lm"].items()]
         if unit == "subword":
             args += [f"--tokenizer_dir={prep_dir / 'tokenizer'}",

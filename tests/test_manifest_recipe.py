@@ -1,0 +1,180 @@
+"""recipes/Manifest: the KD data chain from a user's own JSON and CSV manifests plus an LM text,
+one epoch of a KD condition on it, and the errors a user with bad input meets."""
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sb_crossmodal_kd.data.corpus import make_corpus
+from sb_crossmodal_kd.data.manifest import ManifestError, check_manifest
+from sb_crossmodal_kd.pipeline import _lm_texts, prep_settings, prepare_kd_data_from_manifests
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "Manifest"
+TINY_CHAIN = """
+vocab_size: 32
+aligner_utterances: 20
+aligner: {iterations: 1, epochs: 1, hidden: 16}
+tree: {max_leaves: 130, min_count: 5, min_gain: 1.0}
+lm: {number_of_epochs: 1, max_train_sentences: 60, lm_model: {hidden_size: 16, embedding_dim: 8}}
+cache_k: 8
+"""
+TINY_MODEL = [
+    "--number_of_epochs=1", "--d_model=32", "--num_layers=3", "--nhead=2", "--d_ffn=64",
+    "--n_mels=40", "--warmup_steps=5", "--max_batch_seconds=30", "--teacher_k=8",
+]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("synth").resolve()
+    paths = make_corpus(folder, progress=False, n_train=20, n_valid=4, n_test=4, n_text=100,
+                        n_text_valid=10, speakers=(3, 1, 1), seed=7)
+    return folder, paths
+
+
+def write_user_manifests(corpus_dir, paths, folder):
+    """The corpus as a user would bring it: train as SpeechBrain JSON with ``{data_root}``,
+    valid and test as CSVs with ``$data_root``; audio paths relative to the data root."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for split in ("train", "valid", "test"):
+        rows = check_manifest(paths[split])
+        for row in rows:
+            row["wav"] = str(Path(row["wav"]).relative_to(corpus_dir))
+        if split == "train":
+            entries = {row["ID"]: {"wav": "{data_root}/" + row["wav"],
+                                   "duration": float(row["duration"]), "wrd": row["wrd"],
+                                   "spk_id": row["spk_id"]} for row in rows}
+            out[split] = folder / "train.json"
+            out[split].write_text(json.dumps(entries, indent=1))
+        else:
+            lines = ["ID,duration,wav,wrd"] + [
+                f"{r['ID']},{r['duration']},$data_root/{r['wav']},{r['wrd']}" for r in rows]
+            out[split] = folder / f"{split}.csv"
+            out[split].write_text("\n".join(lines) + "\n")
+    return out
+
+
+@pytest.fixture(scope="module")
+def prepared(corpus, tmp_path_factory):
+    corpus_dir, paths = corpus
+    user = tmp_path_factory.mktemp("user").resolve()
+    manifests = write_user_manifests(corpus_dir, paths, user / "manifests")
+    (user / "prep.yaml").write_text(TINY_CHAIN)
+    prep = user / "prep"
+    cmd = [sys.executable, str(RECIPE / "manifest_prepare.py"),
+           *[arg for split, path in manifests.items() for arg in (f"--{split}", str(path))],
+           "--lm_text", str(paths["lm_train"]), "--output", str(prep),
+           "--settings", str(user / "prep.yaml"), "--data_root", str(corpus_dir)]
+    subprocess.run(cmd, check=True, cwd=user, capture_output=True, text=True)
+    return user, manifests, prep
+
+
+def test_chain_from_json_and_csv_manifests_and_lm_text(corpus, prepared):
+    corpus_dir, paths = corpus
+    _, manifests, prep = prepared
+    record = json.loads((prep / "prep.json").read_text())
+    assert record["manifests"]["train"] == str(manifests["train"])
+    assert record["lm_text"] == str(paths["lm_train"]) and "corpus" not in record["settings"]
+    assert set(record["steps"]) >= {"manifests", "senone_tree", "unit_lms", "teacher_caches"}
+    # The JSON became the KD recipe's CSV, audio paths filled in and the extra column kept.
+    train = check_manifest(prep / "data" / "train.csv")
+    original = check_manifest(paths["train"])
+    assert [(r["ID"], r["wav"], r["wrd"], r["spk_id"]) for r in train] == [
+        (r["ID"], r["wav"], r["wrd"], r["spk_id"]) for r in original]
+    # The unit LMs read the given LM text (sampled down to max_train_sentences), not the
+    # transcripts, and held out the valid transcripts.
+    lm_train = (prep / "lm_text" / "train.txt").read_text().splitlines()
+    all_text = set(paths["lm_train"].read_text().splitlines())
+    assert len(lm_train) == 60 and set(lm_train) <= all_text
+    valid_words = [r["wrd"] for r in check_manifest(prep / "data" / "valid.csv")]
+    assert (prep / "lm_text" / "valid.txt").read_text().splitlines() == valid_words
+    for unit in ("subword", "monophone", "senone"):
+        lm = json.loads((prep / "lm" / unit / "results.json").read_text())
+        assert lm["train_sentences"] == 60 and lm["valid_sentences"] == 4
+        assert (prep / "caches" / f"{unit}_train" / "header.json").is_file()
+
+
+def test_rerun_skips_and_another_lm_text_is_refused(corpus, prepared, tmp_path):
+    _, paths = corpus
+    user, manifests, prep = prepared
+    settings = prep_settings(**{**_tiny_settings(user), "corpus": {"n_train": 1}})  # ignored
+    outputs = [prep / "data" / "train.csv", prep / "align" / "aligner.pt",
+               prep / "senone_tree.json", prep / "lm" / "senone" / "results.json"]
+    before = [path.stat().st_mtime_ns for path in outputs]
+    prepare_kd_data_from_manifests(manifests, prep, lm_text=paths["lm_train"], settings=settings,
+                                   replacements={"data_root": str(corpus[0])})
+    assert [path.stat().st_mtime_ns for path in outputs] == before  # nothing redone
+    with pytest.raises(FileExistsError, match="differs in: lm_text"):
+        prepare_kd_data_from_manifests(manifests, prep, lm_text=paths["lm_valid"],
+                                       settings=settings)
+    with pytest.raises(ValueError, match="manifests lacks test"):
+        prepare_kd_data_from_manifests({"train": manifests["train"],
+                                        "valid": manifests["valid"]}, tmp_path / "p")
+
+
+def _tiny_settings(user):
+    import ruamel.yaml
+
+    return ruamel.yaml.YAML(typ="safe").load((user / "prep.yaml").read_text())
+
+
+def test_one_kd_condition_trains_on_the_prepared_manifests(prepared):
+    user, _, prep = prepared
+    out = user / "run"
+    cmd = [sys.executable, str(RECIPE / "train.py"), str(RECIPE / "hparams" / "kd.yaml"),
+           "--condition=label_interpolation", f"--prep_folder={prep}",
+           f"--output_folder={out}", *TINY_MODEL]
+    subprocess.run(cmd, check=True, cwd=user, capture_output=True, text=True)
+    results = json.loads((out / "results.json").read_text())
+    assert results["utterances"] == 4 and results["epochs"] == 1
+    log = (out / "train_log.txt").read_text()
+    assert "train loss_li_main" in log and "loss_kd_" not in log
+    saved = (out / "hyperparams.yaml").read_text()
+    assert "condition: label_interpolation" in saved and "label_interpolation: 0.3" in saved
+
+
+def test_bad_json_manifests_name_file_and_utterance(tmp_path):
+    missing = tmp_path / "missing.json"
+    missing.write_text(json.dumps({"u1": {"wav": "a.wav", "duration": 1.0, "wrd": "hi"},
+                                   "u2": {"wav": "a.wav", "duration": 1.0}}))
+    with pytest.raises(ManifestError, match=r"missing\.json, entry 'u2': missing field\(s\) wrd"):
+        check_manifest(missing, check_audio=False)
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"u1": {"wav": "a.wav",\n "duration": 1.0 "wrd": "hi"}}')
+    with pytest.raises(ManifestError, match=r"broken\.json: not valid JSON \(line 2"):
+        check_manifest(broken)
+    no_audio = tmp_path / "no_audio.json"
+    no_audio.write_text(json.dumps({"u7": {"wav": str(tmp_path / "nope.flac"), "duration": 1.0,
+                                           "wrd": "hi"}}))
+    with pytest.raises(ManifestError, match=r"entry 'u7' \(utterance u7\): audio file .*nope"):
+        check_manifest(no_audio)
+    unfilled = tmp_path / "unfilled.json"
+    unfilled.write_text(json.dumps({"u1": {"wav": "{data_root}/a.wav", "duration": 1.0,
+                                           "wrd": "hi"}}))
+    with pytest.raises(ManifestError, match="data_root"):
+        check_manifest(unfilled, check_audio=False)
+
+
+def test_csv_row_with_unquoted_comma_is_named(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("ID,duration,wav,wrd\nu1,1.0,a.wav,hello\nu2,1.0,a.wav,hello, world\n")
+    with pytest.raises(ManifestError, match=r"m\.csv, line 3: 5 fields for 4 columns"):
+        check_manifest(path, check_audio=False)
+
+
+def test_without_lm_text_the_lms_read_the_train_transcripts(tmp_path, caplog):
+    manifests = {}
+    for split, words in (("train", ["one two", "three"]), ("valid", ["four"])):
+        manifests[split] = tmp_path / f"{split}.csv"
+        manifests[split].write_text("ID,duration,wav,wrd\n" + "".join(
+            f"{split}{i},1.0,a.wav,{w}\n" for i, w in enumerate(words)))
+    with caplog.at_level(logging.INFO, logger="sb_crossmodal_kd.pipeline"):
+        texts = _lm_texts(tmp_path / "lm_text", None, None, manifests, max_sentences=10)
+    assert texts["train"].read_text() == "one two\nthree\n"
+    assert texts["valid"].read_text() == "four\n"
+    assert "No LM text given" in caplog.text
