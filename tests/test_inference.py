@@ -218,6 +218,9 @@ def test_export_loads_in_encoder_asr_and_decodes_as_trained(run_name, request, t
     linked = EncoderASR.from_hparams(source=str(tmp_path / "model"),
                                      savedir=str(tmp_path / "savedir"))
     in_place = load_asr(tmp_path / "model")
+    pieces = brain.hparams.tokenizer.sp
+    assert [in_place.tokenizer.id_to_piece(i) for i in range(in_place.tokenizer.vocab_size())] \
+        == [pieces.id_to_piece(i) for i in range(pieces.vocab_size())]
     for wav in corpus_wavs(tiny_corpus):
         log_probs, text = training_side_decoding(brain, wav)
         for asr in (linked, in_place):
@@ -263,6 +266,9 @@ def test_cli_export_then_transcribe(asr_run, tiny_corpus, tmp_path, capsys):
                                 f"{eight_khz}\t{asr.transcribe_file(str(eight_khz))}"]
     assert f"{not_audio}: cannot read it as audio" in err
     assert read_audio(asr, eight_khz).shape[0] == 2 * soundfile.info(str(eight_khz)).frames
+    # A refused export says why on stderr, with no traceback
+    assert main(["export", "--run", str(asr_run), "--output", str(tmp_path)]) == 2
+    assert "is not empty and holds no earlier export" in capsys.readouterr().err
 
 
 def test_export_refuses_a_folder_with_other_files(asr_run, tmp_path):

@@ -5,6 +5,8 @@ The folder written loads with
 ``sbkd transcribe --model DIR FILE...``.
 """
 
+import sys
+
 from sb_crossmodal_kd.inference import export_asr
 
 
@@ -22,7 +24,11 @@ def add_arguments(parser):
 
 def run(args):
     """Exports the run's best checkpoint and says how to use it."""
-    record = export_asr(args.run, args.output, min_key=args.min_key, force=args.force)
+    try:
+        record = export_asr(args.run, args.output, min_key=args.min_key, force=args.force)
+    except (OSError, ValueError, RuntimeError) as error:  # what export_asr refuses, and why
+        print(f"sbkd export: {error}", file=sys.stderr)
+        return 2
     meta = record["checkpoint_meta"]
     score = f", {args.min_key} {meta[args.min_key]:.2f}" if args.min_key in meta else ""
     dropped = ", ".join(record["dropped_modules"]) or "none"

@@ -19,7 +19,11 @@ def add_arguments(parser):
 
 def run(args):
     """Prints one line per file; returns 1 if any file could not be read."""
-    asr = load_asr(args.model, device=args.device)
+    try:
+        asr = load_asr(args.model, device=args.device)
+    except FileNotFoundError as error:
+        print(f"sbkd transcribe: {error}", file=sys.stderr)
+        return 2
     failed = 0
     for path, result in transcribe_files(asr, args.files):
         if isinstance(result, Exception):
