@@ -23,7 +23,12 @@ from sb_crossmodal_kd.alignment.framerate import FrameRate
 from sb_crossmodal_kd.brain import count_parameters
 from sb_crossmodal_kd.cli import main
 from sb_crossmodal_kd.data.corpus import make_corpus
-from sb_crossmodal_kd.experiment import asr_datasets, load_hparams, run_asr_experiment
+from sb_crossmodal_kd.experiment import (
+    asr_datasets,
+    file_overrides,
+    load_hparams,
+    run_asr_experiment,
+)
 from sb_crossmodal_kd.inference import export_asr, load_asr, read_audio
 from sb_crossmodal_kd.io import atomic_write_text, write_wav_atomic
 from sb_crossmodal_kd.nnet.heads import inference_modules
@@ -159,13 +164,15 @@ def uniform_subword_alignment(datasets, hparams):
 def kd_moe_run(tiny_corpus, tmp_path_factory):
     """A KD-style run: KDBrain, an auxiliary head, MoE FFNs, trained for 2 epochs."""
     folder = tmp_path_factory.mktemp("kd_run")
-    hparams_file = folder / "kd_style.yaml"
-    atomic_write_text(hparams_file, KD_STYLE_HPARAMS)
+    # As in the KD recipe: a condition file wraps the shared base in `experiment:`.
+    atomic_write_text(folder / "base.yaml", KD_STYLE_HPARAMS)
+    hparams_file = folder / "moe_with_head.yaml"
+    atomic_write_text(hparams_file, "experiment: !include:base.yaml\n    seed: 5\n")
     output = folder / "run"
     overrides = {"data_folder": str(tiny_corpus), "output_folder": str(output)}
     hparams = load_hparams(hparams_file, overrides)
     sb.create_experiment_directory(output, hyperparams_to_save=str(hparams_file),
-                                   overrides=overrides)
+                                   overrides=file_overrides(hparams_file, overrides))
     hparams["dataset_pipelines"] = uniform_subword_alignment
     datasets = asr_datasets(hparams)
     brain = hparams["brain_class"](modules=hparams["modules"], opt_class=hparams["opt_class"],
@@ -175,6 +182,7 @@ def kd_moe_run(tiny_corpus, tmp_path_factory):
               train_loader_kwargs=hparams["train_dataloader_opts"],
               valid_loader_kwargs=hparams["valid_dataloader_opts"])
     assert "acc_subword" in (output / "train_log.txt").read_text()  # the head did train
+    assert (output / "hyperparams.yaml").read_text().count("\nexperiment:") == 1
     return output
 
 
