@@ -17,7 +17,7 @@ from sb_crossmodal_kd.ablation import DEMO_TRAINING, run_ablation
 __all__ = ["STUDY_PREP", "STUDY_SEEDS", "STUDY_TRAINING", "run_demo"]
 
 STUDY_SEEDS = 3
-STUDY_TRAINING = {**DEMO_TRAINING, "number_of_epochs": 8}
+STUDY_TRAINING = {**DEMO_TRAINING, "number_of_epochs": 6}
 # Unit LMs: the demo's single pass over 3,000 sentences (47 updates) leaves them at
 # perplexity ~9; the study gives them 8 times the updates (more text, 2 epochs, batch 32).
 STUDY_PREP = {
