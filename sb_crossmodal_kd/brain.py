@@ -5,7 +5,9 @@
 - ``compute_features``: waveform [B, S] -> features [B, T, F] (e.g. SpeechBrain's ``Fbank``),
 - ``normalize``: SpeechBrain's ``InputNormalization`` (stateful, checkpointed),
 - ``encoder``: ``encoder(features, lengths) -> [B, T', D]``
-  (e.g. :class:`~sb_crossmodal_kd.nnet.conformer.ConformerCTCEncoder`),
+  (e.g. :class:`~sb_crossmodal_kd.nnet.conformer.ConformerCTCEncoder`); an encoder whose
+  ``takes_waveforms`` is True (:mod:`sb_crossmodal_kd.nnet.pretrained`) gets the waveforms
+  and their lengths instead, and ``compute_features`` and ``normalize`` are not used,
 - ``ctc_lin``: the output projection to ``vocab_size + 1`` classes,
 
 and in its ``hparams``: ``tokenizer`` (SpeechBrain's SentencePiece wrapper), ``blank_index``,
@@ -29,9 +31,14 @@ class CTCBrain(sb.Brain):
         """Returns ``{"log_probs": [B, T', V+1], "encoded": [B, T', D], "lengths": [B]}``."""
         batch = batch.to(self.device)
         wavs, wav_lens = batch.sig
-        feats = self.modules.compute_features(wavs)
-        feats = self.modules.normalize(feats, wav_lens)
-        encoded = self.modules.encoder(feats, wav_lens)
+        encoder = self.modules.encoder
+        if getattr(getattr(encoder, "module", encoder), "takes_waveforms", False):
+            # A pretrained front end (sb_crossmodal_kd.nnet.pretrained) reads the audio itself.
+            encoded = encoder(wavs, wav_lens)
+        else:
+            feats = self.modules.compute_features(wavs)
+            feats = self.modules.normalize(feats, wav_lens)
+            encoded = encoder(feats, wav_lens)
         logits = self.modules.ctc_lin(encoded)
         return {
             "log_probs": self.hparams.log_softmax(logits),
