@@ -7,10 +7,12 @@ Steps, all with the library the ``sbkd align`` / ``build-tree`` commands use:
    of the test transcripts (``oov_rate_train``: of the train transcripts);
 3. the aligner's phone model (CTC start, then 3-state frame-level re-alignment rounds)
    trained on the first ``--train-utterances`` train utterances (``train_seconds``);
-4. Viterbi alignment of the test split (speakers unseen in training), compared with the
-   synthesiser's own word timings: every word start and end is a boundary;
-   ``boundary_mae_ms`` (mean absolute error), ``boundary_median_ms``, ``within_20ms`` (share
-   of boundaries within 20 ms; the classic forced-alignment yardstick, target >= 0.8), and
+4. Viterbi alignment of the test split (speakers unseen in training; ``--split valid`` for
+   tuning), compared with the synthesiser's own word timings: every word start and end is a
+   boundary; ``boundary_mae_ms`` (mean absolute error), ``boundary_median_ms``,
+   ``within_20ms`` (share of boundaries within 20 ms; the classic forced-alignment yardstick,
+   target >= 0.8), ``start_bias_ms`` / ``end_bias_ms`` (median signed error of word starts /
+   ends, aligned minus reference: negative is early), and
    ``audio_s_per_s`` (seconds of test audio aligned per second, median of ``--repeats``
    runs, features + phone model + Viterbi, ``--threads`` CPU threads);
 5. the senone tree grown from the train alignments: ``senones`` and ``tree_depth``.
@@ -34,6 +36,8 @@ import torch
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", required=True, help="SynthCommands folder (made if absent)")
+    parser.add_argument("--split", choices=["test", "valid"], default="test",
+                        help="split to evaluate (tune on valid, report on test)")
     parser.add_argument("--train-utterances", type=int, default=400)
     parser.add_argument("--iterations", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=2)
@@ -60,8 +64,8 @@ def main(argv=None):
     if not os.path.isfile(os.path.join(args.corpus, "test.csv")):
         make_corpus(args.corpus, progress=False)
     train_rows = read_manifest(os.path.join(args.corpus, "train.csv"))
-    test_rows = read_manifest(os.path.join(args.corpus, "test.csv"))
-    with open(os.path.join(args.corpus, "test_alignments.json")) as f:
+    test_rows = read_manifest(os.path.join(args.corpus, f"{args.split}.csv"))
+    with open(os.path.join(args.corpus, f"{args.split}_alignments.json")) as f:
         reference = json.load(f)
 
     lexicon = Lexicon.from_cmudict(oov_policy="g2p")
@@ -83,7 +87,7 @@ def main(argv=None):
         aligner.log_prior = aligner.log_prior.to(args.device)
     audio = [read_audio(r["wav"]) for r in test_rows]
     audio_s = sum(len(a) for a in audio) / aligner.settings.frame_rate.sample_rate
-    speeds, errors = [], []
+    speeds, signed = [], []
     for repeat in range(args.repeats):
         start = time.time()
         results = []
@@ -94,8 +98,9 @@ def main(argv=None):
         if repeat == 0:
             for row, result in zip(test_rows, results, strict=True):
                 ref = [tuple(w) for w in reference[row["ID"]]["words"]]
-                errors += boundary_errors(ref, result.words)
-    errors = np.asarray(errors)
+                signed += boundary_errors(ref, result.words, signed=True)
+    signed = np.asarray(signed)
+    errors = np.abs(signed)
 
     # Tree from the train utterances' alignments (the phone model's own training data).
     alignments = {}
@@ -109,6 +114,8 @@ def main(argv=None):
         "boundary_mae_ms": round(1000 * float(errors.mean()), 2),
         "boundary_median_ms": round(1000 * float(np.median(errors)), 2),
         "within_20ms": round(float((errors <= 0.020).mean()), 4),
+        "start_bias_ms": round(1000 * float(np.median(signed[0::2])), 2),
+        "end_bias_ms": round(1000 * float(np.median(signed[1::2])), 2),
         "boundaries": int(errors.size),
         "senones": tree.num_senones,
         "tree_depth": tree.depth,
@@ -116,6 +123,7 @@ def main(argv=None):
         "oov_types": oov["oov_types"],
         "oov_rate_train": round(oov_train["oov_rate"], 6),
         "audio_s_per_s": round(statistics.median(speeds), 2),
+        "split": args.split,
         "test_audio_s": round(audio_s, 1),
         "train_utterances": len(rows),
         "train_seconds": round(train_seconds, 1),

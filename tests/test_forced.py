@@ -1,11 +1,13 @@
 """The aligner learns a phone model from scratch and recovers planted word boundaries."""
 
 import numpy as np
+import pytest
 import torch
 
 from sb_crossmodal_kd.alignment.corpus import align_manifest
 from sb_crossmodal_kd.alignment.forced import AlignerSettings, PhoneAligner, boundary_errors
 from sb_crossmodal_kd.units.lexicon import Lexicon
+from sb_crossmodal_kd.units.phones import PHONES
 
 # Four "phones", each a tone of its own frequency; silence is faint noise.
 TONES = {"AA": 300.0, "IY": 900.0, "S": 2500.0, "M": 1500.0}
@@ -82,3 +84,29 @@ def test_align_manifest_skips_oov_utterances_with_reason(tmp_path):
     assert list(alignments) == ["a"]
     assert report["skipped"][0][0] == "b" and "zorp" in report["skipped"][0][1]
     assert report["audio_s_per_s"] > 0
+
+
+def _planted_scores(aligner, frame_classes):
+    """Log-likelihoods where each frame's planted class clearly wins."""
+    classes = torch.tensor(frame_classes)
+    logits = 5.0 * torch.nn.functional.one_hot(classes, aligner.n_classes).float()
+    return logits.log_softmax(-1)
+
+
+@pytest.mark.parametrize("pause_states", [1, 3])
+def test_one_frame_pause_between_words_is_aligned_with_the_short_pause(pause_states):
+    lexicon = Lexicon({"sam": [["S", "AA", "M"]], "me": [["M", "IY"]]})
+    aligner = PhoneAligner(lexicon, AlignerSettings(pause_states=pause_states))
+    state = {p: [3 * PHONES.index(p) + j for j in range(3)] for p in ("sil", "S", "AA", "M", "IY")}
+    frames = (state["sil"] * 2 + state["S"] + state["AA"] + state["M"]  # frames 0-14
+              + [state["sil"][1]]  # a 10 ms pause: frame 15
+              + state["M"] + state["IY"] + state["sil"] * 2)  # frames 16-27
+    scores = _planted_scores(aligner, frames)
+    aligner.log_likelihoods = lambda feats: scores
+    words = aligner.align_features(torch.zeros(len(frames), 40), "sam me", "u1").words
+    # Frame j spans [(j - 0.5) * 10 ms, (j + 0.5) * 10 ms).
+    planted = [("sam", 0.055, 0.145), ("me", 0.155, 0.215)]
+    if pause_states == 1:
+        assert words == planted
+    else:  # a three-state silence needs 30 ms: the pause is given to a word
+        assert words != planted and words[0][2] == words[1][1]

@@ -14,6 +14,10 @@ systems are bootstrapped, and Viterbi-aligns with it:
    on the classifier's scaled log-likelihoods ``log p(phone | x) - prior_scale * log p(phone)``
    through the known phone sequence, with a minimum duration per phone and an optional
    silence at the edges and between words. Every frame is labelled.
+   A silence between words has ``pause_states`` states, by default one: a *short pause*
+   (HTK's ``sp``) tied to the silence model's centre state, so that a pause of one frame can
+   be aligned. A three-state silence needs 30 ms, and most pauses between words are shorter
+   (in SynthCommands, 64 % of them); a pause too short for the model is given to a word.
 4. Repeat 2-3 for ``iterations`` rounds.
 
 The alignment is made at the 10 ms feature rate and converted to the encoder rate with
@@ -67,6 +71,7 @@ class AlignerSettings:
     batch_size: int = 32
     states_per_phone: int = 3
     min_duration: int = 1
+    pause_states: int = 1  # states of a pause between words; 1: 10 ms pauses can be aligned
     prior_scale: float = 0.7
     silence_energy: float = 0.25
     seed: int = 0
@@ -227,32 +232,70 @@ class PhoneAligner:
         bounds = np.linspace(start, end, len(phones) + 1).round().astype(int)
         for k, a, b in zip(phones, bounds[:-1], bounds[1:], strict=True):
             positions[a:b] = k
-        return self._state_labels(positions, tokens)
+        return self._state_labels(positions, self._state_tokens(tokens))
 
-    def _state_labels(self, positions, tokens, substates=None):
-        """Class per frame: ``phone * states_per_phone + state``.
+    def _state_labels(self, positions, state_tokens, substates=None):
+        """Class per frame: the class of its token's state (see :meth:`_state_tokens`).
 
         Without ``substates``, each run of one token position is split into equal parts.
         """
-        n_states = self.settings.states_per_phone
         positions = np.asarray(positions)
+        n_states = np.array([len(classes) for classes in state_tokens])
         if substates is None:
             substates = np.zeros(len(positions), dtype=np.int64)
             change = np.flatnonzero(np.diff(positions)) + 1
             for a, b in zip(np.r_[0, change], np.r_[change, len(positions)], strict=True):
-                substates[a:b] = split_states(a, b, n_states)
-        return np.asarray(tokens)[positions] * n_states + np.asarray(substates)
+                substates[a:b] = split_states(a, b, n_states[positions[a]])
+        first_state = np.concatenate([[0], np.cumsum(n_states)[:-1]])
+        return np.concatenate(state_tokens)[first_state[positions] + np.asarray(substates)]
 
     def _state_tokens(self, tokens):
+        """Classes ``phone * states_per_phone + state`` of each token's states, in order.
+
+        A silence between words (not at the edges) has ``pause_states`` of the silence's
+        states (one: its centre state, HTK's short pause; two: the first and last).
+
+        Example
+        -------
+        >>> aligner = PhoneAligner(None, AlignerSettings(states_per_phone=3, pause_states=1))
+        >>> aligner._state_tokens([0, 5, 0, 7, 0])
+        [[0, 1, 2], [15, 16, 17], [1], [21, 22, 23], [0, 1, 2]]
+        """
         n_states = self.settings.states_per_phone
-        return [[p * n_states + j for j in range(n_states)] for p in tokens]
+        classes = [[p * n_states + j for j in range(n_states)] for p in tokens]
+        pause = [
+            SILENCE_INDEX * n_states + int(j)
+            for j in split_states(0, min(self.settings.pause_states, n_states), n_states)
+        ]
+        for k in range(1, len(tokens) - 1):
+            if tokens[k] == SILENCE_INDEX:
+                classes[k] = pause
+        return classes
+
+    @staticmethod
+    def _ctc_targets(tokens, optional):
+        """CTC targets: the phones and the edge silences (optional pauses between words left out).
+
+        Example
+        -------
+        >>> PhoneAligner._ctc_targets([0, 5, 0, 7, 0], [True, False, True, False, True])
+        [0, 5, 7, 0]
+        """
+        last = len(tokens) - 1
+        return [
+            t for k, (t, opt) in enumerate(zip(tokens, optional, strict=True))
+            if not opt or k in (0, last)
+        ]
 
     def _ctc_start(self, items, progress):
         """First alignment from a CTC phone model: no initial segmentation needed.
 
         The phone model gets one extra (blank) output and is trained with CTC on the phone
-        sequences; its blank-free, renormalised posteriors are then Viterbi-aligned. The blank
-        output is dropped afterwards and frame-level training continues from these weights.
+        sequences framed by silence (recordings start and end in silence; without these
+        targets the silence output stays untrained and the first phones spill into the
+        leading pause); its blank-free, renormalised posteriors are then Viterbi-aligned. The
+        blank output is dropped afterwards and frame-level training continues from these
+        weights.
         """
         s = self.settings
         blank = len(PHONES)
@@ -269,7 +312,7 @@ class PhoneAligner:
         for _ in tqdm(range(s.ctc_epochs), desc="CTC phone model", disable=not progress, leave=False):
             for b in torch.randperm(len(batches), generator=gen).tolist():
                 feats = [items[i][1] for i in batches[b]]
-                targets = [torch.tensor([t for t, o in zip(*items[i][2][:2], strict=True) if not o])
+                targets = [torch.tensor(self._ctc_targets(items[i][2][0], items[i][2][1]))
                            for i in batches[b]]
                 x = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True)
                 log_probs = ctc_model(x).log_softmax(-1).transpose(0, 1)
@@ -291,10 +334,11 @@ class PhoneAligner:
         for utt_id, feats, seq in items:
             with torch.no_grad():
                 log_post = ctc_model(feats.unsqueeze(0))[0][:, :blank].log_softmax(-1)
-            path = viterbi_align(
-                log_post, seq[0], s.min_duration * s.states_per_phone, seq[1], utt_id
-            )
-            labels.append(self._state_labels(path.numpy(), seq[0]))
+            state_tokens = self._state_tokens(seq[0])
+            # Room for every state of each token, as the state-level re-alignment needs.
+            min_frames = [s.min_duration * len(classes) for classes in state_tokens]
+            path = viterbi_align(log_post, seq[0], min_frames, seq[1], utt_id)
+            labels.append(self._state_labels(path.numpy(), state_tokens))
         return labels
 
     # ---------------------------------------------------------------- training
@@ -375,7 +419,9 @@ class PhoneAligner:
                 disable=not progress,
             ):
                 positions, substates = self._viterbi(feats, seq, utt_id)
-                realigned.append(self._state_labels(positions.numpy(), seq[0], substates.numpy()))
+                realigned.append(self._state_labels(
+                    positions.numpy(), self._state_tokens(seq[0]), substates.numpy()
+                ))
             labels_list = realigned
         return {
             "utterances": len(items),
@@ -480,12 +526,24 @@ class PhoneAligner:
         return aligner
 
 
-def boundary_errors(reference_words, hypothesis_words):
-    """Absolute word start and end differences (seconds) between two word alignments.
+def boundary_errors(reference_words, hypothesis_words, signed=False):
+    """Word start and end differences (seconds) between two word alignments.
 
     ``hypothesis_words`` has one entry per transcript word. A reference entry may hold several
     words (a synthesiser that speaks "in the" as one unit reports one span for both): it is
     compared with the span from its first word's start to its last word's end.
+
+    Arguments
+    ---------
+    reference_words, hypothesis_words : list of (word, start_s, end_s)
+    signed : bool
+        Return ``hypothesis - reference`` (negative: the hypothesis is early) instead of the
+        absolute difference.
+
+    Returns
+    -------
+    list of float
+        Start and end error of each reference entry, in order.
 
     Example
     -------
@@ -493,6 +551,8 @@ def boundary_errors(reference_words, hypothesis_words):
     >>> hyp = [("a", 0.12, 0.3), ("b", 0.3, 0.4), ("c", 0.4, 0.45)]
     >>> boundary_errors(ref, hyp)
     [0.02, 0.0, 0.0, 0.05]
+    >>> boundary_errors(ref, hyp, signed=True)
+    [0.02, 0.0, 0.0, -0.05]
     """
     errors, i = [], 0
     for text, r0, r1 in reference_words:
@@ -504,7 +564,8 @@ def boundary_errors(reference_words, hypothesis_words):
                 f"{[w[0] for w in group]}"
             )
         h0, h1 = group[0][1], group[-1][2]
-        errors += [round(abs(r0 - h0), 6), round(abs(r1 - h1), 6)]
+        diffs = (h0 - r0, h1 - r1)
+        errors += [round(d if signed else abs(d), 6) for d in diffs]
         i += n
     if i != len(hypothesis_words):
         raise ValueError("boundary_errors: the aligned words outnumber the reference words")
