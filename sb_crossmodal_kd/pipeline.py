@@ -286,6 +286,9 @@ def prepare_kd_data_from_manifests(
             f"checkpoints on valid and reports test; give all three (got {sorted(manifests)})"
         )
     settings = {k: v for k, v in (settings or prep_settings()).items() if k != "corpus"}
+    unknown = [split for split in settings["splits"] if split not in manifests]
+    if unknown:
+        raise ValueError(f"settings['splits'] names {', '.join(unknown)}, which manifests lacks")
     prep_dir = Path(prep_dir).resolve()
     prep_dir.mkdir(parents=True, exist_ok=True)
     source = {

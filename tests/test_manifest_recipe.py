@@ -115,6 +115,9 @@ def test_rerun_skips_and_another_lm_text_is_refused(corpus, prepared, tmp_path):
     with pytest.raises(ValueError, match="manifests lacks test"):
         prepare_kd_data_from_manifests({"train": manifests["train"],
                                         "valid": manifests["valid"]}, tmp_path / "p")
+    with pytest.raises(ValueError, match="names test_other, which manifests lacks"):
+        prepare_kd_data_from_manifests(manifests, tmp_path / "q",
+                                       settings=prep_settings(splits=["train", "test_other"]))
 
 
 def _tiny_settings(user):
