@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from sb_crossmodal_kd.distributed import gather_objects, is_distributed, sum_across_processes
 from sb_crossmodal_kd.io import atomic_path, atomic_write_json
 from sb_crossmodal_kd.nnet.moe import collect_expert_stats, count_ids, moe_layers
 
@@ -65,6 +66,49 @@ class ExpertUsageTracker:
         self.joint = []  # [N_l, N_l+1] count tensors
         self.by_class = []  # [C, N_l] count tensors
         self.combination_counts = None  # dense [prod N] counts, or a set of path codes
+
+    def state(self):
+        """What the tracker has accumulated, as CPU tensors and plain values (for a
+        mid-epoch checkpoint); :meth:`load_state` puts it back.
+
+        Example
+        -------
+        >>> from sb_crossmodal_kd.nnet.dmoe import DeepMoE
+        >>> model = DeepMoE(8, num_layers=2, layer_size=8, num_experts=3)
+        >>> tracker = ExpertUsageTracker()
+        >>> _ = model(torch.randn(2, 6, 8))
+        >>> tracker.update(model)
+        >>> copy = ExpertUsageTracker()
+        >>> copy.load_state(tracker.state())
+        >>> copy.summary() == tracker.summary()
+        True
+        """
+        if self.layer_names is None:
+            return {"layer_names": None}
+        combinations = self.combination_counts
+        return {
+            "layer_names": list(self.layer_names),
+            "num_experts": list(self.num_experts),
+            "frames": self._frames_tensor.cpu(),
+            "joint": [m.cpu() for m in self.joint],
+            "by_class": [t.cpu() for t in self.by_class],
+            "combinations": (sorted(combinations) if isinstance(combinations, set)
+                             else combinations.cpu()),
+        }
+
+    def load_state(self, state, device="cpu"):
+        """Puts back what :meth:`state` returned, on ``device``."""
+        self.reset()
+        if state["layer_names"] is None:
+            return
+        self.layer_names = list(state["layer_names"])
+        self.num_experts = list(state["num_experts"])
+        self._frames_tensor = state["frames"].to(device)
+        self.joint = [m.to(device) for m in state["joint"]]
+        self.by_class = [t.to(device) for t in state["by_class"]]
+        combinations = state["combinations"]
+        self.combination_counts = (set(combinations) if isinstance(combinations, list)
+                                   else combinations.to(device))
 
     def _start(self, layers, device):
         self.layer_names = [name or "moe" for name, _ in layers]
@@ -141,8 +185,15 @@ class ExpertUsageTracker:
                 n = table.shape[1]
                 table += count_ids(lab * n + a, table.numel()).view_as(table)
 
-    def summary(self):
+    def summary(self, across_processes=True):
         """Plain-Python summary (one device sync).
+
+        Arguments
+        ---------
+        across_processes : bool
+            Under DDP, sum the counts of all processes first (a collective: every rank must
+            call it; every rank must have tracked the same layers). False for data every
+            process saw in full (SpeechBrain's valid and test stages).
 
         Returns
         -------
@@ -154,21 +205,33 @@ class ExpertUsageTracker:
         if self.layer_names is None:
             return {"frames": 0, "num_combinations": 0, "combinations_used": 0,
                     "joint_usage": {}, "usage_by_class": {}}
-        if isinstance(self.combination_counts, set):
-            used = len(self.combination_counts)
+        frames, joint, by_class = self._frames_tensor, self.joint, self.by_class
+        combinations = self.combination_counts
+        if across_processes and is_distributed():
+            dense = not isinstance(combinations, set)
+            counts = [frames, *joint, *by_class] + ([combinations] if dense else [])
+            counts = sum_across_processes(counts)
+            frames, joint = counts[0], counts[1 : 1 + len(joint)]
+            by_class = counts[1 + len(joint) : 1 + len(joint) + len(by_class)]
+            if dense:
+                combinations = counts[-1]
+            else:
+                combinations = set().union(*gather_objects(combinations))
+        if isinstance(combinations, set):
+            used = len(combinations)
         else:
-            used = int((self.combination_counts > 0).sum())
+            used = int((combinations > 0).sum())
         names = self.layer_names
         result = {
-            "frames": int(self._frames_tensor),
+            "frames": int(frames),
             "num_combinations": math.prod(self.num_experts),
             "combinations_used": used,
             "joint_usage": {
                 f"{a}->{b}": m.tolist()
-                for a, b, m in zip(names[:-1], names[1:], self.joint, strict=True)
+                for a, b, m in zip(names[:-1], names[1:], joint, strict=True)
             },
             "usage_by_class": {
-                n: t.tolist() for n, t in zip(names, self.by_class, strict=False)
+                n: t.tolist() for n, t in zip(names, by_class, strict=False)
             },  # empty without classes
         }
         if self.class_names is not None:
@@ -176,7 +239,7 @@ class ExpertUsageTracker:
         return result
 
 
-def expert_usage_report(model, tracker=None, reset=False):
+def expert_usage_report(model, tracker=None, reset=False, across_processes=True):
     """Per-layer statistics of ``model``'s MoE layers plus the tracker's cross-layer summary.
 
     Arguments
@@ -187,15 +250,18 @@ def expert_usage_report(model, tracker=None, reset=False):
         Cross-layer statistics to include.
     reset : bool
         Reset the layers' counters and the tracker after reading.
+    across_processes : bool
+        Under DDP, report the counts of all processes (a collective; see
+        :meth:`ExpertUsageTracker.summary`). False for data every process saw in full.
 
     Returns
     -------
     dict
         ``{"layers": {name: MoE.stats()}, **tracker.summary()}``.
     """
-    report = {"layers": collect_expert_stats(model, reset=reset)}
+    report = {"layers": collect_expert_stats(model, reset, across_processes)}
     if tracker is not None:
-        report.update(tracker.summary())
+        report.update(tracker.summary(across_processes))
         if reset:
             tracker.reset()
     return report

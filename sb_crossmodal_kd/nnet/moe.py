@@ -26,7 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sb_crossmodal_kd.distributed import is_distributed, sum_across_processes
+
 EXPERT_TYPES = ("relu", "ffn", "swiglu")
+STAT_NAMES = ("gate_mass", "top1_count", "routed_count", "dropped_count", "entropy", "frames")
 KERNELS = ("auto", "grouped_mm", "loop")
 
 
@@ -431,6 +434,10 @@ class BalancingConstraint(nn.Module):
     Only differences between totals matter, so they are stored relative to their minimum:
     they stay small and exact in float32 however long training runs.
 
+    Under DDP each process decides its own frames from the totals shared at the start of the
+    batch, then the mass of all processes is added (one all-reduce per batch), so every rank
+    holds the same totals; the spread bound becomes ``margin + world_size * chunk_size``.
+
     The constraint is active in training mode up to and including epoch ``phase_epochs``
     (1-based, as SpeechBrain counts; set with :func:`set_moe_epoch`) and for the first
     ``phase_steps`` training batches; with neither it is always active. State (totals, steps,
@@ -511,11 +518,22 @@ class BalancingConstraint(nn.Module):
             return probs
         size = self.chunk_size or max(probs.shape[0], 1)
         pieces = []
+        distributed = is_distributed()
+        start_totals = self.totals.clone()
+        batch_mass = torch.zeros_like(self.totals)
         for start in range(0, probs.shape[0], size):
             piece = self.constrain(probs[start : start + size])
             used = piece if select is None else select(piece)
             self.record(used, valid[start : start + size])
+            if distributed:
+                batch_mass += self.gate_mass(used, valid[start : start + size])
             pieces.append(piece)
+        if distributed:
+            # Each process decided its own frames from the shared totals; all then add the
+            # mass of every process, so the totals stay identical on all ranks.
+            (global_mass,) = sum_across_processes([batch_mass])
+            totals = start_totals + global_mass
+            self.totals.copy_(totals - totals.min())
         self.steps += 1
         return torch.cat(pieces) if len(pieces) != 1 else pieces[0]
 
@@ -525,11 +543,16 @@ class BalancingConstraint(nn.Module):
         probs = probs * allowed.to(probs.dtype)
         return probs / probs.sum(-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
 
+    @staticmethod
+    @torch.no_grad()
+    def gate_mass(gates, valid):
+        """Per-expert gate mass [N] of the valid rows of ``gates`` [M, N]."""
+        return (gates.float() * valid.unsqueeze(-1).float()).sum(0)
+
     @torch.no_grad()
     def record(self, gates, valid):
         """Adds the gate mass of the valid rows of ``gates`` [M, N] to the totals."""
-        mass = (gates.float() * valid.unsqueeze(-1).float()).sum(0)
-        totals = self.totals + mass
+        totals = self.totals + self.gate_mass(gates, valid)
         self.totals.copy_(totals - totals.min())
 
     def get_extra_state(self):
@@ -698,10 +721,12 @@ class MoE(nn.Module):
         self.aux_loss = None
         self.last_assignment = None  # [B, T] argmax expert, -1 on padding
         self.padding_context = None  # (kind, tensor) set by set_padding_mask
-        for name in ("gate_mass", "top1_count", "routed_count", "dropped_count"):
-            self.register_buffer(f"stat_{name}", torch.zeros(num_experts), persistent=False)
-        self.register_buffer("stat_entropy", torch.zeros(()), persistent=False)
-        self.register_buffer("stat_frames", torch.zeros(()), persistent=False)
+        # Usage counters are plain tensors, not buffers: DDP copies every buffer from rank 0
+        # into the other ranks before each forward pass, which would overwrite their counts
+        # (each rank counts its own frames; the counts are summed when read).
+        for name in STAT_NAMES:
+            shape = () if name in ("entropy", "frames") else (num_experts,)
+            setattr(self, f"stat_{name}", torch.zeros(shape))
 
     # -- padding ---------------------------------------------------------------------------
 
@@ -878,6 +903,9 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def _accumulate(self, probs, gates, valid, assignment, routed, dropped):
+        if self.stat_frames.device != probs.device:  # the model moved since the last count
+            for name in STAT_NAMES:
+                setattr(self, f"stat_{name}", getattr(self, f"stat_{name}").to(probs.device))
         validf = valid.float().unsqueeze(-1)
         self.stat_gate_mass += (gates.float() * validf).sum(0)
         self.stat_top1_count += count_ids(
@@ -893,12 +921,18 @@ class MoE(nn.Module):
 
     def reset_stats(self):
         """Zeroes the accumulated statistics."""
-        for name in ("gate_mass", "top1_count", "routed_count", "dropped_count", "entropy",
-                     "frames"):
+        for name in STAT_NAMES:
             getattr(self, f"stat_{name}").zero_()
 
-    def stats(self):
+    def stats(self, across_processes=True):
         """Accumulated statistics as plain Python numbers (one device sync).
+
+        Arguments
+        ---------
+        across_processes : bool
+            Under DDP, sum the counters of all processes first (a collective: every rank
+            must call it), so that every rank reports the statistics of all the data. Give
+            False for data every process saw in full (SpeechBrain's valid and test stages).
 
         Returns
         -------
@@ -909,21 +943,26 @@ class MoE(nn.Module):
             fraction of assignments dropped; ``gate_entropy``: mean entropy of the gate
             distribution in nats; ``max_entropy``: log N.
         """
-        frames = float(self.stat_frames)
+        counters = [self.stat_gate_mass, self.stat_top1_count, self.stat_routed_count,
+                    self.stat_dropped_count, self.stat_entropy, self.stat_frames]
+        if across_processes:
+            counters = sum_across_processes(counters)
+        gate_mass, top1_count, routed_count, dropped_count, entropy, frames = counters
+        frames = float(frames)
         denom = max(frames, 1.0)
         result = {
             "frames": frames,
-            "usage": (self.stat_gate_mass / denom).tolist(),
-            "top1_usage": (self.stat_top1_count / denom).tolist(),
-            "gate_entropy": float(self.stat_entropy) / denom,
+            "usage": (gate_mass / denom).tolist(),
+            "top1_usage": (top1_count / denom).tolist(),
+            "gate_entropy": float(entropy) / denom,
             "max_entropy": math.log(self.num_experts),
         }
         if self.top_k is not None:
-            assigned = self.stat_routed_count + self.stat_dropped_count
+            assigned = routed_count + dropped_count
             total = max(float(assigned.sum()), 1.0)
-            result["routed_fraction"] = (self.stat_routed_count / total).tolist()
+            result["routed_fraction"] = (routed_count / total).tolist()
             if self.capacity_factor is not None:
-                result["dropped_fraction"] = float(self.stat_dropped_count.sum()) / total
+                result["dropped_fraction"] = float(dropped_count.sum()) / total
         return result
 
     def extra_repr(self):
@@ -936,6 +975,9 @@ class MoE(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+_WRAPPERS = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+
+
 def moe_layers(model):
     """All :class:`MoE` layers of ``model`` as (qualified name, layer), in module order.
 
@@ -944,10 +986,22 @@ def moe_layers(model):
     >>> model = nn.Sequential(MoE(4, 2), nn.ReLU(), MoE(4, 2))
     >>> [name for name, _ in moe_layers(model)]
     ['0', '2']
+    >>> [name for name, _ in moe_layers(nn.ModuleDict({"m": nn.DataParallel(model)}))]
+    ['m.0', 'm.2']
     """
     if isinstance(model, MoE):
         return [("", model)]
-    return [(name, module) for name, module in model.named_modules() if isinstance(module, MoE)]
+    # Names as without DDP (whose wrapper adds a ".module" level), so logs match.
+    wrappers = [f"{name}.module." if name else "module."
+                for name, module in model.named_modules() if isinstance(module, _WRAPPERS)]
+    layers = []
+    for name, module in model.named_modules():
+        if isinstance(module, MoE):
+            for wrapper in wrappers:
+                if f"{name}.".startswith(wrapper):
+                    name = wrapper[: -len("module.")] + name[len(wrapper):]
+            layers.append((name.rstrip("."), module))
+    return layers
 
 
 def moe_auxiliary_loss(model):
@@ -979,8 +1033,11 @@ def moe_auxiliary_loss(model):
     return total
 
 
-def collect_expert_stats(model, reset=False):
+def collect_expert_stats(model, reset=False, across_processes=True):
     """Usage statistics of every MoE layer, keyed by layer name (see :meth:`MoE.stats`).
+
+    Under DDP (with ``across_processes``) the counters of all processes are summed: a
+    collective that every rank must call.
 
     Example
     -------
@@ -994,10 +1051,38 @@ def collect_expert_stats(model, reset=False):
     """
     stats = {}
     for name, layer in moe_layers(model):
-        stats[name or "moe"] = layer.stats()
+        stats[name or "moe"] = layer.stats(across_processes)
         if reset:
             layer.reset_stats()
     return stats
+
+
+def expert_counters(model):
+    """CPU copies of every MoE layer's usage counters, by layer name (e.g. for a mid-epoch
+    checkpoint; the counters are not in ``state_dict``).
+
+    Example
+    -------
+    >>> model = nn.Sequential(MoE(4, 2))
+    >>> _ = model(torch.randn(2, 3, 4))
+    >>> saved = expert_counters(model)
+    >>> reset_expert_stats(model)
+    >>> load_expert_counters(model, saved)
+    >>> collect_expert_stats(model)["0"]["frames"]
+    6.0
+    """
+    return {
+        name or "moe": {n: getattr(layer, f"stat_{n}").detach().cpu().clone() for n in STAT_NAMES}
+        for name, layer in moe_layers(model)
+    }
+
+
+def load_expert_counters(model, counters):
+    """Puts back the counters :func:`expert_counters` returned."""
+    for name, layer in moe_layers(model):
+        device = next(layer.parameters()).device
+        for n in STAT_NAMES:
+            setattr(layer, f"stat_{n}", counters[name or "moe"][n].to(device))
 
 
 def reset_expert_stats(model):

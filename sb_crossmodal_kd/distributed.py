@@ -1,0 +1,160 @@
+"""Reductions across the processes of a DDP run (``torchrun``), no-ops in a single process.
+
+SpeechBrain's DDP synchronises gradients only. Everything else a process accumulates by
+itself (MoE usage counters, the balancing constraint's running totals, epoch averages of
+loss terms) must be combined explicitly so that every rank holds, and logs, the same
+values. The package does that through these few functions, never through
+``torch.distributed`` directly.
+
+Every function here is a collective under DDP: all ranks must call it, in the same order.
+Inside SpeechBrain's ``run_on_main`` / ``main_process_only`` sections, where only the main
+process runs, they do nothing (as ``speechbrain.utils.distributed.ddp_all_reduce``).
+"""
+
+import dataclasses
+
+import torch
+from speechbrain.utils.distributed import (
+    ddp_all_reduce,
+    ddp_init_group,
+    ddp_prevent_block,
+    get_rank,
+)
+
+
+def init_distributed(run_opts):
+    """SpeechBrain's ``ddp_init_group`` for a recipe's ``main``, choosing the backend.
+
+    Under ``torchrun`` without ``--distributed_backend``, the backend is nccl where CUDA is
+    available and gloo otherwise (SpeechBrain's default, nccl, refuses a machine without
+    GPUs). Outside ``torchrun`` this does nothing.
+
+    Arguments
+    ---------
+    run_opts : speechbrain RunOptions or dict
+        As ``speechbrain.parse_arguments`` returns them.
+
+    Returns
+    -------
+    RunOptions or dict
+        The run options to give the Brain, with the backend chosen.
+
+    Example
+    -------
+    >>> init_distributed({})  # not under torchrun: nothing to do
+    {}
+    """
+    if get_rank() is None:
+        return run_opts
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if isinstance(run_opts, dict):
+        run_opts = {"distributed_backend": backend, **run_opts}
+    elif "distributed_backend" not in run_opts.overridden_args:
+        # RunOptions is frozen; the Brain reads a run option only when marked as given.
+        run_opts = dataclasses.replace(
+            run_opts,
+            distributed_backend=backend,
+            overridden_args={*run_opts.overridden_args, "distributed_backend"},
+        )
+    ddp_init_group(run_opts)
+    return run_opts
+
+
+def is_distributed():
+    """Whether collectives run: a process group is up and not inside a main-only section.
+
+    Example
+    -------
+    >>> is_distributed()
+    False
+    """
+    return not ddp_prevent_block()
+
+
+def world_size():
+    """Number of processes of the run (1 without DDP).
+
+    Example
+    -------
+    >>> world_size()
+    1
+    """
+    return torch.distributed.get_world_size() if is_distributed() else 1
+
+
+def sum_across_processes(tensors):
+    """Element-wise sums of ``tensors`` over all processes, in one collective.
+
+    The inputs are left unchanged: the sums are new tensors, so calling this twice on the
+    same counters never counts a process twice.
+
+    Arguments
+    ---------
+    tensors : list of torch.Tensor
+        Tensors of any shapes and dtypes, all on the device the backend communicates on
+        (CPU for gloo, the rank's GPU for nccl).
+
+    Returns
+    -------
+    list of torch.Tensor
+        The sums, in the inputs' shapes and dtypes (copies of the inputs without DDP).
+
+    Example
+    -------
+    >>> counts, total = sum_across_processes([torch.tensor([1, 2]), torch.tensor(3.0)])
+    >>> counts, total
+    (tensor([1, 2]), tensor(3.))
+    """
+    tensors = list(tensors)
+    if not tensors:
+        return []
+    if not is_distributed():
+        return [t.clone() for t in tensors]
+    # float64 holds integer counts exactly up to 2**53 and float32 sums without loss.
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
+    ddp_all_reduce(flat, torch.distributed.ReduceOp.SUM)
+    sums, start = [], 0
+    for t in tensors:
+        sums.append(flat[start : start + t.numel()].view(t.shape).to(t.dtype))
+        start += t.numel()
+    return sums
+
+
+def mean_across_processes(value, device="cpu"):
+    """Mean of a number over all processes (itself without DDP).
+
+    Example
+    -------
+    >>> mean_across_processes(2.5)
+    2.5
+    """
+    if not is_distributed():
+        return float(value)
+    (total,) = sum_across_processes([torch.tensor(float(value), device=device)])
+    return float(total) / world_size()
+
+
+def gather_objects(obj):
+    """One picklable object from every process, by rank (``[obj]`` without DDP).
+
+    Example
+    -------
+    >>> gather_objects({"a": 1})
+    [{'a': 1}]
+    """
+    if not is_distributed():
+        return [obj]
+    gathered = [None] * world_size()
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
+
+
+def rank():
+    """This process's rank (0 without DDP).
+
+    Example
+    -------
+    >>> rank()
+    0
+    """
+    return torch.distributed.get_rank() if is_distributed() else 0
