@@ -275,7 +275,7 @@ def test_wav_without_phn_is_named(prepare, tmp_path):
     assert not (tmp_path / "out" / "train.csv").exists()
 
 
-def test_phn_past_the_audio_is_refused_beyond_the_tolerance(prepare, tmp_path):
+def test_phn_not_matching_the_audio_length_is_refused_beyond_the_tolerance(prepare, tmp_path):
     truth = make_timit_tree(tmp_path / "TIMIT", seed=2)
     phn = tmp_path / "TIMIT/TEST/DR1/MDAB0/SI648.PHN"
     n_samples = truth["MDAB0_SI648"][0]
@@ -292,6 +292,10 @@ def test_phn_past_the_audio_is_refused_beyond_the_tolerance(prepare, tmp_path):
                                                  rf"{n_samples + 800} but the audio has "
                                                  rf"{n_samples} samples .tolerance 160"):
         prepare.prepare_timit(tmp_path / "TIMIT", tmp_path / "bad")
+    phn.write_text("\n".join(lines[:-1]) + "\n")  # the final h# lost: the end unlabelled
+    with pytest.raises(prepare.TimitError, match=rf"SI648.PHN: the phones end at sample {start} "
+                                                 rf"but the audio has {n_samples} samples"):
+        prepare.prepare_timit(tmp_path / "TIMIT", tmp_path / "short")
 
 
 def test_malformed_phn_lines_are_named(prepare, tmp_path):

@@ -37,8 +37,13 @@ TINY_MODEL = [
 
 
 def timit_segments(timed, n_samples):
-    """Seconds -> non-overlapping sample segments; silence as TIMIT writes it."""
+    """Seconds -> non-overlapping sample segments covering the audio, as TIMIT's do; silence
+    as TIMIT writes it."""
     segments, previous = [], 0
+    if timed and timed[0][1] > 0:
+        timed = [("sil", 0.0, timed[0][1])] + list(timed)
+    if timed and timed[-1][2] * RATE < n_samples:
+        timed = list(timed) + [("sil", timed[-1][2], n_samples / RATE)]
     for i, (label, start, end) in enumerate(timed):
         start, end = max(previous, round(start * RATE)), min(n_samples, round(end * RATE))
         if end <= start:

@@ -28,7 +28,8 @@ Writes into ``save_folder``:
 - ``timit_prepare.json``: the settings; a folder prepared with other settings is refused.
 
 Sample offsets become seconds (``sample / 16000``); phones that run past the audio by at most
-``phn_tolerance_ms`` are clipped to it, further than that is an error naming the file.
+``phn_tolerance_ms`` are clipped to it. Phones ending further past the audio, or further
+before its end, are an error naming the file.
 
     python timit_prepare.py --data_folder /path/to/TIMIT --save_folder DATA
 """
@@ -102,7 +103,8 @@ def prepare_timit(data_folder, save_folder, include_sa=False, phn_tolerance_ms=1
     include_sa : bool
         Keep the two dialect sentences (``SA1``, ``SA2``) every speaker reads.
     phn_tolerance_ms : float
-        How far the last phone may end past the audio before it is an error.
+        How far the last phone may end past, or before, the end of the audio before it is an
+        error (the frame recipe accepts 2 frames of difference; 10 ms stays within that).
 
     Returns
     -------
@@ -255,7 +257,8 @@ def read_segments(path, n_samples, tolerance, is_phone):
     """``[(label, start_sample, end_sample)]`` of a ``.PHN`` or ``.WRD`` file.
 
     Ends past the audio by at most ``tolerance`` samples are clipped to it. Phones must not
-    overlap (words may: TIMIT's word boundaries share samples).
+    overlap (words may: TIMIT's word boundaries share samples) and must reach the end of the
+    audio to within ``tolerance``.
 
     Example
     -------
@@ -297,6 +300,12 @@ def read_segments(path, n_samples, tolerance, is_phone):
             f"{path}: the last segment ends at sample {last} but the audio has {n_samples} "
             f"samples (tolerance {tolerance}); the labels do not belong to this audio, or "
             "the audio is truncated"
+        )
+    if is_phone and last < n_samples - tolerance:
+        raise TimitError(
+            f"{path}: the phones end at sample {last} but the audio has {n_samples} samples "
+            f"(tolerance {tolerance}), so its end would have no label; the labels do not "
+            "belong to this audio, or the .PHN file is truncated"
         )
     return [(label, min(start, n_samples), min(end, n_samples))
             for label, start, end in segments]
@@ -376,7 +385,7 @@ def main(argv=None):
     parser.add_argument("--save_folder", required=True, help="where manifests are written")
     parser.add_argument("--include_sa", action="store_true", help="keep the SA sentences")
     parser.add_argument("--phn_tolerance_ms", type=float, default=10.0,
-                        help="how far phones may run past the audio (clipped)")
+                        help="how far the phones' end may miss the audio's end")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     outputs = prepare_timit(args.data_folder, args.save_folder, args.include_sa,
