@@ -21,11 +21,17 @@ import time
 import speechbrain as sb
 from speechbrain.utils.metric_stats import ErrorRateStats
 
+from sb_crossmodal_kd.distributed import mean_across_processes
 from sb_crossmodal_kd.io import atomic_write_json
+from sb_crossmodal_kd.resume import ExactResume
 
 
-class CTCBrain(sb.Brain):
-    """Trains and evaluates a CTC acoustic model; writes WER/CER of the test split to JSON."""
+class CTCBrain(ExactResume, sb.Brain):
+    """Trains and evaluates a CTC acoustic model; writes WER/CER of the test split to JSON.
+
+    Resumes exactly from mid-epoch checkpoints (:class:`~sb_crossmodal_kd.resume.ExactResume`);
+    under DDP the logged train loss is the mean over all processes.
+    """
 
     def compute_forward(self, batch, stage):
         """Returns ``{"log_probs": [B, T', V+1], "encoded": [B, T', D], "lengths": [B]}``."""
@@ -93,6 +99,9 @@ class CTCBrain(sb.Brain):
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
         """Logs, checkpoints on valid WER, and writes the test results file."""
+        super().on_stage_end(stage, stage_loss, epoch)
+        if stage == sb.Stage.TRAIN:  # each process trained on its share of the data
+            stage_loss = mean_across_processes(stage_loss, self.device)
         stats = {"loss": stage_loss}
         if stage == sb.Stage.TRAIN:
             self.train_stats = {**stats, "epoch_s": round(time.time() - self._epoch_start, 1)}

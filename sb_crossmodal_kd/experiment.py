@@ -13,9 +13,11 @@ from pathlib import Path
 
 import ruamel.yaml
 import speechbrain as sb
+import torch
 from hyperpyyaml import load_hyperpyyaml
 
 from sb_crossmodal_kd.data.manifest import check_manifest
+from sb_crossmodal_kd.distributed import init_distributed
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +65,33 @@ def asr_datasets(hparams):
 def train_loader_options(hparams, train_data):
     """Loader options; with ``dynamic_batching``, SpeechBrain's ``DynamicBatchSampler``
     groups utterances of similar duration (``dynamic_batch_sampler`` options), which wastes
-    far less compute on padding than random fixed-size batches."""
+    far less compute on padding than random fixed-size batches.
+
+    Without it, the order is an explicit sampler: ``shuffle`` gives a
+    ``ReproducibleRandomSampler`` seeded with ``hparams["seed"]`` and the epoch, else the
+    dataset's order. Under DDP SpeechBrain deals that one order out to the processes
+    (rank r takes items r, r + N, ...), so N processes with batch B see the batches of one
+    process with batch N x B; left to itself it would shuffle with its own seed under DDP,
+    and ignore ``shuffle: False`` unless hparams set ``sorting``.
+
+    Example
+    -------
+    >>> data = list(range(6))
+    >>> options = train_loader_options({"train_dataloader_opts": {"batch_size": 2,
+    ...                                  "shuffle": True}, "seed": 3}, data)
+    >>> sorted(options), sorted(options["sampler"])
+    (['batch_size', 'sampler'], [0, 1, 2, 3, 4, 5])
+    """
     options = dict(hparams["train_dataloader_opts"])
     if not hparams.get("dynamic_batching", False):
+        if options.get("sampler") is None and options.get("batch_sampler") is None:
+            if options.pop("shuffle", False):
+                seed = hparams.get("seed", 563375142)
+                options["sampler"] = sb.dataio.sampler.ReproducibleRandomSampler(
+                    train_data, seed=seed
+                )
+            else:
+                options["sampler"] = torch.utils.data.SequentialSampler(train_data)
         return options
     sampler = sb.dataio.sampler.DynamicBatchSampler(
         train_data,
@@ -151,13 +177,14 @@ def run_asr_experiment(hparams_file, overrides=None, run_opts=None):
     brain.evaluate(
         datasets["test"], min_key="WER", test_loader_kwargs=hparams["test_dataloader_opts"]
     )
+    sb.utils.distributed.ddp_barrier()  # under DDP the main process writes the results
     return json.loads(Path(hparams["results_file"]).read_text())
 
 
 def main(argv=None):
     """``train.py hparams.yaml [--overrides...]``, as SpeechBrain recipes parse it."""
     hparams_file, run_opts, overrides = sb.parse_arguments(argv or sys.argv[1:])
-    sb.utils.distributed.ddp_init_group(run_opts)
+    run_opts = init_distributed(run_opts)  # under torchrun: gloo on CPU, nccl on GPUs
     results = run_asr_experiment(hparams_file, overrides, run_opts)
     logger.info("Test WER %.2f%%, CER %.2f%%", results["wer"], results["cer"])
     return results

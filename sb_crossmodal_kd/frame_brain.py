@@ -28,14 +28,18 @@ from sb_crossmodal_kd.analysis.expert_usage import (
     log_expert_usage,
     plot_expert_usage,
 )
+from sb_crossmodal_kd.distributed import mean_across_processes, sum_across_processes
 from sb_crossmodal_kd.io import atomic_write_json
 from sb_crossmodal_kd.nnet.moe import (
+    expert_counters,
+    load_expert_counters,
     moe_auxiliary_loss,
     moe_layers,
     reset_expert_stats,
     set_moe_epoch,
     set_padding_mask,
 )
+from sb_crossmodal_kd.resume import ExactResume
 
 
 def stack_context(feats, context):
@@ -150,8 +154,11 @@ def phone_frame_labels(phones, n_samples, rate, utterance_id, tolerance=2):
     return torch.from_numpy(labels).long()
 
 
-class FrameBrain(sb.Brain):
-    """Trains a frame classifier with cross-entropy plus every MoE layer's auxiliary loss."""
+class FrameBrain(ExactResume, sb.Brain):
+    """Trains a frame classifier with cross-entropy plus every MoE layer's auxiliary loss.
+
+    Under DDP the train stage's loss, accuracy and expert usage are those of all processes.
+    """
 
     def compute_forward(self, batch, stage):
         """Returns log-probabilities [B, T, C]."""
@@ -200,13 +207,36 @@ class FrameBrain(sb.Brain):
             loggers.append(tensorboard)
         return loggers
 
+    def intra_epoch_state(self):
+        """The epoch's accuracy and expert-usage counts, for a mid-epoch checkpoint."""
+        state = {"correct": self.correct.cpu(), "labelled": self.labelled.cpu()}
+        if self.tracker is not None:
+            state["experts"] = expert_counters(self.modules.model)
+            state["tracker"] = self.tracker.state()
+        return state
+
+    def load_intra_epoch_state(self, state):
+        self.correct = state["correct"].to(self.device)
+        self.labelled = state["labelled"].to(self.device)
+        if self.tracker is not None:
+            load_expert_counters(self.modules.model, state["experts"])
+            self.tracker.load_state(state["tracker"], self.device)
+
     def on_stage_end(self, stage, stage_loss, epoch=None):
         """Logs loss, frame accuracy and expert usage; checkpoints; writes test results."""
-        accuracy = float(self.correct) / max(int(self.labelled), 1)
+        super().on_stage_end(stage, stage_loss, epoch)
+        # Each process trained on its share of the data; valid and test ran in full on each.
+        training = stage == sb.Stage.TRAIN
+        correct, labelled = self.correct, self.labelled
+        if training:
+            correct, labelled = sum_across_processes([correct, labelled])
+            stage_loss = mean_across_processes(stage_loss, self.device)
+        accuracy = float(correct) / max(int(labelled), 1)
         stats = {"loss": stage_loss, "frame_acc": round(accuracy, 4)}
         report = None
         if self.tracker is not None:
-            report = expert_usage_report(self.modules.model, self.tracker, reset=True)
+            report = expert_usage_report(self.modules.model, self.tracker, reset=True,
+                                         across_processes=training)
         name = {sb.Stage.TRAIN: "train", sb.Stage.VALID: "valid", sb.Stage.TEST: "test"}[stage]
         if stage == sb.Stage.TRAIN:
             self.train_stats = stats

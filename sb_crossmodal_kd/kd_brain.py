@@ -51,6 +51,7 @@ import speechbrain as sb
 import torch
 
 from sb_crossmodal_kd.brain import CTCBrain, count_parameters
+from sb_crossmodal_kd.distributed import sum_across_processes
 from sb_crossmodal_kd.io import atomic_write_json
 from sb_crossmodal_kd.losses import (
     DistillationObjective,
@@ -347,9 +348,26 @@ class KDBrain(CTCBrain):
 
     def loss_terms(self):
         """Epoch averages of every loss term (``loss_<term>``) and head accuracy
-        (``acc_<head>``) so far (one device sync)."""
+        (``acc_<head>``) so far (one device sync); under DDP over all processes' batches
+        (a collective: every rank calls it, with the same terms)."""
+        names = sorted(self._term_sums)
+        sums = [torch.as_tensor(self._term_sums[n], dtype=torch.float64, device=self.device)
+                for n in names]
+        batches = torch.tensor(float(self._term_batches), dtype=torch.float64, device=self.device)
+        *sums, batches = sum_across_processes([*sums, batches])
         return {
             (name if name.startswith("acc_") else f"loss_{name}"):
-                round(float(total) / self._term_batches, 5)
-            for name, total in self._term_sums.items()
+                round(float(total) / float(batches), 5)
+            for name, total in zip(names, sums, strict=True)
         }
+
+    def intra_epoch_state(self):
+        """The epoch's loss-term sums, for a mid-epoch checkpoint."""
+        return {
+            "term_sums": {n: torch.as_tensor(v).detach().cpu() for n, v in self._term_sums.items()},
+            "term_batches": self._term_batches,
+        }
+
+    def load_intra_epoch_state(self, state):
+        self._term_sums = {n: v.to(self.device) for n, v in state["term_sums"].items()}
+        self._term_batches = state["term_batches"]

@@ -43,6 +43,8 @@ import speechbrain as sb
 import torch
 from speechbrain.lobes.models.RNNLM import RNNLM
 
+from sb_crossmodal_kd.distributed import mean_across_processes
+from sb_crossmodal_kd.resume import ExactResume
 from sb_crossmodal_kd.teachers.base import absolute_lengths, length_mask
 
 PAD_INDEX = 0
@@ -333,11 +335,12 @@ def perplexity(lm_model, sequences, batch_size=64, device="cpu"):
     return math.exp(total_nll / total_tokens)
 
 
-class UnitLMBrain(sb.Brain):
+class UnitLMBrain(ExactResume, sb.Brain):
     """Trains a :class:`UnitLM` (module key ``lm_model``) on batches with a ``units`` key.
 
     ``batch.units`` is SpeechBrain's ``PaddedData`` of unit ids (``data, lengths``); the loss
-    is the mean token negative log-likelihood, EOS included.
+    is the mean token negative log-likelihood, EOS included (under DDP, the train loss is the
+    mean over all processes). Resumes exactly from mid-epoch checkpoints.
     """
 
     def compute_forward(self, batch, stage):
@@ -357,6 +360,9 @@ class UnitLMBrain(sb.Brain):
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
         """Logs loss and perplexity; checkpoints on validation, keeping the best."""
+        super().on_stage_end(stage, stage_loss, epoch)
+        if stage == sb.Stage.TRAIN:
+            stage_loss = mean_across_processes(stage_loss, self.device)
         stats = {"loss": stage_loss, "ppl": math.exp(min(stage_loss, 50.0))}
         if stage == sb.Stage.TRAIN:
             self.train_stats = stats

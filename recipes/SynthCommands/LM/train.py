@@ -25,6 +25,7 @@ import speechbrain as sb
 import torch
 from hyperpyyaml import load_hyperpyyaml
 
+from sb_crossmodal_kd.distributed import init_distributed
 from sb_crossmodal_kd.io import atomic_write_text
 from sb_crossmodal_kd.teachers.unit_lm import UnitLMBrain, export_unit_lm, perplexity
 from sb_crossmodal_kd.units.lexicon import OutOfVocabularyError
@@ -72,6 +73,7 @@ def dataset(sequences):
 
 def main(argv):
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    run_opts = init_distributed(run_opts)  # under torchrun: gloo on CPU, nccl on GPUs
     with open(hparams_file, encoding="utf-8") as fin:
         hparams = load_hyperpyyaml(fin, overrides)
     sb.create_experiment_directory(
@@ -116,10 +118,11 @@ def main(argv):
         "skipped_oov_sentences": train_skipped + valid_skipped,
         "epochs": hparams["number_of_epochs"],
     }
-    export_unit_lm(hparams["export_folder"], lm_model.cpu(), unit_type=text_units.unit_type,
-                   tokenizer_hash=text_units.hash, extra={"valid_ppl": results["valid_ppl"]})
-    atomic_write_text(hparams["results_file"], json.dumps(results, indent=1) + "\n")
-    print(json.dumps(results))
+    if sb.utils.distributed.if_main_process():  # every rank holds the same model
+        export_unit_lm(hparams["export_folder"], lm_model.cpu(), unit_type=text_units.unit_type,
+                       tokenizer_hash=text_units.hash, extra={"valid_ppl": results["valid_ppl"]})
+        atomic_write_text(hparams["results_file"], json.dumps(results, indent=1) + "\n")
+        print(json.dumps(results))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ import speechbrain as sb
 
 from sb_crossmodal_kd.alignment.framerate import FrameRate
 from sb_crossmodal_kd.data.manifest import check_manifest
-from sb_crossmodal_kd.experiment import file_overrides, load_hparams
+from sb_crossmodal_kd.distributed import init_distributed
+from sb_crossmodal_kd.experiment import file_overrides, load_hparams, train_loader_options
 from sb_crossmodal_kd.frame_brain import FrameBrain, phone_frame_labels
 from sb_crossmodal_kd.units.phones import PHONES
 
@@ -103,7 +104,8 @@ def run(hparams_file, overrides=None, run_opts=None):
         brain.hparams.epoch_counter,
         datasets["train"],
         datasets["valid"],
-        train_loader_kwargs=hparams["train_dataloader_opts"],
+        # The same global order under torchrun as in one process (see train_loader_options)
+        train_loader_kwargs=train_loader_options(hparams, datasets["train"]),
         valid_loader_kwargs=hparams["valid_dataloader_opts"],
     )
     brain.evaluate(datasets["test"], max_key="frame_acc",
@@ -114,6 +116,7 @@ def run(hparams_file, overrides=None, run_opts=None):
 def main(argv=None):
     """``train.py hparams.yaml [--overrides...]``, as SpeechBrain recipes parse it."""
     hparams_file, run_opts, overrides = sb.parse_arguments(argv or sys.argv[1:])
+    run_opts = init_distributed(run_opts)  # under torchrun: gloo on CPU, nccl on GPUs
     results = run(hparams_file, overrides, run_opts)
     logger.info("Test frame accuracy %.4f", results["frame_accuracy"])
     return results

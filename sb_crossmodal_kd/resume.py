@@ -1,0 +1,200 @@
+"""Exact resume: a run killed mid-epoch and re-run ends with the weights of an uninterrupted run.
+
+SpeechBrain 1.1.2 checkpoints (also every ``ckpt_interval_steps`` batches or
+``ckpt_interval_minutes`` within an epoch) the modules, optimiser, scheduler, epoch counter,
+the Brain's step and running train loss, and the train loader's position, which it skips
+to on recovery. Samplers are seeded by seed + epoch. Two things are missing, and this
+module adds them for every Brain of the package:
+
+- the random number generators (torch CPU and CUDA, numpy, Python ``random``) that dropout,
+  noisy gating and the like draw from, per process under DDP;
+- a Brain's own running values of the epoch (e.g. the distillation Brain's loss-term sums),
+  which ``on_stage_start`` would otherwise reset on resume.
+
+Timing matters. Creating the train loader's iterator draws from the global torch generator
+(its base seed), before the recovered loader skips the batches already done. So the state
+of a mid-epoch checkpoint is put back just before the next training batch runs (or at the
+end of the train stage if no batch is left), exactly where the uninterrupted run stood when
+it saved. An end-of-epoch checkpoint's state is put back at once, before the next epoch's
+loader draws.
+
+Limits: randomness drawn by loader worker processes (``num_workers > 0``) follows the base
+seed of the resumed iterator, not the original one; the pipelines of this package draw none.
+"""
+
+import logging
+import random
+import warnings
+
+import numpy as np
+import speechbrain as sb
+import torch
+from speechbrain.utils.checkpoints import mark_as_loader, mark_as_saver, register_checkpoint_hooks
+from speechbrain.utils.distributed import if_main_process
+
+from sb_crossmodal_kd.distributed import gather_objects, rank, world_size
+from sb_crossmodal_kd.io import atomic_path
+
+logger = logging.getLogger(__name__)
+
+
+def capture_random_state():
+    """The states of torch (CPU and initialised CUDA devices), numpy and Python ``random``,
+    as tensors and plain Python values (loadable with ``torch.load(weights_only=True)``).
+
+    Example
+    -------
+    >>> state = capture_random_state()
+    >>> a = torch.rand(3), np.random.rand(), random.random()
+    >>> restore_random_state(state)
+    >>> b = torch.rand(3), np.random.rand(), random.random()
+    >>> torch.equal(a[0], b[0]) and a[1:] == b[1:]
+    True
+    """
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss),
+                  float(cached_gaussian)),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_random_state(state):
+    """Puts back what :func:`capture_random_state` returned."""
+    torch.set_rng_state(state["torch"])
+    name, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss,
+                         cached_gaussian))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class TrainingState:
+    """Checkpoint recoverable of the random states and the Brain's running epoch values.
+
+    Its save hook runs on every process (a collective under DDP: each rank's state is
+    gathered, the main process writes them all); on load each rank takes its own.
+
+    Arguments
+    ---------
+    brain : speechbrain.Brain, optional
+        Its ``intra_epoch_state()`` (a dict of plain values and CPU tensors) is saved and
+        handed back to ``load_intra_epoch_state(state)`` on a mid-epoch resume.
+
+    Example
+    -------
+    >>> import tempfile, pathlib
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "training_state.ckpt"
+    >>> saved = TrainingState()
+    >>> saved.save(path)
+    >>> a = torch.rand(2)
+    >>> loaded = TrainingState()
+    >>> loaded.load(path, end_of_epoch=False)  # mid-epoch: pending until the next batch
+    >>> loaded.apply_pending()
+    True
+    >>> torch.equal(torch.rand(2), a)
+    True
+    """
+
+    def __init__(self, brain=None):
+        self.brain = brain
+        self.pending = None
+
+    @mark_as_saver
+    def save(self, path):
+        """Gathers every rank's state; the main process writes them (atomically)."""
+        local = {"random": capture_random_state(), "epoch": {}}
+        if self.brain is not None:
+            local["epoch"] = self.brain.intra_epoch_state()
+        states = gather_objects(local)
+        if if_main_process():
+            with atomic_path(path) as tmp:
+                torch.save({"ranks": states}, tmp)
+
+    @mark_as_loader
+    def load(self, path, end_of_epoch):
+        """Restores the random state now (end of epoch) or before the next batch (mid-epoch)."""
+        states = torch.load(path, weights_only=True)["ranks"]
+        if len(states) == world_size():
+            mine = states[rank()]
+        else:
+            warnings.warn(
+                f"{path} holds the random states of {len(states)} processes but this run has "
+                f"{world_size()}: the run continues, but not exactly as the original would",
+                stacklevel=2,
+            )
+            mine = states[min(rank(), len(states) - 1)]
+        if end_of_epoch:
+            restore_random_state(mine["random"])
+            self.pending = None
+        else:
+            self.pending = mine
+
+    def apply_pending(self):
+        """Applies a mid-epoch state loaded earlier; returns whether there was one."""
+        if self.pending is None:
+            return False
+        restore_random_state(self.pending["random"])
+        if self.brain is not None and self.pending["epoch"]:
+            self.brain.load_intra_epoch_state(self.pending["epoch"])
+        self.pending = None
+        return True
+
+
+# Not main-only: every rank must take part in the gather of the save hook.
+register_checkpoint_hooks(TrainingState, save_on_main_only=False)
+
+
+class ExactResume:
+    """Brain mixin (list it before ``speechbrain.Brain``) for exact resume.
+
+    It registers a :class:`TrainingState` named ``training_state`` with the checkpointer
+    (optional on load, so checkpoints written before it still load), applies a mid-epoch
+    state before the next training batch, and gives a train sampler or batch sampler passed
+    in the loader options its epoch each epoch (SpeechBrain does this only for samplers it
+    creates itself, or under DDP), so that the data order is a function of seed and epoch.
+
+    Subclasses that keep running values over an epoch override :meth:`intra_epoch_state`
+    and :meth:`load_intra_epoch_state`, and call ``super().on_stage_end(...)``.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.training_state = TrainingState(self)
+        if self.checkpointer is not None:
+            self.checkpointer.add_recoverable(
+                "training_state", self.training_state, optional_load=True
+            )
+
+    def intra_epoch_state(self):
+        """Running values of the current epoch to save mid-epoch (plain values, CPU tensors)."""
+        return {}
+
+    def load_intra_epoch_state(self, state):
+        """Puts back what :meth:`intra_epoch_state` returned."""
+
+    def on_fit_batch_start(self, batch, should_step):
+        """Applies a pending mid-epoch state before the batch's forward pass."""
+        self.training_state.apply_pending()
+        super().on_fit_batch_start(batch, should_step)
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        """A checkpoint taken after the epoch's last batch left nothing to run: apply it now."""
+        if stage == sb.Stage.TRAIN:
+            self.training_state.apply_pending()
+        super().on_stage_end(stage, stage_loss, epoch)
+
+    def make_dataloader(self, dataset, stage, ckpt_prefix="dataloader-", **loader_kwargs):
+        """SpeechBrain's loader; also remembers a given train sampler to set its epoch."""
+        loader = super().make_dataloader(dataset, stage, ckpt_prefix, **loader_kwargs)
+        if stage == sb.Stage.TRAIN and self.train_sampler is None:
+            sampler = loader_kwargs.get("batch_sampler") or loader_kwargs.get("sampler")
+            if hasattr(sampler, "set_epoch"):
+                self.train_sampler = sampler
+        return loader
