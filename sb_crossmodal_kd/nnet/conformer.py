@@ -27,6 +27,8 @@ class SubsamplingFrontEnd(torch.nn.Module):
         Output width.
     channels : tuple of int
         Channels of the two convolution blocks.
+    dropout : float
+        Dropout after each convolution block (SpeechBrain's ``ConvolutionFrontEnd``).
 
     Example
     -------
@@ -35,7 +37,7 @@ class SubsamplingFrontEnd(torch.nn.Module):
     torch.Size([3, 26, 32])
     """
 
-    def __init__(self, n_mels=80, d_model=144, channels=(32, 32)):
+    def __init__(self, n_mels=80, d_model=144, channels=(32, 32), dropout=0.1):
         super().__init__()
         self.convolutions = ConvolutionFrontEnd(
             input_shape=(None, None, n_mels),
@@ -45,6 +47,7 @@ class SubsamplingFrontEnd(torch.nn.Module):
             kernel_sizes=(3, 3),
             strides=(2, 2),
             residuals=(False, False),
+            dropout=dropout,
         )
         with torch.no_grad():
             probe = self.convolutions(torch.zeros(1, 8, n_mels))
@@ -75,7 +78,7 @@ class ConformerCTCEncoder(torch.nn.Module):
     front_channels : tuple of int
         Channels of the two stride-2 convolution blocks.
     dropout : float
-        Dropout inside the Conformer.
+        Dropout inside the Conformer and its front end.
 
     Example
     -------
@@ -98,7 +101,7 @@ class ConformerCTCEncoder(torch.nn.Module):
         dropout=0.1,
     ):
         super().__init__()
-        self.front_end = SubsamplingFrontEnd(n_mels, d_model, front_channels)
+        self.front_end = SubsamplingFrontEnd(n_mels, d_model, front_channels, dropout)
         self.positional = RelPosEncXL(d_model)
         self.layers = ConformerEncoder(
             num_layers=num_layers,
