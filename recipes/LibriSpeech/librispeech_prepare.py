@@ -44,7 +44,18 @@ class LibriSpeechError(ValueError):
 
 
 def librispeech_root(data_folder):
-    """The folder holding the split folders: ``data_folder`` or its ``LibriSpeech/``."""
+    """The folder holding the split folders: ``data_folder`` or its ``LibriSpeech/``.
+
+    Example
+    -------
+    >>> import tempfile, pathlib
+    >>> folder = pathlib.Path(tempfile.mkdtemp())
+    >>> librispeech_root(folder) == folder
+    True
+    >>> (folder / "LibriSpeech").mkdir()
+    >>> librispeech_root(folder).name
+    'LibriSpeech'
+    """
     data_folder = Path(data_folder)
     nested = data_folder / "LibriSpeech"
     return nested if nested.is_dir() else data_folder
@@ -158,6 +169,7 @@ def prepare_librispeech(data_folder, save_folder, train_set="100", valid_split="
 
 
 def parse(argv):
+    """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_folder", required=True, help="LibriSpeech (the split folders)")
     parser.add_argument("--output", required=True, help="manifests/ and prep/ go here")
@@ -172,6 +184,7 @@ def parse(argv):
 
 
 def main(argv):
+    """Manifests, then the KD chain; prints and returns ``prep.json``'s content."""
     args = parse(argv)
     logging.basicConfig(level=logging.INFO)
     output = Path(args.output)

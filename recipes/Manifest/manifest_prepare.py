@@ -21,6 +21,7 @@ from sb_crossmodal_kd.pipeline import prep_settings_file, prepare_kd_data_from_m
 
 
 def parse(argv):
+    """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for split in ("train", "valid", "test"):
         parser.add_argument(f"--{split}", required=True, help=f"{split} manifest (CSV or JSON)")
@@ -34,6 +35,7 @@ def parse(argv):
 
 
 def main(argv):
+    """Runs the KD chain on the manifests; prints and returns ``prep.json``'s content."""
     args = parse(argv)
     logging.basicConfig(level=logging.INFO)
     prepared = prepare_kd_data_from_manifests(
