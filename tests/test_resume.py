@@ -1,0 +1,160 @@
+"""Exact resume: a recipe killed (SIGKILL) after a mid-epoch checkpoint and re-run ends
+exactly where an uninterrupted run of the same seed ends: weights, optimiser, scheduler,
+MoE constraint state, random states, train log and test results.
+
+Two recipes: the baseline Conformer CTC (dropout, dynamic batches in random order, Noam
+schedule) and the Deep MoE frame classifier (balancing constraint active in the killed
+epoch, expert-usage statistics)."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sb_crossmodal_kd.data.corpus import make_corpus
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "SynthCommands"
+EPOCHS = 2
+CASES = {
+    "asr": (
+        RECIPES / "ASR",
+        "conformer_ctc.yaml",
+        ["--d_model=32", "--num_layers=1", "--nhead=2", "--d_ffn=64", "--n_mels=40",
+         "--vocab_size=40", "--max_batch_seconds=6", "--warmup_steps=5", "--lr=0.003"],
+        ["encoder", "ctc_lin", "normalize", "scheduler", "optimizer"],
+    ),
+    "frame_dmoe": (
+        RECIPES / "frame_classification",
+        "dmoe.yaml",
+        ["--batch_size=2"],
+        ["model", "normalizer", "optimizer"],
+    ),
+}
+# Saved by every recipe: the epoch, the Brain's step and running loss, the loader's
+# position, and the random states (written last but one; the optimiser is last).
+COMMON_FILES = ["counter", "brain", "dataloader-TRAIN", "training_state"]
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("synth")
+    make_corpus(folder, progress=False, n_train=16, n_valid=4, n_test=4, n_text=60,
+                n_text_valid=6, speakers=(3, 1, 1), seed=3)
+    return folder
+
+
+def command(case, corpus, output):
+    recipe, hparams, options, _ = CASES[case]
+    return [sys.executable, str(recipe / "train.py"), str(recipe / "hparams" / hparams),
+            f"--data_folder={corpus}", f"--output_folder={output}",
+            f"--number_of_epochs={EPOCHS}", "--ckpt_interval_steps=3", *options]
+
+
+def checkpoints(save_folder):
+    """(unixtime, folder, meta text) of every complete-looking checkpoint, oldest first."""
+    found = []
+    for meta in save_folder.glob("CKPT+*/CKPT.yaml"):
+        try:
+            text = meta.read_text()
+        except FileNotFoundError:  # deleted meanwhile
+            continue
+        match = re.search(r"unixtime: ([0-9.e+]+)", text)
+        if match:
+            found.append((float(match.group(1)), meta.parent, text))
+    return sorted(found, key=lambda c: c[0])
+
+
+def mid_epoch_checkpoint_ready(save_folder, files):
+    """A complete intra-epoch checkpoint of epoch 2 exists."""
+    for _, folder, meta in checkpoints(save_folder):
+        if "brain_intra_epoch_ckpt: true" not in meta:
+            continue
+        try:
+            if (folder / "counter.ckpt").read_text().strip() != "2":
+                continue
+            if not all((folder / f"{name}.ckpt").exists() for name in files):
+                continue
+            torch.load(folder / "optimizer.ckpt", weights_only=True)  # the last one written
+            return True
+        except Exception:  # still being written
+            continue
+    return False
+
+
+def run_killed_mid_epoch(cmd, save_folder, files, cwd, env):
+    process = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    try:
+        while not mid_epoch_checkpoint_ready(save_folder, files):
+            assert process.poll() is None, "the run ended before a mid-epoch checkpoint"
+            assert time.time() < deadline, "no mid-epoch checkpoint in time"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    return process.returncode
+
+
+def same(a, b):
+    """Exact equality of checkpoint contents (tensors with torch.equal)."""
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
+    return a == b
+
+
+def log_lines(output):
+    """The train log without the wall-clock field."""
+    lines = (output / "train_log.txt").read_text().splitlines()
+    return [re.sub(r", train epoch_s: [0-9.e+-]+", "", line) for line in lines]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_killed_run_resumes_exactly(case, tiny_corpus, tmp_path):
+    files = COMMON_FILES + CASES[case][3]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    subprocess.run(command(case, tiny_corpus, reference), check=True, cwd=tmp_path, env=env,
+                   capture_output=True)
+
+    returncode = run_killed_mid_epoch(command(case, tiny_corpus, resumed), resumed / "save",
+                                      files, tmp_path, env)
+    assert returncode == -signal.SIGKILL
+    assert not (resumed / "results.json").exists()
+    newest = checkpoints(resumed / "save")[-1]
+    assert "brain_intra_epoch_ckpt: true" in newest[2]  # resuming from mid-epoch
+    assert int((newest[1] / "dataloader-TRAIN.ckpt").read_text()) > 0
+    run = subprocess.run(command(case, tiny_corpus, resumed), cwd=tmp_path, env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    # The final end-of-epoch checkpoints: every file equal, random states included.
+    finals = []
+    for output in (reference, resumed):
+        ends = [c for c in checkpoints(output / "save") if "end-of-epoch: true" in c[2]]
+        finals.append(ends[-1][1])
+    assert (finals[0] / "counter.ckpt").read_text().strip() == str(EPOCHS)
+    for name in files:
+        if name == "dataloader-TRAIN":  # position only: text
+            assert (finals[0] / f"{name}.ckpt").read_text() == (finals[1] / f"{name}.ckpt").read_text()
+            continue
+        if name in ("counter", "brain"):
+            assert (finals[0] / f"{name}.ckpt").read_text() == (finals[1] / f"{name}.ckpt").read_text()
+            continue
+        got, expected = (torch.load(f / f"{name}.ckpt", weights_only=False) for f in finals)
+        assert same(got, expected), name
+
+    assert log_lines(resumed) == log_lines(reference)
+    results = [json.loads((out / "results.json").read_text()) for out in (reference, resumed)]
+    assert results[0] == results[1]
