@@ -26,6 +26,31 @@ from sb_crossmodal_kd.io import atomic_write_json
 from sb_crossmodal_kd.resume import ExactResume
 
 
+def encode_waveforms(wavs, wav_lens, encoder, compute_features, normalize):
+    """The encoder's output ``[B, T', D]`` for waveforms ``[B, S]`` (relative lengths ``[B]``).
+
+    Features and their normalisation come first, unless the encoder reads the audio itself
+    (``takes_waveforms``: the pretrained front ends of :mod:`sb_crossmodal_kd.nnet.pretrained`).
+    Training (:class:`CTCBrain`) and the exported model
+    (:class:`sb_crossmodal_kd.inference.CTCAcousticModel`) both run this.
+
+    Example
+    -------
+    >>> import torch
+    >>> from speechbrain.lobes.features import Fbank
+    >>> from speechbrain.processing.features import InputNormalization
+    >>> from sb_crossmodal_kd.nnet.conformer import ConformerCTCEncoder
+    >>> encoder = ConformerCTCEncoder(n_mels=20, d_model=16, num_layers=1, nhead=2, d_ffn=32)
+    >>> encoded = encode_waveforms(torch.randn(2, 16000), torch.tensor([1.0, 0.5]), encoder,
+    ...                            Fbank(n_mels=20), InputNormalization(norm_type="sentence"))
+    >>> encoded.shape
+    torch.Size([2, 26, 16])
+    """
+    if getattr(getattr(encoder, "module", encoder), "takes_waveforms", False):
+        return encoder(wavs, wav_lens)
+    return encoder(normalize(compute_features(wavs), wav_lens), wav_lens)
+
+
 class CTCBrain(ExactResume, sb.Brain):
     """Trains and evaluates a CTC acoustic model; writes WER/CER of the test split to JSON.
 
@@ -37,14 +62,8 @@ class CTCBrain(ExactResume, sb.Brain):
         """Returns ``{"log_probs": [B, T', V+1], "encoded": [B, T', D], "lengths": [B]}``."""
         batch = batch.to(self.device)
         wavs, wav_lens = batch.sig
-        encoder = self.modules.encoder
-        if getattr(getattr(encoder, "module", encoder), "takes_waveforms", False):
-            # A pretrained front end (sb_crossmodal_kd.nnet.pretrained) reads the audio itself.
-            encoded = encoder(wavs, wav_lens)
-        else:
-            feats = self.modules.compute_features(wavs)
-            feats = self.modules.normalize(feats, wav_lens)
-            encoded = encoder(feats, wav_lens)
+        encoded = encode_waveforms(wavs, wav_lens, self.modules.encoder,
+                                   self.modules.compute_features, self.modules.normalize)
         logits = self.modules.ctc_lin(encoded)
         return {
             "log_probs": self.hparams.log_softmax(logits),

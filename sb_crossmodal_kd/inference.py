@@ -29,6 +29,7 @@ import ruamel.yaml
 import torch
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
+from sb_crossmodal_kd.brain import encode_waveforms
 from sb_crossmodal_kd.experiment import WRAPPER_KEY, file_overrides
 from sb_crossmodal_kd.io import atomic_path, atomic_write_json, atomic_write_text
 
@@ -96,14 +97,14 @@ class CTCAcousticModel(torch.nn.Module):
 
         if wav_lens is None:
             wav_lens = torch.ones(wavs.shape[0], device=wavs.device)
-        features = self.normalize(self.compute_features(wavs), wav_lens)
         # As KDBrain does: MoE layers that their encoder does not give the padding mask
         # itself take it from the batch's relative lengths.
         moe_context = contextlib.nullcontext()
         if moe_layers(self.encoder):
             moe_context = padding_mask(self.encoder, lengths=wav_lens)
         with moe_context:
-            encoded = self.encoder(features, wav_lens)
+            encoded = encode_waveforms(wavs, wav_lens, self.encoder, self.compute_features,
+                                       self.normalize)
         return self.log_softmax(self.ctc_lin(encoded))
 
 
