@@ -59,8 +59,8 @@ class AlignerSettings:
     n_mels: int = 40
     win_length_ms: float = 15.0
     hidden: int = 128
-    kernel_size: int = 5
-    layers: int = 3
+    kernel_size: int = 3
+    layers: int = 1  # +-1 frame of context: see PhoneClassifier
     dilation_growth: int = 1
     init: str = "ctc"
     ctc_epochs: int = 12
@@ -96,8 +96,11 @@ class PhoneClassifier(torch.nn.Module):
     dilation_growth : int
         Layer ``i`` has dilation ``dilation_growth ** i``, widening the context at no extra
         cost: the receptive field is ``1 + (kernel_size - 1) * sum(dilations)`` frames. A wide
-        context lets a model trained on a flat start learn the flat start's positions instead
-        of the acoustics, so the aligner's default is 1 (13 frames, +-60 ms).
+        context lets the model learn its own labels' positions instead of the acoustics: it
+        sees an onset coming and labels the pause before it as the phone, and each
+        re-alignment round moves boundaries further (on SynthCommands valid, word starts
+        drifted about 3 ms earlier per round with 13 frames of context). The aligner's
+        default is one layer of kernel 3 (3 frames, +-10 ms).
 
     Example
     -------
