@@ -7,7 +7,7 @@ seeds, and writes to its output folder:
 - ``ablation.json``: ``{"conditions": {name: entry}, "seeds": [...], "settings": {...},
   "prep_s": ...}``; each entry has ``wer_mean``, ``wer_std``, ``cer_mean``, ``cer_std`` (%,
   std over seeds, ``null`` with one seed), ``train_s`` (mean wall time of a run: training
-  and test), ``params`` (inference model, heads dropped), ``params_with_heads``, the paired
+  and test; ``train_s_partial`` when a run was resumed and so timed in part), ``params`` (inference model, heads dropped), ``params_with_heads``, the paired
   difference to the AM alone of the same encoder (``delta_wer_mean``, ``delta_wer_std``:
   seed by seed, so shared seed noise cancels) and ``per_seed`` values;
 - ``ablation.md``: the same as a Markdown table;
@@ -100,6 +100,8 @@ def _run_one(name, seed, run_dir, common, run_opts):
 
     hparams_file, overrides = condition_recipe(name)
     overrides = {**common, **overrides, "seed": seed, "output_folder": str(run_dir)}
+    # A run continued from a checkpoint is timed for its remainder only: flag it.
+    resumed = any((run_dir / "save").glob("CKPT+*"))
     start = time.time()
     results = run_asr_experiment(hparams_file, overrides, run_opts)
     record = {
@@ -109,6 +111,7 @@ def _run_one(name, seed, run_dir, common, run_opts):
         "wer": results["wer"],
         "cer": results["cer"],
         "train_s": round(time.time() - start, 1),
+        "resumed": resumed,
         "params": results["params"],
         "params_with_heads": results.get("params_with_heads", results["params"]),
         "epochs": results["epochs"],
@@ -195,6 +198,7 @@ def summarize(records, conditions, seeds):
         for metric in ("wer", "cer"):
             entry[f"{metric}_mean"], entry[f"{metric}_std"] = _mean_std([r[metric] for r in runs])
         entry["train_s"] = round(sum(r["train_s"] for r in runs) / len(runs), 1)
+        entry["train_s_partial"] = any(r.get("resumed", False) for r in runs)
         entry["params"] = runs[0]["params"]
         entry["params_with_heads"] = runs[0].get("params_with_heads", runs[0]["params"])
         reference = "am_alone" + (MOE_SUFFIX if name.endswith(MOE_SUFFIX) else "")
@@ -240,10 +244,13 @@ def markdown_table(summary, seeds):
         lines.append(
             f"| {name} | {_pm(entry['wer_mean'], entry['wer_std'])} "
             f"| {_pm(entry['cer_mean'], entry['cer_std'])} | {delta} "
-            f"| {entry['train_s']:.0f} | {entry['params']:,} |"
+            f"| {entry['train_s']:.0f}{'*' if entry.get('train_s_partial') else ''} "
+            f"| {entry['params']:,} |"
         )
     lines.append("")
     lines.append(f"Mean ± std over {seed_text}; the same seeds for every condition.")
+    if any(entry.get("train_s_partial") for entry in summary.values()):
+        lines.append("* includes a run resumed from a checkpoint, timed for its remainder only.")
     return "\n".join(lines) + "\n"
 
 

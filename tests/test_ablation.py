@@ -171,3 +171,19 @@ def test_interrupted_runs_resume_from_their_checkpoint_side_by_side(ablation):
         log = (output / "runs" / name / "1986" / "train_log.txt").read_text()
         assert log.count("epoch: 1,") == 1  # not trained again
     assert again["conditions"]["am_alone"] == result["conditions"]["am_alone"]
+
+
+def test_a_resumed_run_is_flagged_as_partly_timed():
+    from sb_crossmodal_kd.ablation import markdown_table, summarize
+
+    records = {("am_alone", 1): {"wer": 40.0, "cer": 20.0, "train_s": 100, "params": 5},
+               ("am_alone", 2): {"wer": 42.0, "cer": 21.0, "train_s": 9, "params": 5,
+                                 "resumed": True},
+               ("hierarchy", 1): {"wer": 38.0, "cer": 19.0, "train_s": 110, "params": 5},
+               ("hierarchy", 2): {"wer": 39.0, "cer": 20.0, "train_s": 111, "params": 5}}
+    summary = summarize(records, ["am_alone", "hierarchy"], [1, 2])
+    assert summary["am_alone"]["train_s_partial"]
+    assert not summary["hierarchy"]["train_s_partial"]
+    rows = markdown_table(summary, [1, 2]).splitlines()
+    assert "| 54* |" in rows[2] and "| 110 |" in rows[3]
+    assert rows[-1].startswith("* includes a run resumed")
