@@ -254,7 +254,8 @@ class FrameBrain(ExactResume, sb.Brain):
             step = epoch if epoch is not None else self.hparams.epoch_counter.current
             for logger in self._loggers():
                 log_expert_usage(logger, report, step, stage=name)
-        if stage == sb.Stage.TEST and sb.utils.distributed.if_main_process():
+        if stage == sb.Stage.TEST:
+            # Every process ran the whole test set; each returns the results, one writes them.
             results = {
                 "frame_accuracy": accuracy,
                 "test_loss": stage_loss,
@@ -269,6 +270,8 @@ class FrameBrain(ExactResume, sb.Brain):
                 results["gate_entropy"] = {
                     k: v["gate_entropy"] for k, v in report["layers"].items()
                 }
-                plot_expert_usage(report, f"{self.hparams.output_folder}/expert_usage")
-            atomic_write_json(f"{self.hparams.output_folder}/results.json", results)
+            if sb.utils.distributed.if_main_process():
+                if report is not None:
+                    plot_expert_usage(report, f"{self.hparams.output_folder}/expert_usage")
+                atomic_write_json(f"{self.hparams.output_folder}/results.json", results)
             self.test_results = results

@@ -9,7 +9,8 @@ module adds them for every Brain of the package:
 - the random number generators (torch CPU and CUDA, numpy, Python ``random``) that dropout,
   noisy gating and the like draw from, per process under DDP;
 - a Brain's own running values of the epoch (e.g. the distillation Brain's loss-term sums),
-  which ``on_stage_start`` would otherwise reset on resume.
+  which ``on_stage_start`` would otherwise reset on resume, and under DDP each rank's
+  running train loss (SpeechBrain's ``brain.ckpt`` holds the main process's).
 
 Timing matters. Creating the train loader's iterator draws from the global torch generator
 (its base seed), before the recovered loader skips the batches already done. So the state
@@ -112,6 +113,8 @@ class TrainingState:
         local = {"random": capture_random_state(), "epoch": {}}
         if self.brain is not None:
             local["epoch"] = self.brain.intra_epoch_state()
+            # SpeechBrain saves the main process's running loss only; each rank has its own.
+            local["avg_train_loss"] = float(self.brain.avg_train_loss)
         states = gather_objects(local)
         if if_main_process():
             with atomic_path(path) as tmp:
@@ -141,8 +144,11 @@ class TrainingState:
         if self.pending is None:
             return False
         restore_random_state(self.pending["random"])
-        if self.brain is not None and self.pending["epoch"]:
-            self.brain.load_intra_epoch_state(self.pending["epoch"])
+        if self.brain is not None:
+            if self.pending["epoch"]:
+                self.brain.load_intra_epoch_state(self.pending["epoch"])
+            self.brain.avg_train_loss = self.pending.get("avg_train_loss",
+                                                         self.brain.avg_train_loss)
         self.pending = None
         return True
 
