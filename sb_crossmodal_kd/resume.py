@@ -19,6 +19,11 @@ end of the train stage if no batch is left), exactly where the uninterrupted run
 it saved. An end-of-epoch checkpoint's state is put back at once, before the next epoch's
 loader draws.
 
+A run killed while SpeechBrain writes a checkpoint leaves a folder with ``CKPT.yaml`` but
+missing or truncated files, which recovery would pick and fail on; such folders are renamed
+``incomplete-<name>`` (kept, not deleted) before recovery, so the last complete checkpoint
+is used (:func:`set_aside_incomplete_checkpoints`).
+
 Limits: randomness drawn by loader worker processes (``num_workers > 0``) follows the base
 seed of the resumed iterator, not the original one; the pipelines of this package draw none.
 """
@@ -26,6 +31,8 @@ seed of the resumed iterator, not the original one; the pipelines of this packag
 import logging
 import random
 import warnings
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import speechbrain as sb
@@ -157,6 +164,76 @@ class TrainingState:
 register_checkpoint_hooks(TrainingState, save_on_main_only=False)
 
 
+def _incomplete_file(path):
+    """Why a checkpoint file cannot be complete, or None: missing, empty, or a torch zip
+    archive without its central directory (written last, so a cut-off save lacks it)."""
+    path = Path(path)
+    if not path.is_file():
+        return "missing"
+    if path.stat().st_size == 0:
+        return "empty"
+    with open(path, "rb") as handle:
+        is_zip = handle.read(4) == b"PK\x03\x04"
+    if is_zip:
+        try:
+            zipfile.ZipFile(path).close()
+        except zipfile.BadZipFile:
+            return "truncated"
+    return None
+
+
+def set_aside_incomplete_checkpoints(checkpointer):
+    """Renames checkpoint folders that a killed save left incomplete to ``incomplete-<name>``.
+
+    A folder is incomplete when a recoverable that is not optional has no file, or a file is
+    empty or truncated. Nothing is deleted, and complete checkpoints are untouched.
+
+    Arguments
+    ---------
+    checkpointer : speechbrain.utils.checkpoints.Checkpointer
+
+    Returns
+    -------
+    list of Path
+        The renamed folders.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> from speechbrain.utils.checkpoints import Checkpointer
+    >>> folder = tempfile.mkdtemp()
+    >>> checkpointer = Checkpointer(folder, {"model": torch.nn.Linear(2, 2)})
+    >>> good = checkpointer.save_checkpoint(name="good")
+    >>> cut = checkpointer.save_checkpoint(name="cut")
+    >>> data = (cut.path / "model.ckpt").read_bytes()
+    >>> _ = (cut.path / "model.ckpt").write_bytes(data[: len(data) // 2])  # a killed save
+    >>> [p.name for p in set_aside_incomplete_checkpoints(checkpointer)]
+    ['incomplete-CKPT+cut']
+    >>> checkpointer.find_checkpoint().path.name
+    'CKPT+good'
+    """
+    moved = []
+    for checkpoint in checkpointer.list_checkpoints():
+        problems = {
+            name: _incomplete_file(checkpoint.path / f"{name}.ckpt")
+            for name in checkpointer.recoverables
+        }
+        problems = {
+            name: why for name, why in problems.items()
+            if why and not (why == "missing" and checkpointer.optional_recoverables.get(name))
+        }
+        if problems:
+            target = checkpoint.path.with_name("incomplete-" + checkpoint.path.name)  # not listed
+            checkpoint.path.rename(target)
+            logger.warning(
+                "%s is incomplete (%s): a save was interrupted. Moved to %s; recovering from "
+                "the last complete checkpoint.", checkpoint.path,
+                ", ".join(f"{name}.ckpt {why}" for name, why in sorted(problems.items())), target,
+            )
+            moved.append(target)
+    return moved
+
+
 class ExactResume:
     """Brain mixin (list it before ``speechbrain.Brain``) for exact resume.
 
@@ -177,6 +254,14 @@ class ExactResume:
             self.checkpointer.add_recoverable(
                 "training_state", self.training_state, optional_load=True
             )
+
+    def on_fit_start(self):
+        """Sets aside checkpoints left incomplete by a killed save, then recovers as usual."""
+        if self.checkpointer is not None:
+            sb.utils.distributed.run_on_main(
+                set_aside_incomplete_checkpoints, args=[self.checkpointer]
+            )
+        super().on_fit_start()
 
     def intra_epoch_state(self):
         """Running values of the current epoch to save mid-epoch (plain values, CPU tensors)."""
