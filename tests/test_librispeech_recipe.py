@@ -12,28 +12,13 @@ from pathlib import Path
 
 import pytest
 import soundfile
+from tiny_kd import TINY_KD_MODEL, tiny_chain
 
 from sb_crossmodal_kd.data.corpus import make_corpus
 from sb_crossmodal_kd.data.manifest import check_manifest
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "LibriSpeech"
 SPLITS = {"train": "train-clean-100", "valid": "dev-clean", "test": "test-clean"}
-TINY_CHAIN = """
-vocab_size: 32
-aligner_utterances: 20
-aligner: {iterations: 1, epochs: 1, hidden: 16}
-tree: {max_leaves: 130, min_count: 5, min_gain: 1.0}
-lm: {number_of_epochs: 1, max_train_sentences: 60, lm_model: {hidden_size: 16, embedding_dim: 8}}
-cache_k: 8
-"""
-TINY_MODEL = [
-    "--number_of_epochs=1", "--d_model=32", "--num_layers=3", "--nhead=2", "--d_ffn=64",
-    "--kernel_size=15", "--warmup_steps=5", "--max_batch_seconds=30", "--teacher_k=8",
-    "--num_workers=0", "--heads={senone_layer: 1, monophone_layer: 2, subword_layer: 3}",
-    "--dynamic_batch_sampler={num_buckets: 4}",
-    "--valid_dataloader_opts={batch_size: 8, num_workers: 0}",
-    "--test_dataloader_opts={batch_size: 8, num_workers: 0}",
-]
 
 
 def load_prepare():
@@ -124,7 +109,7 @@ def test_missing_parts_are_named(librispeech, tmp_path):
 
 def test_prepare_chain_and_one_epoch_of_the_hierarchy(librispeech, tmp_path):
     data, lm_text = librispeech
-    (tmp_path / "prep.yaml").write_text(TINY_CHAIN)
+    (tmp_path / "prep.yaml").write_text(tiny_chain())
     out = tmp_path / "out"
     subprocess.run(
         [sys.executable, str(RECIPE / "librispeech_prepare.py"), f"--data_folder={data}",
@@ -141,7 +126,7 @@ def test_prepare_chain_and_one_epoch_of_the_hierarchy(librispeech, tmp_path):
     subprocess.run(
         [sys.executable, str(RECIPE / "train.py"), str(RECIPE / "hparams" / "kd.yaml"),
          "--condition=hierarchy", f"--prep_folder={out / 'prep'}", f"--output_folder={run}",
-         *TINY_MODEL],
+         *TINY_KD_MODEL],
         check=True, cwd=tmp_path, capture_output=True, text=True)
     results = json.loads((run / "results.json").read_text())
     assert results["utterances"] == 4 and results["epochs"] == 1

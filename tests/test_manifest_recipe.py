@@ -8,20 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_kd import tiny_chain
 
 from sb_crossmodal_kd.data.corpus import make_corpus
 from sb_crossmodal_kd.data.manifest import ManifestError, check_manifest
 from sb_crossmodal_kd.pipeline import _lm_texts, prep_settings, prepare_kd_data_from_manifests
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "Manifest"
-TINY_CHAIN = """
-vocab_size: 32
-aligner_utterances: 20
-aligner: {iterations: 1, epochs: 1, hidden: 16}
-tree: {max_leaves: 130, min_count: 5, min_gain: 1.0}
-lm: {number_of_epochs: 1, max_train_sentences: 60, lm_model: {hidden_size: 16, embedding_dim: 8}}
-cache_k: 8
-"""
 TINY_MODEL = [
     "--number_of_epochs=1", "--d_model=32", "--num_layers=3", "--nhead=2", "--d_ffn=64",
     "--n_mels=40", "--warmup_steps=5", "--max_batch_seconds=30", "--teacher_k=8",
@@ -64,7 +57,7 @@ def prepared(corpus, tmp_path_factory):
     corpus_dir, paths = corpus
     user = tmp_path_factory.mktemp("user").resolve()
     manifests = write_user_manifests(corpus_dir, paths, user / "manifests")
-    (user / "prep.yaml").write_text(TINY_CHAIN)
+    (user / "prep.yaml").write_text(tiny_chain())
     prep = user / "prep"
     cmd = [sys.executable, str(RECIPE / "manifest_prepare.py"),
            *[arg for split, path in manifests.items() for arg in (f"--{split}", str(path))],

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import soundfile
+from tiny_kd import TINY_KD_MODEL, tiny_chain
 
 from sb_crossmodal_kd.data.corpus import make_corpus
 
@@ -18,22 +19,6 @@ RATE = 16000
 # Synthetic speakers become: train speakers, the first dev speaker, the first core-test one.
 TIMIT_SPEAKERS = {"train": ("TRAIN", "DR1", ("FCJF0", "MKLW0")),
                   "valid": ("TEST", "DR3", ("FAKS0",)), "test": ("TEST", "DR1", ("MDAB0",))}
-TINY_CHAIN = """
-vocab_size: 32
-aligner_utterances: 12
-aligner: {iterations: 1, epochs: 1, hidden: 16}
-tree: {max_leaves: 130, min_count: 5, min_gain: 1.0}
-lm: {number_of_epochs: 1, max_train_sentences: 60, lm_model: {hidden_size: 16, embedding_dim: 8}}
-cache_k: 8
-"""
-TINY_MODEL = [
-    "--number_of_epochs=1", "--d_model=32", "--num_layers=3", "--nhead=2", "--d_ffn=64",
-    "--kernel_size=15", "--warmup_steps=5", "--max_batch_seconds=30", "--teacher_k=8",
-    "--num_workers=0", "--heads={senone_layer: 1, monophone_layer: 2, subword_layer: 3}",
-    "--dynamic_batch_sampler={num_buckets: 4}",
-    "--valid_dataloader_opts={batch_size: 8, num_workers: 0}",
-    "--test_dataloader_opts={batch_size: 8, num_workers: 0}",
-]
 
 
 def timit_segments(timed, n_samples):
@@ -101,7 +86,7 @@ def timit(tmp_path_factory):
 @pytest.mark.slow  # the three unit LMs train in subprocesses: about 2 minutes on 2 busy cores
 def test_kd_prepare_and_one_epoch_of_the_hierarchy(timit, tmp_path):
     root, lm_text = timit
-    (tmp_path / "prep.yaml").write_text(TINY_CHAIN)
+    (tmp_path / "prep.yaml").write_text(tiny_chain(aligner_utterances=12))
     out = tmp_path / "out"
     run([RECIPE / "timit_kd_prepare.py", f"--data_folder={root}", f"--output={out}",
          f"--lm_text={lm_text}", f"--settings={tmp_path / 'prep.yaml'}"], tmp_path)
@@ -112,7 +97,7 @@ def test_kd_prepare_and_one_epoch_of_the_hierarchy(timit, tmp_path):
 
     folder = tmp_path / "run"
     run([RECIPE / "train.py", RECIPE / "hparams" / "kd.yaml", "--condition=hierarchy",
-         f"--prep_folder={out / 'prep'}", f"--output_folder={folder}", *TINY_MODEL], tmp_path)
+         f"--prep_folder={out / 'prep'}", f"--output_folder={folder}", *TINY_KD_MODEL], tmp_path)
     results = json.loads((folder / "results.json").read_text())
     assert results["utterances"] == 3 and results["epochs"] == 1
     log = (folder / "train_log.txt").read_text()
