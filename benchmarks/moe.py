@@ -18,10 +18,14 @@ the benchmark), one after the other in the same invocation. Inside it the compar
 take turns step by step, so a burst of load from other processes hits both alike; ratios are
 of medians over the repeats. Usage::
 
-    nice python benchmarks/moe.py [--device cpu|cuda] [--threads 1] [--repeats 7]
+    nice python benchmarks/moe.py [--device cpu|cuda] [--threads 1] [--repeats 7] [--amp bf16]
+
+``--amp bf16`` runs every workload under ``torch.autocast`` with bfloat16 (how a GPU user
+trains: SpeechBrain's ``--precision=bf16``); the default is float32.
 """
 
 import argparse
+import concurrent.futures
 import json
 import os
 import statistics
@@ -119,16 +123,18 @@ def _reset_peak_rss():
         pass
 
 
-def run_group(names, device, threads, warmup, repeats, memory_only=False):
+def run_group(names, device, threads, warmup, repeats, memory_only=False, amp=None):
     """Times the workloads ``names`` in this process, taking turns step by step (or, with
     ``memory_only``, measures the peak memory of one step of a single workload)."""
     torch.set_num_threads(threads)
     built = {name: _build(name, device) for name in names}
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
 
     def step(name):
         module, x = built[name]
-        out = module(x)
+        with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+            out = module(x)
         out.float().pow(2).mean().backward()
         module.zero_grad(set_to_none=True)
         x.grad = None
@@ -163,7 +169,9 @@ def run_group(names, device, threads, warmup, repeats, memory_only=False):
     return results
 
 
-def _available_bytes():
+def _available_bytes(device="cpu"):
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
     with open("/proc/meminfo") as handle:
         for line in handle:
             if line.startswith("MemAvailable:"):
@@ -183,6 +191,8 @@ def _in_subprocess(names, args, memory_only=False):
     command = [sys.executable, __file__, "--workloads", ",".join(names), "--device", args.device,
                "--threads", str(args.threads), "--warmup", str(args.warmup),
                "--repeats", str(args.repeats)] + (["--memory-only"] if memory_only else [])
+    if args.amp:
+        command += ["--amp", args.amp]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -198,6 +208,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--timeout", type=int, default=1800)
+    parser.add_argument("--amp", choices=["bf16", "fp16"], default=None,
+                        help="run under torch.autocast with this dtype (default: float32)")
     parser.add_argument("--workloads", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -205,7 +217,7 @@ def main():
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.workloads is not None:
         result = run_group(args.workloads.split(","), args.device, args.threads, args.warmup,
-                           args.repeats, args.memory_only)
+                           args.repeats, args.memory_only, args.amp)
         print(json.dumps(result))
         return
 
@@ -214,9 +226,10 @@ def main():
     implementations = ["eager"] + sorted(ALL_EXPERTS_FUNCTIONS.keys())
     groups, skipped = [], {}
     for impl in implementations:
-        if impl == "batched_mm" and _batched_mm_estimate() > 0.5 * _available_bytes():
+        available = _available_bytes(args.device)
+        if impl == "batched_mm" and _batched_mm_estimate() > 0.5 * available:
             skipped[impl] = {"skipped": f"estimated {_batched_mm_estimate() / 2**30:.1f} GiB "
-                             f"> half of {_available_bytes() / 2**30:.1f} GiB available"}
+                             f"> half of {available / 2**30:.1f} GiB available"}
         elif impl in ("deepgemm", "sonicmoe") and args.device != "cuda":
             skipped[impl] = {"skipped": f"{impl} needs CUDA kernels"}
         else:
@@ -240,9 +253,12 @@ def main():
             vs_transformers[impl] = ratio("ours", f"transformers:{impl}")
     timed = [v for v in vs_transformers.values() if isinstance(v, float)]
     peak, median = {}, {}
-    for name in sorted({name for pair in groups for name in pair}):
-        result = _in_subprocess([name], args, memory_only=True)
-        peak[name] = result if "error" in result else result[name]["peak_mib"]
+    names = sorted({name for pair in groups for name in pair})
+    # Peaks are per process, so these runs may overlap (the timings above may not).
+    with concurrent.futures.ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+        results = pool.map(lambda name: _in_subprocess([name], args, memory_only=True), names)
+        for name, result in zip(names, results, strict=True):
+            peak[name] = result if "error" in result else result[name]["peak_mib"]
     for pair, result in measured.items():
         if "error" in result:
             continue
@@ -250,9 +266,13 @@ def main():
             median[f"{name} (with {[n for n in pair if n != name][0]})"] = round(
                 result[name]["median_s"], 4)
     summary = {
-        "device": args.device,
+        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
+        "amp": args.amp or "float32",
         "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
         "grouped_mm": hasattr(torch, "_grouped_mm"),
+        # SpeechBrain's import turns TF32 on for CUDA float32 matmuls, for every module here
+        "tf32": args.device == "cuda" and torch.backends.cuda.matmul.allow_tf32,
         "threads": args.threads,
         "repeats": args.repeats,
         "sizes": {"d": D_MODEL, "ffn": D_FFN, "experts": N_EXPERTS, "top_k": TOP_K,

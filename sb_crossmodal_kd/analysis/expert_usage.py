@@ -145,7 +145,10 @@ class ExpertUsageTracker:
             raise ValueError(f"{type(model).__name__} has no MoE layers to track")
         assignments = [layer.last_assignment for _, layer in layers]
         if any(a is None for a in assignments):
-            raise ValueError("update() must follow a forward pass of every MoE layer")
+            raise ValueError(
+                "update() must follow a forward pass of every MoE layer, built with "
+                "track_stats=True (the default)"
+            )
         shape = assignments[0].shape
         if any(a.shape != shape for a in assignments):
             raise ValueError(

@@ -16,7 +16,10 @@ zero, and are left out of every loss and statistic.
 
 Speed. Dense gating runs all experts as one GEMM per projection over the experts' stacked
 weights. Top-k routing sorts the (token, expert) pairs by expert once and multiplies each
-expert's contiguous slice, with ``torch._grouped_mm`` where it works, else a loop over slices.
+expert's contiguous slice, with ``torch._grouped_mm`` where it works, else a loop over slices;
+rows go back to frame order through the inverse permutation, so neither direction needs a
+scatter-add (atomics, or a sort in deterministic mode). Without padding the masking steps are
+skipped. The router runs in float32 under autocast: bf16 logits flip near-tied top-k choices.
 """
 
 import math
@@ -136,6 +139,54 @@ def grouped_matmul(x, weight, offsets, kernel="auto"):
             raise
         _GROUPED_MM_BROKEN.add((x.device.type, x.dtype))
         return _loop_grouped_mm(x, weight, offsets)
+
+
+class _DispatchRows(torch.autograd.Function):
+    """Input rows in expert order: ``rows[j] = x[perm[j] % M]`` for the (frame, expert) pairs
+    ``perm`` sorted by expert (pairs numbered choice-major, pair p belongs to frame p % M).
+
+    Autograd's backward of such a gather is a scatter-add (atomics, or a sort in
+    deterministic mode). Here each frame's k row gradients are put back in pair order with the
+    inverse permutation and summed: two plain kernels, deterministic. Rows flagged ``skip``
+    (padding, dropped) were not computed by the experts and get no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, perm, inverse, skip):
+        ctx.save_for_backward(inverse, skip)
+        ctx.frames = x.shape[0]
+        return x.index_select(0, torch.remainder(perm, x.shape[0]))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        inverse, skip = ctx.saved_tensors
+        if skip is not None:
+            grad = grad.masked_fill(skip, 0.0)
+        grad_x = grad.index_select(0, inverse).view(-1, ctx.frames, grad.shape[-1]).sum(0)
+        return grad_x, None, None, None
+
+
+class _CombineRows(torch.autograd.Function):
+    """Expert-ordered output rows back in pair order: ``pairs[i] = ys[inverse[i]]``, with the
+    rows flagged ``skip`` (never computed: arbitrary values) set to zero. Backward is the
+    forward permutation, again without atomics."""
+
+    @staticmethod
+    def forward(ctx, ys, perm, inverse, skip):
+        ctx.save_for_backward(perm, skip)
+        if skip is not None:
+            ys = ys.masked_fill(skip, 0.0)
+        return ys.index_select(0, inverse)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        perm, skip = ctx.saved_tensors
+        grad_ys = grad.index_select(0, perm)
+        if skip is not None:
+            grad_ys = grad_ys.masked_fill_(skip, 0.0)
+        return grad_ys, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,14 +347,16 @@ class StackedExperts(nn.Module):
         n, d = self.num_experts, self.input_size
         m = x.shape[0]
         # [D, N * H'] weight so that all experts' first projections are one GEMM.
-        w_in = self.w_in.permute(1, 0, 2).reshape(d, -1)
-        pre = (x @ w_in.to(x.dtype)).view(m, n, -1)
+        w_in = self.w_in.permute(1, 0, 2).reshape(d, -1).to(x.dtype)
         if self.b_in is not None:
-            pre = pre + self.b_in
-        hidden = self._hidden(pre)  # [M, N, H]
+            pre = torch.addmm(self.b_in.reshape(-1).to(x.dtype), x, w_in)
+        else:
+            pre = x @ w_in
+        hidden = self._hidden(pre.view(m, n, -1))  # [M, N, H]
         gates = gates.to(hidden.dtype)
         if self.expert == "relu":
-            return torch.bmm(gates.unsqueeze(1), hidden).squeeze(1)
+            # multiply and sum over experts: a [M, 1, N] x [M, N, H] bmm is a slow GEMM shape
+            return (hidden * gates.unsqueeze(-1)).sum(1)
         # sum_i g_i (h_i W2_i + b2_i) = [g_1 h_1, ..., g_N h_N] @ [W2_1; ...; W2_N] + g @ b2
         mixed = (self.dropout(hidden) * gates.unsqueeze(-1)).reshape(m, -1)
         out = mixed @ self.w_out.reshape(-1, self.output_size).to(mixed.dtype)
@@ -372,6 +425,11 @@ class StackedExperts(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+def _at_least_float32(x):
+    """``x`` in float32, or as it is when wider (float64 stays float64)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 class Router(nn.Module):
     """Gating network: logits over experts from a linear map or one hidden rectified layer.
 
@@ -413,12 +471,28 @@ class Router(nn.Module):
             nn.init.zeros_(self.noise.bias)
 
     def forward(self, x):
-        """Logits [M, N] in float32 (softmax and top-k stay exact under autocast)."""
-        logits = self.net(x).float()
+        """Logits [M, N] in float32 or wider, in the weights' precision even under autocast.
+
+        A bf16 router flips the top-k choice of frames whose best experts are close, a
+        discrete change of the layer's output; the router is a tiny GEMM, so float32 is cheap.
+        """
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return self._logits(x.to(self.weight_dtype))
+        return self._logits(x.to(self.weight_dtype))
+
+    def _logits(self, x):
+        logits = _at_least_float32(self.net(x))
         if self.noise is not None and self.training:
-            scale = F.softplus(self.noise(x).float())
+            scale = F.softplus(_at_least_float32(self.noise(x)))
             logits = logits + torch.randn_like(logits) * scale
         return logits
+
+    @property
+    def weight_dtype(self):
+        """Dtype of the router's own weights (float32 unless the model was cast)."""
+        first = self.net if isinstance(self.net, nn.Linear) else self.net[0]
+        return first.weight.dtype
 
 
 class BalancingConstraint(nn.Module):
@@ -763,8 +837,8 @@ class MoE(nn.Module):
         ---------
         x : torch.Tensor
             [M, D] frames.
-        valid : torch.Tensor
-            [M] bool.
+        valid : torch.Tensor or None
+            [M] bool; None when every frame is real.
 
         Returns
         -------
@@ -788,8 +862,8 @@ class MoE(nn.Module):
 
     def _top_k(self, probs):
         top_w, top_i = probs.topk(self.top_k, dim=-1)
-        top_w = top_w / top_w.sum(-1, keepdim=True).clamp_min(torch.finfo(top_w.dtype).tiny)
-        return top_w, top_i
+        # the k largest of N probabilities summing to one sum to >= k / N: no division by 0
+        return top_w / top_w.sum(-1, keepdim=True), top_i
 
     def _sparse_gates(self, probs):
         """Dense [M, N] view of the renormalised top-k gates."""
@@ -823,76 +897,93 @@ class MoE(nn.Module):
         batch, time, _ = x.shape
         mask = self._resolve_mask(x, lengths, mask)
         flat = x.reshape(batch * time, self.input_size)
-        if mask is None:
+        # Without padding every frame is real: the masking steps are skipped altogether.
+        valid = None if mask is None else mask.reshape(-1)
+        if valid is None and self.constraint is not None and self.constraint.active:
             valid = torch.ones(batch * time, dtype=torch.bool, device=x.device)
-        else:
-            valid = mask.reshape(-1)
 
         logits, probs, top_w, top_i = self.route(flat, valid)
+        routed = dropped = None
         if self.top_k is None:
-            gates = probs * valid.unsqueeze(-1)
+            gates = probs if valid is None else probs * valid.unsqueeze(-1)
             out = self.experts.forward_dense(flat, gates)
-            assignment = probs.argmax(-1)
-            routed = None
-            dropped = None
         else:
             out, routed, dropped = self._sparse(flat, valid, top_w, top_i)
-            gates = torch.zeros_like(probs).scatter(1, top_i, top_w) * valid.unsqueeze(-1)
-            assignment = top_i[:, 0]
 
+        need_assignment = self.track_stats or self.load_balancing_weight > 0
+        assignment = None
+        if need_assignment:
+            assignment = probs.argmax(-1) if self.top_k is None else top_i[:, 0]
+            if valid is not None:
+                assignment = torch.where(valid, assignment, -1)
         self.aux_loss = self._aux_loss(logits, probs, valid, routed, assignment)
-        self.last_assignment = torch.where(valid, assignment, -1).view(batch, time).detach()
+        self.last_assignment = None
         if self.track_stats:
+            self.last_assignment = assignment.view(batch, time).detach()
+            if self.top_k is not None:
+                gates = torch.zeros_like(probs).scatter(1, top_i, top_w)
+                if valid is not None:
+                    gates = gates * valid.unsqueeze(-1)
             self._accumulate(probs, gates, valid, assignment, routed, dropped)
         return out.view(batch, time, self.output_size)
 
     def _sparse(self, flat, valid, top_w, top_i):
-        """Top-k dispatch: sort (frame, expert) pairs by expert once, run contiguous slices."""
+        """Top-k dispatch: sort the (frame, expert) pairs by expert once, run each expert on
+        its contiguous slice, put the rows back with the inverse permutation.
+
+        Returns the output [M, O], the assignments per expert [N] and the dropped
+        assignments per expert [N] (None without capacity).
+        """
         n, k = self.num_experts, self.top_k
         m = flat.shape[0]
         # Pairs ordered choice-major ([k, M]) so capacity serves first choices first.
         expert_ids = top_i.t().reshape(-1)
-        weights = top_w.t().reshape(-1)
-        frame_ids = torch.arange(m, device=flat.device).repeat(k)
-        # Padding pairs go to the sentinel expert n: sorted last, never computed.
-        expert_ids = torch.where(valid.repeat(k), expert_ids, n)
+        if valid is not None:  # padding pairs go to the sentinel expert n: sorted last
+            expert_ids = torch.where(valid.repeat(k), expert_ids, n)
         dropped = None
         if self.capacity_factor is not None:
             one_hot = F.one_hot(expert_ids, n + 1)
             position = (one_hot.cumsum(0) * one_hot).sum(-1) - 1
-            n_valid = valid.sum()
-            capacity = torch.ceil(self.capacity_factor * k * n_valid / n)
-            over = (position >= capacity) & (expert_ids < n)
+            n_valid = m if valid is None else valid.sum()
+            capacity = torch.ceil(self.capacity_factor * k * torch.as_tensor(n_valid) / n)
+            over = (position >= capacity.to(position.device)) & (expert_ids < n)
             dropped = count_ids(torch.where(over, expert_ids, n), n)
             expert_ids = torch.where(over, n, expert_ids)
-        routed = count_ids(expert_ids, n)
-        offsets = routed.cumsum(0).to(torch.int32)
 
         sorted_ids, perm = torch.sort(expert_ids, stable=True)
-        keep = (sorted_ids < n).unsqueeze(-1)
-        # where() (not a product) also zeroes the gradient of the rows the kernel skips.
-        xs = torch.where(keep, flat[frame_ids[perm]], 0.0)
-        ys = self.experts.forward_grouped(
-            xs, sorted_ids.clamp(max=n - 1), offsets, self.kernel, computed=keep
+        # offsets[i] = number of pairs with expert <= i (the sentinel n is past the last)
+        boundaries = torch.arange(1, n + 1, device=flat.device, dtype=sorted_ids.dtype)
+        offsets = torch.searchsorted(sorted_ids, boundaries, out_int32=True)
+        inverse = torch.empty_like(perm).scatter_(
+            0, perm, torch.arange(perm.numel(), device=perm.device)
         )
-        # Mask before weighting: the skipped rows may hold NaN, and NaN * 0 is NaN.
-        ys = torch.where(keep, ys, 0.0) * weights[perm].unsqueeze(-1).to(ys.dtype)
-        inverse = torch.empty_like(perm)
-        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
-        out = ys[inverse].view(k, m, -1).sum(0)  # deterministic, unlike index_add_ on CUDA
+        # Rows past offsets[-1] (padding, dropped) are not computed by the experts.
+        partial = valid is not None or self.capacity_factor is not None
+        skip = (sorted_ids == n).unsqueeze(-1) if partial else None
+        xs = _DispatchRows.apply(flat, perm, inverse, skip)
+        ys = self.experts.forward_grouped(
+            xs, sorted_ids.clamp(max=n - 1), offsets, self.kernel,
+            computed=None if skip is None else ~skip,
+        )
+        pairs = _CombineRows.apply(ys, perm, inverse, skip).view(k, m, -1)
+        out = (pairs * top_w.t().unsqueeze(-1).to(pairs.dtype)).sum(0)
+        routed = None
+        if self.track_stats or self.load_balancing_weight > 0:
+            routed = torch.diff(offsets.long(), prepend=offsets.new_zeros(1, dtype=torch.long))
         return out, routed, dropped
 
     def _aux_loss(self, logits, probs, valid, routed, assignment):
         """Weighted load-balancing loss plus router z-loss, over valid frames only."""
         if self.load_balancing_weight == 0 and self.z_loss_weight == 0:
             return None
+        if valid is None:
+            valid = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
         validf = valid.float()
         n_valid = validf.sum().clamp_min(1.0)
         loss = logits.new_zeros(())
         if self.load_balancing_weight > 0:
             if routed is None:  # dense gating: fraction of frames whose argmax is expert i
-                n = self.num_experts
-                routed = count_ids(torch.where(valid, assignment, n), n)
+                routed = count_ids(assignment, self.num_experts)  # -1 (padding) not counted
             fraction = routed.float() / routed.sum().clamp_min(1.0)
             mean_prob = (probs * validf.unsqueeze(-1)).sum(0) / n_valid
             loss = loss + self.load_balancing_weight * self.num_experts * (fraction * mean_prob).sum()
@@ -906,11 +997,11 @@ class MoE(nn.Module):
         if self.stat_frames.device != probs.device:  # the model moved since the last count
             for name in STAT_NAMES:
                 setattr(self, f"stat_{name}", getattr(self, f"stat_{name}").to(probs.device))
+        if valid is None:
+            valid = torch.ones(probs.shape[0], dtype=torch.bool, device=probs.device)
         validf = valid.float().unsqueeze(-1)
         self.stat_gate_mass += (gates.float() * validf).sum(0)
-        self.stat_top1_count += count_ids(
-            torch.where(valid, assignment, self.num_experts), self.num_experts
-        ).float()
+        self.stat_top1_count += count_ids(assignment, self.num_experts).float()  # -1 skipped
         if routed is not None:
             self.stat_routed_count += routed.float()
         if dropped is not None:
