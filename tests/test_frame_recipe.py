@@ -2,11 +2,15 @@
 
 import importlib.util
 import json
+import logging
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from hyperpyyaml import load_hyperpyyaml
 
+from sb_crossmodal_kd.alignment.corpus import save_alignments
 from sb_crossmodal_kd.data.corpus import make_corpus
 from sb_crossmodal_kd.units.phones import PHONES
 
@@ -43,7 +47,9 @@ def test_one_tiny_epoch_reports_accuracy_and_expert_combinations(corpus, tmp_pat
     results = train.run(
         RECIPE / "hparams" / "dmoe.yaml",
         {"data_folder": str(corpus), "output_folder": str(out), "number_of_epochs": 1,
-         "batch_size": 3},
+         "batch_size": 3,
+         # labels from the corpus's synthesiser timings (no aligner to train in a unit test)
+         "alignments_folder": str(corpus), "alignments_suffix": "_alignments.json"},
     )
     saved = json.loads((out / "results.json").read_text())
     assert saved == json.loads(json.dumps(results))
@@ -61,7 +67,7 @@ def test_one_tiny_epoch_reports_accuracy_and_expert_combinations(corpus, tmp_pat
 def test_frame_labels_follow_the_phone_timings(corpus):
     train = load_train_module()
     hparams = {"sample_rate": 16000, "alignment_tolerance": 2,
-               "alignments_suffix": "_alignments.json",
+               "alignments_folder": str(corpus), "alignments_suffix": "_alignments.json",
                **{f"{s}_csv": str(corpus / f"{s}.csv") for s in ("train", "valid", "test")}}
     datasets = train.dataio_prepare(hparams)
     alignments = json.loads((corpus / "valid_alignments.json").read_text())
@@ -75,7 +81,45 @@ def test_frame_labels_follow_the_phone_timings(corpus):
         assert PHONES[int(labels[int(round(centre / 0.01))])] == phone
 
 
+def test_forced_alignments_are_read_and_skipped_utterances_left_out(corpus, tmp_path, caplog):
+    # sbkd align output (save_alignments) with the corpus's timings as segments; the aligner
+    # skipped one valid utterance, and another has no alignment at all
+    train = load_train_module()
+    align = tmp_path / "align"
+    for split in ("train", "valid", "test"):
+        timings = json.loads((corpus / f"{split}_alignments.json").read_text())
+        ids = sorted(timings)
+        skipped = [(ids[0], "OOV word 'preheat'")] if split == "valid" else []
+        found = {
+            utt: SimpleNamespace(phones=[], feature_positions=np.zeros(0, dtype=np.int32),
+                                 words=[], phone_segments=entry["phones"])
+            for utt, entry in timings.items() if utt not in dict(skipped)
+        }
+        save_alignments(align / f"{split}_phone_alignments.json", found,
+                        {"lexicon": "x", "report": {"skipped": skipped}})
+    hparams = {"sample_rate": 16000, "alignment_tolerance": 2, "alignments_folder": str(align),
+               "alignments_suffix": "_phone_alignments.json",
+               **{f"{s}_csv": str(corpus / f"{s}.csv") for s in ("train", "valid", "test")}}
+    with caplog.at_level(logging.WARNING):
+        datasets = train.dataio_prepare(hparams)
+    assert "1 utterances the aligner skipped are left out" in caplog.text
+    assert len(datasets["valid"]) == 1 and len(datasets["train"]) == 6
+    timings = json.loads((corpus / "valid_alignments.json").read_text())
+    item = datasets["valid"][0]
+    assert item["frame_labels"].tolist() == train.phone_frame_labels(
+        timings[item["id"]]["phones"], len(item["sig"]), train.FrameRate(), item["id"]).tolist()
+
+    payload = json.loads((align / "test_phone_alignments.json").read_text())
+    payload["utterances"].pop(sorted(payload["utterances"])[0])  # not aligned, not skipped
+    (align / "test_phone_alignments.json").write_text(json.dumps(payload))
+    with pytest.raises(ValueError, match="1 utterances have no alignment.*sbkd align"):
+        train.dataio_prepare(hparams)
+
+
 def test_missing_alignments_are_reported(corpus, tmp_path):
     train = load_train_module()
-    with pytest.raises(FileNotFoundError, match="sbkd corpus"):
-        train.load_alignments(tmp_path / "nothing_alignments.json")
+    hparams = {"sample_rate": 16000, "alignment_tolerance": 2, "alignments_folder": str(tmp_path),
+               "alignments_suffix": "_phone_alignments.json",
+               **{f"{s}_csv": str(corpus / f"{s}.csv") for s in ("train", "valid", "test")}}
+    with pytest.raises(FileNotFoundError, match="train_phone_alignments.json is missing.*sbkd"):
+        train.dataio_prepare(hparams)

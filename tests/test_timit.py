@@ -214,7 +214,7 @@ def test_frame_recipe_labels_10ms_frames_from_the_phn_samples(prepared):
     out, truth = prepared
     train = load_module("timit_frame_train", RECIPE / "frame_classification/train.py")
     frame = train.load_frame_recipe()
-    hparams = {"sample_rate": RATE, "alignment_tolerance": 2,
+    hparams = {"sample_rate": RATE, "alignment_tolerance": 2, "alignments_folder": None,
                "alignments_suffix": "_alignments.json",
                **{f"{s}_csv": str(out / f"{s}.csv") for s in ("train", "valid", "test")}}
     datasets = frame.dataio_prepare(hparams)
@@ -345,6 +345,7 @@ def test_timit_hparams_are_the_synthcommands_models(tmp_path):
         base = load_hparams(synth / f"hparams/{name}.yaml", overrides)
         assert timit["train_csv"] == f"{tmp_path}/train.csv"
         assert timit["alignments_suffix"] == "_alignments.json"
+        assert timit["alignments_folder"] is None  # the data folder itself
         assert str(timit["model"]) == str(base["model"])
         assert sum(p.numel() for p in timit["model"].parameters()) == sum(
             p.numel() for p in base["model"].parameters())

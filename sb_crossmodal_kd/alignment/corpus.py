@@ -7,7 +7,8 @@ from.
 - :func:`align_manifest`: monophone forced alignment of every utterance of a manifest with a
   trained :class:`~sb_crossmodal_kd.alignment.forced.PhoneAligner`; OOV utterances are skipped
   (``"skip"`` policy) with the reason recorded. :func:`save_alignments` /
-  :func:`load_alignments` keep them as JSON (10 ms phone positions, word and phone times).
+  :func:`load_alignments` keep them as JSON (10 ms phone positions, word and phone times);
+  :func:`load_phone_segments` reads their phone segments, or a corpus's own timings.
 - :func:`tree_statistics`: single-Gaussian statistics of each triphone state's frames
   (the aligner's normalised log-Mel features) for :meth:`SenoneTree.build`.
 - :func:`export_units`: one :class:`~sb_crossmodal_kd.units.store.UnitStore` per split with
@@ -18,6 +19,7 @@ import csv
 import json
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 from speechbrain.dataio.dataio import read_audio
@@ -112,6 +114,50 @@ def load_alignments(path, lexicon_hash=None):
             "re-run `sbkd align` with this lexicon"
         )
     return payload["header"], payload["utterances"]
+
+
+def load_phone_segments(path):
+    """Phone segments per utterance from a forced-alignment or a corpus timing file.
+
+    Reads either an ``sbkd align`` output (:func:`save_alignments`: the aligner's segments,
+    with the utterances it skipped) or a SynthCommands ``<split>_alignments.json`` (the
+    synthesiser's own timings, ``{ID: {"phones": [[phone, start_s, end_s], ...]}}``).
+
+    Returns
+    -------
+    segments : dict
+        ``{ID: [[phone, start_s, end_s], ...]}``
+    skipped : dict
+        ``{ID: reason}`` of the utterances the aligner left out (empty for timing files).
+
+    Example
+    -------
+    >>> import tempfile, pathlib
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "test_alignments.json"
+    >>> _ = path.write_text('{"u1": {"phones": [["sil", 0.0, 0.1], ["AA", 0.1, 0.3]]}}')
+    >>> load_phone_segments(path)
+    ({'u1': [['sil', 0.0, 0.1], ['AA', 0.1, 0.3]]}, {})
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: give `sbkd align` output (<split>_phone_alignments.json) or a "
+            "SynthCommands corpus's <split>_alignments.json (sbkd corpus --output DIR)"
+        )
+    with open(path, encoding="utf-8") as f:
+        payload = json.load(f)
+    if isinstance(payload, dict) and payload.get("format") == ALIGNMENTS_FORMAT:
+        report = payload["header"].get("report", {})
+        skipped = {utt: reason for utt, reason in report.get("skipped", [])}
+        return ({utt: entry["phone_segments"] for utt, entry in payload["utterances"].items()},
+                skipped)
+    try:
+        return {utt: entry["phones"] for utt, entry in payload.items()}, {}
+    except (AttributeError, TypeError, KeyError) as error:
+        raise ValueError(
+            f"{path}: neither `sbkd align` output nor {{ID: {{\"phones\": [[phone, start_s, "
+            f"end_s], ...]}}}} ({error!r})"
+        ) from error
 
 
 def tree_statistics(alignments, rows, features, progress=True):

@@ -3,10 +3,14 @@
 
 The speech experiment of Eigen, Ranzato and Sutskever (2013) on the embedded SynthCommands
 corpus: each 10 ms Fbank frame, with +-5 frames of context, is classified into one of 40
-phones (39 ARPAbet + sil). Frame labels come from ``<split>_alignments.json`` (the
-synthesiser's phone timings): a frame takes the phone covering its centre.
+phones (39 ARPAbet + sil); a frame takes the phone covering its centre. Frame labels come
+from forced alignments (``sbkd align``, the default) or from the corpus's own synthesiser
+timings (``--alignments_folder null --alignments_suffix _alignments.json``; null means the
+folder of the manifests).
 
     sbkd corpus --output DATA
+    sbkd align --train DATA/train.csv --train-utterances 400 \
+        --manifests DATA/train.csv DATA/valid.csv DATA/test.csv --output DATA/align
     python train.py hparams/dmoe.yaml --data_folder DATA
     python train.py hparams/dense_mlp.yaml --data_folder DATA
     python train.py hparams/moe_single.yaml --data_folder DATA
@@ -15,13 +19,13 @@ Frame accuracy and the expert-usage summary go to <output_folder>/results.json, 
 maps (joint usage of the two layers' experts, usage by phone) to <output_folder>/expert_usage/.
 """
 
-import json
 import logging
 import sys
 from pathlib import Path
 
 import speechbrain as sb
 
+from sb_crossmodal_kd.alignment.corpus import load_phone_segments
 from sb_crossmodal_kd.alignment.framerate import FrameRate
 from sb_crossmodal_kd.data.manifest import check_manifest
 from sb_crossmodal_kd.distributed import init_distributed
@@ -32,21 +36,6 @@ from sb_crossmodal_kd.units.phones import PHONES
 logger = logging.getLogger(__name__)
 
 
-def load_alignments(path):
-    """``{utterance ID: [[phone, start_s, end_s], ...]}`` from a SynthCommands alignment file."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} is missing: frame labels come from the corpus's phone timings; make the "
-            "corpus with `sbkd corpus --output DIR` or give alignments in that format"
-        )
-    data = json.loads(path.read_text())
-    try:
-        return {utt: entry["phones"] for utt, entry in data.items()}
-    except (TypeError, KeyError) as error:
-        raise ValueError(f"{path}: every entry needs a 'phones' list ({error!r})") from error
-
-
 def dataio_prepare(hparams):
     """``{"train", "valid", "test"}`` datasets giving ``sig`` and ``frame_labels``."""
     rate = FrameRate(sample_rate=hparams["sample_rate"])
@@ -55,13 +44,21 @@ def dataio_prepare(hparams):
     for split in ("train", "valid", "test"):
         csv_path = Path(hparams[f"{split}_csv"])
         check_manifest(csv_path, expected_sample_rate=hparams["sample_rate"])
-        phones = load_alignments(csv_path.parent / f"{split}{hparams['alignments_suffix']}")
-        dataset = sb.dataio.dataset.DynamicItemDataset.from_csv(str(csv_path))
-        missing = [utt for utt in dataset.data_ids if utt not in phones]
+        folder = hparams.get("alignments_folder") or csv_path.parent  # null: the data folder
+        align_path = Path(folder) / f"{split}{hparams['alignments_suffix']}"
+        phones, skipped = load_phone_segments(align_path)
+        data = sb.dataio.dataio.load_data_csv(str(csv_path))
+        missing = [utt for utt in data if utt not in phones and utt not in skipped]
         if missing:
             raise ValueError(
-                f"{csv_path}: {len(missing)} utterances have no alignment, e.g. {missing[:3]}"
+                f"{csv_path}: {len(missing)} utterances have no alignment in {align_path}, "
+                f"e.g. {missing[:3]}; align this manifest (sbkd align --manifests {csv_path})"
             )
+        if skipped:  # the aligner left these out (OOV words, ...): they have no labels
+            logger.warning("%s: %d utterances the aligner skipped are left out, e.g. %s: %s",
+                           split, len(skipped), *next(iter(skipped.items())))
+        data = {utt: row for utt, row in data.items() if utt in phones}
+        dataset = sb.dataio.dataset.DynamicItemDataset(data)
 
         @sb.utils.data_pipeline.takes("wav")
         @sb.utils.data_pipeline.provides("sig")
