@@ -6,7 +6,6 @@ import csv
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import textwrap
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+from launch import torchrun_command
 
 from sb_crossmodal_kd.analysis.expert_usage import ExpertUsageTracker, expert_usage_report
 from sb_crossmodal_kd.data.corpus import make_corpus
@@ -30,18 +30,11 @@ MARGINS = {"loose": 1e9, "tight": 0.5}  # never binding / binding from the first
 STEPS, FRAMES, FEATURES = 3, 7, 6
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def torchrun(args, cwd, nproc=2):
     """Runs ``args`` (a script and its arguments) in ``nproc`` gloo processes."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={free_port()}", *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(torchrun_command(args, nproc), cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
 
 
 def moe_inputs():

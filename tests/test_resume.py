@@ -4,7 +4,7 @@ MoE constraint state, random states, train log and test results.
 
 Two recipes: the baseline Conformer CTC (dropout, dynamic batches in random order, Noam
 schedule) and the Deep MoE frame classifier (balancing constraint active in the killed
-epoch, expert-usage statistics)."""
+epoch, expert-usage statistics), the latter also as 2 DDP processes under torchrun."""
 
 import json
 import os
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch import torchrun_command
 
 from sb_crossmodal_kd.data.corpus import make_corpus
 
@@ -51,11 +52,14 @@ def tiny_corpus(tmp_path_factory):
     return folder
 
 
-def command(case, corpus, output):
+def command(case, corpus, output, processes=1):
     recipe, hparams, options, _ = CASES[case]
-    return [sys.executable, str(recipe / "train.py"), str(recipe / "hparams" / hparams),
+    args = [str(recipe / "train.py"), str(recipe / "hparams" / hparams),
             f"--data_folder={corpus}", f"--output_folder={output}",
             f"--number_of_epochs={EPOCHS}", "--ckpt_interval_steps=3", *options]
+    if processes > 1:  # SpeechBrain's DDP through torchrun, gloo on CPU
+        return torchrun_command(args, processes)
+    return [sys.executable, *args]
 
 
 def checkpoints(save_folder):
@@ -90,6 +94,8 @@ def mid_epoch_checkpoint_ready(save_folder, files):
 
 
 def run_killed_mid_epoch(cmd, save_folder, files, cwd, env):
+    """Starts ``cmd`` and kills it, every process it started included (torchrun's workers),
+    as soon as a mid-epoch checkpoint of epoch 2 is complete."""
     process = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
@@ -98,10 +104,32 @@ def run_killed_mid_epoch(cmd, save_folder, files, cwd, env):
             assert process.poll() is None, "the run ended before a mid-epoch checkpoint"
             assert time.time() < deadline, "no mid-epoch checkpoint in time"
             time.sleep(0.02)
-        process.send_signal(signal.SIGKILL)
     finally:
+        # torchrun starts its workers in sessions of their own: kill each process by pid
+        for pid in [process.pid, *descendants(process.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         process.wait()
     return process.returncode
+
+
+def descendants(pid):
+    """Pids of every process below ``pid`` (Linux /proc), deepest last."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, queue = [], [pid]
+    while queue:
+        for child in children.get(queue.pop(0), []):
+            found.append(child)
+            queue.append(child)
+    return found
 
 
 def same(a, b):
@@ -121,22 +149,22 @@ def log_lines(output):
     return [re.sub(r", train epoch_s: [0-9.e+-]+", "", line) for line in lines]
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_killed_run_resumes_exactly(case, tiny_corpus, tmp_path):
+@pytest.mark.parametrize("case, processes", [("asr", 1), ("frame_dmoe", 1), ("frame_dmoe", 2)])
+def test_killed_run_resumes_exactly(case, processes, tiny_corpus, tmp_path):
     files = COMMON_FILES + CASES[case][3]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    subprocess.run(command(case, tiny_corpus, reference), check=True, cwd=tmp_path, env=env,
-                   capture_output=True)
+    subprocess.run(command(case, tiny_corpus, reference, processes), check=True, cwd=tmp_path,
+                   env=env, capture_output=True)
 
-    returncode = run_killed_mid_epoch(command(case, tiny_corpus, resumed), resumed / "save",
-                                      files, tmp_path, env)
+    returncode = run_killed_mid_epoch(command(case, tiny_corpus, resumed, processes),
+                                      resumed / "save", files, tmp_path, env)
     assert returncode == -signal.SIGKILL
     assert not (resumed / "results.json").exists()
     newest = checkpoints(resumed / "save")[-1]
     assert "brain_intra_epoch_ckpt: true" in newest[2]  # resuming from mid-epoch
     assert int((newest[1] / "dataloader-TRAIN.ckpt").read_text()) > 0
-    run = subprocess.run(command(case, tiny_corpus, resumed), cwd=tmp_path, env=env,
+    run = subprocess.run(command(case, tiny_corpus, resumed, processes), cwd=tmp_path, env=env,
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
 
