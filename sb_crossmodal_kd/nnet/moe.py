@@ -355,8 +355,12 @@ class StackedExperts(nn.Module):
         hidden = self._hidden(pre.view(m, n, -1))  # [M, N, H]
         gates = gates.to(hidden.dtype)
         if self.expert == "relu":
-            # multiply and sum over experts: a [M, 1, N] x [M, N, H] bmm is a slow GEMM shape
-            return (hidden * gates.unsqueeze(-1)).sum(1)
+            if hidden.is_cuda:
+                # on an H100 the [M, 1, N] x [M, N, H] bmm's backward took 0.17 ms, the
+                # multiply-and-sum a fraction of it
+                return (hidden * gates.unsqueeze(-1)).sum(1)
+            # on CPU the bmm is twice as fast (no [M, N, H] product to write and read back)
+            return torch.bmm(gates.unsqueeze(1), hidden).squeeze(1)
         # sum_i g_i (h_i W2_i + b2_i) = [g_1 h_1, ..., g_N h_N] @ [W2_1; ...; W2_N] + g @ b2
         mixed = (self.dropout(hidden) * gates.unsqueeze(-1)).reshape(m, -1)
         out = mixed @ self.w_out.reshape(-1, self.output_size).to(mixed.dtype)
