@@ -21,7 +21,7 @@ import time
 import speechbrain as sb
 from speechbrain.utils.metric_stats import ErrorRateStats
 
-from sb_crossmodal_kd.distributed import mean_across_processes
+from sb_crossmodal_kd.distributed import mean_across_processes, unwrap
 from sb_crossmodal_kd.io import atomic_write_json
 from sb_crossmodal_kd.resume import ExactResume
 
@@ -46,7 +46,7 @@ def encode_waveforms(wavs, wav_lens, encoder, compute_features, normalize):
     >>> encoded.shape
     torch.Size([2, 26, 16])
     """
-    if getattr(getattr(encoder, "module", encoder), "takes_waveforms", False):
+    if getattr(unwrap(encoder), "takes_waveforms", False):
         return encoder(wavs, wav_lens)
     return encoder(normalize(compute_features(wavs), wav_lens), wav_lens)
 

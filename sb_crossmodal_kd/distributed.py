@@ -158,3 +158,21 @@ def rank():
     0
     """
     return torch.distributed.get_rank() if is_distributed() else 0
+
+
+def unwrap(module):
+    """The module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper (SpeechBrain
+    wraps each module of a Brain that has parameters), or ``module`` itself.
+
+    Read a module's own attributes through this; call the wrapper itself for the forward
+    pass, so that DDP synchronises the gradients.
+
+    Example
+    -------
+    >>> linear = torch.nn.Linear(2, 2)
+    >>> unwrap(torch.nn.DataParallel(linear)) is linear, unwrap(linear) is linear
+    (True, True)
+    """
+    if isinstance(module, torch.nn.parallel.DistributedDataParallel | torch.nn.DataParallel):
+        return module.module
+    return module

@@ -51,7 +51,7 @@ import speechbrain as sb
 import torch
 
 from sb_crossmodal_kd.brain import CTCBrain, count_parameters
-from sb_crossmodal_kd.distributed import sum_across_processes
+from sb_crossmodal_kd.distributed import sum_across_processes, unwrap
 from sb_crossmodal_kd.io import atomic_write_json
 from sb_crossmodal_kd.losses import (
     DistillationObjective,
@@ -180,7 +180,10 @@ class KDBrain(CTCBrain):
         self._term_sums, self._term_batches = {}, 0
 
     def _heads(self):
-        return self.modules["auxiliary_heads"] if "auxiliary_heads" in self.modules else None
+        """The auxiliary heads module (unwrapped under DDP: read for its settings), or None."""
+        if "auxiliary_heads" not in self.modules:
+            return None
+        return unwrap(self.modules["auxiliary_heads"])
 
     # Forward -------------------------------------------------------------------------------
 

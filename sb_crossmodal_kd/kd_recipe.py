@@ -21,6 +21,7 @@ import ruamel.yaml
 import speechbrain as sb
 
 from sb_crossmodal_kd.ablation import CONDITIONS, condition_recipe
+from sb_crossmodal_kd.distributed import init_distributed
 from sb_crossmodal_kd.experiment import WRAPPER_KEY, run_asr_experiment
 
 logger = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def main(argv=None):
     if name is None:
         raise SystemExit(f"Give the KD condition: --condition NAME, one of {', '.join(CONDITIONS)}")
     overrides = merge_overrides(condition_overrides(str(name)), overrides)
-    sb.utils.distributed.ddp_init_group(run_opts)
+    run_opts = init_distributed(run_opts)  # under torchrun: gloo on CPU, nccl on GPUs
     results = run_asr_experiment(hparams_file, overrides, run_opts)
     logger.info("%s: test WER %.2f%%, CER %.2f%%", name, results["wer"], results["cer"])
     return results

@@ -3,11 +3,13 @@ one epoch of a KD condition on it, and the errors a user with bad input meets.""
 
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from launch import torchrun_command
 from tiny_kd import tiny_chain
 
 from sb_crossmodal_kd.data.corpus import make_corpus
@@ -132,6 +134,24 @@ def test_one_kd_condition_trains_on_the_prepared_manifests(prepared):
     assert "train loss_li_main" in log and "loss_kd_" not in log
     saved = (out / "hyperparams.yaml").read_text()
     assert "condition: label_interpolation" in saved and "label_interpolation: 0.3" in saved
+
+
+def test_hierarchy_with_moe_trains_in_two_ddp_processes(prepared):
+    # Every moving part under torchrun: taps on three encoder layers, three heads distilled
+    # from their teachers' caches, MoE feed-forwards with their auxiliary loss.
+    user, _, prep = prepared
+    out = user / "run_ddp"
+    args = [str(RECIPE / "train.py"), str(RECIPE / "hparams" / "kd.yaml"),
+            "--condition=hierarchy_moe", f"--prep_folder={prep}", f"--output_folder={out}",
+            *TINY_MODEL]
+    run = subprocess.run(torchrun_command(args), cwd=user, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["utterances"] == 4 and results["epochs"] == 1
+    log = (out / "train_log.txt").read_text()
+    for term in ("loss_kd_senone", "loss_kd_monophone", "loss_kd_subword", "loss_moe"):
+        assert f"train {term}" in log, term
 
 
 def test_bad_json_manifests_name_file_and_utterance(tmp_path):

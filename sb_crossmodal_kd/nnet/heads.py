@@ -29,6 +29,8 @@ Example
 
 import torch
 
+from sb_crossmodal_kd.distributed import unwrap
+
 __all__ = ["AuxiliaryHead", "AuxiliaryHeads", "inference_modules", "HEAD_LOSSES"]
 
 HEAD_LOSSES = ("frame_ce", "ctc", "none")
@@ -235,6 +237,7 @@ def inference_modules(modules):
     """
     kept = torch.nn.ModuleDict()
     for name, module in dict(modules).items():
+        module = unwrap(module)  # as trained under DDP: the modules are wrapped
         if _is_auxiliary(module):
             continue
         if isinstance(module, torch.nn.Module):
