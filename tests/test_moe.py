@@ -286,6 +286,22 @@ def test_auxiliary_losses_have_known_values_and_reach_the_router():
     assert float(moe_auxiliary_loss(model)) == 0.0  # collected once
 
 
+def test_top_1_router_learns_from_the_task_loss():
+    # One renormalised gate is always 1: the router would get no gradient from the output.
+    # By default top-1 scales the expert by its raw probability (Switch Transformer).
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    grads = {}
+    for renormalize in (None, True):
+        moe = MoE(8, num_experts=4, expert="ffn", expert_hidden_size=16, top_k=1,
+                  renormalize_top_k=renormalize)
+        moe(x).pow(2).sum().backward()
+        grads[renormalize] = moe.router.net.weight.grad.abs().sum()
+    assert grads[None] > 0
+    assert grads[True] < 1e-4 * grads[None]  # zero but for rounding
+    assert MoE(8, num_experts=4, top_k=2).renormalize_top_k  # Mixtral's top-2
+
+
 def test_capacity_limits_assignments_per_expert():
     moe = MoE(8, num_experts=4, top_k=1, capacity_factor=1.0)
     with torch.no_grad():  # everyone wants expert 2

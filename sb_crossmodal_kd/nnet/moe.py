@@ -684,7 +684,12 @@ class MoE(nn.Module):
         Dropout inside the experts.
     top_k : int, optional
         None for dense softmax gating over all experts (every expert runs); k in [1, N] to
-        run only the k experts with the highest gates, whose gates are renormalised to one.
+        run only the k experts with the highest gates.
+    renormalize_top_k : bool, optional
+        Whether the k selected gates are renormalised to sum to one (as Mixtral does).
+        Default: yes for k >= 2, no for k = 1, where the one gate would always be 1 and the
+        router would get no gradient from the task loss (Switch Transformer scales the
+        expert's output by its raw probability instead).
     gate_hidden_size : int, optional
         Hidden size of the gating network (None: linear gate).
     noisy_gating : bool
@@ -735,6 +740,7 @@ class MoE(nn.Module):
         activation=nn.ReLU,
         dropout=0.0,
         top_k=None,
+        renormalize_top_k=None,
         gate_hidden_size=None,
         noisy_gating=False,
         load_balancing_weight=0.0,
@@ -778,6 +784,9 @@ class MoE(nn.Module):
         self.output_size = output_size
         self.num_experts = num_experts
         self.top_k = top_k
+        if renormalize_top_k is None:
+            renormalize_top_k = top_k is not None and top_k > 1
+        self.renormalize_top_k = renormalize_top_k
         self.capacity_factor = capacity_factor
         self.load_balancing_weight = load_balancing_weight
         self.z_loss_weight = z_loss_weight
@@ -851,7 +860,8 @@ class MoE(nn.Module):
         probs : torch.Tensor
             [M, N] gate distribution after the balancing constraint.
         top_w, top_i : torch.Tensor or None
-            [M, k] renormalised gates and indices of the selected experts (top-k only).
+            [M, k] gates (renormalised: see ``renormalize_top_k``) and indices of the
+            selected experts (top-k only).
         """
         logits = self.router(x)
         probs = torch.softmax(logits, dim=-1)
@@ -866,11 +876,13 @@ class MoE(nn.Module):
 
     def _top_k(self, probs):
         top_w, top_i = probs.topk(self.top_k, dim=-1)
+        if not self.renormalize_top_k:
+            return top_w, top_i
         # the k largest of N probabilities summing to one sum to >= k / N: no division by 0
         return top_w / top_w.sum(-1, keepdim=True), top_i
 
     def _sparse_gates(self, probs):
-        """Dense [M, N] view of the renormalised top-k gates."""
+        """Dense [M, N] view of the selected top-k gates."""
         top_w, top_i = self._top_k(probs)
         return torch.zeros_like(probs).scatter(1, top_i, top_w)
 
