@@ -365,6 +365,25 @@ def test_bfloat16_autocast_matches_float32_within_bf16_precision(top_k, device):
     assert float((g - g_ref).norm() / g_ref.norm()) < 3e-2
 
 
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_torch_compile_traces_the_layer_and_matches_eager(top_k):
+    torch.manual_seed(0)
+    moe = MoE(16, num_experts=4, expert="swiglu", expert_hidden_size=32, top_k=top_k,
+              capacity_factor=1.0 if top_k else None, load_balancing_weight=0.01)
+    mask = make_mask()
+    x = torch.randn(3, 7, 16, requires_grad=True)
+    compiled = torch.compile(moe, backend="aot_eager")  # graph capture, no C compiler needed
+    results = []
+    for module in (moe, compiled):
+        y = module(x, mask=mask)
+        (y.pow(2).sum() + moe_auxiliary_loss(moe)).backward()
+        results.append((y.detach(), x.grad.clone(), moe.router.net.weight.grad.clone()))
+        moe.zero_grad()
+        x.grad = None
+    for eager, traced in zip(*results, strict=True):
+        torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "kwargs, setting",
     [

@@ -76,8 +76,12 @@ def _grouped_mm_usable(x, weight):
     elem = x.element_size()
     if (x.shape[-1] * elem) % 16 or (weight.shape[-1] * elem) % 16:
         return False
+    compiling = torch.compiler.is_compiling()
+    if compiling and x.dtype != torch.bfloat16:  # torch.compile traces it for bf16 only
+        return False
     if x.device.type == "cpu":
-        return x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
+        # no pointers while tracing (the freshly gathered rows are aligned)
+        return compiling or (x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0)
     if x.device.type == "cuda":
         return torch.cuda.get_device_capability(x.device) >= (8, 0)
     return False
