@@ -70,7 +70,7 @@ def make_mask(batch=3, time=7):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("expert", ["relu", "ffn", "swiglu"])
-@pytest.mark.parametrize("routing", ["dense", "grouped_mm", "loop"])
+@pytest.mark.parametrize("routing", ["dense", "grouped_mm", "loop", "per_expert"])
 def test_fast_kernels_equal_reference_in_outputs_and_gradients(expert, routing, device):
     torch.manual_seed(0)
     top_k = None if routing == "dense" else 2
@@ -318,13 +318,14 @@ def test_capacity_limits_assignments_per_expert():
     assert int((flat_valid.abs().sum(-1) > 0).sum()) <= capacity
 
 
+@pytest.mark.parametrize("kernel", ["auto", "per_expert"])
 @pytest.mark.parametrize("expert", ["relu", "ffn", "swiglu"])
-def test_gradients_with_padding_and_dropped_assignments_match_finite_differences(expert):
+def test_gradients_with_padding_and_dropped_assignments_match_finite_differences(expert, kernel):
     # Padding pairs and pairs over capacity are never computed by the experts (their rows
     # hold arbitrary values); no trace of them may reach any gradient.
     torch.manual_seed(0)
     moe = MoE(6, num_experts=3, output_size=4, expert=expert, expert_hidden_size=5, top_k=2,
-              capacity_factor=0.5).double()
+              capacity_factor=0.5, kernel=kernel).double()
     mask = make_mask()
     x = torch.randn(3, 7, 6, dtype=torch.float64, requires_grad=True)
     names = [name for name, _ in moe.named_parameters()]
