@@ -96,6 +96,26 @@ def test_fast_kernels_equal_reference_in_outputs_and_gradients(expert, routing, 
         torch.testing.assert_close(grads[name], param.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("expert", ["relu", "ffn"])
+def test_dense_gating_over_several_row_blocks_equals_reference(expert):
+    # Large CPU batches are computed in blocks of rows (here 256 rows: three blocks).
+    torch.manual_seed(0)
+    moe = MoE(8, num_experts=4, output_size=6, expert=expert, expert_hidden_size=2048)
+    if expert == "relu":
+        moe = MoE(8, num_experts=4, output_size=2048)
+    mask = torch.arange(350) < torch.tensor([[350], [300]])
+    x = torch.randn(2, 350, 8, requires_grad=True)
+    results = []
+    for forward in (moe, lambda inp, mask: reference_forward(moe, inp, mask)):
+        y = forward(x, mask=mask)
+        (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+        results.append([y.detach(), x.grad.clone()] + [p.grad.clone() for p in moe.parameters()])
+        moe.zero_grad()
+        x.grad = None
+    for fast, ref in zip(*results, strict=True):
+        torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_grouped_matmul_kernels_agree_with_empty_groups(device):
     torch.manual_seed(0)
