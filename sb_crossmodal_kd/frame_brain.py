@@ -32,6 +32,7 @@ from sb_crossmodal_kd.distributed import mean_across_processes, sum_across_proce
 from sb_crossmodal_kd.io import atomic_write_json
 from sb_crossmodal_kd.nnet.moe import (
     expert_counters,
+    lengths_to_mask,
     load_expert_counters,
     moe_auxiliary_loss,
     moe_layers,
@@ -79,7 +80,7 @@ def stack_context(feats, context):
     return torch.cat(windows, dim=-1)
 
 
-def align_labels(labels, label_lens, n_frames):
+def align_labels(labels, label_lens, n_frames, frame_lens=None):
     """Padded label batch -> [B, n_frames] labels with -1 on padding.
 
     Arguments
@@ -90,20 +91,32 @@ def align_labels(labels, label_lens, n_frames):
         [B] relative lengths.
     n_frames : int
         Frames of the model output.
+    frame_lens : torch.Tensor, optional
+        [B] relative lengths of the model's input (e.g. the waveforms'): frames past them,
+        which the model's MoE layers treat as padding, get -1 as well (a label may overrun
+        the audio by a frame or two).
 
     Example
     -------
     >>> align_labels(torch.tensor([[3, 4, 5], [6, 0, 0]]), torch.tensor([1.0, 1 / 3]), 4)
     tensor([[ 3,  4,  5, -1],
             [ 6, -1, -1, -1]])
+    >>> align_labels(torch.tensor([[3, 4, 5], [6, 7, 0]]), torch.tensor([1.0, 2 / 3]), 3,
+    ...              frame_lens=torch.tensor([1.0, 1 / 3]))
+    tensor([[ 3,  4,  5],
+            [ 6, -1, -1]])
     """
     batch, length = labels.shape
     absolute = torch.round(label_lens * length).long()
     keep = torch.arange(length, device=labels.device) < absolute.unsqueeze(1)
     labels = torch.where(keep, labels.long(), -1)
     if length >= n_frames:
-        return labels[:, :n_frames]
-    return F.pad(labels, (0, n_frames - length), value=-1)
+        labels = labels[:, :n_frames]
+    else:
+        labels = F.pad(labels, (0, n_frames - length), value=-1)
+    if frame_lens is not None:
+        labels = labels.masked_fill(~lengths_to_mask(frame_lens, n_frames), -1)
+    return labels
 
 
 def phone_frame_labels(phones, n_samples, rate, utterance_id, tolerance=2):
@@ -174,7 +187,8 @@ class FrameBrain(ExactResume, sb.Brain):
     def compute_objectives(self, predictions, batch, stage):
         """Frame cross-entropy over labelled frames, plus the MoE auxiliary losses."""
         labels, label_lens = batch.frame_labels
-        labels = align_labels(labels, label_lens, predictions.shape[1])
+        # frames past the audio's relative length are padding to the model: no label there
+        labels = align_labels(labels, label_lens, predictions.shape[1], frame_lens=batch.sig[1])
         loss = F.nll_loss(predictions.float().transpose(1, 2), labels, ignore_index=-1)
         loss = loss + moe_auxiliary_loss(self.modules.model)
         with torch.no_grad():
