@@ -20,7 +20,14 @@ expert's contiguous slice, with ``torch._grouped_mm`` where it works, else a loo
 rows go back to frame order through the inverse permutation, so neither direction needs a
 scatter-add (atomics, or a sort in deterministic mode). Without padding the masking steps are
 skipped. On a CPU, large batches run in cache-sized pieces: dense gating in blocks of rows,
-top-k routing one expert's whole computation at a time. The router runs in float32 under autocast: bf16 logits flip near-tied top-k choices.
+top-k routing one expert's whole computation at a time. The router runs in float32 under
+autocast: bf16 logits flip near-tied top-k choices.
+
+``torch.compile`` (SpeechBrain's ``--compile``) captures a layer as one graph, dense or
+top-k, float32 or bf16, with padding, capacity, statistics and auxiliary losses: on a GPU,
+where a layer at speech sizes is bound by launching kernels, that is what lets CUDA graphs
+and fused kernels take over. The balancing constraint alone runs outside the graph (one
+graph break, no recompilation as its phase advances).
 """
 
 import math
@@ -124,6 +131,10 @@ def _per_expert_preferred(x, num_experts):
 def grouped_matmul(x, weight, offsets, kernel="auto"):
     """Multiplies each contiguous row slice of ``x`` by its own expert's weight.
 
+    Under ``torch.compile`` the product stays in the graph: bf16 as ``torch._grouped_mm``
+    (which torch traces for bf16 only), anything else as one opaque operator (the loop over
+    slices has data-dependent shapes, a graph break at every call).
+
     Arguments
     ---------
     x : torch.Tensor
@@ -154,6 +165,13 @@ def grouped_matmul(x, weight, offsets, kernel="auto"):
         x, weight = x.to(dtype), weight.to(dtype)
     else:
         weight = weight.to(x.dtype)
+    if torch.compiler.is_compiling() and (kernel == "loop" or not _grouped_mm_usable(x, weight)):
+        return _opaque_grouped_matmul(x, weight, offsets, kernel)
+    return _eager_grouped_matmul(x, weight, offsets, kernel)
+
+
+def _eager_grouped_matmul(x, weight, offsets, kernel):
+    """:func:`grouped_matmul` on operands in one dtype, outside a compiled graph."""
     if kernel == "loop" or (kernel == "auto" and not _grouped_mm_usable(x, weight)):
         return _loop_grouped_mm(x, weight, offsets)
     try:
@@ -163,6 +181,66 @@ def grouped_matmul(x, weight, offsets, kernel="auto"):
             raise
         _GROUPED_MM_BROKEN.add((x.device.type, x.dtype))
         return _loop_grouped_mm(x, weight, offsets)
+
+
+def _eager_grouped_weight_grad(x, grad, offsets, kernel):
+    """Per-expert weight gradients [N, D, O]: ``x[slice_i].T @ grad[slice_i]``."""
+    if kernel != "loop" and _grouped_mm_usable(x, grad):
+        try:
+            return torch._grouped_mm(x.t(), grad, offs=offsets)
+        except RuntimeError:
+            pass
+    pieces, start = [], 0
+    for end in offsets.tolist():
+        pieces.append(x[start:end].t() @ grad[start:end])  # an empty slice gives zeros
+        start = end
+    return torch.stack(pieces)
+
+
+# Opaque operators for compiled graphs: torch.compile sees their output shapes only.
+@torch.library.custom_op("sb_crossmodal_kd::grouped_matmul", mutates_args=())
+def _opaque_grouped_matmul(
+    x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, kernel: str
+) -> torch.Tensor:
+    return _eager_grouped_matmul(x, weight, offsets, kernel)
+
+
+@_opaque_grouped_matmul.register_fake
+def _(x, weight, offsets, kernel):
+    return x.new_empty(x.shape[0], weight.shape[-1])
+
+
+@torch.library.custom_op("sb_crossmodal_kd::grouped_weight_grad", mutates_args=())
+def _opaque_grouped_weight_grad(
+    x: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor, kernel: str
+) -> torch.Tensor:
+    return _eager_grouped_weight_grad(x, grad, offsets, kernel)
+
+
+@_opaque_grouped_weight_grad.register_fake
+def _(x, grad, offsets, kernel):
+    return x.new_empty(offsets.shape[0], x.shape[-1], grad.shape[-1])
+
+
+def _grouped_matmul_setup(ctx, inputs, output):
+    x, weight, offsets, kernel = inputs
+    ctx.save_for_backward(x, weight, offsets)
+    ctx.kernel = kernel
+
+
+def _grouped_matmul_backward(ctx, grad):
+    x, weight, offsets = ctx.saved_tensors
+    grad = grad.contiguous()
+    grad_x = grad_w = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _opaque_grouped_matmul(grad, weight.transpose(-2, -1), offsets, ctx.kernel)
+    if ctx.needs_input_grad[1]:
+        grad_w = _opaque_grouped_weight_grad(x, grad, offsets, ctx.kernel)
+    return grad_x, grad_w, None, None
+
+
+_opaque_grouped_matmul.register_autograd(_grouped_matmul_backward,
+                                         setup_context=_grouped_matmul_setup)
 
 
 class _DispatchRows(torch.autograd.Function):
@@ -192,25 +270,35 @@ class _DispatchRows(torch.autograd.Function):
 
 
 class _CombineRows(torch.autograd.Function):
-    """Expert-ordered output rows back in pair order: ``pairs[i] = ys[inverse[i]]``, with the
-    rows flagged ``skip`` (never computed: arbitrary values) set to zero. Backward is the
-    forward permutation, again without atomics."""
+    """Expert-ordered output rows back in frame order, weighted by their gates and summed
+    over each frame's k choices: ``out[m] = sum_c weights[m, c] * ys[inverse[c * M + m]]``.
+    Rows flagged ``skip`` (never computed: arbitrary values) count as zero. Backward is the
+    forward permutation, again without atomics. The weighting is inside so that backward
+    controls the layout of the [k, M, O] gradient: traced by torch.compile, autograd's
+    version met a layout other than the one the graph had assumed."""
 
     @staticmethod
-    def forward(ctx, ys, perm, inverse, skip):
-        ctx.save_for_backward(perm, skip)
+    def forward(ctx, ys, weights, perm, inverse, skip):
         if skip is not None:
             ys = ys.masked_fill(skip, 0.0)
-        return ys.index_select(0, inverse)
+        k = weights.shape[1]
+        pairs = ys.index_select(0, inverse).view(k, -1, ys.shape[-1])  # [k, M, O]
+        ctx.save_for_backward(pairs, weights, perm, skip)
+        return (pairs * weights.t().unsqueeze(-1)).sum(0)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        perm, skip = ctx.saved_tensors
-        grad_ys = grad.index_select(0, perm)
+        pairs, weights, perm, skip = ctx.saved_tensors
+        grad = grad.to(pairs.dtype)
+        grad_weights = (pairs * grad.unsqueeze(0)).sum(-1).t()
+        # [k, M, O]: contiguous weights make the product contiguous (a transposed operand
+        # would lay it out frame-major)
+        grad_pairs = grad.unsqueeze(0) * weights.t().contiguous().unsqueeze(-1)
+        grad_ys = grad_pairs.reshape(-1, grad.shape[-1]).index_select(0, perm)
         if skip is not None:
             grad_ys = grad_ys.masked_fill_(skip, 0.0)
-        return grad_ys, None, None, None
+        return grad_ys, grad_weights, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,6 +325,9 @@ class _SwiGLU(torch.autograd.Function):
         half = act.shape[-1]
         gate, up = gate_up[..., :half], gate_up[..., half:]
         grad = grad.to(act.dtype)
+        if torch.compiler.is_compiling():  # Dynamo cannot trace out= into a strided slice
+            grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
+            return torch.cat([grad_gate, grad * act], dim=-1)
         grad_in = torch.empty_like(gate_up)
         torch.mul(grad, act, out=grad_in[..., half:])
         torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_in[..., :half])
@@ -632,6 +723,9 @@ class BalancingConstraint(nn.Module):
             return False
         return self.phase_epochs is None or self.epoch <= self.phase_epochs
 
+    # Outside torch.compile's graph: the phase is decided on Python counters, which a graph
+    # would guard on (a recompilation at every step); a graph break here costs far less.
+    @torch.compiler.disable
     def forward(self, probs, valid, select=None):
         """Constrains gate distributions and adds the gate mass used to the running totals.
 
@@ -639,8 +733,8 @@ class BalancingConstraint(nn.Module):
         ---------
         probs : torch.Tensor
             [M, N] gate distributions.
-        valid : torch.Tensor
-            [M] bool, False on padding (not counted).
+        valid : torch.Tensor or None
+            [M] bool, False on padding (not counted); None when every frame is real.
         select : callable, optional
             Maps constrained distributions [c, N] to the gates actually used [c, N] (e.g.
             top-k, renormalised); default: the distributions themselves.
@@ -652,6 +746,8 @@ class BalancingConstraint(nn.Module):
         """
         if not self.active:
             return probs
+        if valid is None:
+            valid = torch.ones(probs.shape[0], dtype=torch.bool, device=probs.device)
         size = self.chunk_size or max(probs.shape[0], 1)
         pieces = []
         distributed = is_distributed()
@@ -975,8 +1071,6 @@ class MoE(nn.Module):
         flat = x.reshape(batch * time, self.input_size)
         # Without padding every frame is real: the masking steps are skipped altogether.
         valid = None if mask is None else mask.reshape(-1)
-        if valid is None and self.constraint is not None and self.constraint.active:
-            valid = torch.ones(batch * time, dtype=torch.bool, device=x.device)
 
         logits, probs, top_w, top_i = self.route(flat, valid)
         routed = dropped = None
@@ -1043,8 +1137,7 @@ class MoE(nn.Module):
             xs, sorted_ids.clamp(max=n - 1), offsets, self.kernel,
             computed=None if skip is None else ~skip,
         )
-        pairs = _CombineRows.apply(ys, perm, inverse, skip).view(k, m, -1)
-        out = (pairs * top_w.t().unsqueeze(-1).to(pairs.dtype)).sum(0)
+        out = _CombineRows.apply(ys, top_w.to(ys.dtype), perm, inverse, skip)
         routed = None
         if self.track_stats or self.load_balancing_weight > 0:
             routed = torch.diff(offsets.long(), prepend=offsets.new_zeros(1, dtype=torch.long))
