@@ -10,6 +10,9 @@ d=256, ffn=1024, 8 experts, top-2, batch 16 x 200 frames (the sizes of issue 3):
 - ``vs_dense_active``: our time / a dense SwiGLU FFN with the same active parameters (2048);
 - ``dense_gating_vs_loop``: our dense-softmax MoE layer with 4 paper experts (one ReLU
   layer, 256 -> 1024) / the same layer written as a Python loop over per-expert modules;
+- ``dense_gating_floor``: the three matrix products every implementation of that layer
+  computes (forward, input and weight gradients, as single GEMMs over all experts) / the
+  loop: no implementation computing the same float32 products goes below it on this device;
 - ``peak_mib``: peak memory of one forward+backward step of each workload, each in a fresh
   process (CUDA: allocator peak; CPU: growth of the peak resident set).
 
@@ -19,9 +22,13 @@ take turns step by step, so a burst of load from other processes hits both alike
 of medians over the repeats. Usage::
 
     nice python benchmarks/moe.py [--device cpu|cuda] [--threads 1] [--repeats 7] [--amp bf16]
+                                  [--compile default|reduce-overhead|max-autotune]
 
 ``--amp bf16`` runs every workload under ``torch.autocast`` with bfloat16 (how a GPU user
-trains: SpeechBrain's ``--precision=bf16``); the default is float32.
+trains: SpeechBrain's ``--precision=bf16``); the default is float32. ``--compile MODE`` runs
+every workload through ``torch.compile`` with that mode (SpeechBrain's ``--compile``;
+``reduce-overhead`` replays CUDA graphs), compiled against compiled; warm-up steps then
+include the compilation.
 """
 
 import argparse
@@ -73,6 +80,8 @@ def _build(name, device):
     elif name.startswith("deep_loop"):
         width = DEEP_WIDTH_SMALL if name.endswith("_small") else DEEP_WIDTH
         module = LoopMoE(D_MODEL, DEEP_EXPERTS, width)
+    elif name == "deep_gemms":
+        module = LayerGemms(D_MODEL, DEEP_EXPERTS, DEEP_WIDTH)
     else:
         raise ValueError(f"unknown workload {name!r}")
     return module.to(device), x.requires_grad_(True)
@@ -107,6 +116,37 @@ class LoopMoE(torch.nn.Module):
         return out
 
 
+class _ThreeGemms(torch.autograd.Function):
+    """``x @ w`` [M, N*H] forward; backward forms a [M, N*H] gradient from the [M, H] one
+    (one pass, as mixing's backward must) and runs the input- and weight-gradient GEMMs."""
+
+    @staticmethod
+    def forward(ctx, x, w, width):
+        ctx.save_for_backward(x, w)
+        return (x @ w)[:, :width].clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        grad_pre = grad.repeat(1, w.shape[1] // grad.shape[1])
+        return grad_pre @ w.t(), x.t() @ grad_pre, None
+
+
+class LayerGemms(torch.nn.Module):
+    """Only the matrix products of a dense-gating layer of ``n`` ReLU experts of ``width``:
+    the floor under any implementation of it that computes the same products."""
+
+    def __init__(self, d, n, width):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(d, n * width) / d**0.5)
+        self.width = width
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        out = _ThreeGemms.apply(flat, self.w.to(flat.dtype), self.width)
+        return out.view(*x.shape[:-1], self.width)
+
+
 def _peak_rss_bytes():
     with open("/proc/self/status") as handle:
         for line in handle:
@@ -123,11 +163,15 @@ def _reset_peak_rss():
         pass
 
 
-def run_group(names, device, threads, warmup, repeats, memory_only=False, amp=None):
+def run_group(names, device, threads, warmup, repeats, memory_only=False, amp=None,
+              compile_mode=None):
     """Times the workloads ``names`` in this process, taking turns step by step (or, with
     ``memory_only``, measures the peak memory of one step of a single workload)."""
     torch.set_num_threads(threads)
     built = {name: _build(name, device) for name in names}
+    if compile_mode is not None:
+        built = {name: (torch.compile(module, mode=compile_mode), x)
+                 for name, (module, x) in built.items()}
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
 
@@ -142,6 +186,9 @@ def run_group(names, device, threads, warmup, repeats, memory_only=False, amp=No
     results = {name: {} for name in names}
     if memory_only:  # a fresh process per workload: growth of its first step's peak
         (name,) = names
+        if compile_mode is not None:  # compile (and record graphs) before measuring
+            for _ in range(3):
+                step(name)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
@@ -193,6 +240,8 @@ def _in_subprocess(names, args, memory_only=False):
                "--repeats", str(args.repeats)] + (["--memory-only"] if memory_only else [])
     if args.amp:
         command += ["--amp", args.amp]
+    if args.compile:
+        command += ["--compile", args.compile]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -210,14 +259,20 @@ def main():
     parser.add_argument("--timeout", type=int, default=1800)
     parser.add_argument("--amp", choices=["bf16", "fp16"], default=None,
                         help="run under torch.autocast with this dtype (default: float32)")
+    parser.add_argument("--compile", default=None,
+                        choices=["default", "reduce-overhead", "max-autotune",
+                                 "max-autotune-no-cudagraphs"],
+                        help="run every workload through torch.compile with this mode")
     parser.add_argument("--workloads", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.compile is not None:  # compilation and CUDA-graph recording happen in warm-up
+        args.warmup = max(args.warmup, 3)
     if args.workloads is not None:
         result = run_group(args.workloads.split(","), args.device, args.threads, args.warmup,
-                           args.repeats, args.memory_only, args.amp)
+                           args.repeats, args.memory_only, args.amp, args.compile)
         print(json.dumps(result))
         return
 
@@ -235,7 +290,7 @@ def main():
         else:
             groups.append(("ours", f"transformers:{impl}"))
     groups += [("ours", "dense_swiglu"), ("ours", "ours:loop"),
-               ("deep_dense_gating", "deep_loop"),
+               ("deep_dense_gating", "deep_loop"), ("deep_gemms", "deep_loop"),
                ("deep_dense_gating_small", "deep_loop_small")]
     measured = {pair: _in_subprocess(pair, args) for pair in groups}
 
@@ -253,7 +308,7 @@ def main():
             vs_transformers[impl] = ratio("ours", f"transformers:{impl}")
     timed = [v for v in vs_transformers.values() if isinstance(v, float)]
     peak, median = {}, {}
-    names = sorted({name for pair in groups for name in pair})
+    names = sorted({name for pair in groups for name in pair} - {"deep_gemms"})
     # Peaks are per process, so these runs may overlap (the timings above may not).
     with concurrent.futures.ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
         results = pool.map(lambda name: _in_subprocess([name], args, memory_only=True), names)
@@ -268,6 +323,7 @@ def main():
     summary = {
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
         "amp": args.amp or "float32",
+        "compile": args.compile,
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
         "grouped_mm": hasattr(torch, "_grouped_mm"),
@@ -282,6 +338,7 @@ def main():
         "vs_fastest_transformers": round(max(timed), 3) if timed else None,
         "vs_dense_active": ratio("ours", "dense_swiglu"),
         "dense_gating_vs_loop": ratio("deep_dense_gating", "deep_loop"),
+        "dense_gating_floor": ratio("deep_gemms", "deep_loop"),
         "dense_gating_vs_loop_small": ratio("deep_dense_gating_small", "deep_loop_small"),
         "loop_kernel_vs_auto": (lambda r: round(1 / r, 3) if isinstance(r, float) else r)(
             ratio("ours", "ours:loop")),
