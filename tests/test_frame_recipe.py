@@ -64,6 +64,27 @@ def test_one_tiny_epoch_reports_accuracy_and_expert_combinations(corpus, tmp_pat
     assert "frame_acc" in log and "combinations used" in log
 
 
+@pytest.mark.slow
+def test_speechbrain_compile_trains_the_deep_moe_under_the_same_layer_names(corpus, tmp_path):
+    # --compile: SpeechBrain wraps the model in torch.compile's module (inductor, C++ code);
+    # the balancing constraint of phase one runs beside the compiled graph
+    train = load_train_module()
+    out = tmp_path / "compiled"
+    results = train.run(
+        RECIPE / "hparams" / "dmoe.yaml",
+        {"data_folder": str(corpus), "output_folder": str(out), "number_of_epochs": 1,
+         "batch_size": 3, "alignments_folder": str(corpus),
+         "alignments_suffix": "_alignments.json"},
+        run_opts={"compile": True, "compile_mode": "default"},
+    )
+    assert sorted(results["usage"]) == ["encoder.layers.0", "encoder.layers.1"]
+    assert results["num_combinations"] == 16 and 1 <= results["combinations_used"] <= 16
+    assert 0.0 <= results["frame_accuracy"] <= 1.0
+    assert (out / "expert_usage" / "expert_usage_joint_encoder_layers_0_encoder_layers_1.png"
+            ).read_bytes()[:4] == b"\x89PNG"
+    assert "train encoder.layers.0 entropy" in (out / "train_log.txt").read_text()
+
+
 def test_frame_labels_follow_the_phone_timings(corpus):
     train = load_train_module()
     hparams = {"sample_rate": 16000, "alignment_tolerance": 2,

@@ -1237,11 +1237,34 @@ class MoE(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-_WRAPPERS = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+def _wrapped_child_name(module):
+    """Name of the child a wrapper holds the real module in: ``module`` for DDP and
+    DataParallel, ``_orig_mod`` for torch.compile's (SpeechBrain's ``--compile``); else None."""
+    if isinstance(module, nn.parallel.DistributedDataParallel | nn.DataParallel):
+        return "module"
+    if "_orig_mod" in dict(module.named_children()):
+        return "_orig_mod"
+    return None
+
+
+def _named_modules_unwrapped(module, prefix="", seen=None):
+    """``named_modules()`` with the wrappers' own level left out of the names."""
+    seen = set() if seen is None else seen
+    if id(module) in seen:
+        return
+    seen.add(id(module))
+    yield prefix, module
+    wrapped = _wrapped_child_name(module)
+    for name, child in module.named_children():
+        child_prefix = prefix if name == wrapped else f"{prefix}.{name}" if prefix else name
+        yield from _named_modules_unwrapped(child, child_prefix, seen)
 
 
 def moe_layers(model):
     """All :class:`MoE` layers of ``model`` as (qualified name, layer), in module order.
+
+    Names are as without DDP or ``torch.compile`` (whose wrappers add a ``module`` or
+    ``_orig_mod`` level), so logs and statistics read the same however the model runs.
 
     Example
     -------
@@ -1250,20 +1273,11 @@ def moe_layers(model):
     ['0', '2']
     >>> [name for name, _ in moe_layers(nn.ModuleDict({"m": nn.DataParallel(model)}))]
     ['m.0', 'm.2']
+    >>> [name for name, _ in moe_layers(torch.compile(model))]
+    ['0', '2']
     """
-    if isinstance(model, MoE):
-        return [("", model)]
-    # Names as without DDP (whose wrapper adds a ".module" level), so logs match.
-    wrappers = [f"{name}.module." if name else "module."
-                for name, module in model.named_modules() if isinstance(module, _WRAPPERS)]
-    layers = []
-    for name, module in model.named_modules():
-        if isinstance(module, MoE):
-            for wrapper in wrappers:
-                if f"{name}.".startswith(wrapper):
-                    name = wrapper[: -len("module.")] + name[len(wrapper):]
-            layers.append((name.rstrip("."), module))
-    return layers
+    return [(name, module) for name, module in _named_modules_unwrapped(model)
+            if isinstance(module, MoE)]
 
 
 def moe_auxiliary_loss(model):
