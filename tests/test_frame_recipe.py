@@ -41,16 +41,18 @@ def test_compared_models_have_equal_parameter_counts():
     assert max(counts.values()) / min(counts.values()) < 1.01, counts
 
 
+def tiny_epoch(corpus, out):
+    """Overrides for one epoch of batch 3, labels from the corpus's synthesiser timings (no
+    aligner to train in a unit test)."""
+    return {"data_folder": str(corpus), "output_folder": str(out), "number_of_epochs": 1,
+            "batch_size": 3, "alignments_folder": str(corpus),
+            "alignments_suffix": "_alignments.json"}
+
+
 def test_one_tiny_epoch_reports_accuracy_and_expert_combinations(corpus, tmp_path):
     train = load_train_module()
     out = tmp_path / "dmoe"
-    results = train.run(
-        RECIPE / "hparams" / "dmoe.yaml",
-        {"data_folder": str(corpus), "output_folder": str(out), "number_of_epochs": 1,
-         "batch_size": 3,
-         # labels from the corpus's synthesiser timings (no aligner to train in a unit test)
-         "alignments_folder": str(corpus), "alignments_suffix": "_alignments.json"},
-    )
+    results = train.run(RECIPE / "hparams" / "dmoe.yaml", tiny_epoch(corpus, out))
     saved = json.loads((out / "results.json").read_text())
     assert saved == json.loads(json.dumps(results))
     assert 0.0 <= saved["frame_accuracy"] <= 1.0
@@ -70,13 +72,8 @@ def test_speechbrain_compile_trains_the_deep_moe_under_the_same_layer_names(corp
     # the balancing constraint of phase one runs beside the compiled graph
     train = load_train_module()
     out = tmp_path / "compiled"
-    results = train.run(
-        RECIPE / "hparams" / "dmoe.yaml",
-        {"data_folder": str(corpus), "output_folder": str(out), "number_of_epochs": 1,
-         "batch_size": 3, "alignments_folder": str(corpus),
-         "alignments_suffix": "_alignments.json"},
-        run_opts={"compile": True, "compile_mode": "default"},
-    )
+    results = train.run(RECIPE / "hparams" / "dmoe.yaml", tiny_epoch(corpus, out),
+                        run_opts={"compile": True, "compile_mode": "default"})
     assert sorted(results["usage"]) == ["encoder.layers.0", "encoder.layers.1"]
     assert results["num_combinations"] == 16 and 1 <= results["combinations_used"] <= 16
     assert 0.0 <= results["frame_accuracy"] <= 1.0

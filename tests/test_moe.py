@@ -386,8 +386,18 @@ def test_bfloat16_autocast_matches_float32_within_bf16_precision(top_k, device):
     assert float((g - g_ref).norm() / g_ref.norm()) < 3e-2
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """Compilations of other tests' layers count towards Dynamo's recompile limit (one cache
+    per code object, whichever instance it ran on): start and end with an empty cache."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("amp", [None, torch.bfloat16])
 @pytest.mark.parametrize("routing", ["dense", "auto", "loop"])
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_torch_compile_traces_the_layer_as_one_graph_and_matches_eager(routing, amp):
     # One graph (fullgraph=True raises on any graph break): what CUDA graphs need, and what
     # SpeechBrain's --compile gets. float32 top-k is the case that used to break (the loop
@@ -416,6 +426,7 @@ def test_torch_compile_traces_the_layer_as_one_graph_and_matches_eager(routing, 
             assert float((traced - eager).norm() / eager.norm()) < 1e-2
 
 
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_balancing_constraint_under_torch_compile_matches_eager_without_recompiling():
     torch.manual_seed(0)
     eager = MoE(8, num_experts=3, output_size=8, balance_margin=1.0, balance_steps=3,
