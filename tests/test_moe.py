@@ -426,6 +426,46 @@ def test_torch_compile_traces_the_layer_as_one_graph_and_matches_eager(routing, 
             assert float((traced - eager).norm() / eager.norm()) < 1e-2
 
 
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_compiled_top_k_marks_its_host_syncing_products_for_cuda_graphs(amp):
+    # mode="reduce-overhead" records CUDA graphs, which cannot hold a device-to-host copy:
+    # the float32 grouped products read their offsets on the host, so inductor must see them
+    # as cudagraph-unsafe (it then records the graph around them); bf16 stays one native
+    # torch._grouped_mm, so nothing in that graph may be excluded.
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def keep(graph, example_inputs):
+        graphs.append(graph)
+        return make_boxed_func(graph.forward)
+
+    torch.manual_seed(0)
+    moe = MoE(16, num_experts=4, expert="swiglu", expert_hidden_size=32, top_k=2)
+    compiled = torch.compile(moe, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep),
+                             fullgraph=True)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+        y = compiled(x)
+    y.float().sum().backward()
+    assert len(graphs) == 2  # forward and backward
+
+    def targets(graph):
+        return [node.target for node in graph.graph.nodes if node.op == "call_function"]
+
+    ours = [t for g in graphs for t in targets(g) if "sb_crossmodal_kd" in str(t)]
+    unsafe = [t for g in graphs for t in targets(g)
+              if isinstance(t, torch._ops.OpOverload) and torch.Tag.cudagraph_unsafe in t.tags]
+    if amp is None:
+        # forward: two products; backward: their input and weight gradients
+        assert len(ours) == 6 and unsafe == ours
+    else:
+        assert ours == [] and unsafe == []
+        assert any("_grouped_mm" in str(t) for g in graphs for t in targets(g))
+
+
 @pytest.mark.usefixtures("fresh_dynamo")
 def test_balancing_constraint_under_torch_compile_matches_eager_without_recompiling():
     torch.manual_seed(0)

@@ -197,8 +197,15 @@ def _eager_grouped_weight_grad(x, grad, offsets, kernel):
     return torch.stack(pieces)
 
 
-# Opaque operators for compiled graphs: torch.compile sees their output shapes only.
-@torch.library.custom_op("sb_crossmodal_kd::grouped_matmul", mutates_args=())
+# Opaque operators for compiled graphs: torch.compile sees their output shapes only. They
+# read the offsets on the host (our loop, or ATen's own fallback for anything but bf16 on
+# sm90+), which a CUDA graph cannot record: the tag has inductor's CUDA graphs (mode
+# "reduce-overhead") record the rest of the graph around them instead of failing.
+_HOST_SYNCING = (torch.Tag.cudagraph_unsafe,)
+
+
+@torch.library.custom_op("sb_crossmodal_kd::grouped_matmul", mutates_args=(),
+                         tags=_HOST_SYNCING)
 def _opaque_grouped_matmul(
     x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, kernel: str
 ) -> torch.Tensor:
@@ -210,7 +217,8 @@ def _(x, weight, offsets, kernel):
     return x.new_empty(x.shape[0], weight.shape[-1])
 
 
-@torch.library.custom_op("sb_crossmodal_kd::grouped_weight_grad", mutates_args=())
+@torch.library.custom_op("sb_crossmodal_kd::grouped_weight_grad", mutates_args=(),
+                         tags=_HOST_SYNCING)
 def _opaque_grouped_weight_grad(
     x: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor, kernel: str
 ) -> torch.Tensor:
