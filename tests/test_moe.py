@@ -152,6 +152,23 @@ def test_dense_gates_sum_to_one_and_top_k_selects_k():
     assert float(sparse.stat_routed_count.sum()) == 3 * 50
 
 
+def test_renormalised_top_k_gates_are_the_selected_probabilities_rescaled():
+    # Mixtral's gates: softmax over all experts, the k largest, divided by their sum; ours
+    # come from a softmax over the k selected logits: the same values and router gradients.
+    torch.manual_seed(0)
+    x = torch.randn(40, 16)
+    moe = MoE(16, num_experts=6, top_k=3)
+    logits, _, top_w, top_i = moe.route(x, None)
+    (grad,) = torch.autograd.grad((top_w * torch.arange(3.0)).sum(), moe.router.net.weight)
+    probs = torch.softmax(moe.router(x), dim=-1)
+    ref_w, ref_i = probs.topk(3, dim=-1)
+    ref_w = ref_w / ref_w.sum(-1, keepdim=True)
+    (ref_grad,) = torch.autograd.grad((ref_w * torch.arange(3.0)).sum(), moe.router.net.weight)
+    assert torch.equal(top_i, ref_i)
+    torch.testing.assert_close(top_w, ref_w)
+    torch.testing.assert_close(grad, ref_grad)
+
+
 @pytest.mark.parametrize("top_k", [None, 2])
 def test_padding_frames_excluded_from_outputs_losses_and_statistics(top_k):
     torch.manual_seed(0)
@@ -179,6 +196,40 @@ def test_padding_frames_excluded_from_outputs_losses_and_statistics(top_k):
     assert s1 == s2
     assert s1["frames"] == int(mask.sum())
     assert torch.equal(a1, a2) and bool((a1[~mask] == -1).all())
+
+
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_auxiliary_losses_and_statistics_follow_their_definitions_over_real_frames(top_k):
+    torch.manual_seed(0)
+    moe = MoE(8, num_experts=4, top_k=top_k, load_balancing_weight=0.3, z_loss_weight=0.02)
+    mask = make_mask()
+    x = torch.randn(3, 7, 8)
+    moe(x, mask=mask)
+    loss = moe_auxiliary_loss(moe)
+    stats = collect_expert_stats(moe)["moe"]
+
+    logits = moe.router(x[mask])  # the real frames only
+    probs = torch.softmax(logits, dim=-1)
+    chosen = probs.argmax(-1, keepdim=True) if top_k is None else probs.topk(top_k, -1).indices
+    fraction = torch.zeros(4).scatter_add_(0, chosen.flatten(), torch.ones(chosen.numel()))
+    fraction = fraction / fraction.sum()
+    balance = 0.3 * 4 * (fraction * probs.mean(0)).sum()
+    z_loss = 0.02 * torch.logsumexp(logits, -1).pow(2).mean()
+    torch.testing.assert_close(loss, balance + z_loss)
+
+    if top_k is None:
+        gates = probs
+    else:
+        top_w = probs.gather(1, chosen)
+        gates = torch.zeros_like(probs).scatter(1, chosen, top_w / top_w.sum(-1, keepdim=True))
+    assert stats["frames"] == int(mask.sum())
+    assert stats["usage"] == pytest.approx(gates.mean(0).tolist(), rel=1e-5)
+    entropy = -(probs * probs.log()).sum(-1).mean()
+    assert stats["gate_entropy"] == pytest.approx(float(entropy), rel=1e-5)
+    top1 = torch.bincount(probs.argmax(-1), minlength=4) / mask.sum()
+    assert stats["top1_usage"] == pytest.approx(top1.tolist())
+    if top_k is not None:
+        assert stats["routed_fraction"] == pytest.approx(fraction.tolist())
 
 
 def test_relative_lengths_and_context_mask_match_explicit_mask():

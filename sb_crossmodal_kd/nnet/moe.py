@@ -1035,6 +1035,12 @@ class MoE(nn.Module):
             probs = self.constraint(probs, valid, select)
         if self.top_k is None:
             return logits, probs, None, None
+        if self.constraint is None and self.renormalize_top_k:
+            # p_i / sum_k p_j = softmax over the k selected logits: the same gates in 2
+            # forward and 3 backward operations instead of 3 and 10 (launches are what a
+            # GPU step at speech sizes waits for)
+            top_logits, top_i = logits.topk(self.top_k, dim=-1)
+            return logits, probs, torch.softmax(top_logits, dim=-1), top_i
         top_w, top_i = self._top_k(probs)
         return logits, probs, top_w, top_i
 
@@ -1098,10 +1104,8 @@ class MoE(nn.Module):
         self.last_assignment = None
         if self.track_stats:
             self.last_assignment = assignment.view(batch, time).detach()
-            if self.top_k is not None:
-                gates = torch.zeros_like(probs).scatter(1, top_i, top_w)
-                if valid is not None:
-                    gates = gates * valid.unsqueeze(-1)
+            if self.top_k is not None:  # unmasked: _accumulate weighs frames by validity
+                gates = torch.zeros_like(probs).scatter(1, top_i, top_w.to(probs.dtype))
             self._accumulate(probs, gates, valid, assignment, routed, dropped)
         return out.view(batch, time, self.output_size)
 
@@ -1142,13 +1146,13 @@ class MoE(nn.Module):
         skip = (sorted_ids == n).unsqueeze(-1) if partial else None
         xs = _DispatchRows.apply(flat, perm, inverse, skip)
         ys = self.experts.forward_grouped(
-            xs, sorted_ids.clamp(max=n - 1), offsets, self.kernel,
-            computed=None if skip is None else ~skip,
+            xs, sorted_ids if skip is None else sorted_ids.clamp(max=n - 1), offsets,
+            self.kernel, computed=None if skip is None else ~skip,
         )
         out = _CombineRows.apply(ys, top_w.to(ys.dtype), perm, inverse, skip)
         routed = None
         if self.track_stats or self.load_balancing_weight > 0:
-            routed = torch.diff(offsets.long(), prepend=offsets.new_zeros(1, dtype=torch.long))
+            routed = torch.cat([offsets[:1], offsets.diff()])  # int32 counts per expert
         return out, routed, dropped
 
     def _aux_loss(self, logits, probs, valid, routed, assignment):
@@ -1156,38 +1160,47 @@ class MoE(nn.Module):
         if self.load_balancing_weight == 0 and self.z_loss_weight == 0:
             return None
         if valid is None:
-            valid = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
-        validf = valid.float()
-        n_valid = validf.sum().clamp_min(1.0)
-        loss = logits.new_zeros(())
+            def frame_mean(values):  # [M, ...] -> mean over frames
+                return values.mean(0)
+        else:
+            validf = valid.to(logits.dtype)
+            n_valid = validf.sum().clamp_min(1.0)
+
+            def frame_mean(values):
+                return (validf @ values) / n_valid
+        loss = None
         if self.load_balancing_weight > 0:
             if routed is None:  # dense gating: fraction of frames whose argmax is expert i
                 routed = count_ids(assignment, self.num_experts)  # -1 (padding) not counted
-            fraction = routed.float() / routed.sum().clamp_min(1.0)
-            mean_prob = (probs * validf.unsqueeze(-1)).sum(0) / n_valid
-            loss = loss + self.load_balancing_weight * self.num_experts * (fraction * mean_prob).sum()
+            fraction = (routed / routed.sum().clamp_min(1)).to(probs.dtype)
+            loss = self.load_balancing_weight * self.num_experts * (fraction @ frame_mean(probs))
         if self.z_loss_weight > 0:
-            z = torch.logsumexp(logits, dim=-1).pow(2)
-            loss = loss + self.z_loss_weight * (z * validf).sum() / n_valid
+            z_loss = self.z_loss_weight * frame_mean(torch.logsumexp(logits, dim=-1).pow(2))
+            loss = z_loss if loss is None else loss + z_loss
         return loss
 
     @torch.no_grad()
     def _accumulate(self, probs, gates, valid, assignment, routed, dropped):
+        """Adds a batch to the usage counters. Written for few operations: on a GPU each is a
+        kernel launch, and statistics are on by default in every training step."""
         if self.stat_frames.device != probs.device:  # the model moved since the last count
             for name in STAT_NAMES:
                 setattr(self, f"stat_{name}", getattr(self, f"stat_{name}").to(probs.device))
+        entropy = torch.special.entr(probs).sum(-1)  # [M], nats; 0 log 0 = 0
         if valid is None:
-            valid = torch.ones(probs.shape[0], dtype=torch.bool, device=probs.device)
-        validf = valid.float().unsqueeze(-1)
-        self.stat_gate_mass += (gates.float() * validf).sum(0)
-        self.stat_top1_count += count_ids(assignment, self.num_experts).float()  # -1 skipped
+            self.stat_gate_mass += gates.sum(0)
+            self.stat_entropy += entropy.sum()
+            self.stat_frames += probs.shape[0]
+        else:  # padding rows weigh 0 (dense gates are already zero there, top-k ones not)
+            validf = valid.to(probs.dtype)
+            self.stat_gate_mass += validf @ gates.to(probs.dtype)
+            self.stat_entropy += validf @ entropy
+            self.stat_frames += validf.sum()
+        self.stat_top1_count += count_ids(assignment, self.num_experts)  # -1 skipped
         if routed is not None:
-            self.stat_routed_count += routed.float()
+            self.stat_routed_count += routed
         if dropped is not None:
-            self.stat_dropped_count += dropped.float()
-        entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
-        self.stat_entropy += (entropy * validf.squeeze(-1)).sum()
-        self.stat_frames += validf.sum()
+            self.stat_dropped_count += dropped
 
     def reset_stats(self):
         """Zeroes the accumulated statistics."""
