@@ -390,6 +390,26 @@ def test_capacity_limits_assignments_per_expert():
 
 
 @pytest.mark.parametrize("kernel", ["auto", "per_expert"])
+def test_capacity_serves_first_choices_before_second_choices(kernel):
+    # Frames 0-3 rank experts (0, 1), frames 4-7 rank them (1, 0); each expert has room for
+    # 2 of its 8 requests. Expert e outputs the unit vector e, so the output shows who got in.
+    moe = MoE(8, num_experts=4, top_k=2, capacity_factor=0.5, kernel=kernel, track_stats=False)
+    with torch.no_grad():
+        moe.router.net.weight.copy_(torch.eye(4, 8))  # logits = the first 4 inputs
+        moe.router.net.bias.zero_()
+        moe.experts.w_in.zero_()
+        moe.experts.b_in.copy_(torch.eye(4, 8))
+    x = torch.zeros(1, 8, 8)
+    x[0, :4, :2] = torch.tensor([3.0, 2.0])
+    x[0, 4:, :2] = torch.tensor([2.0, 3.0])
+    served = moe(x)[0, :, :2] > 0  # [frame, expert]
+    expected = torch.zeros(8, 2, dtype=torch.bool)
+    expected[:2, 0] = True  # expert 0: the first two of its four first choices
+    expected[4:6, 1] = True  # expert 1: likewise, before frames 0-3's second choices
+    assert torch.equal(served, expected)
+
+
+@pytest.mark.parametrize("kernel", ["auto", "per_expert"])
 @pytest.mark.parametrize("expert", ["relu", "ffn", "swiglu"])
 def test_gradients_with_padding_and_dropped_assignments_match_finite_differences(expert, kernel):
     # Padding pairs and pairs over capacity are never computed by the experts (their rows

@@ -252,8 +252,9 @@ _opaque_grouped_matmul.register_autograd(_grouped_matmul_backward,
 
 
 class _DispatchRows(torch.autograd.Function):
-    """Input rows in expert order: ``rows[j] = x[perm[j] % M]`` for the (frame, expert) pairs
-    ``perm`` sorted by expert (pairs numbered choice-major, pair p belongs to frame p % M).
+    """Input rows in expert order: ``rows[j] = x[perm[j] // k]`` for the (frame, expert) pairs
+    ``perm`` sorted by expert (pairs numbered frame-major, as ``top_i.reshape(-1)``: pair p
+    belongs to frame p // k).
 
     Autograd's backward of such a gather is a scatter-add (atomics, or a sort in
     deterministic mode). Here each frame's k row gradients are put back in pair order with the
@@ -265,7 +266,8 @@ class _DispatchRows(torch.autograd.Function):
     def forward(ctx, x, perm, inverse, skip):
         ctx.save_for_backward(inverse, skip)
         ctx.frames = x.shape[0]
-        return x.index_select(0, torch.remainder(perm, x.shape[0]))
+        k = perm.shape[0] // x.shape[0]
+        return x.index_select(0, torch.div(perm, k, rounding_mode="floor"))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -273,36 +275,33 @@ class _DispatchRows(torch.autograd.Function):
         inverse, skip = ctx.saved_tensors
         if skip is not None:
             grad = grad.masked_fill(skip, 0.0)
-        grad_x = grad.index_select(0, inverse).view(-1, ctx.frames, grad.shape[-1]).sum(0)
+        grad_x = grad.index_select(0, inverse).view(ctx.frames, -1, grad.shape[-1]).sum(1)
         return grad_x, None, None, None
 
 
 class _CombineRows(torch.autograd.Function):
     """Expert-ordered output rows back in frame order, weighted by their gates and summed
-    over each frame's k choices: ``out[m] = sum_c weights[m, c] * ys[inverse[c * M + m]]``.
+    over each frame's k choices: ``out[m] = sum_c weights[m, c] * ys[inverse[m * k + c]]``.
     Rows flagged ``skip`` (never computed: arbitrary values) count as zero. Backward is the
     forward permutation, again without atomics. The weighting is inside so that backward
-    controls the layout of the [k, M, O] gradient: traced by torch.compile, autograd's
+    controls the layout of the [M, k, O] gradient: traced by torch.compile, autograd's
     version met a layout other than the one the graph had assumed."""
 
     @staticmethod
     def forward(ctx, ys, weights, perm, inverse, skip):
         if skip is not None:
             ys = ys.masked_fill(skip, 0.0)
-        k = weights.shape[1]
-        pairs = ys.index_select(0, inverse).view(k, -1, ys.shape[-1])  # [k, M, O]
+        pairs = ys.index_select(0, inverse).view(*weights.shape, ys.shape[-1])  # [M, k, O]
         ctx.save_for_backward(pairs, weights, perm, skip)
-        return (pairs * weights.t().unsqueeze(-1)).sum(0)
+        return (pairs * weights.unsqueeze(-1)).sum(1)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         pairs, weights, perm, skip = ctx.saved_tensors
         grad = grad.to(pairs.dtype)
-        grad_weights = (pairs * grad.unsqueeze(0)).sum(-1).t()
-        # [k, M, O]: contiguous weights make the product contiguous (a transposed operand
-        # would lay it out frame-major)
-        grad_pairs = grad.unsqueeze(0) * weights.t().contiguous().unsqueeze(-1)
+        grad_weights = (pairs * grad.unsqueeze(1)).sum(-1)
+        grad_pairs = grad.unsqueeze(1) * weights.unsqueeze(-1)  # [M, k, O], pair order
         grad_ys = grad_pairs.reshape(-1, grad.shape[-1]).index_select(0, perm)
         if skip is not None:
             grad_ys = grad_ys.masked_fill_(skip, 0.0)
@@ -1118,19 +1117,22 @@ class MoE(nn.Module):
         """
         n, k = self.num_experts, self.top_k
         m = flat.shape[0]
-        # Pairs ordered choice-major ([k, M]) so capacity serves first choices first.
-        expert_ids = top_i.t().reshape(-1)
+        # Pairs in frame-major order, pair p = (frame p // k, its choice p % k): a view of
+        # top_i, and the gate weights' own layout, so no transposed copies either way.
         if valid is not None:  # padding pairs go to the sentinel expert n: sorted last
-            expert_ids = torch.where(valid.repeat(k), expert_ids, n)
+            top_i = torch.where(valid.unsqueeze(-1), top_i, n)
+        expert_ids = top_i.reshape(-1)
         dropped = None
         if self.capacity_factor is not None:
-            one_hot = F.one_hot(expert_ids, n + 1)
+            # places are taken in choice-major order: first choices before second choices
+            by_choice = top_i.t().reshape(-1)
+            one_hot = F.one_hot(by_choice, n + 1)
             position = (one_hot.cumsum(0) * one_hot).sum(-1) - 1
             if valid is None:
                 capacity = math.ceil(self.capacity_factor * k * m / n)
             else:  # stays on the device: no sync for the count of real frames
                 capacity = torch.ceil(self.capacity_factor * k * valid.sum() / n)
-            over = (position >= capacity) & (expert_ids < n)
+            over = ((position >= capacity) & (by_choice < n)).view(k, m).t().reshape(-1)
             dropped = count_ids(torch.where(over, expert_ids, n), n)
             expert_ids = torch.where(over, n, expert_ids)
 
