@@ -500,7 +500,7 @@ class StackedExperts(nn.Module):
             out = out + gates @ self.b_out.to(gates.dtype)
         return out
 
-    def forward_grouped(self, x, expert_ids, offsets, kernel="auto", computed=None):
+    def forward_grouped(self, x, expert_ids, offsets, kernel="auto", skip=None):
         """Runs each expert on its contiguous slice of expert-sorted rows.
 
         Arguments
@@ -508,15 +508,16 @@ class StackedExperts(nn.Module):
         x : torch.Tensor
             [S, D] rows sorted by expert.
         expert_ids : torch.Tensor
-            [S] expert of each row, in [0, N) (used for the biases).
+            [S] expert of each row (used for the biases), in [0, N); rows flagged in
+            ``skip`` may hold any id up to N.
         offsets : torch.Tensor
             [N] int32 cumulative row counts per expert.
         kernel : str
             "per_expert" runs each expert's whole computation on its slice ("auto" does so
             on a CPU for large batches); the others run each projection over all slices, see
             :func:`grouped_matmul`.
-        computed : torch.Tensor, optional
-            [S, 1] bool, False on the rows after ``offsets[-1]``. The kernel leaves those rows
+        skip : torch.Tensor, optional
+            [S, 1] bool, True on the rows after ``offsets[-1]``. The kernel leaves those rows
             (and their gradients) uninitialised; masking the gathered bias keeps that garbage
             out of the bias gradient.
 
@@ -530,10 +531,12 @@ class StackedExperts(nn.Module):
         ):
             return self._forward_per_expert(x, offsets)
         pre = grouped_matmul(x, self.w_in, offsets, kernel)
+        if skip is not None and (self.b_in is not None or self.b_out is not None):
+            expert_ids = expert_ids.clamp(max=self.num_experts - 1)
         if self.b_in is not None:
             bias = self.b_in[expert_ids]
-            if computed is not None and self.expert != "relu":
-                bias = torch.where(computed, bias, 0.0)
+            if skip is not None and self.expert != "relu":
+                bias = bias.masked_fill(skip, 0.0)
             pre = pre + bias
         hidden = self._hidden(pre)
         if self.expert == "relu":
@@ -1147,10 +1150,7 @@ class MoE(nn.Module):
         partial = valid is not None or self.capacity_factor is not None
         skip = (sorted_ids == n).unsqueeze(-1) if partial else None
         xs = _DispatchRows.apply(flat, perm, inverse, skip)
-        ys = self.experts.forward_grouped(
-            xs, sorted_ids if skip is None else sorted_ids.clamp(max=n - 1), offsets,
-            self.kernel, computed=None if skip is None else ~skip,
-        )
+        ys = self.experts.forward_grouped(xs, sorted_ids, offsets, self.kernel, skip=skip)
         out = _CombineRows.apply(ys, top_w.to(ys.dtype), perm, inverse, skip)
         routed = None
         if self.track_stats or self.load_balancing_weight > 0:
