@@ -28,7 +28,9 @@ of medians over the repeats. Usage::
 trains: SpeechBrain's ``--precision=bf16``); the default is float32. ``--compile MODE`` runs
 every workload through ``torch.compile`` with that mode (SpeechBrain's ``--compile``;
 ``reduce-overhead`` replays CUDA graphs), compiled against compiled; warm-up steps then
-include the compilation.
+include the compilation. ``--only FIGURES`` (comma-separated names of the figures above, e.g.
+``vs_dense_active,dense_gating_vs_loop``) and ``--no-peaks`` measure less, for a short loan of
+a GPU: each comparison costs a fresh process, and with ``--compile`` its compilation.
 """
 
 import argparse
@@ -46,6 +48,16 @@ from sb_crossmodal_kd.nnet.moe import MoE
 
 D_MODEL, D_FFN, N_EXPERTS, TOP_K, BATCH, FRAMES = 256, 1024, 8, 2, 16, 200
 DEEP_EXPERTS, DEEP_WIDTH, DEEP_WIDTH_SMALL = 4, 1024, 128
+# The figures the summary reports, each from the time ratio of the workloads of one pair
+# (vs_transformers: one pair per experts implementation of transformers).
+FIGURES = {
+    "vs_transformers": None,
+    "vs_dense_active": ("ours", "dense_swiglu"),
+    "dense_gating_vs_loop": ("deep_dense_gating", "deep_loop"),
+    "dense_gating_floor": ("deep_gemms", "deep_loop"),
+    "dense_gating_vs_loop_small": ("deep_dense_gating_small", "deep_loop_small"),
+    "loop_kernel_vs_auto": ("ours", "ours:loop"),  # reported inverted: loop / auto
+}
 
 
 def _rss_bytes():
@@ -263,6 +275,11 @@ def main():
                         choices=["default", "reduce-overhead", "max-autotune",
                                  "max-autotune-no-cudagraphs"],
                         help="run every workload through torch.compile with this mode")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated figures to measure (default: all): "
+                             + ", ".join(FIGURES))
+    parser.add_argument("--no-peaks", action="store_true",
+                        help="skip the peak-memory processes")
     parser.add_argument("--workloads", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -276,25 +293,32 @@ def main():
         print(json.dumps(result))
         return
 
+    wanted = set(FIGURES) if args.only is None else set(args.only.split(","))
+    if wanted - set(FIGURES):
+        parser.error(f"--only: unknown figures {sorted(wanted - set(FIGURES))}; "
+                     f"choose from {', '.join(FIGURES)}")
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
     implementations = ["eager"] + sorted(ALL_EXPERTS_FUNCTIONS.keys())
     groups, skipped = [], {}
     for impl in implementations:
         available = _available_bytes(args.device)
-        if impl == "batched_mm" and _batched_mm_estimate() > 0.5 * available:
+        if "vs_transformers" not in wanted:
+            skipped[impl] = {"skipped": "not asked for (--only)"}
+        elif impl == "batched_mm" and _batched_mm_estimate() > 0.5 * available:
             skipped[impl] = {"skipped": f"estimated {_batched_mm_estimate() / 2**30:.1f} GiB "
                              f"> half of {available / 2**30:.1f} GiB available"}
         elif impl in ("deepgemm", "sonicmoe") and args.device != "cuda":
             skipped[impl] = {"skipped": f"{impl} needs CUDA kernels"}
         else:
             groups.append(("ours", f"transformers:{impl}"))
-    groups += [("ours", "dense_swiglu"), ("ours", "ours:loop"),
-               ("deep_dense_gating", "deep_loop"), ("deep_gemms", "deep_loop"),
-               ("deep_dense_gating_small", "deep_loop_small")]
+    groups += [pair for figure, pair in FIGURES.items()
+               if figure != "vs_transformers" and figure in wanted]
     measured = {pair: _in_subprocess(pair, args) for pair in groups}
 
     def ratio(a, b):
+        if (a, b) not in measured:
+            return {"skipped": "not asked for (--only)"}
         result = measured[(a, b)]
         if "error" in result:
             return result
@@ -311,6 +335,8 @@ def main():
     names = sorted({name for pair in groups for name in pair} - {"deep_gemms"})
     # Peaks are per process, so these runs may overlap (the timings above may not).
     with concurrent.futures.ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+        if args.no_peaks:
+            names = []
         results = pool.map(lambda name: _in_subprocess([name], args, memory_only=True), names)
         for name, result in zip(names, results, strict=True):
             peak[name] = result if "error" in result else result[name]["peak_mib"]
@@ -336,12 +362,10 @@ def main():
                   "deep_width": DEEP_WIDTH, "deep_width_small": DEEP_WIDTH_SMALL},
         "vs_transformers": vs_transformers,
         "vs_fastest_transformers": round(max(timed), 3) if timed else None,
-        "vs_dense_active": ratio("ours", "dense_swiglu"),
-        "dense_gating_vs_loop": ratio("deep_dense_gating", "deep_loop"),
-        "dense_gating_floor": ratio("deep_gemms", "deep_loop"),
-        "dense_gating_vs_loop_small": ratio("deep_dense_gating_small", "deep_loop_small"),
+        **{figure: ratio(*pair) for figure, pair in FIGURES.items()
+           if figure not in ("vs_transformers", "loop_kernel_vs_auto")},
         "loop_kernel_vs_auto": (lambda r: round(1 / r, 3) if isinstance(r, float) else r)(
-            ratio("ours", "ours:loop")),
+            ratio(*FIGURES["loop_kernel_vs_auto"])),
         "median_s": median,
         "peak_mib": peak,
     }
