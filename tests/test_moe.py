@@ -96,6 +96,32 @@ def test_fast_kernels_equal_reference_in_outputs_and_gradients(expert, routing, 
         torch.testing.assert_close(grads[name], param.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("expert", ["ffn", "swiglu"])
+def test_per_expert_kernel_with_an_unused_expert_equals_reference(expert):
+    # An expert no frame chose must come out with exactly zero weight gradients, and padding
+    # rows with no gradient at all.
+    torch.manual_seed(0)
+    moe = MoE(16, num_experts=4, output_size=8, expert=expert, expert_hidden_size=16,
+              top_k=2, kernel="per_expert")
+    with torch.no_grad():
+        moe.router.net.bias[3] = -100.0
+    mask = make_mask()
+    x = torch.randn(3, 7, 16, requires_grad=True)
+    results = []
+    for forward in (moe, lambda inp, mask: reference_forward(moe, inp, mask)):
+        y = forward(x, mask=mask)
+        (y * torch.linspace(-1, 1, 8)).sum().backward()
+        results.append([y.detach(), x.grad.clone()] + [p.grad.clone() for p in moe.parameters()])
+        moe.zero_grad()
+        x.grad = None
+    for fast, ref in zip(*results, strict=True):
+        torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+    names = [name for name, _ in moe.named_parameters()]
+    for name in ("experts.w_in", "experts.w_out"):
+        assert torch.count_nonzero(results[0][2 + names.index(name)][3]) == 0, name
+    assert torch.count_nonzero(results[0][1][~mask]) == 0
+
+
 @pytest.mark.parametrize("expert", ["relu", "ffn"])
 def test_dense_gating_over_several_row_blocks_equals_reference(expert):
     # Large CPU batches are computed in blocks of rows (here 256 rows: three blocks).
