@@ -4,6 +4,7 @@ import itertools
 
 import pytest
 import torch
+from host_reads import HostReads
 from speechbrain.utils.train_logger import FileTrainLogger, TensorboardLogger
 
 from sb_crossmodal_kd.analysis import expert_usage
@@ -14,6 +15,7 @@ from sb_crossmodal_kd.analysis.expert_usage import (
     plot_expert_usage,
 )
 from sb_crossmodal_kd.nnet.dmoe import DeepMoE
+from sb_crossmodal_kd.nnet.moe import padding_mask
 
 
 def run_batches(model, tracker, batches=3, classes=3):
@@ -75,6 +77,35 @@ def test_bad_labels_are_reported():
         tracker.update(model, labels=torch.zeros(1, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="num_classes=2"):
         tracker.update(model, labels=torch.full((1, 4), 2))
+
+
+def test_update_reads_nothing_back_to_the_host_on_an_accelerator(monkeypatch):
+    # The frame recipe calls update() every training batch.
+    monkeypatch.setattr(expert_usage, "_reads_are_free", lambda device: False)
+    model = DeepMoE(6, num_layers=2, layer_size=6, num_experts=3)
+    tracker = ExpertUsageTracker(num_classes=4)
+    lengths = torch.tensor([1.0, 0.5])
+    for _ in range(2):
+        with padding_mask(model, lengths=lengths):
+            model(torch.randn(2, 8, 6))
+        labels = torch.randint(-1, 4, (2, 8))
+        with HostReads() as watch:
+            tracker.update(model, labels=labels)
+        assert watch.reads == []
+    assert tracker.summary()["frames"] > 0
+
+
+def test_labels_out_of_range_on_an_accelerator_are_reported_by_the_summary(monkeypatch):
+    # On a GPU, checking every batch's labels would synchronise each training step: they
+    # are counted on the device instead, left out of the tables, and reported at summary().
+    monkeypatch.setattr(expert_usage, "_reads_are_free", lambda device: False)
+    model = DeepMoE(6, num_layers=2, layer_size=6, num_experts=2)
+    tracker = ExpertUsageTracker(num_classes=2)
+    model(torch.randn(1, 4, 6))
+    tracker.update(model, labels=torch.tensor([[0, 1, 2, 5]]))
+    assert sum(int(t.sum()) for t in tracker.by_class) == 2 * 2  # two good frames, 2 layers
+    with pytest.raises(ValueError, match="2 frame labels >= num_classes=2"):
+        tracker.summary()
 
 
 def test_report_is_logged_as_text_and_tensorboard_and_plotted(tmp_path):

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from host_reads import HostReads
 from speechbrain.utils.checkpoints import Checkpointer
 from torch import nn
 
@@ -193,6 +194,29 @@ def test_renormalised_top_k_gates_are_the_selected_probabilities_rescaled():
     assert torch.equal(top_i, ref_i)
     torch.testing.assert_close(top_w, ref_w)
     torch.testing.assert_close(grad, ref_grad)
+
+
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_a_training_step_reads_nothing_back_to_the_host_on_the_gpu_path(top_k, monkeypatch):
+    # A value read on the host (item(), boolean indexing, .tolist()) stalls a GPU step until
+    # the device catches up. The GPU code path, run here on the CPU: one grouped product per
+    # projection, no per-expert slicing; with padding, capacity, both auxiliary losses,
+    # statistics and (dense) the balancing constraint.
+    import sb_crossmodal_kd.nnet.moe as moe_module
+
+    monkeypatch.setattr(moe_module, "_cpu_eager", lambda x: False)
+    torch.manual_seed(0)
+    moe = MoE(8, num_experts=4, expert="swiglu", expert_hidden_size=16, top_k=top_k,
+              capacity_factor=1.0 if top_k else None, load_balancing_weight=0.1,
+              z_loss_weight=0.01, balance_margin=None if top_k else 2.0,
+              kernel="grouped_mm" if top_k else "auto")
+    x = torch.randn(3, 7, 8, requires_grad=True)
+    mask = make_mask()
+    moe(x, mask=mask)  # first call: lazy setup outside the watch
+    with HostReads() as watch:
+        y = moe(x, mask=mask)
+        (y.pow(2).sum() + moe_auxiliary_loss(moe)).backward()
+    assert watch.reads == []
 
 
 @pytest.mark.parametrize("top_k", [None, 2])

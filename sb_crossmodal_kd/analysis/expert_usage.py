@@ -104,6 +104,7 @@ class ExpertUsageTracker:
         self.layer_names = list(state["layer_names"])
         self.num_experts = list(state["num_experts"])
         self._frames_tensor = state["frames"].to(device)
+        self._labels_too_large = torch.zeros((), dtype=torch.long, device=device)
         self.joint = [m.to(device) for m in state["joint"]]
         self.by_class = [t.to(device) for t in state["by_class"]]
         combinations = state["combinations"]
@@ -128,6 +129,7 @@ class ExpertUsageTracker:
         else:
             self.combination_counts = set()
         self._frames_tensor = torch.zeros((), dtype=torch.long, device=device)
+        self._labels_too_large = torch.zeros((), dtype=torch.long, device=device)
 
     @torch.no_grad()
     def update(self, model, labels=None):
@@ -159,6 +161,8 @@ class ExpertUsageTracker:
             self._start(layers, assignments[0].device)
         elif [name or "moe" for name, _ in layers] != self.layer_names:
             raise ValueError("update() got a model with other MoE layers than before")
+        # No boolean indexing (a device sync per call): frames that do not count get code -1,
+        # which count_ids leaves out.
         valid = assignments[0] >= 0
         if labels is not None:
             if labels.shape != shape:
@@ -168,25 +172,37 @@ class ExpertUsageTracker:
                 )
             labels = labels.to(valid.device)
             valid = valid & (labels >= 0)
-        flat = [a[valid] for a in assignments]
         self._frames_tensor += valid.sum()
-        for joint, a, b in zip(self.joint, flat[:-1], flat[1:], strict=True):
+        for joint, a, b in zip(self.joint, assignments[:-1], assignments[1:], strict=True):
             n_b = joint.shape[1]
-            joint += count_ids(a * n_b + b, joint.numel()).view_as(joint)
-        code = torch.zeros_like(flat[0])
-        for a, n in zip(flat, self.num_experts, strict=True):
+            joint += count_ids(torch.where(valid, a * n_b + b, -1), joint.numel()).view_as(joint)
+        code = torch.zeros_like(assignments[0])
+        for a, n in zip(assignments, self.num_experts, strict=True):
             code = code * n + a
-        if isinstance(self.combination_counts, set):
-            self.combination_counts.update(torch.unique(code).tolist())
+        if isinstance(self.combination_counts, set):  # too many paths to count on the device
+            self.combination_counts.update(torch.unique(code[valid]).tolist())
         else:
-            self.combination_counts += count_ids(code, self.combination_counts.numel())
+            self.combination_counts += count_ids(torch.where(valid, code, -1),
+                                                 self.combination_counts.numel())
         if labels is not None and self.num_classes is not None:
-            lab = labels[valid].long()
-            if lab.numel() and int(lab.max()) >= self.num_classes:
-                raise ValueError(f"label {int(lab.max())} >= num_classes={self.num_classes}")
-            for table, a in zip(self.by_class, flat, strict=True):
+            too_large = valid & (labels >= self.num_classes)
+            if _reads_are_free(labels.device):  # checked at once where that costs no sync
+                self._raise_for_labels(int(too_large.sum()), int(labels.max()))
+            else:  # counted on the device, reported by summary()
+                self._labels_too_large += too_large.sum()
+            valid = valid & ~too_large
+            for table, a in zip(self.by_class, assignments, strict=True):
                 n = table.shape[1]
-                table += count_ids(lab * n + a, table.numel()).view_as(table)
+                codes = torch.where(valid, labels.long() * n + a, -1)
+                table += count_ids(codes, table.numel()).view_as(table)
+
+    def _raise_for_labels(self, count, largest=None):
+        if count:
+            example = "" if largest is None else f", the largest {largest}"
+            raise ValueError(
+                f"{count} frame labels >= num_classes={self.num_classes}{example}: give the "
+                "tracker the number of classes the labels index"
+            )
 
     def summary(self, across_processes=True):
         """Plain-Python summary (one device sync).
@@ -209,17 +225,19 @@ class ExpertUsageTracker:
             return {"frames": 0, "num_combinations": 0, "combinations_used": 0,
                     "joint_usage": {}, "usage_by_class": {}}
         frames, joint, by_class = self._frames_tensor, self.joint, self.by_class
+        bad_labels = self._labels_too_large
         combinations = self.combination_counts
         if across_processes and is_distributed():
             dense = not isinstance(combinations, set)
-            counts = [frames, *joint, *by_class] + ([combinations] if dense else [])
+            counts = [frames, bad_labels, *joint, *by_class] + ([combinations] if dense else [])
             counts = sum_across_processes(counts)
-            frames, joint = counts[0], counts[1 : 1 + len(joint)]
-            by_class = counts[1 + len(joint) : 1 + len(joint) + len(by_class)]
+            frames, bad_labels, joint = counts[0], counts[1], counts[2 : 2 + len(joint)]
+            by_class = counts[2 + len(joint) : 2 + len(joint) + len(by_class)]
             if dense:
                 combinations = counts[-1]
             else:
                 combinations = set().union(*gather_objects(combinations))
+        self._raise_for_labels(int(bad_labels))  # on every rank, after the collective
         if isinstance(combinations, set):
             used = len(combinations)
         else:
@@ -240,6 +258,11 @@ class ExpertUsageTracker:
         if self.class_names is not None:
             result["class_names"] = list(self.class_names)
         return result
+
+
+def _reads_are_free(device):
+    """Whether reading a value of a tensor on ``device`` costs no device synchronisation."""
+    return device.type == "cpu"
 
 
 def expert_usage_report(model, tracker=None, reset=False, across_processes=True):

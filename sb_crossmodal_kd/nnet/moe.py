@@ -1129,7 +1129,8 @@ class MoE(nn.Module):
         if self.capacity_factor is not None:
             # places are taken in choice-major order: first choices before second choices
             by_choice = top_i.t().reshape(-1)
-            one_hot = F.one_hot(by_choice, n + 1)
+            # == arange, not F.one_hot: that checks the ids' range on the host outside CUDA
+            one_hot = by_choice.unsqueeze(-1) == torch.arange(n + 1, device=by_choice.device)
             position = (one_hot.cumsum(0) * one_hot).sum(-1) - 1
             if valid is None:
                 capacity = math.ceil(self.capacity_factor * k * m / n)
