@@ -104,8 +104,11 @@ def test_labels_out_of_range_on_an_accelerator_are_reported_by_the_summary(monke
     model(torch.randn(1, 4, 6))
     tracker.update(model, labels=torch.tensor([[0, 1, 2, 5]]))
     assert sum(int(t.sum()) for t in tracker.by_class) == 2 * 2  # two good frames, 2 layers
-    with pytest.raises(ValueError, match="2 frame labels >= num_classes=2"):
-        tracker.summary()
+    restored = ExpertUsageTracker(num_classes=2)  # a mid-epoch checkpoint keeps the count
+    restored.load_state(tracker.state())
+    for tracked in (tracker, restored):
+        with pytest.raises(ValueError, match="2 frame labels >= num_classes=2"):
+            tracked.summary()
 
 
 def test_report_is_logged_as_text_and_tensorboard_and_plotted(tmp_path):

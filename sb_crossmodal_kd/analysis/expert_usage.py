@@ -90,6 +90,7 @@ class ExpertUsageTracker:
             "layer_names": list(self.layer_names),
             "num_experts": list(self.num_experts),
             "frames": self._frames_tensor.cpu(),
+            "labels_too_large": self._labels_too_large.cpu(),
             "joint": [m.cpu() for m in self.joint],
             "by_class": [t.cpu() for t in self.by_class],
             "combinations": (sorted(combinations) if isinstance(combinations, set)
@@ -104,7 +105,8 @@ class ExpertUsageTracker:
         self.layer_names = list(state["layer_names"])
         self.num_experts = list(state["num_experts"])
         self._frames_tensor = state["frames"].to(device)
-        self._labels_too_large = torch.zeros((), dtype=torch.long, device=device)
+        # states saved before this counter existed have none
+        self._labels_too_large = state.get("labels_too_large", torch.tensor(0)).to(device)
         self.joint = [m.to(device) for m in state["joint"]]
         self.by_class = [t.to(device) for t in state["by_class"]]
         combinations = state["combinations"]
