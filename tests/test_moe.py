@@ -587,6 +587,36 @@ def test_compiled_top_k_marks_its_host_syncing_products_for_cuda_graphs(amp):
         assert any("_grouped_mm" in str(t) for g in graphs for t in targets(g))
 
 
+@pytest.mark.parametrize("top_k", [None, 2])
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_compiled_layer_mutates_only_static_inputs(top_k):
+    # CUDA graph trees (mode="reduce-overhead") skip any graph that writes into an input
+    # whose address may change; the layer's in-graph writes (usage counters, the constraint's
+    # totals) must all go to inputs torch.compile holds fixed, as it does parameters.
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._guards import TracingContext
+
+    writes = []
+
+    def inspect(graph, example_inputs):
+        meta = TracingContext.get().fw_metadata
+        mutated = {i for i, info in enumerate(meta.input_info) if info.mutates_data}
+        writes.append((mutated, set(meta.static_input_indices)))
+        return make_boxed_func(graph.forward)
+
+    torch.manual_seed(0)
+    moe = MoE(8, num_experts=4, top_k=top_k, load_balancing_weight=0.01,
+              balance_margin=None if top_k else 2.0)
+    backend = aot_autograd(fw_compiler=inspect,
+                           bw_compiler=lambda graph, inputs: make_boxed_func(graph.forward))
+    compiled = torch.compile(moe, backend=backend)
+    compiled(torch.randn(2, 5, 8, requires_grad=True), mask=make_mask(2, 5)).sum().backward()
+    assert any(mutated for mutated, _ in writes)  # the counters are written in a graph
+    for mutated, static in writes:
+        assert mutated <= static
+
+
 @pytest.mark.usefixtures("fresh_dynamo")
 def test_balancing_constraint_under_torch_compile_matches_eager_without_recompiling():
     torch.manual_seed(0)
