@@ -156,3 +156,21 @@ encoder: !apply:sb_crossmodal_kd.nnet.conformer_moe.use_moe_ffn_settings
     assert [name for name, _ in layers] == ["layers.1.ffn_module1.1", "layers.1.ffn_module2.1"]
     assert all(m.num_experts == 4 and m.top_k == 2 for _, m in layers)
     assert layers[0][1].load_balancing_weight == 0.01
+
+
+def test_moe_layers_lists_what_named_modules_does_without_the_wrappers_level():
+    # The walk skips leaves and the layers' insides; it must still find every layer once,
+    # under its first name, in module order, whatever wraps the model.
+    encoder = use_moe_ffn(ConformerEncoder(num_layers=3, d_model=16, d_ffn=32, nhead=2,
+                                           kernel_size=3, attention_type="regularMHA"),
+                          num_experts=4, top_k=2, every=2)
+    shared = MoE(16, num_experts=2)
+    model = torch.nn.ModuleDict({"enc": encoder, "a": shared, "b": torch.nn.Sequential(shared)})
+    expected = [(name, module) for name, module in model.named_modules()
+                if isinstance(module, MoE)]
+    assert [name for name, _ in expected] == [
+        "enc.layers.1.ffn_module1.1", "enc.layers.1.ffn_module2.1", "a"]
+    for wrapped in (model, torch.nn.DataParallel(model), torch.compile(model)):
+        found = moe_layers(wrapped)
+        assert [name for name, _ in found] == [name for name, _ in expected]
+        assert all(a is b for (_, a), (_, b) in zip(found, expected, strict=True))

@@ -1266,22 +1266,9 @@ def _wrapped_child_name(module):
     DataParallel, ``_orig_mod`` for torch.compile's (SpeechBrain's ``--compile``); else None."""
     if isinstance(module, nn.parallel.DistributedDataParallel | nn.DataParallel):
         return "module"
-    if "_orig_mod" in dict(module.named_children()):
+    if "_orig_mod" in module._modules:
         return "_orig_mod"
     return None
-
-
-def _named_modules_unwrapped(module, prefix="", seen=None):
-    """``named_modules()`` with the wrappers' own level left out of the names."""
-    seen = set() if seen is None else seen
-    if id(module) in seen:
-        return
-    seen.add(id(module))
-    yield prefix, module
-    wrapped = _wrapped_child_name(module)
-    for name, child in module.named_children():
-        child_prefix = prefix if name == wrapped else f"{prefix}.{name}" if prefix else name
-        yield from _named_modules_unwrapped(child, child_prefix, seen)
 
 
 def moe_layers(model):
@@ -1300,8 +1287,24 @@ def moe_layers(model):
     >>> [name for name, _ in moe_layers(torch.compile(model))]
     ['0', '2']
     """
-    return [(name, module) for name, module in _named_modules_unwrapped(model)
-            if isinstance(module, MoE)]
+    # Called every training step (padding masks, auxiliary losses, usage tracking): a walk
+    # that skips leaves and the layers' insides, and names only what it may return.
+    found, seen, stack = [], set(), [("", model)]
+    while stack:  # depth first, pre-order, each module once: the order of named_modules()
+        prefix, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        if isinstance(module, MoE):
+            found.append((prefix, module))
+            continue
+        wrapped = _wrapped_child_name(module)
+        for name, child in reversed(module._modules.items()):
+            if child is None or not (child._modules or isinstance(child, MoE)):
+                continue
+            stack.append((prefix if name == wrapped else f"{prefix}.{name}" if prefix else name,
+                          child))
+    return found
 
 
 def moe_auxiliary_loss(model):
