@@ -11,7 +11,10 @@ hierarchy minus a level, each with or without MoE) is a matter of hparams:
 - ``distillation`` (optional): a :class:`~sb_crossmodal_kd.losses.DistillationObjective`
   (``hparams/kd.yaml``): label interpolation on the main output, tau^2 scaling, MoE weight.
   Without it: CTC plus the heads' terms plus MoE auxiliary losses at weight 1. Its
-  ``main_blank_index`` defaults to ``hparams["blank_index"]``;
+  ``main_blank_index`` defaults to ``hparams["blank_index"]``. With
+  ``label_interpolation_frames: ctc``, label interpolation trains the frames of the best CTC
+  path of ``batch.tokens`` (the CTC loss's targets, which must equal the main unit type's
+  ``{u}_units``) through the main output, recomputed every batch;
 - MoE layers anywhere in the modules are found by
   :func:`~sb_crossmodal_kd.nnet.moe.moe_layers`: the Brain adds their auxiliary losses, tells
   them the epoch, and sets the batch's relative lengths as their padding mask for the forward
@@ -302,6 +305,7 @@ class KDBrain(CTCBrain):
             targets=targets,
             frame_lens=predictions["lengths"],
             moe_loss=moe_loss,
+            main_tokens=batch.tokens,  # the CTC loss's targets: what `ctc` LI frames align
         )
         if "head_logits" in predictions:
             log.update(self.head_accuracies(predictions["head_logits"], targets,

@@ -48,6 +48,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sb_crossmodal_kd.alignment.ctc import ctc_frame_positions
+
 __all__ = [
     "frame_mask",
     "aligned_units",
@@ -574,6 +576,28 @@ def combine_losses(main_loss, terms=None):
     return total, log
 
 
+def _check_same_sequences(tokens, token_lens, units, unit_lens, unit_type):
+    """Refuses CTC targets that are not the unit sequences the teacher's positions index.
+
+    Shapes are compared always; values only on the CPU (on an accelerator reading them would
+    stall every step).
+    """
+    same = tokens.shape == units.shape
+    if same and tokens.device.type == "cpu" and units.device.type == "cpu" and tokens.numel():
+        n_tokens = torch.round(token_lens * tokens.shape[1]).long()
+        n_units = torch.round(unit_lens * units.shape[1]).long()
+        inside = torch.arange(tokens.shape[1])[None, :] < n_tokens[:, None]
+        same = bool(torch.equal(n_tokens, n_units)) and bool(
+            torch.equal(torch.where(inside, tokens.long(), 0), torch.where(inside, units.long(), 0))
+        )
+    if not same:
+        raise ValueError(
+            f"label_interpolation_frames: ctc aligns the main output's CTC targets, but they "
+            f"differ from the '{unit_type}' unit sequences whose positions the teacher "
+            "distributions follow: build both with the same tokenizer from the same text."
+        )
+
+
 class DistillationObjective:
     """The whole training objective of a distilled acoustic model, from hparams settings.
 
@@ -595,6 +619,17 @@ class DistillationObjective:
     main_blank_index : int, optional
         The main output's CTC blank, which is not a unit (see
         :func:`label_interpolation_loss`).
+    label_interpolation_frames : str
+        Which frames of the main output get the interpolated target of which position:
+
+        - ``alignment`` (default): the main unit type's ``frame_to_position`` from the
+          batch (a forced alignment of the units made before training: every frame of a
+          unit's span, including those a CTC output would give to blank);
+        - ``ctc``: the best CTC path of the main output's target sequence through its own
+          log-posteriors, recomputed on every call (detached;
+          :func:`~sb_crossmodal_kd.alignment.ctc.ctc_frame_positions`): a frame the path
+          emits token ``k`` on gets position ``k``, a blank frame no target. Needs
+          ``main_blank_index``; an utterance no CTC path can align gets no target.
     scale_by_tau_squared : bool
         See :func:`distillation_loss`.
     moe_weight : float
@@ -609,7 +644,18 @@ class DistillationObjective:
     ...                        targets=targets, moe_loss=torch.tensor(0.2))
     >>> sorted(log), round(float(total), 4)  # 1 + log(4) + 0.5 * 0.2
     (['li_main', 'main', 'moe', 'total'], 2.4863)
+
+    With ``ctc`` frames, the main output's own CTC path picks them (blank = 3 here; the
+    output emits unit 1 on frame 1 only, so frames 0 and 2 get no target):
+
+    >>> ctc = DistillationObjective(label_interpolation=0.0, main_blank_index=3,
+    ...                             label_interpolation_frames="ctc")
+    >>> peaky = torch.log_softmax(9.0 * torch.eye(4)[torch.tensor([[3, 1, 3]])], -1)
+    >>> ctc.frame_positions(peaky, targets["subword"])
+    tensor([[-1,  0, -1]])
     """
+
+    FRAMES = ("alignment", "ctc")
 
     def __init__(
         self,
@@ -619,11 +665,18 @@ class DistillationObjective:
         main_blank_index=None,
         scale_by_tau_squared=False,
         moe_weight=1.0,
+        label_interpolation_frames="alignment",
     ):
         if label_interpolation is not None and not 0.0 <= label_interpolation <= 1.0:
             raise ValueError(
                 f"label_interpolation must be in [0, 1] or null, got {label_interpolation}."
             )
+        if label_interpolation_frames not in self.FRAMES:
+            raise ValueError(
+                f"label_interpolation_frames must be one of {self.FRAMES}, got "
+                f"'{label_interpolation_frames}'."
+            )
+        self.label_interpolation_frames = label_interpolation_frames
         self.label_interpolation = label_interpolation
         self.label_interpolation_weight = float(label_interpolation_weight)
         self.main_unit_type = main_unit_type
@@ -643,6 +696,38 @@ class DistillationObjective:
             needed.add(self.main_unit_type)
         return sorted(needed)
 
+    def frame_positions(self, main_logits, target, frame_lens=None, main_tokens=None):
+        """``[B, T]`` frame-to-position map of label interpolation, by
+        ``label_interpolation_frames``.
+
+        Arguments
+        ---------
+        main_logits : torch.Tensor
+            ``[B, T, V]`` main output (log-posteriors or logits).
+        target : UnitTargets
+            The main unit type's batch fields.
+        frame_lens : torch.Tensor, optional
+            ``[B]`` relative frame lengths (those of the CTC loss).
+        main_tokens : tuple, optional
+            ``(tokens [B, L], relative lengths [B])``: the main output's CTC targets, which
+            the ``ctc`` variant aligns (default: ``target.units``). They must be the unit
+            sequences the teacher's positions refer to; on CPU tensors this is checked.
+        """
+        if self.label_interpolation_frames == "alignment":
+            return target.frame_to_position
+        if self.main_blank_index is None:
+            raise ValueError(
+                "label_interpolation_frames: ctc needs main_blank_index (the main output's CTC "
+                "blank) to align the main output."
+            )
+        tokens, token_lens = target.units, target.unit_lens
+        if main_tokens is not None:
+            tokens, token_lens = main_tokens
+            _check_same_sequences(tokens, token_lens, target.units, target.unit_lens,
+                                  self.main_unit_type)
+        return ctc_frame_positions(main_logits, tokens, frame_lens, token_lens,
+                                   self.main_blank_index)
+
     def __call__(
         self,
         main_loss,
@@ -652,6 +737,7 @@ class DistillationObjective:
         targets=None,
         frame_lens=None,
         moe_loss=None,
+        main_tokens=None,
     ):
         """Combines every term; returns ``(total, {term: detached value})``.
 
@@ -671,6 +757,9 @@ class DistillationObjective:
             ``[B]`` relative frame lengths.
         moe_loss : torch.Tensor, optional
             Sum of the model's MoE auxiliary losses.
+        main_tokens : tuple, optional
+            ``(tokens, relative lengths)`` the main output's CTC loss uses; see
+            :meth:`frame_positions`.
         """
         terms = {}
         if self.uses_label_interpolation:
@@ -690,7 +779,7 @@ class DistillationObjective:
                 label_interpolation_loss(
                     main_logits,
                     target.units,
-                    target.frame_to_position,
+                    self.frame_positions(main_logits, target, frame_lens, main_tokens),
                     target.teacher,
                     self.label_interpolation,
                     lengths=frame_lens,

@@ -1,6 +1,7 @@
 """KDBrain trains the CTC model with heads, distillation and MoE losses chosen by hparams."""
 
 import json
+from pathlib import Path
 
 import pytest
 import sentencepiece as spm
@@ -285,6 +286,93 @@ def test_one_epoch_with_dynamic_items_then_evaluation_without_teachers(tmp_path)
 def test_label_interpolation_excludes_the_main_blank_by_default(tmp_path):
     brain = _brain(tmp_path, distillation=DistillationObjective(label_interpolation=0.3))
     assert brain.objective.main_blank_index == VOCAB
+
+
+def _tokens_as_subwords(data):
+    """The recipe's data: the subword units are the CTC targets (one tokenizer, one text),
+    and their prep alignment spreads them over every frame after a leading silence."""
+    for item in data:
+        item["subword_units"] = item["tokens"].clone()
+        f2p = item["subword_frame_to_position"]
+        n_frames, n_units = len(f2p), len(item["tokens"])
+        f2p[1:] = torch.arange(n_frames - 1) * n_units // (n_frames - 1)
+    return data
+
+
+def _condition_objective(name):
+    """The DistillationObjective of a KD recipe condition: hparams/kd.yaml with the
+    condition file's kd settings, blank = VOCAB."""
+    from hyperpyyaml import load_hyperpyyaml
+
+    from sb_crossmodal_kd.kd_recipe import condition_overrides
+
+    kd = condition_overrides(name).get("kd", {})
+    with open(Path(__file__).resolve().parents[1] / "hparams" / "kd.yaml") as handle:
+        return load_hyperpyyaml(handle, {**kd, "main_blank_index": VOCAB})["distillation"]
+
+
+def test_label_interpolation_condition_trains_one_epoch_on_ctc_frames(tmp_path):
+    objective = _condition_objective("label_interpolation")
+    assert objective.label_interpolation_frames == "ctc" and objective.label_interpolation > 0
+    data = _tokens_as_subwords(_utterances(n=4))
+    caches = _caches(tmp_path, data)
+    items, keys = teacher_items({"subword": caches["subword"]})
+    train = DynamicItemDataset({d["id"]: {k: v for k, v in d.items() if k != "id"}
+                                for d in data})
+    for item in items:
+        train.add_dynamic_item(item)
+    train.set_output_keys(["id", "sig", "wrd", "tokens", "subword_units",
+                           "subword_frame_to_position", *keys])
+    brain = _brain(tmp_path, distillation=objective)
+    brain.checkpointer = sb.utils.checkpoints.Checkpointer(
+        tmp_path / "save", recoverables={**brain.modules, "counter": brain.hparams.epoch_counter})
+    before = {n: p.detach().clone() for n, p in brain.modules.named_parameters()}
+    brain.fit(brain.hparams.epoch_counter, train, train,
+              train_loader_kwargs={"batch_size": 2}, valid_loader_kwargs={"batch_size": 2})
+    assert brain.hparams.epoch_counter.current == 1
+    assert {k for k in brain.train_stats if k.startswith("loss_")} == {
+        "loss_main", "loss_li_main", "loss_total"}
+    assert torch.isfinite(torch.tensor(brain.train_stats["loss_li_main"]))
+    assert any(not torch.equal(p, before[n]) for n, p in brain.modules.named_parameters())
+
+
+def test_ctc_frames_come_from_the_main_output_the_ctc_targets_and_the_ctc_lengths(tmp_path):
+    from sb_crossmodal_kd.alignment.ctc import ctc_frame_positions
+    from sb_crossmodal_kd.losses import label_interpolation_loss
+
+    data = _tokens_as_subwords(_utterances(n=4))
+    caches = _caches(tmp_path, data)
+    objective = DistillationObjective(0.3, main_blank_index=VOCAB,
+                                      label_interpolation_frames="ctc")
+    brain = _brain(tmp_path, distillation=objective)
+    batch = _batch(data, caches)
+    with torch.no_grad():  # the step's own forward pass: no dropout, no augmentation here
+        predictions = brain.compute_forward(batch, sb.Stage.TRAIN)
+        targets = brain.unit_targets(batch, predictions["log_probs"].shape[1])["subword"]
+    log_probs, lengths = predictions["log_probs"], predictions["lengths"]
+    tokens, token_lens = batch.tokens
+    positions = ctc_frame_positions(log_probs, tokens, lengths, token_lens, VOCAB,
+                                    backend="viterbi")
+    assert (positions >= 0).any() and (positions == -1).any()
+    ctc_li = label_interpolation_loss(log_probs, targets.units, positions, targets.teacher, 0.3,
+                                      lengths=lengths, blank_index=VOCAB).item()
+    aligned_li = label_interpolation_loss(log_probs, targets.units, targets.frame_to_position,
+                                          targets.teacher, 0.3, lengths=lengths,
+                                          blank_index=VOCAB).item()
+    assert abs(ctc_li - aligned_li) > 1e-3  # the two variants differ on this batch
+    _train_step(brain, batch)
+    assert brain.train_stats["loss_li_main"] == pytest.approx(ctc_li, abs=2e-5)
+
+
+def test_ctc_frames_refuse_ctc_targets_that_are_not_the_subword_units(tmp_path):
+    data = _utterances()  # tokens drawn apart from the subword units
+    caches = _caches(tmp_path, data)
+    brain = _brain(tmp_path, distillation=DistillationObjective(
+        0.3, label_interpolation_frames="ctc"))
+    batch = _batch(data, caches)
+    predictions = brain.compute_forward(batch, sb.Stage.TRAIN)
+    with pytest.raises(ValueError, match="differ from the 'subword' unit sequences"):
+        brain.compute_objectives(predictions, batch, sb.Stage.TRAIN)
 
 
 def test_fields_named_as_the_units_pipeline_names_them(tmp_path):

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sb_crossmodal_kd.losses import (
     DistillationObjective,
@@ -380,3 +381,80 @@ def test_teacher_is_a_fixed_target():
         logits, units, f2p, live, 0.5)
     loss.backward()
     assert logits.grad is not None and probs.grad is None and rest.grad is None
+
+
+def _ctc_case():
+    """Main output over units 0-3 and blank 4: utterance 0 emits unit 1 on frame 1 and unit 2
+    on frame 4, blank elsewhere; utterance 1 has one frame for two tokens (unalignable)."""
+    peaks = torch.tensor([[4, 1, 4, 4, 2, 4], [4, 4, 4, 4, 4, 4]])
+    logits = 3.0 * F.one_hot(peaks, 5).double()
+    logits = logits + 0.3 * torch.randn(2, 6, 5, generator=torch.Generator().manual_seed(4),
+                                        dtype=torch.float64)
+    units = torch.tensor([[1, 2], [3, 0]])
+    unit_lens = torch.tensor([1.0, 1.0])
+    f2p = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1, 1]])  # prep alignment: all frames
+    probs = torch.tensor([[[0.6, 0.3], [0.5, 0.4]], [[0.7, 0.2], [0.9, 0.05]]],
+                         dtype=torch.float64)
+    ids = torch.tensor([[[1, 0], [2, 3]], [[3, 2], [0, 1]]])
+    teacher = (probs, ids, 1.0 - probs.sum(-1))
+    frame_lens = torch.tensor([1.0, 1 / 6])
+    return logits, UnitTargets(units, unit_lens, f2p, teacher), frame_lens
+
+
+def test_ctc_frames_put_the_li_target_on_the_frames_the_ctc_path_emits_a_token_on():
+    logits, target, frame_lens = _ctc_case()
+    objective = DistillationObjective(label_interpolation=0.3, main_blank_index=4,
+                                      label_interpolation_frames="ctc")
+    positions = objective.frame_positions(logits, target, frame_lens)
+    assert positions.tolist() == [[-1, 0, -1, -1, 1, -1], [-1] * 6]
+    logits.requires_grad_(True)
+    _, log = objective(torch.tensor(0.0, dtype=torch.float64), logits,
+                       targets={"subword": target}, frame_lens=frame_lens)
+    expected = label_interpolation_loss(logits, target.units, positions, target.teacher, 0.3,
+                                        lengths=frame_lens, blank_index=4)
+    assert log["li_main"].item() == pytest.approx(expected.item(), rel=1e-12)
+    # the alignment variant trains every frame of the prep's spans instead
+    old = DistillationObjective(label_interpolation=0.3, main_blank_index=4)
+    assert torch.equal(old.frame_positions(logits, target), target.frame_to_position)
+
+
+def test_ctc_frames_give_no_gradient_to_blank_frames_or_an_unalignable_utterance():
+    logits, target, frame_lens = _ctc_case()
+    logits.requires_grad_(True)
+    objective = DistillationObjective(label_interpolation=0.3, main_blank_index=4,
+                                      label_interpolation_frames="ctc")
+    total, _ = objective(torch.tensor(0.0, dtype=torch.float64), logits,
+                         targets={"subword": target}, frame_lens=frame_lens)
+    total.backward()
+    per_frame = logits.grad.abs().sum(-1)
+    assert torch.all(per_frame[0, [1, 4]] > 0)
+    assert torch.all(per_frame[0, [0, 2, 3, 5]] == 0)
+    assert torch.all(per_frame[1] == 0) and torch.isfinite(total)
+    # with the prep alignment every frame of utterance 0 gets gradient, blank frames too
+    logits.grad = None
+    old = DistillationObjective(label_interpolation=0.3, main_blank_index=4)
+    old(torch.tensor(0.0, dtype=torch.float64), logits, targets={"subword": target})[0].backward()
+    assert torch.all(logits.grad.abs().sum(-1)[0] > 0)
+
+
+def test_ctc_frames_align_the_given_ctc_targets_and_refuse_other_sequences():
+    logits, target, frame_lens = _ctc_case()
+    objective = DistillationObjective(label_interpolation=0.3, main_blank_index=4,
+                                      label_interpolation_frames="ctc")
+    # the same sequences in another dtype and with other padding past their lengths
+    stored = UnitTargets(torch.tensor([[1, 2], [3, 2]], dtype=torch.int32),
+                         torch.tensor([1.0, 0.5]), target.frame_to_position)
+    tokens = (torch.tensor([[1, 2], [3, 0]]), torch.tensor([1.0, 0.5]))
+    positions = objective.frame_positions(logits, stored, frame_lens, tokens)
+    assert positions[0].tolist() == [-1, 0, -1, -1, 1, -1]
+    with pytest.raises(ValueError, match="differ from the 'subword' unit sequences"):
+        objective.frame_positions(logits, target, frame_lens, (torch.tensor([[1, 3], [3, 0]]),
+                                                               target.unit_lens))
+    with pytest.raises(ValueError, match="differ from the 'subword' unit sequences"):
+        objective.frame_positions(logits, target, frame_lens, (torch.tensor([[1, 2, 3]] * 2),
+                                                               target.unit_lens))
+    with pytest.raises(ValueError, match="needs main_blank_index"):
+        DistillationObjective(label_interpolation=0.3, label_interpolation_frames="ctc")(
+            torch.tensor(0.0), logits, targets={"subword": target})
+    with pytest.raises(ValueError, match="label_interpolation_frames must be one of"):
+        DistillationObjective(label_interpolation=0.3, label_interpolation_frames="blank")

@@ -134,6 +134,7 @@ def test_one_kd_condition_trains_on_the_prepared_manifests(prepared):
     assert "train loss_li_main" in log and "loss_kd_" not in log
     saved = (out / "hyperparams.yaml").read_text()
     assert "condition: label_interpolation" in saved and "label_interpolation: 0.3" in saved
+    assert "label_interpolation_frames: ctc" in saved  # the CTC path's frames, not the spans
 
 
 def test_hierarchy_with_moe_trains_in_two_ddp_processes(prepared):
