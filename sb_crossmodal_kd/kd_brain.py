@@ -34,10 +34,14 @@ the units pipeline's name for it (``monophone`` -> ``phones``, ``senone`` -> ``s
   the position in ``{u}_units`` of each frame's unit, ``-1`` where there is none. Padding
   added by collation is masked through the field's own lengths, whatever its value;
 - ``{u}_top_probs`` ``[K, k]``, ``{u}_top_ids`` ``[K, k]``, ``{u}_residual`` ``[K]``: the
-  teacher triple, when that unit type is distilled. Without them in the batch the Brain
-  reads ``hparams["teacher_caches"][u]`` (a
+  teacher triple, when that unit type is distilled (a head with ``alpha > 0``, or label
+  interpolation with ``lambda > 0``:
+  :meth:`~sb_crossmodal_kd.losses.DistillationObjective.teacher_unit_types`). Without them
+  in the batch the Brain reads ``hparams["teacher_caches"][u]`` (a
   :class:`~sb_crossmodal_kd.teachers.cache.TeacherCache`) by utterance ID, in the main
-  process (slower: prefer the dynamic items, which run in the loader workers).
+  process (slower: prefer the dynamic items, which run in the loader workers). A head whose
+  ``tau`` differs from the temperature its cache there was built at is refused when
+  ``fit`` starts (:func:`check_teacher_temperatures`).
 
 Every loss term is averaged over the epoch and logged with the train stats
 (``main``, ``li_main``, ``kd_<head>``, ``<loss>_<head>``, ``moe``, ``total``), with each
@@ -66,7 +70,8 @@ from sb_crossmodal_kd.nnet.heads import inference_modules
 from sb_crossmodal_kd.nnet.moe import moe_auxiliary_loss, moe_layers, padding_mask, set_moe_epoch
 from sb_crossmodal_kd.nnet.taps import EncoderTaps
 
-__all__ = ["KDBrain", "teacher_items", "kd_batch_fields", "fit_frames"]
+__all__ = ["KDBrain", "teacher_items", "check_teacher_temperatures", "kd_batch_fields",
+           "fit_frames"]
 
 TEACHER_FIELDS = ("top_probs", "top_ids", "residual")
 
@@ -115,6 +120,50 @@ def teacher_items(caches):
                                                         provides=provides))
         keys += provides
     return items, keys
+
+
+def check_teacher_temperatures(heads, caches):
+    """Refuses a head whose ``tau`` differs from the temperature of its teacher cache.
+
+    One ``tau`` per head softens both sides of its KL term: the head's logits (in
+    :func:`~sb_crossmodal_kd.losses.distillation_loss`) and the teacher's distribution, which
+    a cache holds as built (``header["temperature"]``). Heads with ``alpha`` 0 read no teacher
+    and are not checked; nor are unit types without an opened cache.
+
+    Arguments
+    ---------
+    heads : sb_crossmodal_kd.nnet.heads.AuxiliaryHeads or None
+        The heads.
+    caches : dict
+        Teacher caches by unit type, or by the units pipeline's name for it (``phones``,
+        ``senones``, ``subwords``). Entries that are not opened caches (no ``header``, e.g.
+        a factory not called yet) are skipped.
+
+    Raises
+    ------
+    sb_crossmodal_kd.teachers.cache.CacheMismatchError
+        Naming the head, the cache folder and both temperatures.
+    """
+    from sb_crossmodal_kd.teachers.cache import CacheMismatchError
+
+    for name, head in (heads or {}).items():
+        if head.alpha <= 0:
+            continue
+        names = (head.unit_type, UNIT_FIELD_ALIASES.get(head.unit_type))
+        cache = next((caches[n] for n in names if n in caches), None)
+        header = getattr(cache, "header", None)
+        if not isinstance(header, dict) or "temperature" not in header:
+            continue
+        built = float(header["temperature"])
+        if built != head.tau:
+            raise CacheMismatchError(
+                f"Auxiliary head '{name}' has tau={head.tau} but its teacher cache "
+                f"{cache.folder} was built at temperature {built}: one tau softens both the "
+                f"head and its teacher. Set the head's tau to {built} (in the KD recipe the "
+                f"{head.unit_type}_tau key of base.yaml sets head and cache) or rebuild the "
+                f"cache at {head.tau} (prep setting teacher_tau, or `sbkd teacher-cache "
+                "--tau`)."
+            )
 
 
 def fit_frames(frame_to_position, lengths, n_frames, tolerance=2, ids=None):
@@ -210,16 +259,7 @@ class KDBrain(CTCBrain):
         return self.objective.required_unit_types(heads)
 
     def _needs_teacher(self, unit_type):
-        heads = self._heads()
-        if heads is not None and any(
-            h.unit_type == unit_type and h.alpha > 0 for h in heads.values()
-        ):
-            return True
-        return (
-            self.objective.uses_label_interpolation
-            and self.objective.label_interpolation > 0
-            and unit_type == self.objective.main_unit_type
-        )
+        return unit_type in self.objective.teacher_unit_types(self._heads())
 
     def _prefixes(self, unit_type):
         """Field-name prefixes to try for ``unit_type``, in order."""
@@ -330,6 +370,14 @@ class KDBrain(CTCBrain):
         return accuracies
 
     # Stages --------------------------------------------------------------------------------
+
+    def on_fit_start(self):
+        """Refuses, before any training, a head whose ``tau`` differs from the temperature
+        of its teacher cache in ``hparams["teacher_caches"]``
+        (:func:`check_teacher_temperatures`)."""
+        check_teacher_temperatures(self._heads(), getattr(self.hparams, "teacher_caches", None)
+                                   or {})
+        super().on_fit_start()
 
     def on_stage_start(self, stage, epoch=None):
         """Resets the term averages; tells MoE balancing constraints the epoch."""

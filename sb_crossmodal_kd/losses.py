@@ -25,10 +25,15 @@ which is the exact KL between the teacher and the student both coarsened to the
 (``r = 0``). ``log P_rest`` is computed as a logsumexp over the non-top-k logits,
 never as ``log(1 - sum p)``, which loses all precision when ``P_rest`` is small.
 
-**Temperature.** ``tau`` divides the student's logits before the log-softmax. The teacher
-triple is used as given (soften a teacher when caching it). Hinton's ``tau^2`` factor is an
-option, off by default: with only the student softened, the gradient shrinks as ``1/tau``,
-not ``1/tau^2``, so the factor would over-compensate.
+**Temperature.** One ``tau`` per head softens both sides of its KL term. The teacher triple
+must already be the teacher's ``softmax(logits / tau)``: a teacher cache is built at one
+temperature (:func:`~sb_crossmodal_kd.teachers.cache.build_cache`), and a head whose ``tau``
+differs from its cache's is refused before training
+(:func:`~sb_crossmodal_kd.kd_brain.check_teacher_temperatures`). Here ``tau`` divides the
+student's logits before the log-softmax; the triple is used as given. With both sides
+softened the gradient shrinks as ``1/tau^2``, so Hinton's ``tau^2`` factor
+(``scale_by_tau_squared``, off by default) is the compensation that keeps a term's weight
+independent of ``tau``.
 
 Example
 -------
@@ -693,6 +698,28 @@ class DistillationObjective:
         """Unit types a batch must carry (alignments, sequences, teachers if used)."""
         needed = set(heads.unit_types) if heads is not None else set()
         if self.uses_label_interpolation:
+            needed.add(self.main_unit_type)
+        return sorted(needed)
+
+    def teacher_unit_types(self, heads=None):
+        """Unit types whose teacher the objective reads: those of heads with ``alpha > 0``,
+        and the main unit type under label interpolation with ``lambda > 0``. A head with
+        ``alpha`` 0 trains on its hard labels only and needs no teacher.
+
+        Example
+        -------
+        >>> from sb_crossmodal_kd.nnet.heads import AuxiliaryHead, AuxiliaryHeads
+        >>> heads = AuxiliaryHeads(senone=AuxiliaryHead("senone", 1, 8, 9, alpha=0.0),
+        ...                        phone=AuxiliaryHead("monophone", 2, 8, 7, alpha=0.5))
+        >>> DistillationObjective(label_interpolation=0.3).teacher_unit_types(heads)
+        ['monophone', 'subword']
+        >>> DistillationObjective(label_interpolation=0.0).required_unit_types(heads)
+        ['monophone', 'senone', 'subword']
+        """
+        needed = set()
+        if heads is not None:
+            needed |= {head.unit_type for head in heads.values() if head.alpha > 0}
+        if self.uses_label_interpolation and self.label_interpolation > 0:
             needed.add(self.main_unit_type)
         return sorted(needed)
 

@@ -20,7 +20,7 @@ from sb_crossmodal_kd.nnet.conformer import ConformerCTCEncoder
 from sb_crossmodal_kd.nnet.conformer_moe import use_moe_ffn
 from sb_crossmodal_kd.nnet.heads import AuxiliaryHead, AuxiliaryHeads
 from sb_crossmodal_kd.teachers.base import Teacher
-from sb_crossmodal_kd.teachers.cache import TeacherCache, build_cache
+from sb_crossmodal_kd.teachers.cache import CacheMismatchError, TeacherCache, build_cache
 
 D, VOCAB = 16, 12
 UNITS = {"senone": 9, "monophone": 7, "subword": VOCAB}
@@ -58,13 +58,13 @@ def _utterances(n=4, seed=0):
     return data
 
 
-def _caches(tmp_path, data):
+def _caches(tmp_path, data, tau=1.0):
     caches = {}
     for unit_type, size in UNITS.items():
         teacher = ShiftTeacher(vocab_size=size, name="shift", unit_type=unit_type,
                                tokenizer_hash="toy")
         sequences = [(item["id"], item[f"{unit_type}_units"].tolist()) for item in data]
-        build_cache(teacher, sequences, tmp_path / unit_type, k=3, progress=False)
+        build_cache(teacher, sequences, tmp_path / unit_type, k=3, tau=tau, progress=False)
         caches[unit_type] = TeacherCache(tmp_path / unit_type, vocab_size=size)
     return caches
 
@@ -281,6 +281,49 @@ def test_one_epoch_with_dynamic_items_then_evaluation_without_teachers(tmp_path)
     results = json.loads((tmp_path / "results.json").read_text())
     heads = sum(p.numel() for p in brain.modules["auxiliary_heads"].parameters())
     assert results["params"] == results["params_with_heads"] - heads > 0
+
+
+def _dataset_without_teachers(data):
+    """Units and alignments only: the Brain reads teachers from hparams teacher_caches."""
+    dataset = DynamicItemDataset({d["id"]: {k: v for k, v in d.items() if k != "id"}
+                                  for d in data})
+    dataset.set_output_keys([k for k in data[0] if not k.endswith(("top_probs", "top_ids",
+                                                                     "residual"))])
+    return dataset
+
+
+@pytest.mark.parametrize("head_tau", [1.0, 2.0])
+def test_a_head_trains_only_at_the_temperature_its_cache_was_built_at(tmp_path, head_tau):
+    data = _utterances()
+    caches = _caches(tmp_path, data, tau=2.0)
+    heads = AuxiliaryHeads(
+        senone=AuxiliaryHead("senone", 1, D, UNITS["senone"], tau=head_tau),
+        # alpha 0 reads no teacher, so its tau is free
+        monophone=AuxiliaryHead("monophone", 2, D, UNITS["monophone"], loss="frame_ce",
+                                alpha=0.0, tau=5.0),
+    )
+    brain = _brain(tmp_path, heads, caches=caches)
+    brain.checkpointer = sb.utils.checkpoints.Checkpointer(
+        tmp_path / "save", recoverables={**brain.modules, "counter": brain.hparams.epoch_counter})
+    dataset = _dataset_without_teachers(data)
+    before = {n: p.detach().clone() for n, p in brain.modules.named_parameters()}
+    if head_tau != 2.0:
+        with pytest.raises(CacheMismatchError) as refused:
+            brain.fit(brain.hparams.epoch_counter, dataset, dataset,
+                      train_loader_kwargs={"batch_size": 2},
+                      valid_loader_kwargs={"batch_size": 2})
+        message = str(refused.value)
+        assert "'senone'" in message and str(tmp_path / "senone") in message
+        assert "tau=1.0" in message and "temperature 2.0" in message
+        assert brain.hparams.epoch_counter.current == 0  # refused before the first epoch
+        assert all(torch.equal(p, before[n]) for n, p in brain.modules.named_parameters())
+        return
+    brain.fit(brain.hparams.epoch_counter, dataset, dataset,
+              train_loader_kwargs={"batch_size": 2}, valid_loader_kwargs={"batch_size": 2})
+    assert brain.hparams.epoch_counter.current == 1
+    assert torch.isfinite(torch.tensor(brain.train_stats["loss_kd_senone"]))
+    assert "loss_kd_monophone" not in brain.train_stats
+    assert any(not torch.equal(p, before[n]) for n, p in brain.modules.named_parameters())
 
 
 def test_label_interpolation_excludes_the_main_blank_by_default(tmp_path):

@@ -3,8 +3,9 @@
 Each head (METHOD.md section 2, "auxiliary output layers") reads one tapped encoder layer
 (see :mod:`sb_crossmodal_kd.nnet.taps`), predicts one unit type per frame, and carries the
 settings of its losses: the distillation weight ``alpha`` and temperature ``tau`` for the KL
-to its unit LM teacher, and an optional hard-label loss of its own (``frame_ce`` on the
-aligned units, ``ctc`` on the unit sequence, or ``none``) with its weight.
+to its unit LM teacher (``tau`` softens both: the head's logits, and the teacher, whose cache
+must be built at the same ``tau``), and an optional hard-label loss of its own (``frame_ce``
+on the aligned units, ``ctc`` on the unit sequence, or ``none``) with its weight.
 
 The heads of a model live in one :class:`AuxiliaryHeads` container, so that the inference
 model is the training model minus that one entry (:func:`inference_modules`).
@@ -66,7 +67,9 @@ class AuxiliaryHead(torch.nn.Module):
     alpha : float
         Weight of the distillation term ``KL(teacher || head)``; 0 disables it.
     tau : float
-        Temperature of the head's log-softmax in the distillation term.
+        Temperature of the distillation term, on both sides: it divides the head's logits,
+        and the teacher's distribution must be the teacher's at this temperature (its cache
+        built with it; a cache of another temperature is refused before training).
 
     Example
     -------
