@@ -18,8 +18,9 @@ leaves ``run.json``; a run with that file is not run again, and an interrupted o
 from its last epoch checkpoint, so the driver can be stopped and restarted at any point.
 
 Conditions (METHOD.md section 2): ``am_alone``, ``label_interpolation``, ``aux_subword``,
-``hierarchy``, ``hierarchy_minus_senone``, ``hierarchy_minus_monophone``,
-``hierarchy_minus_subword``, and each with ``_moe`` (MoE feed-forward modules in the Conformer).
+``hierarchy``, ``hierarchy_no_lm`` (its control: the same heads on hard labels, no teacher),
+``hierarchy_minus_senone``, ``hierarchy_minus_monophone``, ``hierarchy_minus_subword``, and
+each with ``_moe`` (MoE feed-forward modules in the Conformer).
 """
 
 import json
@@ -42,6 +43,7 @@ DENSE_CONDITIONS = (
     "label_interpolation",
     "aux_subword",
     "hierarchy",
+    "hierarchy_no_lm",
     "hierarchy_minus_senone",
     "hierarchy_minus_monophone",
     "hierarchy_minus_subword",

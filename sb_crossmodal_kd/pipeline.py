@@ -24,7 +24,9 @@ The steps:
 5. three unit LMs on the text-only corpus (``lm_text``), by the LM recipe
    (``recipes/SynthCommands/LM``) run as a subprocess, with the tokenizer and tree above so
    their unit ids are the store's;
-6. one teacher cache per unit type and split, from the store's unit sequences.
+6. one teacher cache per unit type and split, from the store's unit sequences, holding the
+   teacher's distribution at the temperature ``settings["teacher_tau"][unit_type]`` (the
+   KD recipe's heads must use the same ``tau``: ``base.yaml``'s ``<unit>_tau``).
 
 Layout of ``prep_dir`` (read by ``recipes/SynthCommands/KD/hparams/base.yaml``)::
 
@@ -39,9 +41,10 @@ Layout of ``prep_dir`` (read by ``recipes/SynthCommands/KD/hparams/base.yaml``):
     lm/{subword,monophone,senone}/   LM recipe outputs (lm/ is the teacher, results.json)
     caches/{unit_type}_{split}/  top-k teacher distributions
 
-:func:`add_kd_items` is the KD recipe's ``dataset_pipelines`` hook: it gives the train split
-the unit sequences, alignments and teacher triples that the chosen heads and label
-interpolation need, and nothing for conditions that need none.
+:func:`add_kd_items` is the KD recipe's ``dataset_pipelines`` hook: it keeps, in every
+condition, the train utterances the unit store holds, and gives them the unit sequences,
+alignments and teacher triples that the chosen heads and label interpolation need (nothing
+for conditions that need none).
 """
 
 import copy
@@ -82,8 +85,13 @@ PREP_DEFAULTS = {
     "lm": {"number_of_epochs": 1, "max_train_sentences": 3000,  # LM recipe overrides
            "lm_model": {"hidden_size": 128, "embedding_dim": 32}},
     "cache_k": 32,
+    # Temperature of each teacher cache; the KD recipe's heads must use the same tau.
+    "teacher_tau": {"subword": 1.0, "monophone": 1.0, "senone": 1.0},
     "splits": ["train"],  # the Brain reads units and teachers in training only
 }
+# Settings added since data was first prepared, with the value older data was built with:
+# a prep.json without them describes data made that way, so it is not refused.
+_OLDER_DATA_SETTINGS = {"teacher_tau": {"subword": 1.0, "monophone": 1.0, "senone": 1.0}}
 
 
 def prep_settings(**overrides):
@@ -99,16 +107,34 @@ def prep_settings(**overrides):
     Traceback (most recent call last):
     ...
     KeyError: "Unknown prep setting 'vocab'; known: ['aligner', 'aligner_utterances', ..."
+
+    ``teacher_tau`` takes one number for every unit type, or some of them by name:
+
+    >>> prep_settings(teacher_tau=2)["teacher_tau"]
+    {'subword': 2.0, 'monophone': 2.0, 'senone': 2.0}
+    >>> prep_settings(teacher_tau={"senone": 0.5})["teacher_tau"]["senone"]
+    0.5
     """
     settings = copy.deepcopy(PREP_DEFAULTS)
     for key, value in overrides.items():
         if key not in settings:
             raise KeyError(f"Unknown prep setting {key!r}; known: {sorted(settings)}")
+        if key == "teacher_tau" and isinstance(value, int | float):
+            value = dict.fromkeys(UNIT_TYPES, value)
         if isinstance(settings[key], dict) and isinstance(value, dict):
             settings[key].update(value)
         else:
             settings[key] = value
     settings["splits"] = sorted(set(settings["splits"]) | {"train"})
+    taus = settings["teacher_tau"]
+    if not isinstance(taus, dict) or set(taus) != set(UNIT_TYPES):
+        raise KeyError(f"prep setting teacher_tau is {taus!r}: give a number, or numbers by "
+                       f"unit type of {list(UNIT_TYPES)}")
+    bad = {unit: tau for unit, tau in taus.items()
+           if isinstance(tau, bool) or not isinstance(tau, int | float) or tau <= 0}
+    if bad:
+        raise ValueError(f"prep setting teacher_tau: temperatures must be numbers > 0, got {bad}")
+    settings["teacher_tau"] = {unit: float(tau) for unit, tau in taus.items()}
     return settings
 
 
@@ -179,6 +205,9 @@ class _Record:
         header = {"format": "sbkd-kd-prep-1", **source, "settings": settings}
         if self.path.is_file():
             existing = json.loads(self.path.read_text())
+            if isinstance(existing.get("settings"), dict):
+                for key, value in _OLDER_DATA_SETTINGS.items():
+                    existing["settings"].setdefault(key, copy.deepcopy(value))
             old = {k: existing.get(k) for k in header}
             if old != header:
                 old_settings = existing.get("settings") or {}
@@ -567,49 +596,84 @@ def _teacher_cache(prep_dir, unit, split, store, settings, device, progress):
         return folder
     utterances, units_hash = utterances_from_unit_store(store, unit)
     teacher = load_teacher(prep_dir / "lm" / unit / "lm")
-    build_cache(teacher, utterances, folder, k=settings["cache_k"], unit_type=unit,
-                tokenizer_hash=units_hash, device=device, progress=progress)
+    build_cache(teacher, utterances, folder, k=settings["cache_k"],
+                tau=settings["teacher_tau"][unit], unit_type=unit, tokenizer_hash=units_hash,
+                device=device, progress=progress)
     return folder
+
+
+def _objective(hparams):
+    """The condition's objective, or the default the Brain uses without one."""
+    from sb_crossmodal_kd.losses import DistillationObjective
+
+    return hparams.get("distillation") or DistillationObjective()
 
 
 def kd_unit_types(hparams):
     """Unit types the condition's heads and label interpolation read (sorted)."""
-    heads = hparams["modules"].get("auxiliary_heads")
-    objective = hparams.get("distillation")
-    if objective is not None:
-        return objective.required_unit_types(heads)
-    return heads.unit_types if heads is not None else []
+    return _objective(hparams).required_unit_types(hparams["modules"].get("auxiliary_heads"))
 
 
 def add_kd_items(datasets, hparams):
     """The KD recipe's ``dataset_pipelines`` hook (called by ``experiment.asr_datasets``).
 
-    Adds to ``datasets["train"]`` the units pipeline (sequences and frame alignments from
-    ``hparams["unit_stores"]["train"]``) and the teacher triples (``hparams["teacher_caches"]``)
-    of every unit type in :func:`kd_unit_types`, and keeps only utterances the store holds
-    (the aligner may refuse some). Valid and test stay plain: evaluation is the AM alone.
+    With a unit store (``hparams["unit_stores"]["train"]``), every condition, the AM alone
+    included, trains only on the utterances the store holds (the aligner may refuse some),
+    so all conditions of a study see the same train set; how many were left out is logged.
+    Then, for every unit type in :func:`kd_unit_types`, ``datasets["train"]`` gets the units
+    pipeline (sequences and frame alignments from the store), and for those whose teacher
+    the objective reads
+    (:meth:`~sb_crossmodal_kd.losses.DistillationObjective.teacher_unit_types`: heads with
+    ``alpha > 0``, label interpolation with ``lambda > 0``) the teacher triples of
+    ``hparams["teacher_caches"]``. Only those caches are opened: an entry is a
+    :class:`~sb_crossmodal_kd.teachers.cache.TeacherCache` or a callable that opens one
+    (``base.yaml``'s ``!name:`` entries), and an opened one replaces its entry in
+    ``hparams``, where the Brain finds it. A head whose ``tau`` differs from its cache's
+    temperature is refused here, before training
+    (:func:`~sb_crossmodal_kd.kd_brain.check_teacher_temperatures`). Valid and test stay
+    plain: evaluation is the AM alone.
     """
-    from sb_crossmodal_kd.kd_brain import teacher_items
+    from sb_crossmodal_kd.kd_brain import check_teacher_temperatures, teacher_items
     from sb_crossmodal_kd.units.pipeline import add_unit_pipelines, unit_keys
     from sb_crossmodal_kd.units.store import UnitStore
 
-    unit_types = kd_unit_types(hparams)
-    if not unit_types:
+    heads = hparams["modules"].get("auxiliary_heads")
+    objective = _objective(hparams)
+    unit_types = objective.required_unit_types(heads)
+    store_path = (hparams.get("unit_stores") or {}).get("train")
+    if store_path is None:
+        if unit_types:
+            raise KeyError(
+                f"The condition reads {unit_types} units but hparams has no unit_stores: "
+                "{train: ...} (the train split's unit store, e.g. PREP/units/train.units): "
+                "add it, or drop the heads / label interpolation that need units"
+            )
         return
-    store = UnitStore(hparams["unit_stores"]["train"])
+    store = UnitStore(store_path)
     train = datasets["train"]
     kept = train.filtered_sorted(key_test={"id": lambda utt_id: utt_id in store})
     if len(kept) < len(train):
-        logger.warning("%d of %d train utterances have no units in %s (not aligned): left out",
-                       len(train) - len(kept), len(train), store.path)
+        logger.warning("%d of %d train utterances have no units in %s (not aligned): left out "
+                       "of training, in every condition", len(train) - len(kept), len(train),
+                       store.path)
+    datasets["train"] = kept
+    if not unit_types:
+        return
     streams = [STORE_STREAMS[unit] for unit in unit_types]
     add_unit_pipelines([kept], [store], unit_types=streams)
-    caches = hparams["teacher_caches"]
-    missing = [unit for unit in unit_types if unit not in caches]
+    teacher_units = objective.teacher_unit_types(heads)
+    caches = hparams.get("teacher_caches") or {}
+    missing = [unit for unit in teacher_units if unit not in caches]
     if missing:
-        raise KeyError(f"hparams teacher_caches has no cache for {missing}")
-    items, teacher_keys = teacher_items({unit: caches[unit] for unit in unit_types})
+        raise KeyError(f"hparams teacher_caches has no cache for {missing}: the heads with "
+                       "alpha > 0 or label interpolation with lambda > 0 distill from them")
+    for unit in teacher_units:
+        if callable(caches[unit]):  # a factory (base.yaml's !name:): open it now
+            caches[unit] = caches[unit]()
+    opened = {unit: caches[unit] for unit in teacher_units}
+    check_teacher_temperatures(heads, opened)
+    items, teacher_keys = teacher_items(opened)
     for item in items:
         kept.add_dynamic_item(item)
-    kept.set_output_keys(["id", "sig", "wrd", "tokens", *unit_keys(streams), *teacher_keys])
-    datasets["train"] = kept
+    # Keep the keys the split already gives (sig, or feats when features are cached).
+    kept.set_output_keys([*kept.pipeline.output_mapping, *unit_keys(streams), *teacher_keys])

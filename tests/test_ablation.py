@@ -39,6 +39,9 @@ def expected_terms(condition):
     heads = set()
     if family == "aux_subword":
         heads = {"subword"}
+    elif family == "hierarchy_no_lm":  # the same heads on hard labels, no teacher
+        return ({"main", "total"} | {f"frame_ce_{head}" for head in HEAD_TERMS}
+                | ({"moe"} if condition.endswith("_moe") else set()))
     elif family.startswith("hierarchy"):
         heads = HEAD_TERMS - {family.removeprefix("hierarchy_minus_")}
     terms = {"main", "total"} | {f"kd_{head}" for head in heads}
