@@ -63,6 +63,11 @@ def test_splits_disjoint_in_sentences_and_speakers(corpus):
             if a < b:
                 assert not sentences[a] & sentences[b]
                 assert not voices[a] & voices[b]
+    # Valid and test speak with base voices (accents) that no train speaker has.
+    base = {s: {v.split("+")[0] for v in voices[s]} for s in rows}
+    assert len(base["valid"]) == len(base["test"]) == 1
+    assert not base["train"] & (base["valid"] | base["test"])
+    assert base["valid"] != base["test"]
 
 
 def test_alignments_cover_audio_with_known_phones(corpus):

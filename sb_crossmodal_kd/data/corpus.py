@@ -3,7 +3,8 @@
 Transcripts come from :class:`~sb_crossmodal_kd.data.grammar.DomainGrammar`; each speaker is
 an eSpeak voice and variant with its own base rate and pitch, varied per utterance; noise is
 added at a signal-to-noise ratio drawn around ``snr_db``. Train, valid and test are disjoint
-in sentences and in speakers, and a text-only corpus (disjoint from all speech sentences)
+in sentences and in speakers, and valid and test each speak with an eSpeak base voice (accent)
+that no train speaker has; a text-only corpus (disjoint from all speech sentences)
 serves LM training. Everything is a deterministic function of the settings and ``seed``.
 
 Layout of ``output_dir``::
@@ -39,7 +40,7 @@ from sb_crossmodal_kd.io import atomic_write_text, write_wav_atomic
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
-CORPUS_VERSION = 1
+CORPUS_VERSION = 2  # 2: valid and test base voices held out of train
 
 _BASE_VOICES = (
     "en-us", "en", "en-gb-x-rp", "en-gb-scotland", "en-029", "en-us-nyc", "en-gb-x-gbclan",
@@ -93,34 +94,42 @@ class CorpusSettings:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if len(self.speakers) != 3 or min(self.speakers) < 1:
             raise ValueError(f"speakers must be three positive counts, got {self.speakers}")
-        if sum(self.speakers) > len(_BASE_VOICES) * len(_VARIANTS):
-            raise ValueError(
-                f"speakers asks for {sum(self.speakers)} speakers; at most "
-                f"{len(_BASE_VOICES) * len(_VARIANTS)} distinct voices exist"
-            )
+        limits = ((len(_BASE_VOICES) - 2) * len(_VARIANTS), len(_VARIANTS), len(_VARIANTS))
+        for split, count, limit in zip(SPLITS, self.speakers, limits, strict=True):
+            if count > limit:
+                raise ValueError(
+                    f"speakers asks for {count} {split} speakers; at most {limit} distinct "
+                    f"voices exist for {split} (valid and test each have one base voice of "
+                    f"their own, with {len(_VARIANTS)} variants)"
+                )
 
 
 def _speakers(settings):
-    """Draws disjoint speaker sets for the three splits."""
+    """Draws disjoint speaker sets for the three splits, unseen in voice at test time.
+
+    The base voices are dealt out first: one for test, one for valid, the rest for train, so
+    valid and test speakers speak with an eSpeak voice (accent) that no train speaker has,
+    not only in another variant of a voice heard in training. Each speaker is then a base
+    voice of its split with a variant and its own rate, pitch and pitch range.
+    """
     rng = random.Random(settings.seed)
-    combos = [(v, var) for v in _BASE_VOICES for var in _VARIANTS]
-    rng.shuffle(combos)
-    speakers = []
-    for voice, variant in combos[: sum(settings.speakers)]:
-        speakers.append(
+    voices = list(_BASE_VOICES)
+    rng.shuffle(voices)
+    pools = {"test": voices[:1], "valid": voices[1:2], "train": voices[2:]}
+    speakers = {}
+    for split, count in zip(("train", "valid", "test"), settings.speakers, strict=True):
+        combos = [(v, var) for v in pools[split] for var in _VARIANTS]
+        rng.shuffle(combos)
+        speakers[split] = [
             {
                 "voice": f"{voice}+{variant}",
                 "rate": rng.randint(135, 195),
                 "pitch": rng.randint(30, 70),
                 "range": rng.randint(30, 80),
             }
-        )
-    n_tr, n_va, _ = settings.speakers
-    return {
-        "train": speakers[:n_tr],
-        "valid": speakers[n_tr : n_tr + n_va],
-        "test": speakers[n_tr + n_va :],
-    }
+            for voice, variant in combos[:count]
+        ]
+    return speakers
 
 
 def _sentences(settings):
