@@ -118,6 +118,7 @@ def _run_one(name, seed, run_dir, common, run_opts):
         "params_with_heads": results.get("params_with_heads", results["params"]),
         "epochs": results["epochs"],
         "test_utterances": results["utterances"],
+        "valid_wer_curve": results.get("valid_wer_curve", []),
     }
     atomic_write_json(run_dir / "run.json", record)
     return record

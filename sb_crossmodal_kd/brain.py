@@ -12,10 +12,12 @@
 
 and in its ``hparams``: ``tokenizer`` (SpeechBrain's SentencePiece wrapper), ``blank_index``,
 ``log_softmax``, ``lr_annealing`` (stepped every batch), ``epoch_counter``, ``checkpointer``,
-``train_logger``, ``wer_file`` and ``results_file``. Subclasses (e.g. the distillation Brain)
+``train_logger``, ``wer_file`` and ``results_file`` (test WER and CER, and
+``valid_wer_curve``: the valid WER after every epoch, also logged at the end). Subclasses (e.g. the distillation Brain)
 extend :meth:`compute_forward`'s returned dict and :meth:`compute_objectives`.
 """
 
+import logging
 import time
 
 import speechbrain as sb
@@ -24,6 +26,8 @@ from speechbrain.utils.metric_stats import ErrorRateStats
 from sb_crossmodal_kd.distributed import mean_across_processes, unwrap
 from sb_crossmodal_kd.io import atomic_write_json
 from sb_crossmodal_kd.resume import ExactResume
+
+logger = logging.getLogger(__name__)
 
 
 def encode_waveforms(wavs, wav_lens, encoder, compute_features, normalize):
@@ -58,17 +62,41 @@ class CTCBrain(ExactResume, sb.Brain):
     under DDP the logged train loss is the mean over all processes.
     """
 
+    @staticmethod
+    def input_lengths(batch):
+        """``[B]`` relative lengths of the batch's input (cached features or waveforms)."""
+        return batch.feats.lengths if hasattr(batch, "feats") else batch.sig.lengths
+
     def compute_forward(self, batch, stage):
-        """Returns ``{"log_probs": [B, T', V+1], "encoded": [B, T', D], "lengths": [B]}``."""
+        """Returns ``{"log_probs": [B, T', V+1], "encoded": [B, T', D], "lengths": [B]}``.
+
+        The features are the batch's cached ``feats`` when the dataset provides them, else
+        computed from ``sig``; in training, ``hparams.fea_augment`` (e.g. SpeechBrain's
+        ``Augmenter`` with ``SpectrogramDrop`` in time and frequency: SpecAugment), if
+        set, transforms the normalised features. It must keep their length, which frame
+        alignments of the KD recipe rely on.
+        """
         batch = batch.to(self.device)
-        wavs, wav_lens = batch.sig
-        encoded = encode_waveforms(wavs, wav_lens, self.modules.encoder,
-                                   self.modules.compute_features, self.modules.normalize)
+        if hasattr(batch, "feats"):
+            feats, lengths = batch.feats
+        else:
+            wavs, lengths = batch.sig
+            if getattr(unwrap(self.modules.encoder), "takes_waveforms", False):
+                feats = None
+                encoded = self.modules.encoder(wavs, lengths)
+            else:
+                feats = self.modules.compute_features(wavs)
+        if feats is not None:
+            feats = self.modules.normalize(feats, lengths)
+            augment = getattr(self.hparams, "fea_augment", None)
+            if stage == sb.Stage.TRAIN and augment is not None:
+                feats, _ = augment(feats, lengths)
+            encoded = self.modules.encoder(feats, lengths)
         logits = self.modules.ctc_lin(encoded)
         return {
             "log_probs": self.hparams.log_softmax(logits),
             "encoded": encoded,
-            "lengths": wav_lens,
+            "lengths": lengths,
         }
 
     def compute_objectives(self, predictions, batch, stage):
@@ -102,6 +130,14 @@ class CTCBrain(ExactResume, sb.Brain):
                 "(with no heads it trains the plain CTC objective plus the MoE auxiliary losses)"
             )
         super().on_fit_start()
+        # The valid WER of every epoch so far: a resumed run takes it from the latest
+        # checkpoint's meta (mid-epoch checkpoints carry none).
+        self.valid_wer_curve = []
+        if self.checkpointer is not None:
+            found = self.checkpointer.find_checkpoint(
+                ckpt_predicate=lambda ckpt: "valid_wer_curve" in ckpt.meta)
+            if found is not None:
+                self.valid_wer_curve = list(found.meta["valid_wer_curve"])
 
     def on_fit_batch_end(self, batch, outputs, loss, should_step):
         """Steps the learning-rate schedule once per optimiser update."""
@@ -134,7 +170,10 @@ class CTCBrain(ExactResume, sb.Brain):
                 train_stats=self.train_stats,
                 valid_stats=stats,
             )
-            self.checkpointer.save_and_keep_only(meta={"WER": stats["WER"]}, min_keys=["WER"])
+            self.valid_wer_curve.append(round(float(stats["WER"]), 2))
+            self.checkpointer.save_and_keep_only(
+                meta={"WER": stats["WER"], "valid_wer_curve": self.valid_wer_curve},
+                min_keys=["WER"])
         elif stage == sb.Stage.TEST:
             self.hparams.train_logger.log_stats(
                 stats_meta={"Epoch loaded": self.hparams.epoch_counter.current},
@@ -152,8 +191,11 @@ class CTCBrain(ExactResume, sb.Brain):
                         "utterances": len(self.wer_metric.scores),
                         "epochs": self.hparams.epoch_counter.current,
                         "params": count_parameters(self.modules),
+                        "valid_wer_curve": getattr(self, "valid_wer_curve", []),
                     },
                 )
+                logger.info("valid WER by epoch: %s",
+                            " ".join(f"{w:.2f}" for w in getattr(self, "valid_wer_curve", [])))
             self.test_stats = stats
 
 

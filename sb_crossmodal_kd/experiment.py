@@ -25,7 +25,11 @@ logger = logging.getLogger(__name__)
 def asr_datasets(hparams):
     """Checks the manifests and returns ``{"train", "valid", "test"}`` DynamicItemDatasets.
 
-    Each item provides ``id``, ``wrd``, ``sig`` (the waveform) and ``tokens`` (subword ids).
+    Each item provides ``id``, ``wrd``, ``sig`` (the waveform) and ``tokens`` (subword ids);
+    with ``hparams["cache_features"]`` it provides ``feats`` instead of ``sig``: the
+    ``compute_features`` module's output, computed once per utterance and kept in memory
+    (:class:`~sb_crossmodal_kd.data.features.FeatureCache`), which the Brain uses as it
+    would the features of ``sig``.
     """
     sample_rate = hparams["sample_rate"]
     for split in ("train", "valid", "test"):
@@ -49,13 +53,24 @@ def asr_datasets(hparams):
         yield wrd
         yield sb.dataio.encoder.torch.LongTensor(tokenizer.sp.encode_as_ids(wrd))
 
+    cache = None
+    if hparams.get("cache_features", False):
+        from sb_crossmodal_kd.data.features import FeatureCache
+        from sb_crossmodal_kd.distributed import unwrap
+
+        if getattr(unwrap(hparams["modules"]["encoder"]), "takes_waveforms", False):
+            raise ValueError(
+                "cache_features caches filterbanks, but this encoder reads the waveform "
+                "itself: set cache_features: False"
+            )
+        cache = FeatureCache(hparams["compute_features"])
     datasets = {}
     for split in ("train", "valid", "test"):
         dataset = sb.dataio.dataset.DynamicItemDataset.from_csv(hparams[f"{split}_csv"])
         dataset = dataset.filtered_sorted(sort_key="duration")
-        dataset.add_dynamic_item(audio_pipeline)
+        dataset.add_dynamic_item(audio_pipeline if cache is None else cache.dynamic_item())
         dataset.add_dynamic_item(text_pipeline)
-        dataset.set_output_keys(["id", "sig", "wrd", "tokens"])
+        dataset.set_output_keys(["id", "sig" if cache is None else "feats", "wrd", "tokens"])
         datasets[split] = dataset
     if hparams.get("dataset_pipelines") is not None:  # e.g. the KD recipe's units and teachers
         hparams["dataset_pipelines"](datasets, hparams)
@@ -103,6 +118,17 @@ def train_loader_options(hparams, train_data):
 
 
 WRAPPER_KEY = "experiment"
+
+
+def enabled(value, enabled=True):
+    """``value`` if ``enabled``, else None: an hparams switch for an optional object.
+
+    Example
+    -------
+    >>> enabled("SpecAugment", True), enabled("SpecAugment", False)
+    ('SpecAugment', None)
+    """
+    return value if enabled else None
 
 
 def file_overrides(hparams_file, overrides=None):

@@ -244,7 +244,7 @@ class KDBrain(CTCBrain):
         training = stage == sb.Stage.TRAIN
         moe_context = contextlib.nullcontext()
         if self.has_moe:  # SpeechBrain's layers call their FFN without a padding mask
-            moe_context = padding_mask(self.modules, lengths=batch.sig.lengths.to(self.device))
+            moe_context = padding_mask(self.modules, lengths=self.input_lengths(batch).to(self.device))
         tap_context = self.taps.capture() if (training and self.taps) else contextlib.nullcontext()
         with moe_context, tap_context as hidden:
             predictions = super().compute_forward(batch, stage)

@@ -74,6 +74,10 @@ def test_each_condition_trains_what_its_name_says(ablation, condition):
     record = json.loads((run_dir / "run.json").read_text())
     assert record["epochs"] == 1 and record["test_utterances"] == 4
     assert 0 <= record["wer"] and record["train_s"] > 0
+    valid_wer = re.findall(r"valid WER: ([0-9.e+]+)", (run_dir / "train_log.txt").read_text())
+    curve = record["valid_wer_curve"]  # one value per epoch, as logged (to 3 digits there)
+    assert len(curve) == len(valid_wer) == 1
+    assert all(abs(c - float(w)) <= 0.01 * max(1.0, c) for c, w in zip(curve, valid_wer, strict=True))
     entry = result["conditions"][condition]
     assert entry["wer"] == [record["wer"]] and entry["params"] == record["params"]
 
@@ -171,6 +175,7 @@ def test_interrupted_runs_resume_from_their_checkpoint_side_by_side(ablation):
     for name in redo:
         record = json.loads((output / "runs" / name / "1986" / "run.json").read_text())
         assert record["wer"] == result["conditions"][name]["wer"][0]  # the same trained model
+        assert len(record["valid_wer_curve"]) == 1  # the curve comes back from the checkpoint
         log = (output / "runs" / name / "1986" / "train_log.txt").read_text()
         assert log.count("epoch: 1,") == 1  # not trained again
     assert again["conditions"]["am_alone"] == result["conditions"]["am_alone"]
