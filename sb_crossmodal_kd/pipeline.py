@@ -452,7 +452,8 @@ def _chain(prep_dir, record, manifests, lm_texts, settings, progress, device):
     start = time.time()
     lms = _unit_lms(prep_dir, lm_texts, settings, device)
     record.step("unit_lms", time.time() - start,
-                lm_valid_ppl={unit: lm["valid_ppl"] for unit, lm in lms.items()})
+                lm_valid_ppl={unit: lm["valid_ppl"] for unit, lm in lms.items()},
+                lm_valid_ppl_curve={unit: lm.get("valid_ppl_curve", []) for unit, lm in lms.items()})
 
     start = time.time()
     caches = {
@@ -463,7 +464,12 @@ def _chain(prep_dir, record, manifests, lm_texts, settings, progress, device):
         }
         for unit in UNIT_TYPES
     }
-    record.step("teacher_caches", time.time() - start, teacher_caches=caches)
+    from sb_crossmodal_kd.teachers.cache import TeacherCache
+
+    # How far each teacher's targets are from one-hot, on the positions the heads train on.
+    statistics = {unit: TeacherCache(caches[unit]["train"]).statistics() for unit in UNIT_TYPES}
+    record.step("teacher_caches", time.time() - start, teacher_caches=caches,
+                teacher_statistics=statistics)
     return record.data
 
 
@@ -555,6 +561,10 @@ def _unit_lms(prep_dir, lm_texts, settings, device):
             "the package from a clone (pip install -e .)"
         )
     running = {}
+    # The LMs train side by side: one share of the cores each, since oversubscribed torch
+    # threads made every epoch several times slower (a user's OMP_NUM_THREADS wins).
+    env = os.environ.copy()
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(UNIT_TYPES))))
     for unit in UNIT_TYPES:
         folder = prep_dir / "lm" / unit
         if (folder / "results.json").is_file() and (folder / "lm" / "hyperparams.yaml").is_file():
@@ -573,7 +583,7 @@ def _unit_lms(prep_dir, lm_texts, settings, device):
         folder.mkdir(parents=True, exist_ok=True)
         log = open(folder / "recipe_output.txt", "w")  # noqa: SIM115 (closed below)
         running[unit] = (subprocess.Popen(args, cwd=folder, stdout=log, stderr=subprocess.STDOUT,
-                                          env=os.environ.copy()), log, args)
+                                          env=env), log, args)
     failed = []
     for unit, (process, log, args) in running.items():
         process.wait()
