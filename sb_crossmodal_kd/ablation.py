@@ -10,7 +10,8 @@ seeds, and writes to its output folder:
   and test; ``train_s_partial`` when a run was resumed and so timed in part), ``params`` (inference model, heads dropped), ``params_with_heads``, the paired
   difference to the AM alone of the same encoder (``delta_wer_mean``, ``delta_wer_std``:
   seed by seed, so shared seed noise cancels) and ``per_seed`` values;
-- ``ablation.md``: the same as a Markdown table;
+- ``ablation.md``: the same as a Markdown table, and the teachers' table (held-out
+  perplexity by epoch, mean entropy on the train positions: :func:`teacher_summary`);
 - ``ablation.png``: WER per condition with the seed std as error bars, dense vs MoE encoder.
 
 Runs live in ``runs/<condition>/<seed>/`` (SpeechBrain's output folder) and each finished one
@@ -35,7 +36,7 @@ from sb_crossmodal_kd.pipeline import RECIPES, prep_settings, prepare_kd_data
 logger = logging.getLogger(__name__)
 
 __all__ = ["CONDITIONS", "DEMO_TRAINING", "condition_recipe", "run_ablation", "summarize",
-           "markdown_table", "plot_ablation", "paired_seeds"]
+           "markdown_table", "teacher_summary", "teacher_table", "plot_ablation", "paired_seeds"]
 
 KD_HPARAMS = RECIPES / "SynthCommands" / "KD" / "hparams"
 DENSE_CONDITIONS = (
@@ -257,6 +258,40 @@ def markdown_table(summary, seeds):
     return "\n".join(lines) + "\n"
 
 
+def teacher_summary(outputs):
+    """Per unit type: the teacher's held-out perplexity (final, and after every epoch) and
+    how far its targets on the train positions are from one-hot (``mean_entropy`` in nats,
+    ``mean_top1``), from the outputs of :func:`~sb_crossmodal_kd.pipeline.prepare_kd_data`."""
+    ppl = outputs.get("lm_valid_ppl") or {}
+    curves = outputs.get("lm_valid_ppl_curve") or {}
+    stats = outputs.get("teacher_statistics") or {}
+    return {unit: {"valid_ppl": ppl.get(unit), "valid_ppl_curve": curves.get(unit, []),
+                   **stats.get(unit, {})} for unit in ppl}
+
+
+def teacher_table(teachers):
+    """The teachers as a Markdown table.
+
+    Example
+    -------
+    >>> print(teacher_table({"senone": {"valid_ppl": 1.21, "valid_ppl_curve": [1.4, 1.25, 1.21],
+    ...     "mean_entropy": 0.25, "mean_top1": 0.93}}).splitlines()[2])
+    | senone | 1.21 | 1.4 1.25 1.21 | 0.25 | 0.93 |
+    """
+    lines = ["| teacher | valid ppl | valid ppl by epoch | mean entropy (nats) | mean top-1 |",
+             "|---|---|---|---|---|"]
+    for unit, entry in teachers.items():
+        curve = " ".join(f"{value:g}" for value in entry.get("valid_ppl_curve", []))
+        entropy, top1 = entry.get("mean_entropy"), entry.get("mean_top1")
+        lines.append(f"| {unit} | {entry.get('valid_ppl')} | {curve or '-'} "
+                     f"| {'-' if entropy is None else f'{entropy:.2f}'} "
+                     f"| {'-' if top1 is None else f'{top1:.2f}'} |")
+    lines.append("")
+    lines.append("Entropy and top-1 probability of each teacher on the train positions its head "
+                 "distils (0 nats: one-hot targets).")
+    return "\n".join(lines) + "\n"
+
+
 def plot_ablation(summary, path):
     """Bar plot of WER per condition (seed std as error bars), dense and MoE side by side."""
     import matplotlib
@@ -373,8 +408,10 @@ def run_ablation(
         "prep_steps_s": prepared["steps"],
         "lm_valid_ppl": prepared["outputs"].get("lm_valid_ppl"),
         "n_senones": prepared["outputs"].get("n_senones"),
+        "teachers": teacher_summary(prepared["outputs"]),
     }
     atomic_write_json(output_dir / "ablation.json", result)
-    atomic_write_text(output_dir / "ablation.md", markdown_table(summary, seed_list))
+    atomic_write_text(output_dir / "ablation.md", markdown_table(summary, seed_list)
+                      + "\n" + teacher_table(result["teachers"]))
     plot_ablation(summary, output_dir / "ablation.png")
     return result

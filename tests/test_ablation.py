@@ -7,6 +7,7 @@ driver wrote.
 """
 
 import json
+import math
 import re
 
 import pytest
@@ -130,6 +131,15 @@ def test_chain_outputs_agree_on_units(ablation):
         for utt_id in store.ids()[:3]:
             assert cache.length(utt_id) == len(store[utt_id][f"{stream}.units"])
     assert result["n_senones"] == TeacherCache(prep / "caches" / "senone_train").vocab_size
+    for unit in ("subword", "monophone", "senone"):  # each teacher's convergence and sharpness
+        lm = json.loads((prep / "lm" / unit / "results.json").read_text())
+        teacher = result["teachers"][unit]
+        assert len(lm["valid_ppl_curve"]) == lm["epochs"] == TINY_PREP["lm"]["number_of_epochs"]
+        assert teacher["valid_ppl"] == lm["valid_ppl"] and teacher["valid_ppl_curve"] == lm[
+            "valid_ppl_curve"]
+        vocab = TeacherCache(prep / "caches" / f"{unit}_train").vocab_size
+        assert 0 < teacher["mean_entropy"] <= math.log(vocab) and 0 < teacher["mean_top1"] <= 1
+        assert f"| {unit} | {lm['valid_ppl']} |" in (output / "ablation.md").read_text()
 
 
 def test_rerun_skips_finished_work_and_refuses_other_settings(ablation):

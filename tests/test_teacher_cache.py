@@ -225,3 +225,22 @@ def test_sbkd_teacher_cache_reads_the_unit_store_sequences(tmp_path, capsys):
     with pytest.raises(CacheMismatchError, match="tree:zz"):
         main(["teacher-cache", "--units-store", str(tmp_path / "train.units"), "--units",
               "senone", "--teacher", str(tmp_path / "lm2"), "--output", str(tmp_path / "c2")])
+
+
+def test_statistics_measure_the_teachers_entropy(tmp_path):
+    """With every unit kept, the mean entropy is the fresh teacher's exactly; a hotter teacher
+    is further from one-hot."""
+    teacher, utterances = _teacher(), _utterances(9)
+    build_cache(teacher, utterances, tmp_path / "all", k=VOCAB, progress=False)
+    stats = TeacherCache(tmp_path / "all").statistics()
+    ids, lengths = _padded([units for _, units in utterances])
+    probs = teacher.distributions(ids, lengths, k=VOCAB).top_probs
+    mask = torch.arange(ids.shape[1])[None, :] < lengths[:, None]
+    p = probs[mask]
+    entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
+    assert stats["n_positions"] == int(lengths.sum())
+    assert stats["mean_entropy"] == pytest.approx(float(entropy), abs=2e-3)
+    assert stats["mean_top1"] == pytest.approx(float(p.max(-1).values.mean()), abs=2e-3)
+    build_cache(teacher, utterances, tmp_path / "hot", k=4, tau=3.0, progress=False)
+    hot = TeacherCache(tmp_path / "hot").statistics()
+    assert hot["mean_entropy"] > stats["mean_entropy"] and hot["mean_top1"] < stats["mean_top1"]

@@ -509,3 +509,27 @@ class TeacherCache:
     def length(self, utt_id):
         """Number of positions stored for ``utt_id``."""
         return self._lookup(utt_id)[2]
+
+    def statistics(self):
+        """How far the teacher's targets are from one-hot, over every stored position.
+
+        Returns ``{"mean_entropy": nats, "mean_top1": probability, "n_positions": int}``.
+        The entropy counts the top-k probabilities exactly and spreads the residual mass
+        evenly over the other ``V - k`` units (an upper bound on the part that was cut;
+        exact when ``k >= V``). 0 nats is a one-hot target; ``log V`` a uniform one.
+        """
+        total_entropy, total_top1, n = 0.0, 0.0, 0
+        rest_units = max(self.vocab_size - self.stored_k, 0)
+        for shard in range(len(self._shard_sizes)):
+            ids, residual, probs = self._arrays(shard)
+            p = np.asarray(probs, dtype=np.float64)
+            r = np.clip(np.asarray(residual, dtype=np.float64), 0.0, None)
+            entropy = -(p * np.log(np.clip(p, 1e-12, None))).sum(-1)
+            if rest_units:
+                entropy += np.where(r > 0, -r * np.log(np.clip(r / rest_units, 1e-12, None)),
+                                    0.0)
+            total_entropy += float(entropy.sum())
+            total_top1 += float(p.max(-1).sum())
+            n += len(p)
+        return {"mean_entropy": round(total_entropy / max(n, 1), 4),
+                "mean_top1": round(total_top1 / max(n, 1), 4), "n_positions": n}

@@ -368,6 +368,12 @@ class UnitLMBrain(ExactResume, sb.Brain):
             self.train_stats = stats
         elif stage == sb.Stage.VALID:
             self.valid_stats = stats
+            # Held-out perplexity after every epoch, kept in checkpoint meta across resumes.
+            if not hasattr(self, "valid_ppl_curve"):
+                found = self.checkpointer and self.checkpointer.find_checkpoint(
+                    ckpt_predicate=lambda ckpt: "valid_ppl_curve" in ckpt.meta)
+                self.valid_ppl_curve = list(found.meta["valid_ppl_curve"]) if found else []
+            self.valid_ppl_curve.append(round(stats["ppl"], 4))
             train_logger = getattr(getattr(self, "hparams", None), "train_logger", None)
             if train_logger is not None:
                 train_logger.log_stats(
@@ -376,7 +382,9 @@ class UnitLMBrain(ExactResume, sb.Brain):
                     valid_stats=stats,
                 )
             if self.checkpointer is not None:
-                self.checkpointer.save_and_keep_only(meta={"loss": stage_loss}, min_keys=["loss"])
+                self.checkpointer.save_and_keep_only(
+                    meta={"loss": stage_loss, "valid_ppl_curve": self.valid_ppl_curve},
+                    min_keys=["loss"])
 
 
 def _atomic_write(path, data):

@@ -117,6 +117,7 @@ def main(argv):
         "train_units": sum(len(s) for s in train),
         "skipped_oov_sentences": train_skipped + valid_skipped,
         "epochs": hparams["number_of_epochs"],
+        "valid_ppl_curve": getattr(brain, "valid_ppl_curve", []),  # flat at the end: converged
     }
     if sb.utils.distributed.if_main_process():  # every rank holds the same model
         export_unit_lm(hparams["export_folder"], lm_model.cpu(), unit_type=text_units.unit_type,
