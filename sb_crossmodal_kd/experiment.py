@@ -8,6 +8,8 @@ its hparams file and the command line, as in SpeechBrain. The hparams file must 
 """
 
 import logging
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -117,6 +119,33 @@ def train_loader_options(hparams, train_data):
     return {**options, "batch_sampler": sampler}
 
 
+def fill_schedule_length(scheduler, loader_options, train_data, epochs):
+    """Gives a schedule that anneals over the whole training its length in optimiser steps.
+
+    SpeechBrain's ``LinearWarmupScheduler`` decays the learning rate linearly to zero at
+    ``num_training_steps``; with dynamic batching the number of batches per epoch is known
+    only once the sampler exists, so a recipe leaves it ``null`` and it is set here to
+    ``epochs x batches per epoch`` (per process under DDP). Other schedulers are left alone.
+
+    Example
+    -------
+    >>> from speechbrain.nnet.schedulers import LinearWarmupScheduler
+    >>> scheduler = LinearWarmupScheduler(0.01, 10, None)
+    >>> fill_schedule_length(scheduler, {"batch_size": 4}, list(range(10)), epochs=5)
+    >>> scheduler.num_training_steps
+    15
+    """
+    if getattr(scheduler, "num_training_steps", 0) is not None:
+        return
+    sampler = loader_options.get("batch_sampler")
+    if sampler is not None:
+        batches = len(sampler)
+    else:
+        batches = math.ceil(len(train_data) / loader_options.get("batch_size", 1))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    scheduler.num_training_steps = max(1, math.ceil(batches / world)) * int(epochs)
+
+
 WRAPPER_KEY = "experiment"
 
 
@@ -193,11 +222,14 @@ def run_asr_experiment(hparams_file, overrides=None, run_opts=None):
         run_opts=run_opts or {},
         checkpointer=hparams["checkpointer"],
     )
+    loader_options = train_loader_options(hparams, datasets["train"])
+    fill_schedule_length(hparams["lr_annealing"], loader_options, datasets["train"],
+                         hparams["number_of_epochs"])
     brain.fit(
         brain.hparams.epoch_counter,
         datasets["train"],
         datasets["valid"],
-        train_loader_kwargs=train_loader_options(hparams, datasets["train"]),
+        train_loader_kwargs=loader_options,
         valid_loader_kwargs=hparams["valid_dataloader_opts"],
     )
     brain.evaluate(
