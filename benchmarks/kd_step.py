@@ -14,9 +14,16 @@ Figures: ``time_ratio`` (median step time of ``hierarchy`` / ``am_alone``, targe
 peak; CPU, where no allocator peak exists: parameters + gradients + AdamW state + every tensor
 saved for backward, deduplicated by storage, which is deterministic), and the raw figures. Each condition runs in its own subprocess (so peaks do not mix), for
 ``--rounds`` rounds in alternating order; the ratio is of the medians over all rounds.
-Sizes are those of the SynthCommands recipe (d_model 144, 4 layers, 128 subwords). Usage::
+Sizes are those of the SynthCommands recipe (d_model 144, 4 layers, 128 subwords).
+
+With ``--epoch-folder`` (an ``sbkd demo`` output folder: its ``data/`` and ``prep/``) it also
+times one training epoch of the demo's AM alone (``epoch_s``, the second epoch, median over
+rounds) under the recipe's settings before the profiling work (filterbanks from the waveform
+in every batch, dropout 0.1, 20-second batches, no SpecAugment) and after it (the demo's
+settings now: cached filterbanks, SpecAugment), side by side in the same run. Usage::
 
     nice python benchmarks/kd_step.py [--device cpu|cuda] [--threads 1] [--rounds 3]
+                                      [--epoch-folder DEMO_OUTPUT]
 """
 
 import argparse
@@ -153,6 +160,48 @@ def _worker(condition, device, repeats, warmup, folder):
     return statistics.median(times), max(peak, 0)
 
 
+# The demo's AM alone before and after the profiling work (recipe overrides).
+EPOCH_SETTINGS = {
+    "before": {"number_of_epochs": 2, "d_model": 64, "num_layers": 3, "d_ffn": 256,
+               "dropout": 0.1, "max_batch_seconds": 20, "cache_features": False,
+               "use_spec_augment": False},
+    "after": None,  # DEMO_TRAINING with two epochs
+}
+
+
+def _epoch_worker(setting, folder, output):
+    """Seconds of the second training epoch of the AM alone (the first fills caches)."""
+    from sb_crossmodal_kd.ablation import DEMO_TRAINING, condition_recipe
+    from sb_crossmodal_kd.experiment import asr_datasets, load_hparams, train_loader_options
+
+    overrides = EPOCH_SETTINGS[setting] or {**DEMO_TRAINING, "number_of_epochs": 2}
+    path, condition = condition_recipe("am_alone")
+    hparams = load_hparams(path, {"data_folder": f"{folder}/data",
+                                  "prep_folder": f"{folder}/prep", **overrides, **condition,
+                                  "output_folder": output})
+    datasets = asr_datasets(hparams)
+    brain = hparams["brain_class"](modules=hparams["modules"], opt_class=hparams["opt_class"],
+                                   hparams=hparams, run_opts={"device": "cpu"})
+    brain.fit(hparams["epoch_counter"], datasets["train"], None,
+              train_loader_kwargs=train_loader_options(hparams, datasets["train"]))
+    return brain.train_stats["epoch_s"]
+
+
+def _epoch_times(args):
+    """Median ``epoch_s`` per setting, the settings alternating over ``args.rounds``."""
+    times = {setting: [] for setting in EPOCH_SETTINGS}
+    with tempfile.TemporaryDirectory() as output:
+        for round_index in range(args.rounds):
+            order = list(EPOCH_SETTINGS) if round_index % 2 == 0 else list(EPOCH_SETTINGS)[::-1]
+            for setting in order:
+                command = [sys.executable, __file__, "--epoch-worker", setting,
+                           "--epoch-folder", args.epoch_folder, "--threads", str(args.threads),
+                           "--folder", os.path.join(output, f"{setting}{round_index}")]
+                out = subprocess.run(command, check=True, capture_output=True, text=True)
+                times[setting].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return {setting: round(statistics.median(v), 2) for setting, v in times.items()}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -162,8 +211,14 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--worker", choices=CONDITIONS, help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser.add_argument("--epoch-folder", help="an `sbkd demo` output folder: also time an "
+                        "epoch of its AM alone before and after the profiling work")
+    parser.add_argument("--epoch-worker", choices=list(EPOCH_SETTINGS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.epoch_worker:
+        print(json.dumps(_epoch_worker(args.epoch_worker, args.epoch_folder, args.folder)))
+        return
     if args.worker:
         seconds, peak = _worker(args.worker, args.device, args.repeats, args.warmup,
                                 args.folder)
@@ -185,6 +240,11 @@ def main():
                 peaks[condition].append(result["peak_bytes"])
     time_med = {c: statistics.median(v) for c, v in times.items()}
     peak_med = {c: statistics.median(v) for c, v in peaks.items()}
+    epochs = {}
+    if args.epoch_folder:
+        epoch_s = _epoch_times(args)
+        epochs = {"epoch_s": epoch_s, "epoch_ratio": round(epoch_s["after"] / epoch_s["before"], 3),
+                  "epoch_settings": {k: v or "DEMO_TRAINING" for k, v in EPOCH_SETTINGS.items()}}
     print(json.dumps({
         "benchmark": "kd_step",
         "device": args.device,
@@ -199,6 +259,7 @@ def main():
         "peak_mib": {c: round(v / 2**20, 1) for c, v in peak_med.items()},
         "rounds": args.rounds,
         "repeats": args.repeats,
+        **epochs,
     }))
 
 

@@ -12,7 +12,13 @@ import re
 
 import pytest
 
-from sb_crossmodal_kd.ablation import CONDITIONS, DENSE_CONDITIONS, condition_recipe, run_ablation
+from sb_crossmodal_kd.ablation import (
+    CONDITIONS,
+    DEMO_TRAINING,
+    DENSE_CONDITIONS,
+    condition_recipe,
+    run_ablation,
+)
 from sb_crossmodal_kd.pipeline import prep_settings, prepare_kd_data
 
 TINY_PREP = {
@@ -26,9 +32,10 @@ TINY_PREP = {
            "lm_model": {"hidden_size": 16, "embedding_dim": 8}},
     "cache_k": 8,
 }
-TINY_MODEL = {
+TINY_MODEL = {  # the demo's training with a tiny model (the CLI starts from DEMO_TRAINING)
+    **DEMO_TRAINING,
     "number_of_epochs": 1, "d_model": 32, "num_layers": 3, "nhead": 2, "d_ffn": 64,
-    "warmup_steps": 5, "max_batch_seconds": 30, "teacher_k": 8,
+    "warmup_steps": 1, "max_batch_seconds": 30, "teacher_k": 8,
     "moe": {"num_experts": 2, "top_k": 1},
 }
 HEAD_TERMS = {"senone", "monophone", "subword"}
@@ -81,6 +88,15 @@ def test_each_condition_trains_what_its_name_says(ablation, condition):
     assert all(abs(c - float(w)) <= 0.01 * max(1.0, c) for c, w in zip(curve, valid_wer, strict=True))
     entry = result["conditions"][condition]
     assert entry["wer"] == [record["wer"]] and entry["params"] == record["params"]
+
+
+def test_learning_rate_decays_to_zero_at_the_last_step(ablation):
+    """The schedule's length comes from the train loader: it ends exactly at the last batch."""
+    output, _ = ablation
+    log = (output / "runs" / "am_alone" / "1986" / "train_log.txt").read_text()
+    assert float(re.findall(r"lr: ([0-9.e+-]+)", log)[-1]) == 0.0
+    run_log = (output / "runs" / "am_alone" / "1986" / "log.txt").read_text()
+    assert "valid WER by epoch" in run_log
 
 
 def test_heads_are_trained_but_not_counted_and_moe_adds_experts(ablation):
