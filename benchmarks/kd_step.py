@@ -172,7 +172,12 @@ EPOCH_SETTINGS = {
 def _epoch_worker(setting, folder, output):
     """Seconds of the second training epoch of the AM alone (the first fills caches)."""
     from sb_crossmodal_kd.ablation import DEMO_TRAINING, condition_recipe
-    from sb_crossmodal_kd.experiment import asr_datasets, load_hparams, train_loader_options
+    from sb_crossmodal_kd.experiment import (
+        asr_datasets,
+        fill_schedule_length,
+        load_hparams,
+        train_loader_options,
+    )
 
     overrides = EPOCH_SETTINGS[setting] or {**DEMO_TRAINING, "number_of_epochs": 2}
     path, condition = condition_recipe("am_alone")
@@ -182,8 +187,11 @@ def _epoch_worker(setting, folder, output):
     datasets = asr_datasets(hparams)
     brain = hparams["brain_class"](modules=hparams["modules"], opt_class=hparams["opt_class"],
                                    hparams=hparams, run_opts={"device": "cpu"})
+    loader_options = train_loader_options(hparams, datasets["train"])
+    fill_schedule_length(hparams["lr_annealing"], loader_options, datasets["train"],
+                         hparams["number_of_epochs"])
     brain.fit(hparams["epoch_counter"], datasets["train"], None,
-              train_loader_kwargs=train_loader_options(hparams, datasets["train"]))
+              train_loader_kwargs=loader_options)
     return brain.train_stats["epoch_s"]
 
 

@@ -129,6 +129,13 @@ class CTCBrain(ExactResume, sb.Brain):
                 "The model has MoE layers: use brain_class: !name:sb_crossmodal_kd.kd_brain.KDBrain "
                 "(with no heads it trains the plain CTC objective plus the MoE auxiliary losses)"
             )
+        if getattr(getattr(self.hparams, "lr_annealing", None), "num_training_steps", 0) is None:
+            raise ValueError(
+                "lr_annealing has num_training_steps: null, to be filled from the train "
+                "loader: train through sb_crossmodal_kd.experiment.run_asr_experiment (what "
+                "the recipes' train.py runs), call experiment.fill_schedule_length before "
+                "fit(), or set num_training_steps in the hparams"
+            )
         super().on_fit_start()
         # The valid WER of every epoch so far: a resumed run takes it from the latest
         # checkpoint's meta (mid-epoch checkpoints carry none).

@@ -525,3 +525,24 @@ def test_one_epoch_from_wav_files_unit_store_and_teacher_caches(tmp_path):
     stats = brain.train_stats
     assert all(f"loss_kd_{head}" in stats for head in ("senone", "monophone", "subword"))
     assert all(torch.isfinite(torch.tensor(v)) for k, v in stats.items() if k != "epoch_s")
+
+
+def test_a_schedule_left_without_its_length_stops_before_training(tmp_path):
+    from speechbrain.nnet.schedulers import LinearWarmupScheduler
+
+    from sb_crossmodal_kd.experiment import fill_schedule_length
+
+    data = _utterances(n=4)
+    train = DynamicItemDataset({d["id"]: {k: d[k] for k in ("sig", "wrd", "tokens")}
+                                for d in data})
+    train.set_output_keys(["id", "sig", "wrd", "tokens"])
+    brain = _brain(tmp_path)
+    brain.hparams.lr_annealing = LinearWarmupScheduler(0.1, 1, None)
+    before = [p.detach().clone() for p in brain.modules.parameters()]
+    with pytest.raises(ValueError, match="num_training_steps: null"):
+        brain.fit(brain.hparams.epoch_counter, train, None, train_loader_kwargs={"batch_size": 2})
+    assert all(torch.equal(a, b) for a, b in zip(before, brain.modules.parameters(), strict=True))
+    fill_schedule_length(brain.hparams.lr_annealing, {"batch_size": 2}, train, epochs=1)
+    brain.fit(brain.hparams.epoch_counter, train, None, train_loader_kwargs={"batch_size": 2})
+    assert brain.hparams.lr_annealing.current_step == 2  # two batches: the rate ends at 0
+    assert brain.optimizer.param_groups[0]["lr"] == 0.0
