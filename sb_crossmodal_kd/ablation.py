@@ -53,8 +53,8 @@ CONDITIONS = DENSE_CONDITIONS + tuple(f"{name}_moe" for name in DENSE_CONDITIONS
 MOE_SUFFIX = "_moe"
 FIRST_SEED = 1986
 
-# Recipe overrides sized for `sbkd demo` (five conditions, 1 seed, 15 minutes on 2 CPU
-# cores), chosen on valid: narrower convolution front end (a third less time per epoch) and
+# Recipe overrides for `sbkd demo` (five conditions, 1 seed, 2 CPU cores: 19.4 min with the
+# data chain, over the 15-minute budget), chosen on valid: narrower convolution front end (a third less time per epoch) and
 # no dropout (SpecAugment regularises; dropout cost a sixth of a step and slowed learning),
 # with base.yaml's schedule decaying to zero over these epochs. See the KD recipe's README.
 DEMO_TRAINING = {"number_of_epochs": 8, "d_model": 64, "num_layers": 3, "d_ffn": 256,

@@ -139,12 +139,7 @@ class CTCBrain(ExactResume, sb.Brain):
         super().on_fit_start()
         # The valid WER of every epoch so far: a resumed run takes it from the latest
         # checkpoint's meta (mid-epoch checkpoints carry none).
-        self.valid_wer_curve = []
-        if self.checkpointer is not None:
-            found = self.checkpointer.find_checkpoint(
-                ckpt_predicate=lambda ckpt: "valid_wer_curve" in ckpt.meta)
-            if found is not None:
-                self.valid_wer_curve = list(found.meta["valid_wer_curve"])
+        self.valid_wer_curve = self.resumed_curve("valid_wer_curve")
 
     def on_fit_batch_end(self, batch, outputs, loss, should_step):
         """Steps the learning-rate schedule once per optimiser update."""

@@ -263,6 +263,15 @@ class ExactResume:
             )
         super().on_fit_start()
 
+    def resumed_curve(self, key):
+        """The per-epoch values kept under ``key`` in the latest checkpoint's meta (e.g. a
+        valid WER curve), so a resumed run continues its curve; ``[]`` on a fresh start
+        (mid-epoch checkpoints carry no curve)."""
+        if self.checkpointer is None:
+            return []
+        found = self.checkpointer.find_checkpoint(ckpt_predicate=lambda ckpt: key in ckpt.meta)
+        return [] if found is None else list(found.meta[key])
+
     def intra_epoch_state(self):
         """Running values of the current epoch to save mid-epoch (plain values, CPU tensors)."""
         return {}

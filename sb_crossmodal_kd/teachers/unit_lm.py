@@ -358,6 +358,12 @@ class UnitLMBrain(ExactResume, sb.Brain):
         real = targets != PAD_INDEX
         return (token_nll * real).sum() / real.sum()
 
+    def on_fit_start(self):
+        """Recovers as usual; the held-out perplexity of every epoch so far continues from
+        the latest checkpoint (``valid_ppl_curve``)."""
+        super().on_fit_start()
+        self.valid_ppl_curve = self.resumed_curve("valid_ppl_curve")
+
     def on_stage_end(self, stage, stage_loss, epoch=None):
         """Logs loss and perplexity; checkpoints on validation, keeping the best."""
         super().on_stage_end(stage, stage_loss, epoch)
@@ -368,11 +374,6 @@ class UnitLMBrain(ExactResume, sb.Brain):
             self.train_stats = stats
         elif stage == sb.Stage.VALID:
             self.valid_stats = stats
-            # Held-out perplexity after every epoch, kept in checkpoint meta across resumes.
-            if not hasattr(self, "valid_ppl_curve"):
-                found = self.checkpointer and self.checkpointer.find_checkpoint(
-                    ckpt_predicate=lambda ckpt: "valid_ppl_curve" in ckpt.meta)
-                self.valid_ppl_curve = list(found.meta["valid_ppl_curve"]) if found else []
             self.valid_ppl_curve.append(round(stats["ppl"], 4))
             train_logger = getattr(getattr(self, "hparams", None), "train_logger", None)
             if train_logger is not None:
