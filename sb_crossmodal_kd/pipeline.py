@@ -86,7 +86,8 @@ PREP_DEFAULTS = {
     "aligner_utterances": 200,  # the phone model trains on the first N train utterances
     "aligner": {"iterations": 2, "epochs": 2},
     "tree": {"max_leaves": 200, "min_count": 20, "min_gain": 50.0},
-    # LM recipe overrides: every LM sentence, 6 epochs (held-out perplexity flat at the end)
+    # LM recipe overrides: every LM sentence, 6 epochs (held-out perplexity still ~2 % lower
+    # after the last epoch than after the fifth: near, not at, its plateau)
     "lm": {"number_of_epochs": 6, "max_train_sentences": None,
            "lm_model": {"hidden_size": 128, "embedding_dim": 32}},
     "cache_k": 32,
