@@ -41,6 +41,12 @@ def test_same_seed_gives_identical_corpus(corpus, tmp_path):
     assert _digest(corpus) == _digest(tmp_path / "again")
 
 
+def test_parallel_synthesis_gives_the_same_corpus(corpus, tmp_path):
+    # jobs is not a setting of the corpus: two processes must write the same bytes as one.
+    make_corpus(tmp_path / "two_jobs", progress=False, jobs=2, **TINY)
+    assert _digest(corpus) == _digest(tmp_path / "two_jobs")
+
+
 def test_other_seed_gives_other_corpus(corpus, tmp_path):
     make_corpus(tmp_path / "other", progress=False, **{**TINY, "seed": 8})
     assert _digest(corpus) != _digest(tmp_path / "other")

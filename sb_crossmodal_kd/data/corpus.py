@@ -20,11 +20,14 @@ The alignments are eSpeak's own word and phoneme events, phonemes mapped to ARPA
 (:mod:`~sb_crossmodal_kd.data.espeak_phones`): a reference for evaluating aligners.
 """
 
+import contextlib
 import csv
 import io
 import json
 import logging
+import multiprocessing
 import random
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -233,7 +236,7 @@ def _word_times(text, word_events, segments, lead, seconds):
     return words
 
 
-def make_corpus(output_dir, progress=True, **settings):
+def make_corpus(output_dir, progress=True, jobs=1, **settings):
     """Makes (or completes) a SynthCommands corpus in ``output_dir``.
 
     Re-running with the same settings skips what is complete; a split whose manifest is
@@ -246,6 +249,9 @@ def make_corpus(output_dir, progress=True, **settings):
         Where to write the corpus.
     progress : bool
         Show a progress bar per split.
+    jobs : int
+        Processes that synthesise utterances side by side. Every utterance draws from its
+        own seed, so the corpus is the same, byte for byte, whatever ``jobs`` is.
     **settings
         Fields of :class:`CorpusSettings`.
 
@@ -288,28 +294,19 @@ def make_corpus(output_dir, progress=True, **settings):
         wav_dir = output_dir / "wav" / split
         wav_dir.mkdir(parents=True, exist_ok=True)
         rows, alignments = [], {}
-        items = list(enumerate(sentences[split]))
-        for i, text in tqdm(items, desc=f"SynthCommands {split}", disable=not progress):
-            rng = np.random.default_rng([settings.seed, split_index, i])
-            speaker = speakers[split][i % len(speakers[split])]
-            spk_id = f"{split}_spk{i % len(speakers[split]):02d}"
-            utt_id = f"{spk_id}_{i:05d}"
-            audio, words, phones = synthesize_utterance(
-                text, speaker, rng, settings.snr_db, settings.sample_rate
-            )
-            wav_path = wav_dir / f"{utt_id}.wav"
-            if not wav_path.exists():
-                write_wav_atomic(wav_path, audio, settings.sample_rate)
-            rows.append(
-                {
-                    "ID": utt_id,
-                    "duration": f"{len(audio) / settings.sample_rate:.3f}",
-                    "wav": str(wav_path),
-                    "spk_id": spk_id,
-                    "wrd": text,
-                }
-            )
-            alignments[utt_id] = {"voice": speaker["voice"], "words": words, "phones": phones}
+        count = len(speakers[split])
+        utterances = [
+            _Utterance(text, speakers[split][i % count], f"{split}_spk{i % count:02d}",
+                       (settings.seed, split_index, i), wav_dir, settings.snr_db,
+                       settings.sample_rate)
+            for i, text in enumerate(sentences[split])
+        ]
+        with _pool(jobs) as pool:
+            spoken = pool.map(_speak, utterances, chunksize=8) if pool else map(_speak, utterances)
+            for row, alignment in tqdm(spoken, total=len(utterances),
+                                       desc=f"SynthCommands {split}", disable=not progress):
+                rows.append(row)
+                alignments[row["ID"]] = alignment
         atomic_write_text(align_path, json.dumps(alignments) + "\n")
         atomic_write_text(csv_path, _csv_text(rows))
     lm_dir = output_dir / "lm_text"
@@ -320,6 +317,55 @@ def make_corpus(output_dir, progress=True, **settings):
         if not path.exists():
             atomic_write_text(path, "\n".join(sentences[key]) + "\n")
     return paths
+
+
+@dataclass(frozen=True)
+class _Utterance:
+    """What one utterance of a split is made from (``seed`` = corpus seed, split, index)."""
+
+    text: str
+    speaker: dict
+    spk_id: str
+    seed: tuple
+    wav_dir: Path
+    snr_db: float
+    sample_rate: int
+
+
+def _speak(utterance):
+    """Synthesises and writes one utterance; returns its manifest row and alignment."""
+    index = utterance.seed[-1]
+    utt_id = f"{utterance.spk_id}_{index:05d}"
+    audio, words, phones = synthesize_utterance(
+        utterance.text, utterance.speaker, np.random.default_rng(list(utterance.seed)),
+        utterance.snr_db, utterance.sample_rate
+    )
+    wav_path = utterance.wav_dir / f"{utt_id}.wav"
+    if not wav_path.exists():
+        write_wav_atomic(wav_path, audio, utterance.sample_rate)
+    row = {
+        "ID": utt_id,
+        "duration": f"{len(audio) / utterance.sample_rate:.3f}",
+        "wav": str(wav_path),
+        "spk_id": utterance.spk_id,
+        "wrd": utterance.text,
+    }
+    return row, {"voice": utterance.speaker["voice"], "words": words, "phones": phones}
+
+
+def _one_thread():
+    torch.set_num_threads(1)  # one process per core already
+
+
+@contextlib.contextmanager
+def _pool(jobs):
+    """A process pool of ``jobs`` workers, or None for ``jobs <= 1`` (work in this process)."""
+    if jobs <= 1:
+        yield None
+        return
+    context = multiprocessing.get_context("spawn")  # no forked torch or eSpeak state
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_one_thread) as pool:
+        yield pool
 
 
 def _csv_text(rows):
