@@ -27,11 +27,12 @@ each with ``_moe`` (MoE feed-forward modules in the Conformer).
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
 from sb_crossmodal_kd.io import atomic_path, atomic_write_json, atomic_write_text
-from sb_crossmodal_kd.pipeline import RECIPES, prep_settings, prepare_kd_data
+from sb_crossmodal_kd.pipeline import RECIPES, STEPS, prep_settings, prepare_kd_data
 
 logger = logging.getLogger(__name__)
 
@@ -134,24 +135,58 @@ def _init_worker(threads):
     torch.set_num_threads(threads)
 
 
-def _run_all(todo, jobs):
-    """Runs ``todo`` (arguments of :func:`_run_one`), ``jobs`` at a time."""
-    if jobs <= 1 or len(todo) <= 1:
-        records = {}
-        for args in todo:
-            logger.info("ablation: %s, seed %d", args[0], args[1])
-            records[(args[0], args[1])] = _run_one(*args)
-        return records
-    import multiprocessing
-    import os
-    from concurrent.futures import ProcessPoolExecutor
+class _Runs:
+    """Runs :func:`_run_one` calls, ``jobs`` at a time in worker processes (``jobs <= 1``: one
+    after the other, in this process, when :meth:`results` is asked for). Runs can be
+    submitted while this process does other work, e.g. the rest of the data chain."""
 
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    context = multiprocessing.get_context("spawn")  # no forked torch state
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
-                             initargs=(threads,)) as pool:
-        futures = {(args[0], args[1]): pool.submit(_run_one, *args) for args in todo}
-        return {key: future.result() for key, future in futures.items()}
+    def __init__(self, jobs):
+        self.jobs, self.pool, self.submitted = jobs, None, {}
+
+    def __enter__(self):
+        if self.jobs > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            threads = max(1, (os.cpu_count() or 1) // self.jobs)
+            context = multiprocessing.get_context("spawn")  # no forked torch state
+            self.pool = ProcessPoolExecutor(self.jobs, mp_context=context,
+                                            initializer=_init_worker, initargs=(threads,))
+        return self
+
+    def submit(self, todo):
+        for args in todo:
+            self.submitted[(args[0], args[1])] = (
+                self.pool.submit(_run_one, *args) if self.pool else args)
+
+    def results(self):
+        records = {}
+        for key, run in self.submitted.items():
+            if self.pool:
+                records[key] = run.result()
+            else:
+                logger.info("ablation: %s, seed %d", *key)
+                records[key] = _run_one(*run)
+        return records
+
+    def __exit__(self, *error):
+        if self.pool is None:
+            return
+        if error[0] is not None:
+            # Stopped by an error elsewhere (e.g. the data chain): do not wait for the runs in
+            # flight to finish; each resumes from its last epoch checkpoint next time.
+            for process in list(getattr(self.pool, "_processes", {}).values()):
+                process.terminate()
+        self.pool.shutdown(cancel_futures=error[0] is not None)
+
+
+def _reads_teachers(name, common):
+    """Whether condition ``name`` distils from a teacher (needs the unit LMs and caches)."""
+    from sb_crossmodal_kd.experiment import load_hparams
+    from sb_crossmodal_kd.pipeline import teacher_unit_types
+
+    hparams_file, overrides = condition_recipe(name)
+    return bool(teacher_unit_types(load_hparams(hparams_file, {**common, **overrides})))
 
 
 def _finished(record_file, name, seed, run_dir, common):
@@ -406,10 +441,13 @@ def run_ablation(
     settings = prep_settings(**(prep or {}))
     training = dict(DEMO_TRAINING if training is None else training)
 
+    workers = os.cpu_count() or 1
     start = time.time()
+    # Up to the unit stores: all that a condition without teachers trains on.
     prepared = prepare_kd_data(output_dir / "data", output_dir / "prep", settings,
-                               progress=progress, device=device)
-    prep_s = round(time.time() - start, 1)
+                               progress=progress, device=device, jobs=workers,
+                               through="unit_stores")
+    steps = dict(prepared["steps"])
     common = {
         "data_folder": str(output_dir / "data"),
         "prep_folder": str(output_dir / "prep"),
@@ -428,7 +466,18 @@ def run_ablation(
                 records[(name, seed)] = _finished(record_file, name, seed, run_dir, common)
             else:
                 todo.append((name, seed, run_dir, common, {"device": device}))
-    records.update(_run_all(todo, jobs))
+    # The first runs without teachers train while the unit LMs do: the LMs' last minutes
+    # leave cores idle. Results do not depend on this (each run has its own seed and process).
+    early = [args for args in todo[:jobs] if not _reads_teachers(args[0], common)]
+    with _Runs(jobs) as runs:
+        runs.submit(early)
+        prepared = prepare_kd_data(output_dir / "data", output_dir / "prep", settings,
+                                   progress=progress, device=device, jobs=workers)
+        steps.update({step: prepared["steps"][step] for step in STEPS
+                      if step not in steps and step in prepared["steps"]})
+        runs.submit([args for args in todo if args not in early])
+        records.update(runs.results())
+    prep_s = round(sum(steps.values()), 1)
     summary = summarize(records, conditions, seed_list)
     result = {
         "format": "sbkd-ablation-1",
@@ -437,7 +486,7 @@ def run_ablation(
         "seeds": seed_list,
         "settings": {"prep": settings, "training": training, "device": device},
         "prep_s": prep_s,
-        "prep_steps_s": prepared["steps"],
+        "prep_steps_s": steps,
         "lm_valid_ppl": prepared["outputs"].get("lm_valid_ppl"),
         "n_senones": prepared["outputs"].get("n_senones"),
         "teachers": teacher_summary(prepared["outputs"]),

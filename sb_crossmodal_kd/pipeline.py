@@ -62,12 +62,16 @@ from sb_crossmodal_kd.io import atomic_write_json, atomic_write_text
 logger = logging.getLogger(__name__)
 
 __all__ = ["PREP_DEFAULTS", "prep_settings", "prep_settings_file", "prepare_kd_data",
-           "prepare_kd_data_from_manifests", "add_kd_items", "senone_count", "prepared_setting"]
+           "prepare_kd_data_from_manifests", "add_kd_items", "senone_count", "prepared_setting",
+           "teacher_unit_types", "STEPS"]
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 LM_RECIPE = RECIPES / "SynthCommands" / "LM"
 
 UNIT_TYPES = ("subword", "monophone", "senone")
+# The chain's steps in order (prep.json's "steps"); training with no teacher needs the first four.
+STEPS = ("corpus", "lexicon_alignment", "senone_tree", "unit_stores", "unit_lms",
+         "teacher_caches")
 STORE_STREAMS = {"subword": "subwords", "monophone": "phones", "senone": "senones"}
 MANIFEST_SPLITS = ("train", "valid", "test")  # what the KD recipe reads
 SAMPLE_RATE = 16000  # the aligner's features and the KD recipe's front end
@@ -234,7 +238,8 @@ class _Record:
         atomic_write_json(self.path, self.data)
 
 
-def prepare_kd_data(data_dir, prep_dir, settings=None, progress=False, device="cpu"):
+def prepare_kd_data(data_dir, prep_dir, settings=None, progress=False, device="cpu", jobs=1,
+                    through=None):
     """Runs the chain on SynthCommands (corpus -> ... -> teacher caches), skipping finished steps.
 
     Arguments
@@ -249,6 +254,11 @@ def prepare_kd_data(data_dir, prep_dir, settings=None, progress=False, device="c
         Show progress bars.
     device : str
         Where the unit LMs train and the teachers fill the caches (the aligner uses the CPU).
+    jobs : int
+        Processes for the corpus synthesis (its output does not depend on it).
+    through : str, optional
+        Stop after this step (one of :data:`STEPS`), e.g. ``"unit_stores"``: what training
+        without teachers needs. A later call continues from there.
 
     Returns
     -------
@@ -258,16 +268,19 @@ def prepare_kd_data(data_dir, prep_dir, settings=None, progress=False, device="c
     """
     from sb_crossmodal_kd.data.corpus import make_corpus
 
+    _stops_after("corpus", through)  # an unknown step name fails before any work
     settings = settings or prep_settings()
     data_dir, prep_dir = Path(data_dir).resolve(), Path(prep_dir).resolve()
     prep_dir.mkdir(parents=True, exist_ok=True)
     record = _Record(prep_dir, settings, {"data_folder": str(data_dir)})
 
     start = time.time()
-    manifests = make_corpus(data_dir, progress=progress, **settings["corpus"])
+    manifests = make_corpus(data_dir, progress=progress, jobs=jobs, **settings["corpus"])
     record.step("corpus", time.time() - start)
+    if _stops_after("corpus", through):
+        return record.data
     lm_texts = {"train": manifests["lm_train"], "valid": manifests["lm_valid"]}
-    return _chain(prep_dir, record, manifests, lm_texts, settings, progress, device)
+    return _chain(prep_dir, record, manifests, lm_texts, settings, progress, device, through)
 
 
 def prepare_kd_data_from_manifests(
@@ -426,9 +439,11 @@ def _sample_lines(path, n):
     return [text for _, text in sorted(kept)]
 
 
-def _chain(prep_dir, record, manifests, lm_texts, settings, progress, device):
-    """The steps after the corpus (module docstring), on CSV ``manifests`` and ``lm_texts``."""
+def _chain(prep_dir, record, manifests, lm_texts, settings, progress, device, through=None):
+    """The steps after the corpus (module docstring), on CSV ``manifests`` and ``lm_texts``;
+    returns after step ``through`` when it is given."""
     from sb_crossmodal_kd.units.lexicon import Lexicon
+
 
     start = time.time()
     lexicon = Lexicon.from_cmudict(oov_policy=settings["oov_policy"])
@@ -439,11 +454,15 @@ def _chain(prep_dir, record, manifests, lm_texts, settings, progress, device):
         for split in settings["splits"]
     }
     record.step("lexicon_alignment", time.time() - start, lexicon=lexicon.hash)
+    if _stops_after("lexicon_alignment", through):
+        return record.data
 
     start = time.time()
     tree = _tree(prep_dir / "senone_tree.json", alignments["train"], manifests["train"], aligner,
                  settings["tree"], progress)
     record.step("senone_tree", time.time() - start, n_senones=tree.num_senones, tree=tree.hash)
+    if _stops_after("senone_tree", through):
+        return record.data
 
     start = time.time()
     tokenizer = _tokenizer(prep_dir / "tokenizer", manifests["train"], settings["vocab_size"])
@@ -454,12 +473,16 @@ def _chain(prep_dir, record, manifests, lm_texts, settings, progress, device):
     }
     record.step("unit_stores", time.time() - start, tokenizer=tokenizer.hash,
                 unit_stores={split: str(path) for split, path in stores.items()})
+    if _stops_after("unit_stores", through):
+        return record.data
 
     start = time.time()
     lms = _unit_lms(prep_dir, lm_texts, settings, device)
     record.step("unit_lms", time.time() - start,
                 lm_valid_ppl={unit: lm["valid_ppl"] for unit, lm in lms.items()},
                 lm_valid_ppl_curve={unit: lm.get("valid_ppl_curve", []) for unit, lm in lms.items()})
+    if _stops_after("unit_lms", through):
+        return record.data
 
     start = time.time()
     caches = {
@@ -477,6 +500,15 @@ def _chain(prep_dir, record, manifests, lm_texts, settings, progress, device):
     record.step("teacher_caches", time.time() - start, teacher_caches=caches,
                 teacher_statistics=statistics)
     return record.data
+
+
+def _stops_after(step, through):
+    """Whether a chain asked to stop after step ``through`` (None: run all) ends at ``step``."""
+    if through is None:
+        return False
+    if through not in STEPS:
+        raise ValueError(f"Unknown step {through!r}; the steps are {', '.join(STEPS)}")
+    return STEPS.index(through) <= STEPS.index(step)
 
 
 def _aligner(folder, train_manifest, lexicon, settings, progress):
@@ -628,6 +660,11 @@ def _objective(hparams):
 def kd_unit_types(hparams):
     """Unit types the condition's heads and label interpolation read (sorted)."""
     return _objective(hparams).required_unit_types(hparams["modules"].get("auxiliary_heads"))
+
+
+def teacher_unit_types(hparams):
+    """Unit types whose teacher cache the condition reads (sorted; empty: no teacher)."""
+    return _objective(hparams).teacher_unit_types(hparams["modules"].get("auxiliary_heads"))
 
 
 def add_kd_items(datasets, hparams):

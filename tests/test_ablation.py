@@ -194,10 +194,11 @@ def test_cli_prints_the_table_of_finished_runs(ablation, capsys):
 
 def test_interrupted_runs_resume_from_their_checkpoint_side_by_side(ablation):
     output, result = ablation
-    redo = ["aux_subword", "hierarchy_moe"]
+    # hierarchy_no_lm reads no teacher: it is sent to the workers before the LM step
+    redo = ["aux_subword", "hierarchy_moe", "hierarchy_no_lm"]
     for name in redo:  # as if stopped after training, before the record was written
         (output / "runs" / name / "1986" / "run.json").unlink()
-    again = run_ablation(output, seeds=1, prep=TINY_PREP, training=TINY_MODEL, jobs=2)
+    again = run_ablation(output, seeds=1, prep=TINY_PREP, training=TINY_MODEL, jobs=3)
     for name in redo:
         record = json.loads((output / "runs" / name / "1986" / "run.json").read_text())
         assert record["wer"] == result["conditions"][name]["wer"][0]  # the same trained model
@@ -205,6 +206,17 @@ def test_interrupted_runs_resume_from_their_checkpoint_side_by_side(ablation):
         log = (output / "runs" / name / "1986" / "train_log.txt").read_text()
         assert log.count("epoch: 1,") == 1  # not trained again
     assert again["conditions"]["am_alone"] == result["conditions"]["am_alone"]
+
+
+def test_only_the_conditions_without_teachers_train_before_the_unit_lms(ablation):
+    # They start while the LMs train, so they must not open a teacher cache.
+    from sb_crossmodal_kd.ablation import _reads_teachers
+
+    output, _ = ablation
+    common = {"data_folder": str(output / "data"), "prep_folder": str(output / "prep"),
+              "vocab_size": TINY_PREP["vocab_size"], **TINY_MODEL}
+    without = {name for name in CONDITIONS if not _reads_teachers(name, common)}
+    assert without == {"am_alone", "hierarchy_no_lm", "am_alone_moe", "hierarchy_no_lm_moe"}
 
 
 def test_a_resumed_run_is_flagged_as_partly_timed():
