@@ -107,9 +107,11 @@ def add_unit_pipelines(
 
 
 def _pipeline(store, unit_types, frame_rate, tolerance, wav_key):
-    @takes("id", wav_key)
-    @provides(*unit_keys(unit_types))
-    def units_pipeline(utterance_id, wav):
+    # An utterance's fields are the same every epoch: made once (header read, frames fitted)
+    # and kept; the collate function copies them into each batch, never changes them.
+    made = {}
+
+    def fields(utterance_id, wav):
         record = store[utterance_id]
         n_frames = frame_rate.frames_for_samples(soundfile.info(wav).frames)
         for unit in unit_types:
@@ -120,5 +122,12 @@ def _pipeline(store, unit_types, frame_rate, tolerance, wav_key):
                     fill=-1 if field == "frame_to_position" or unit == "subwords" else None,
                 )
                 yield torch.as_tensor(np.asarray(values), dtype=torch.long)
+
+    @takes("id", wav_key)
+    @provides(*unit_keys(unit_types))
+    def units_pipeline(utterance_id, wav):
+        if utterance_id not in made:
+            made[utterance_id] = tuple(fields(utterance_id, wav))
+        yield from made[utterance_id]
 
     return units_pipeline
