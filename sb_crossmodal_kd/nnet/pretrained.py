@@ -143,7 +143,9 @@ class Wav2Vec2FrontEnd(_Freezable):
         config_overrides=None,
     ):
         super().__init__()
-        import transformers
+        from sb_crossmodal_kd.extras import require
+
+        transformers = require("transformers")
 
         folder = _local_folder(source, "Wav2Vec2FrontEnd")
         if not (folder / "config.json").is_file():

@@ -133,7 +133,9 @@ class HFCausalLMTeacher(Teacher):
         ``excluded_units``, ...); the defaults come from the config and the tokenizer, with
         all special tokens excluded and ``vocab_size = len(tokenizer)``.
         """
-        from transformers import AutoModelForCausalLM
+        from sb_crossmodal_kd.extras import require
+
+        AutoModelForCausalLM = require("transformers").AutoModelForCausalLM
 
         folder = pathlib.Path(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
@@ -251,7 +253,9 @@ class HFMaskedLMTeacher(Teacher):
         default to the tokenizer's (or the config's), all special tokens are excluded and
         ``vocab_size = len(tokenizer)``.
         """
-        from transformers import AutoModelForMaskedLM
+        from sb_crossmodal_kd.extras import require
+
+        AutoModelForMaskedLM = require("transformers").AutoModelForMaskedLM
 
         folder = pathlib.Path(folder)
         model = AutoModelForMaskedLM.from_pretrained(folder, local_files_only=True)

@@ -119,7 +119,8 @@ class TextUnits:
         self.tokenizer, self.lexicon, self.tree, self.silence = tokenizer, lexicon, tree, silence
 
     @classmethod
-    def from_files(cls, unit_type, tokenizer=None, tree=None, oov_policy="g2p", silence="none"):
+    def from_files(cls, unit_type, tokenizer=None, tree=None, oov_policy="g2p", silence="none",
+                   lexicon=None):
         """Builds the converter from paths, as the command line gives them.
 
         Arguments
@@ -133,6 +134,9 @@ class TextUnits:
             Senones: a tree written by ``SenoneTree.save``.
         oov_policy : str
             Lexicon policy for out-of-vocabulary words (``"g2p"`` or ``"skip"``).
+        lexicon : str, optional
+            Monophones and senones: a lexicon file (:func:`~sb_crossmodal_kd.units.lexicon.
+            read_lexicon` formats); default CMUdict.
         silence : str
             Silence mode of phone sequences.
         """
@@ -157,7 +161,7 @@ class TextUnits:
             return cls("subword", tokenizer=units)
         from sb_crossmodal_kd.units.lexicon import Lexicon
 
-        lexicon = Lexicon.from_cmudict(oov_policy=oov_policy)
+        lexicon = Lexicon.load(lexicon, oov_policy=oov_policy)
         if unit_type == "senone":
             if tree is None:
                 raise ValueError("senone units need a tree file (SenoneTree.save JSON)")

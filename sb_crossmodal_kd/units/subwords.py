@@ -128,7 +128,9 @@ class PretrainedTokenizerUnits:
     """
 
     def __init__(self, folder):
-        from transformers import AutoTokenizer
+        from sb_crossmodal_kd.extras import require
+
+        AutoTokenizer = require("transformers").AutoTokenizer
 
         if not os.path.isdir(folder):
             raise FileNotFoundError(
