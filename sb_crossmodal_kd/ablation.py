@@ -31,15 +31,15 @@ import os
 import time
 from pathlib import Path
 
+from sb_crossmodal_kd.hparams import KD_CONDITIONS
 from sb_crossmodal_kd.io import atomic_path, atomic_write_json, atomic_write_text
-from sb_crossmodal_kd.pipeline import RECIPES, STEPS, prep_settings, prepare_kd_data
+from sb_crossmodal_kd.pipeline import STEPS, prep_settings, prepare_kd_data
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CONDITIONS", "DEMO_TRAINING", "condition_recipe", "run_ablation", "summarize",
            "markdown_table", "last_quarter_gain", "teacher_summary", "teacher_table", "plot_ablation", "paired_seeds"]
 
-KD_HPARAMS = RECIPES / "SynthCommands" / "KD" / "hparams"
 DENSE_CONDITIONS = (
     "am_alone",
     "label_interpolation",
@@ -95,13 +95,7 @@ def condition_recipe(name):
         raise ValueError(f"Unknown condition {name!r}; choose from {', '.join(CONDITIONS)}")
     moe = name.endswith(MOE_SUFFIX)
     family = name[: -len(MOE_SUFFIX)] if moe else name
-    path = KD_HPARAMS / f"{family}.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: the ablation runs the repository's KD recipe, so install the "
-            "package from a clone (pip install -e .)"
-        )
-    return path, {"condition": name, "use_moe": moe}
+    return KD_CONDITIONS / f"{family}.yaml", {"condition": name, "use_moe": moe}
 
 
 def _run_one(name, seed, run_dir, common, run_opts):
@@ -445,7 +439,6 @@ def run_ablation(
     training = dict(DEMO_TRAINING if training is None else training)
 
     workers = os.cpu_count() or 1
-    start = time.time()
     # Up to the unit stores: all that a condition without teachers trains on.
     prepared = prepare_kd_data(output_dir / "data", output_dir / "prep", settings,
                                progress=progress, device=device, jobs=workers,

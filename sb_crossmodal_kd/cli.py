@@ -7,6 +7,7 @@ adding a subcommand means adding that module and its name to ``SUBCOMMANDS``.
 
 import argparse
 import importlib
+import os
 import sys
 
 SUBCOMMANDS = [
@@ -32,10 +33,38 @@ def build_parser():
 
 
 def main(argv=None):
-    """Entry point of the ``sbkd`` console script."""
+    """Runs ``sbkd`` with ``argv``; errors are raised (:func:`console` reports them)."""
     args = build_parser().parse_args(argv)
     return args._run(args) or 0
 
 
+# What the package raises for bad input or settings (manifests, lexicons, caches, folders made
+# with other settings, missing files); a bug's RuntimeError or TypeError keeps its traceback.
+USER_ERRORS = (ValueError, KeyError, OSError)
+
+
+def run_reporting_errors(function, argv, prog):
+    """Calls ``function(argv)``; an error of :data:`USER_ERRORS` becomes one line on stderr
+    (``PROG: error: ...``) and exit status 2, as argparse reports a bad option.
+    ``SBKD_TRACEBACK=1`` shows the traceback instead. For command-line entry points."""
+    try:
+        return function(argv)
+    except USER_ERRORS as error:
+        if os.environ.get("SBKD_TRACEBACK"):
+            raise
+        plain_key_error = type(error) is KeyError and error.args
+        message = error.args[0] if plain_key_error else str(error)
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def console():
+    """Entry point of the ``sbkd`` console script."""
+    argv = sys.argv[1:]
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    prog = f"sbkd {command}" if command in SUBCOMMANDS else "sbkd"
+    return run_reporting_errors(main, argv, prog)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

@@ -13,22 +13,26 @@ The steps:
 
 1. corpus: :func:`~sb_crossmodal_kd.data.corpus.make_corpus` (SynthCommands), or the given
    manifests, checked and written as CSVs to ``prep_dir/data/{split}.csv`` with the LM text;
-2. lexicon and forced alignment: CMUdict with the letter-to-sound fallback (OOV report),
-   a flat-start :class:`~sb_crossmodal_kd.alignment.forced.PhoneAligner` trained on the
-   train split, every split that needs units aligned;
-3. senone tree: :class:`~sb_crossmodal_kd.units.senones.SenoneTree` from the train split's
+2. subword tokenizer: SentencePiece on the train transcripts, as the baseline recipe's (first,
+   so that a ``vocab_size`` the transcripts cannot fill stops in seconds, saying the largest
+   that works);
+3. lexicon and forced alignment: the ``lexicon`` setting's file, or CMUdict, with the
+   letter-to-sound fallback (OOV report), a flat-start
+   :class:`~sb_crossmodal_kd.alignment.forced.PhoneAligner` trained on the train split,
+   every split that needs units aligned;
+4. senone tree: :class:`~sb_crossmodal_kd.units.senones.SenoneTree` from the train split's
    alignments and the aligner's features;
-4. subword tokenizer (SentencePiece on the train transcripts, as the baseline recipe's) and one
-   :class:`~sb_crossmodal_kd.units.store.UnitStore` per split (phones, senones, subwords with
-   their encoder-frame alignments);
-5. three unit LMs on the text-only corpus (``lm_text``), by the LM recipe
-   (``recipes/SynthCommands/LM``) run as a subprocess, with the tokenizer and tree above so
-   their unit ids are the store's;
-6. one teacher cache per unit type and split, from the store's unit sequences, holding the
+5. one :class:`~sb_crossmodal_kd.units.store.UnitStore` per split (phones, senones, subwords
+   with their encoder-frame alignments);
+6. three unit LMs on the text-only corpus (``lm_text``), each trained by
+   :func:`~sb_crossmodal_kd.teachers.lm_training.train_unit_lm` on its file of
+   :data:`~sb_crossmodal_kd.hparams.UNIT_LMS` in a worker process, with the tokenizer and tree
+   above so their unit ids are the store's;
+7. one teacher cache per unit type and split, from the store's unit sequences, holding the
    teacher's distribution at the temperature ``settings["teacher_tau"][unit_type]`` (the
    KD recipe's heads must use the same ``tau``: ``base.yaml``'s ``<unit>_tau``).
 
-Layout of ``prep_dir`` (read by ``recipes/SynthCommands/KD/hparams/base.yaml``)::
+Layout of ``prep_dir`` (read by the KD conditions' ``base.yaml``)::
 
     prep.json                    settings, paths and per-step seconds (refuses other settings)
     data/{split}.csv             (from manifests only) the checked manifests, the KD
@@ -38,7 +42,7 @@ Layout of ``prep_dir`` (read by ``recipes/SynthCommands/KD/hparams/base.yaml``):
     senone_tree.json
     tokenizer/<V>_unigram.model
     units/{split}.units
-    lm/{subword,monophone,senone}/   LM recipe outputs (lm/ is the teacher, results.json)
+    lm/{subword,monophone,senone}/   unit-LM outputs (lm/ is the teacher, results.json)
     caches/{unit_type}_{split}/  top-k teacher distributions
 
 :func:`add_kd_items` is the KD recipe's ``dataset_pipelines`` hook: it keeps, in every
@@ -52,12 +56,12 @@ import json
 import logging
 import os
 import random
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+from sb_crossmodal_kd.hparams import UNIT_LMS
 from sb_crossmodal_kd.io import atomic_write_json, atomic_write_text
+from sb_crossmodal_kd.teachers.lm_training import train_unit_lm
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +69,10 @@ __all__ = ["PREP_DEFAULTS", "prep_settings", "prep_settings_file", "prepare_kd_d
            "prepare_kd_data_from_manifests", "add_kd_items", "senone_count", "prepared_setting",
            "teacher_unit_types", "STEPS"]
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-LM_RECIPE = RECIPES / "SynthCommands" / "LM"
 
 UNIT_TYPES = ("subword", "monophone", "senone")
 # The chain's steps in order (prep.json's "steps"); training with no teacher needs the first four.
-STEPS = ("corpus", "lexicon_alignment", "senone_tree", "unit_stores", "unit_lms",
+STEPS = ("corpus", "tokenizer", "lexicon_alignment", "senone_tree", "unit_stores", "unit_lms",
          "teacher_caches")
 STORE_STREAMS = {"subword": "subwords", "monophone": "phones", "senone": "senones"}
 MANIFEST_SPLITS = ("train", "valid", "test")  # what the KD recipe reads
@@ -86,7 +88,13 @@ PREP_DEFAULTS = {
     "corpus": {"n_train": 1200, "n_valid": 100, "n_test": 300, "n_text": 5000,
                "n_text_valid": 500},
     "vocab_size": 40,  # as the KD recipe's CTC output
+    # Pronunciations: a lexicon file (CMUdict, librispeech-lexicon.txt, Kaldi/MFA lexicon.txt)
+    # or None for the CMUdict shipped with the package; aligner and unit LMs read the same one.
+    "lexicon": None,
     "oov_policy": "g2p",
+    # Manifests only: audio not at 16 kHz (e.g. 8 kHz telephone speech) is refused, or with
+    # True converted once to 16 kHz copies under PREP/data/wav/.
+    "resample": False,
     "aligner_utterances": 200,  # the phone model trains on the first N train utterances
     "aligner": {"iterations": 2, "epochs": 2},
     "tree": {"max_leaves": 200, "min_count": 20, "min_gain": 50.0},
@@ -101,7 +109,8 @@ PREP_DEFAULTS = {
 }
 # Settings added since data was first prepared, with the value older data was built with:
 # a prep.json without them describes data made that way, so it is not refused.
-_OLDER_DATA_SETTINGS = {"teacher_tau": {"subword": 1.0, "monophone": 1.0, "senone": 1.0}}
+_OLDER_DATA_SETTINGS = {"teacher_tau": {"subword": 1.0, "monophone": 1.0, "senone": 1.0},
+                        "lexicon": None, "resample": False}
 
 
 def prep_settings(**overrides):
@@ -270,6 +279,7 @@ def prepare_kd_data(data_dir, prep_dir, settings=None, progress=False, device="c
 
     _stops_after("corpus", through)  # an unknown step name fails before any work
     settings = settings or prep_settings()
+    _lexicon_file(settings)  # so does a missing lexicon file
     data_dir, prep_dir = Path(data_dir).resolve(), Path(prep_dir).resolve()
     prep_dir.mkdir(parents=True, exist_ok=True)
     record = _Record(prep_dir, settings, {"data_folder": str(data_dir)})
@@ -292,6 +302,7 @@ def prepare_kd_data_from_manifests(
     replacements=None,
     progress=False,
     device="cpu",
+    through=None,
 ):
     """Runs the chain on any corpus given by its manifests, skipping finished steps.
 
@@ -321,12 +332,16 @@ def prepare_kd_data_from_manifests(
         Show progress bars.
     device : str
         Where the unit LMs train and the teachers fill the caches (the aligner uses the CPU).
+    through : str, optional
+        Stop after this step, as in :func:`prepare_kd_data` (the first is ``"manifests"``).
 
     Returns
     -------
     dict
         ``prep.json``'s content, as :func:`prepare_kd_data` returns it.
     """
+    if through != "manifests":
+        _stops_after("corpus", through)  # an unknown step name fails before any work
     missing = [split for split in MANIFEST_SPLITS if split not in manifests]
     if missing:
         raise ValueError(
@@ -334,6 +349,7 @@ def prepare_kd_data_from_manifests(
             f"checkpoints on valid and reports test; give all three (got {sorted(manifests)})"
         )
     settings = {k: v for k, v in (settings or prep_settings()).items() if k != "corpus"}
+    _lexicon_file(settings)  # a missing lexicon file fails before any work
     unknown = [split for split in settings["splits"] if split not in manifests]
     if unknown:
         raise ValueError(f"settings['splits'] names {', '.join(unknown)}, which manifests lacks")
@@ -348,32 +364,72 @@ def prepare_kd_data_from_manifests(
 
     start = time.time()
     written = {
-        split: _import_manifest(Path(path), prep_dir / "data" / f"{split}.csv", replacements)
+        split: _import_manifest(Path(path), prep_dir / "data" / f"{split}.csv", replacements,
+                                settings["resample"])
         for split, path in manifests.items()
     }
     lm_texts = _lm_texts(prep_dir / "lm_text", lm_text, lm_valid_text, written,
                          settings["lm"].get("max_train_sentences"))
     record.step("manifests", time.time() - start)
-    return _chain(prep_dir, record, written, lm_texts, settings, progress, device)
+    if through == "manifests":
+        return record.data
+    return _chain(prep_dir, record, written, lm_texts, settings, progress, device, through)
 
 
-def _import_manifest(source, target, replacements):
+def _import_manifest(source, target, replacements, resample=False):
     """Checks ``source`` (CSV or JSON) and writes it as the SpeechBrain CSV ``target``; skipped
-    while ``source`` is unchanged (checking every audio header of a large corpus takes long)."""
-    from sb_crossmodal_kd.data.manifest import check_manifest, write_manifest_csv
+    while ``source`` is unchanged (checking every audio header of a large corpus takes long).
+    With ``resample``, audio at another rate is converted once to :data:`SAMPLE_RATE` copies
+    in ``target``'s folder (``wav/{split}/{ID}.wav``) and the CSV points to them."""
+    from sb_crossmodal_kd.data.manifest import ManifestError, check_manifest, write_manifest_csv
 
     done = target.with_name(target.name + ".source")
     if source.is_file():
         status = source.stat()
         stamp = json.dumps({"source": str(source), "size": status.st_size,
                             "mtime_ns": status.st_mtime_ns,
-                            "replacements": {k: str(v) for k, v in (replacements or {}).items()}})
+                            "replacements": {k: str(v) for k, v in (replacements or {}).items()},
+                            "resample": bool(resample)})
         if target.is_file() and done.is_file() and done.read_text() == stamp:
             return target
-    rows = check_manifest(source, replacements=replacements, expected_sample_rate=SAMPLE_RATE)
+    try:
+        rows = check_manifest(source, replacements=replacements,
+                              expected_sample_rate=None if resample else SAMPLE_RATE)
+    except ManifestError as error:
+        if "is sampled at" not in str(error):
+            raise
+        raise ManifestError(f"{error} (or give the prep setting resample: true, which writes "
+                            f"{SAMPLE_RATE} Hz copies under {target.parent / 'wav'})") from None
+    if resample:
+        rows = _resampled(rows, target.parent / "wav" / target.stem)
     write_manifest_csv(target, rows)
     atomic_write_text(done, stamp)
     return target
+
+
+def _resampled(rows, folder):
+    """``rows`` with every wav not at :data:`SAMPLE_RATE` replaced by a converted copy in
+    ``folder`` (made once, written atomically; a copy already there is kept)."""
+    import soundfile
+    import torch
+    import torchaudio
+
+    from sb_crossmodal_kd.io import write_wav_atomic
+
+    out = []
+    for row in rows:
+        rate = soundfile.info(row["wav"]).samplerate
+        if rate != SAMPLE_RATE:
+            copy_path = folder / f"{row['ID']}.wav"
+            if not copy_path.is_file():
+                audio, _ = soundfile.read(row["wav"], dtype="float32", always_2d=True)
+                mono = torch.from_numpy(audio.mean(axis=1))
+                converted = torchaudio.functional.resample(mono, rate, SAMPLE_RATE)
+                folder.mkdir(parents=True, exist_ok=True)
+                write_wav_atomic(copy_path, converted.numpy(), SAMPLE_RATE)
+            row = {**row, "wav": str(copy_path)}
+        out.append(row)
+    return out
 
 
 def _transcripts(manifest):
@@ -444,9 +500,14 @@ def _chain(prep_dir, record, manifests, lm_texts, settings, progress, device, th
     returns after step ``through`` when it is given."""
     from sb_crossmodal_kd.units.lexicon import Lexicon
 
+    start = time.time()
+    tokenizer = _tokenizer(prep_dir / "tokenizer", manifests["train"], settings["vocab_size"])
+    record.step("tokenizer", time.time() - start, tokenizer=tokenizer.hash)
+    if _stops_after("tokenizer", through):
+        return record.data
 
     start = time.time()
-    lexicon = Lexicon.from_cmudict(oov_policy=settings["oov_policy"])
+    lexicon = Lexicon.load(_lexicon_file(settings), oov_policy=settings["oov_policy"])
     aligner = _aligner(prep_dir / "align", manifests["train"], lexicon, settings, progress)
     alignments = {
         split: _alignments(prep_dir / "align", split, manifests[split], aligner, lexicon,
@@ -465,13 +526,12 @@ def _chain(prep_dir, record, manifests, lm_texts, settings, progress, device, th
         return record.data
 
     start = time.time()
-    tokenizer = _tokenizer(prep_dir / "tokenizer", manifests["train"], settings["vocab_size"])
     stores = {
         split: _unit_store(prep_dir / "units" / f"{split}.units", alignments[split],
                            manifests[split], lexicon, tree, tokenizer, progress)
         for split in settings["splits"]
     }
-    record.step("unit_stores", time.time() - start, tokenizer=tokenizer.hash,
+    record.step("unit_stores", time.time() - start,
                 unit_stores={split: str(path) for split, path in stores.items()})
     if _stops_after("unit_stores", through):
         return record.data
@@ -500,6 +560,18 @@ def _chain(prep_dir, record, manifests, lm_texts, settings, progress, device, th
     record.step("teacher_caches", time.time() - start, teacher_caches=caches,
                 teacher_statistics=statistics)
     return record.data
+
+
+def _lexicon_file(settings):
+    """The prep's lexicon file as an absolute path (the LM recipe runs in its own folder), or
+    None for the shipped CMUdict; a missing file is named before any work."""
+    if settings.get("lexicon") is None:
+        return None
+    path = Path(settings["lexicon"]).expanduser().resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"lexicon {settings['lexicon']!r} (prep setting lexicon) not "
+                                "found: give a lexicon file, or null for the shipped CMUdict")
+    return path
 
 
 def _stops_after(step, through):
@@ -569,7 +641,21 @@ def _tokenizer(folder, train_manifest, vocab_size):
 
     # The baseline recipe's tokenizer (same trainer, text and settings): the CTC output, the
     # subword store and the subword LM all use this one model.
-    return SentencePieceUnits(str(folder), vocab_size, csv_file=str(train_manifest))
+    try:
+        return SentencePieceUnits(str(folder), vocab_size, csv_file=str(train_manifest))
+    except RuntimeError as error:
+        import re
+
+        most = re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)",
+                         str(error))
+        if most is None:
+            raise
+        raise ValueError(
+            f"vocab_size {vocab_size} is more subword pieces than the train transcripts of "
+            f"{train_manifest} can make (at most {most.group(1)}): set the prep setting "
+            f"vocab_size to {most.group(1)} or less, and the KD recipe's vocab_size to the "
+            "same"
+        ) from None
 
 
 def _unit_store(path, alignments, manifest, lexicon, tree, tokenizer, progress):
@@ -590,48 +676,53 @@ def _unit_store(path, alignments, manifest, lexicon, tree, tokenizer, progress):
 
 
 def _unit_lms(prep_dir, lm_texts, settings, device):
-    """Trains the three unit LMs with the LM recipe, side by side (subprocesses: the library
-    imports no recipe, and most of a small LM's time is start-up)."""
-    recipe = LM_RECIPE / "train.py"
-    if not recipe.is_file():
-        raise FileNotFoundError(
-            f"{recipe} not found: the KD data chain runs the repository's LM recipe, so install "
-            "the package from a clone (pip install -e .)"
-        )
-    running = {}
-    # The LMs train side by side: one share of the cores each, since oversubscribed torch
-    # threads made every epoch several times slower (a user's OMP_NUM_THREADS wins).
-    env = os.environ.copy()
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(UNIT_TYPES))))
+    """Trains the three unit LMs side by side, each in a worker process (most of a small LM's
+    time is start-up, and one process per LM keeps their torch threads apart)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    todo = {}
     for unit in UNIT_TYPES:
         folder = prep_dir / "lm" / unit
         if (folder / "results.json").is_file() and (folder / "lm" / "hyperparams.yaml").is_file():
             continue
         text = {split: Path(path).resolve() for split, path in lm_texts.items()}
-        args = [sys.executable, str(recipe), str(LM_RECIPE / "hparams" / f"{unit}.yaml"),
-                f"--data_folder={text['train'].parent}", f"--train_text={text['train']}",
-                f"--valid_text={text['valid']}", f"--output_folder={folder}",
-                f"--device={device}"]
-        args += [f"--{key}={json.dumps(value)}" for key, value in settings["lm"].items()]
+        overrides = {"data_folder": str(text["train"].parent), "train_text": str(text["train"]),
+                     "valid_text": str(text["valid"]), "output_folder": str(folder),
+                     **settings["lm"]}
         if unit == "subword":
-            args += [f"--tokenizer_dir={prep_dir / 'tokenizer'}",
-                     f"--vocab_size={settings['vocab_size']}"]
+            overrides.update(tokenizer_dir=str(prep_dir / "tokenizer"),
+                             vocab_size=settings["vocab_size"])
         if unit == "senone":
-            args += [f"--tree_file={prep_dir / 'senone_tree.json'}"]
-        folder.mkdir(parents=True, exist_ok=True)
-        log = open(folder / "recipe_output.txt", "w")  # noqa: SIM115 (closed below)
-        running[unit] = (subprocess.Popen(args, cwd=folder, stdout=log, stderr=subprocess.STDOUT,
-                                          env=env), log, args)
-    failed = []
-    for unit, (process, log, args) in running.items():
-        process.wait()
-        log.close()
-        if process.returncode != 0:
-            failed.append(f"{unit} ({' '.join(args)}; see {log.name})")
-    if failed:
-        raise RuntimeError(f"The LM recipe failed for: {'; '.join(failed)}")
+            overrides["tree_file"] = str(prep_dir / "senone_tree.json")
+        if unit != "subword" and _lexicon_file(settings) is not None:
+            overrides["lexicon_file"] = str(_lexicon_file(settings))
+        todo[unit] = (str(UNIT_LMS / f"{unit}.yaml"), overrides, {"device": device})
+    if todo:
+        # One share of the cores each: oversubscribed torch threads made every epoch several
+        # times slower (a user's OMP_NUM_THREADS wins).
+        threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // len(todo)))
+        context = multiprocessing.get_context("spawn")  # no forked torch state
+        with ProcessPoolExecutor(len(todo), mp_context=context, initializer=_set_threads,
+                                 initargs=(threads,)) as pool:
+            futures = {unit: pool.submit(train_unit_lm, *args) for unit, args in todo.items()}
+            failed = []
+            for unit, future in futures.items():
+                try:
+                    future.result()
+                except Exception as error:  # noqa: BLE001 (each LM's failure is reported)
+                    failed.append(f"{unit} ({type(error).__name__}: {error}; see "
+                                  f"{prep_dir / 'lm' / unit / 'log.txt'})")
+        if failed:
+            raise RuntimeError(f"Training the unit LM failed for: {'; '.join(failed)}")
     return {unit: json.loads((prep_dir / "lm" / unit / "results.json").read_text())
             for unit in UNIT_TYPES}
+
+
+def _set_threads(threads):
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def _teacher_cache(prep_dir, unit, split, store, settings, device, progress):

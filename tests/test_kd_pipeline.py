@@ -15,12 +15,12 @@ import torch
 from sb_crossmodal_kd.alignment.framerate import FrameRate
 from sb_crossmodal_kd.data.corpus import make_corpus
 from sb_crossmodal_kd.experiment import asr_datasets, load_hparams, run_asr_experiment
-from sb_crossmodal_kd.pipeline import RECIPES
+from sb_crossmodal_kd.hparams import KD_CONDITIONS
 from sb_crossmodal_kd.teachers.base import Teacher
 from sb_crossmodal_kd.teachers.cache import CacheMismatchError, TeacherCache, build_cache
 from sb_crossmodal_kd.units.store import UnitStore, UnitStoreWriter
 
-KD_HPARAMS = RECIPES / "SynthCommands" / "KD" / "hparams"
+KD_HPARAMS = KD_CONDITIONS
 VOCAB, N_MONOPHONES, N_SENONES = 32, 40, 9
 SIZES = {"subword": VOCAB, "monophone": N_MONOPHONES, "senone": N_SENONES}
 STREAMS = {"subword": "subwords", "monophone": "phones", "senone": "senones"}
@@ -201,12 +201,14 @@ def test_the_chain_builds_each_cache_at_its_teacher_tau(prep, tmp_path):
 
 
 def test_data_prepared_before_teacher_tau_existed_counts_as_built_at_one(tmp_path):
+    # ... and before lexicon and resample existed: CMUdict, no resampling
     import json
 
     from sb_crossmodal_kd.pipeline import _Record, prep_settings
 
     older = prep_settings()
-    del older["teacher_tau"]
+    for added in ("teacher_tau", "lexicon", "resample"):
+        del older[added]
     source = {"data_folder": "/data"}
     (tmp_path / "prep.json").write_text(json.dumps(
         {"format": "sbkd-kd-prep-1", **source, "settings": older, "steps": {}, "outputs": {}}))
@@ -214,6 +216,8 @@ def test_data_prepared_before_teacher_tau_existed_counts_as_built_at_one(tmp_pat
     assert record.data["settings"]["teacher_tau"] == prep_settings()["teacher_tau"]
     with pytest.raises(FileExistsError, match="differs in: teacher_tau"):
         _Record(tmp_path, prep_settings(teacher_tau={"senone": 2.0}), source)
+    with pytest.raises(FileExistsError, match="differs in: lexicon"):
+        _Record(tmp_path, prep_settings(lexicon="my-lexicon.txt"), source)
     with pytest.raises(KeyError, match="teacher_tau"):
         prep_settings(teacher_tau={"phone": 2.0})
     with pytest.raises(ValueError, match="must be numbers > 0"):

@@ -54,12 +54,28 @@ def write_user_manifests(corpus_dir, paths, folder):
     return out
 
 
+def write_user_lexicon(paths, path):
+    """The user's own lexicon, in LibriSpeech's layout: every word of the corpus and its LM
+    text, pronounced as CMUdict does (so the chain's outputs stay comparable)."""
+    from sb_crossmodal_kd.units.lexicon import Lexicon
+
+    cmudict = Lexicon.from_cmudict(oov_policy="g2p")
+    words = set()
+    for source in (paths["train"], paths["valid"], paths["test"]):
+        words.update(w for row in check_manifest(source) for w in row["wrd"].split())
+    words.update(paths["lm_train"].read_text().split())
+    lines = [f"{w.upper()}\t{' '.join(cmudict.pronounce(w))}" for w in sorted(words)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 @pytest.fixture(scope="module")
 def prepared(corpus, tmp_path_factory):
     corpus_dir, paths = corpus
     user = tmp_path_factory.mktemp("user").resolve()
     manifests = write_user_manifests(corpus_dir, paths, user / "manifests")
-    (user / "prep.yaml").write_text(tiny_chain())
+    lexicon = write_user_lexicon(paths, user / "my-lexicon.txt")
+    (user / "prep.yaml").write_text(tiny_chain() + f"lexicon: {lexicon}\n")
     prep = user / "prep"
     cmd = [sys.executable, str(RECIPE / "manifest_prepare.py"),
            *[arg for split, path in manifests.items() for arg in (f"--{split}", str(path))],
@@ -88,6 +104,15 @@ def test_chain_from_json_and_csv_manifests_and_lm_text(corpus, prepared):
     assert len(lm_train) == 60 and set(lm_train) <= all_text
     valid_words = [r["wrd"] for r in check_manifest(prep / "data" / "valid.csv")]
     assert (prep / "lm_text" / "valid.txt").read_text().splitlines() == valid_words
+    # The user's lexicon, not CMUdict, pronounced the words for the aligner and the LMs.
+    from sb_crossmodal_kd.units.lexicon import Lexicon
+
+    user_lexicon = Lexicon.from_file(_tiny_settings(prepared[0])["lexicon"], oov_policy="g2p")
+    assert record["outputs"]["lexicon"] == user_lexicon.hash
+    assert record["outputs"]["lexicon"].startswith("my-lexicon.txt-")
+    for unit in ("monophone", "senone"):
+        recipe = (prep / "lm" / unit / "hyperparams.yaml").read_text()
+        assert f"lexicon_file: {prep.parent / 'my-lexicon.txt'}" in recipe
     for unit in ("subword", "monophone", "senone"):
         lm = json.loads((prep / "lm" / unit / "results.json").read_text())
         assert lm["train_sentences"] == 60 and lm["valid_sentences"] == 4
@@ -113,6 +138,26 @@ def test_rerun_skips_and_another_lm_text_is_refused(corpus, prepared, tmp_path):
     with pytest.raises(ValueError, match="names test_other, which manifests lacks"):
         prepare_kd_data_from_manifests(manifests, tmp_path / "q",
                                        settings=prep_settings(splits=["train", "test_other"]))
+
+
+def test_a_small_vocabulary_task_is_told_its_largest_vocab_size(corpus, tmp_path):
+    # Digits or commands: a few words cannot make 40 subword pieces. The chain says how many
+    # they can make, before aligning anything.
+    corpus_dir, paths = corpus
+    rows = check_manifest(paths["train"])
+    words = ["yes", "no", "up", "down"]
+    small = {}
+    for split in ("train", "valid", "test"):
+        lines = ["ID,duration,wav,wrd"] + [
+            f"{r['ID']},{r['duration']},{r['wav']},{words[i % 4]} {words[(i + 1) % 4]}"
+            for i, r in enumerate(rows[:6])]
+        small[split] = tmp_path / f"{split}.csv"
+        small[split].write_text("\n".join(lines) + "\n")
+    prep = tmp_path / "prep"
+    with pytest.raises(ValueError, match=r"vocab_size 40 is more subword pieces than the train "
+                                         r"transcripts .* can make \(at most \d+\): set"):
+        prepare_kd_data_from_manifests(small, prep, settings=prep_settings(vocab_size=40))
+    assert not (prep / "align").exists()
 
 
 def _tiny_settings(user):
@@ -195,3 +240,40 @@ def test_without_lm_text_the_lms_read_the_train_transcripts(tmp_path, caplog):
     assert texts["train"].read_text() == "one two\nthree\n"
     assert texts["valid"].read_text() == "four\n"
     assert "No LM text given" in caplog.text
+
+
+def test_8khz_audio_is_refused_or_resampled_once(corpus, tmp_path):
+    # Telephone speech: refused with the setting that converts it, then converted to 16 kHz
+    # copies in the prep folder (the user's files untouched).
+    import numpy as np
+    import soundfile
+    import torch
+    import torchaudio
+
+    corpus_dir, paths = corpus
+    narrowband = {}
+    for split in ("train", "valid", "test"):
+        rows = check_manifest(paths[split])
+        lines = ["ID,duration,wav,wrd"]
+        for row in rows:
+            audio, rate = soundfile.read(row["wav"], dtype="float32")
+            low = torchaudio.functional.resample(torch.from_numpy(audio), rate, 8000).numpy()
+            wav = tmp_path / "8k" / f"{row['ID']}.wav"
+            wav.parent.mkdir(exist_ok=True)
+            soundfile.write(wav, low, 8000)
+            lines.append(f"{row['ID']},{row['duration']},{wav},{row['wrd']}")
+        narrowband[split] = tmp_path / f"{split}.csv"
+        narrowband[split].write_text("\n".join(lines) + "\n")
+    before = {path: path.read_bytes() for path in (tmp_path / "8k").iterdir()}
+    with pytest.raises(ManifestError, match=r"sampled at 8000 Hz.*resample: true"):
+        prepare_kd_data_from_manifests(narrowband, tmp_path / "refused", through="manifests")
+    prep = tmp_path / "prep"
+    prepare_kd_data_from_manifests(narrowband, prep, settings=prep_settings(resample=True),
+                                   through="manifests")
+    converted = check_manifest(prep / "data" / "train.csv", expected_sample_rate=16000)
+    for row, original in zip(converted, check_manifest(paths["train"]), strict=True):
+        assert Path(row["wav"]).parent == prep / "data" / "wav" / "train"
+        info = soundfile.info(row["wav"])
+        assert abs(info.frames / 16000 - float(original["duration"])) < 0.01
+    assert np.isfinite(soundfile.read(converted[0]["wav"])[0]).all()
+    assert {path: path.read_bytes() for path in (tmp_path / "8k").iterdir()} == before

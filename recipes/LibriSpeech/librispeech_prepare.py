@@ -203,4 +203,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from sb_crossmodal_kd.cli import run_reporting_errors
+
+    run_reporting_errors(main, sys.argv[1:], sys.argv[0])

@@ -79,6 +79,9 @@ class ConformerCTCEncoder(torch.nn.Module):
         Channels of the two stride-2 convolution blocks.
     dropout : float
         Dropout inside the Conformer and its front end.
+    attention_type : str
+        SpeechBrain's: ``"RelPosMHAXL"`` (relative positions, the default) or
+        ``"regularMHA"`` (no positional encoding: the convolution modules give the order).
 
     Example
     -------
@@ -87,6 +90,10 @@ class ConformerCTCEncoder(torch.nn.Module):
     >>> out = encoder(feats, torch.tensor([1.0, 0.8, 0.5]))
     >>> out.shape
     torch.Size([3, 26, 32])
+    >>> plain = ConformerCTCEncoder(n_mels=40, d_model=32, num_layers=2, nhead=2, d_ffn=64,
+    ...                             attention_type="regularMHA")
+    >>> plain(feats, torch.tensor([1.0, 0.8, 0.5])).shape, plain.positional is None
+    (torch.Size([3, 26, 32]), True)
     """
 
     def __init__(
@@ -99,10 +106,11 @@ class ConformerCTCEncoder(torch.nn.Module):
         kernel_size=15,
         front_channels=(32, 32),
         dropout=0.1,
+        attention_type="RelPosMHAXL",
     ):
         super().__init__()
         self.front_end = SubsamplingFrontEnd(n_mels, d_model, front_channels, dropout)
-        self.positional = RelPosEncXL(d_model)
+        self.positional = RelPosEncXL(d_model) if attention_type == "RelPosMHAXL" else None
         self.layers = ConformerEncoder(
             num_layers=num_layers,
             d_model=d_model,
@@ -110,6 +118,7 @@ class ConformerCTCEncoder(torch.nn.Module):
             nhead=nhead,
             kernel_size=kernel_size,
             dropout=dropout,
+            attention_type=attention_type,
         )
 
     def forward(self, features, lengths):
@@ -118,7 +127,6 @@ class ConformerCTCEncoder(torch.nn.Module):
         padding_mask = ~length_to_mask(
             torch.round(lengths * x.shape[1]).long(), max_len=x.shape[1]
         ).bool()
-        out, _ = self.layers(
-            x, src_key_padding_mask=padding_mask, pos_embs=self.positional(x)
-        )
+        positions = self.positional(x) if self.positional is not None else None
+        out, _ = self.layers(x, src_key_padding_mask=padding_mask, pos_embs=positions)
         return out
