@@ -74,6 +74,17 @@ def test_reading_fewer_than_stored_moves_mass_into_residual(tmp_path):
         TeacherCache(tmp_path, k=9)
 
 
+def test_a_vocabulary_smaller_than_k_is_read_whole(tmp_path):
+    # A small-vocabulary task: the cache keeps every unit, so a recipe's larger teacher_k
+    # reads the whole distribution instead of stopping at construction.
+    teacher, utterances = _teacher(), _utterances(5)
+    build_cache(teacher, utterances, tmp_path, k=VOCAB + 20, progress=False)
+    cache = TeacherCache(tmp_path, k=VOCAB + 20)
+    assert cache.stored_k == cache.k == VOCAB
+    probs, ids, residual = cache.utterance("utt001")
+    assert probs.shape[-1] == VOCAB and float(residual.abs().max()) < 1e-3
+
+
 def test_mismatched_units_or_settings_are_refused(tmp_path):
     teacher, utterances = _teacher(), _utterances(6)
     build_cache(teacher, utterances, tmp_path, k=4, tau=2.0, progress=False)

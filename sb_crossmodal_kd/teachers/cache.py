@@ -377,7 +377,8 @@ class TeacherCache:
         What the caller's units and setup are; any that differs from the header raises
         :class:`CacheMismatchError`. ``None`` skips that check.
     k : int, optional
-        Read only the top ``k`` (at most the stored ``k``); the mass of the dropped
+        Read only the top ``k`` (at most the stored ``k``, unless the cache stores the whole
+        vocabulary: then a larger ``k`` reads all of it); the mass of the dropped
         probabilities moves into the residual.
     """
 
@@ -409,6 +410,10 @@ class TeacherCache:
                         self.folder, "the caller expects")
         self.stored_k = self.header["k"]
         self.k = self.stored_k if k is None else int(k)
+        if self.k > self.stored_k >= self.header["vocab_size"]:
+            # The cache holds every unit's probability (a vocabulary no larger than k, as a
+            # small-vocabulary task has): that is all a larger k could read.
+            self.k = self.stored_k
         if self.k > self.stored_k:
             raise CacheMismatchError(
                 f"teacher cache {self.folder} keeps the top {self.stored_k} per position; "
