@@ -670,3 +670,24 @@ def test_mismatched_sizes_fail_with_clear_message():
         moe(torch.randn(2, 3, 6))
     with pytest.raises(ValueError, match="padding mask"):
         moe(torch.randn(2, 3, 8), mask=torch.ones(2, 4, dtype=torch.bool))
+
+
+def test_training_without_collecting_the_balancing_loss_warns_once():
+    # A user's own Brain that never adds moe_auxiliary_loss gets told, once per layer.
+    import warnings
+
+    x = torch.randn(2, 5, 8)
+    layer = MoE(8, 4, top_k=2, load_balancing_weight=0.01).train()
+    with pytest.warns(UserWarning, match=r"moe_auxiliary_loss\(model\)") as seen:
+        for _ in range(3):
+            layer(x).sum().backward()
+    assert len([w for w in seen if "MoE layer" in str(w.message)]) == 1
+    collected = MoE(8, 4, top_k=2, load_balancing_weight=0.01).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            (collected(x).sum() + moe_auxiliary_loss(collected)).backward()
+        with torch.no_grad():  # evaluation passes need no collection
+            collected.eval()
+            collected(x)
+            collected(x)

@@ -31,6 +31,7 @@ graph break, no recompilation as its phase advances).
 """
 
 import math
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -1102,6 +1103,10 @@ class MoE(nn.Module):
             assignment = probs.argmax(-1) if self.top_k is None else top_i[:, 0]
             if valid is not None:
                 assignment = torch.where(valid, assignment, -1)
+        # (eager only: the check would add a guard and a recompile under torch.compile)
+        if (not torch.compiler.is_compiling() and self.aux_loss is not None and self.training
+                and torch.is_grad_enabled()):
+            _warn_uncollected(self)
         self.aux_loss = self._aux_loss(logits, probs, valid, routed, assignment)
         self.last_assignment = None
         if self.track_stats:
@@ -1305,6 +1310,21 @@ def moe_layers(model):
             stack.append((prefix if name == wrapped else f"{prefix}.{name}" if prefix else name,
                           child))
     return found
+
+
+def _warn_uncollected(layer):
+    """Once per layer: its previous training pass's auxiliary loss was never collected."""
+    if getattr(layer, "_warned_uncollected", False):
+        return
+    layer._warned_uncollected = True
+    warnings.warn(
+        "An MoE layer trained a second step without its load-balancing / z-loss being "
+        "collected, so nothing keeps its experts balanced: add "
+        "sb_crossmodal_kd.nnet.moe.moe_auxiliary_loss(model) to the loss after each forward "
+        "pass (the package's KDBrain and FrameBrain do), or set load_balancing_weight and "
+        "z_loss_weight to 0 if that is intended.",
+        stacklevel=3,
+    )
 
 
 def moe_auxiliary_loss(model):
