@@ -79,7 +79,7 @@ MANIFEST_SPLITS = ("train", "valid", "test")  # what the KD recipe reads
 SAMPLE_RATE = 16000  # the aligner's features and the KD recipe's front end
 LM_SAMPLE_SEED = 1986  # which LM sentences are kept when max_train_sentences limits them
 
-# Sized for `sbkd demo` (five conditions, 2 CPU cores; measured 19.4 min in all, over its
+# Sized for `sbkd demo` (five conditions, 2 CPU cores; measured 17.1 min in all, over its
 # 15-minute budget): see the KD README.
 PREP_DEFAULTS = {
     # 1,200 train utterances for 9 epochs beat 600 for 15 at about the same cost (valid WER
@@ -98,8 +98,8 @@ PREP_DEFAULTS = {
     "aligner_utterances": 200,  # the phone model trains on the first N train utterances
     "aligner": {"iterations": 2, "epochs": 2},
     "tree": {"max_leaves": 200, "min_count": 20, "min_gain": 50.0},
-    # LM recipe overrides: every LM sentence, 6 epochs (held-out perplexity still ~2 % lower
-    # after the last epoch than after the fifth: near, not at, its plateau)
+    # Unit-LM overrides: every LM sentence, 6 epochs (held-out perplexity 0.2 to 0.5 % lower
+    # after the last epoch than after the fifth: flat)
     "lm": {"number_of_epochs": 6, "max_train_sentences": None,
            "lm_model": {"hidden_size": 128, "embedding_dim": 32}},
     "cache_k": 32,
