@@ -18,7 +18,7 @@ Runs live in ``runs/<condition>/<seed>/`` (SpeechBrain's output folder) and each
 leaves ``run.json``; a run with that file is not run again, and an interrupted one resumes
 from its last epoch checkpoint, so the driver can be stopped and restarted at any point.
 
-Conditions (METHOD.md section 2): ``am_alone``, ``label_interpolation``, ``aux_subword``,
+Conditions (Lee and Chang 2021, and the controls): ``am_alone``, ``label_interpolation``, ``aux_subword``,
 ``hierarchy``, ``hierarchy_no_lm`` (its control: the same heads on hard labels, no teacher),
 ``hierarchy_minus_senone``, ``hierarchy_minus_monophone``, ``hierarchy_minus_subword``, and
 each with ``_moe`` (MoE feed-forward modules in the Conformer).

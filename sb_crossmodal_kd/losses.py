@@ -1,4 +1,4 @@
-"""Losses of cross-modal distillation (METHOD.md section 2), each usable alone.
+"""Losses of cross-modal distillation (Lee and Chang 2021), each usable alone.
 
 Inputs shared by all functions:
 

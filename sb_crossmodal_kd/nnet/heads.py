@@ -1,6 +1,6 @@
 """Auxiliary output heads: small classifiers on encoder layers, used only in training.
 
-Each head (METHOD.md section 2, "auxiliary output layers") reads one tapped encoder layer
+Each head (Lee and Chang 2021's "auxiliary output layers") reads one tapped encoder layer
 (see :mod:`sb_crossmodal_kd.nnet.taps`), predicts one unit type per frame, and carries the
 settings of its losses: the distillation weight ``alpha`` and temperature ``tau`` for the KL
 to its unit LM teacher (``tau`` softens both: the head's logits, and the teacher, whose cache
@@ -216,7 +216,7 @@ def _is_auxiliary(module):
 def inference_modules(modules):
     """The modules of the inference model: the training modules minus auxiliary heads.
 
-    The heads exist only for training (METHOD.md section 2). Pass the Brain's ``modules``
+    The heads exist only for training. Pass the Brain's ``modules``
     (a dict or ModuleDict, as in hparams); entries that are heads are left out. Heads
     nested inside another module cannot be left out safely, so they raise an error.
 

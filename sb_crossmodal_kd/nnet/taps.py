@@ -1,6 +1,6 @@
 """Intermediate layer outputs ("taps") of encoders, without forking their code.
 
-Auxiliary heads sit on encoder layers below the output (METHOD.md section 2). SpeechBrain's
+Auxiliary heads sit on encoder layers below the output (hierarchical distillation). SpeechBrain's
 encoders only return their final output, so :class:`EncoderTaps` registers forward hooks on
 the encoder's layer modules and keeps a *reference* to what chosen layers returned during a
 forward pass: no copy, no device sync, gradients flow through the tapped tensors.
