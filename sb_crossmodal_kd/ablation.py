@@ -126,12 +126,6 @@ def _run_one(name, seed, run_dir, common, run_opts):
     return record
 
 
-def _init_worker(threads):
-    import torch
-
-    torch.set_num_threads(threads)
-
-
 class _Runs:
     """Runs :func:`_run_one` calls, ``jobs`` at a time in worker processes (``jobs <= 1``: one
     after the other, in this process, when :meth:`results` is asked for). Runs can be
@@ -142,13 +136,9 @@ class _Runs:
 
     def __enter__(self):
         if self.jobs > 1:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
+            from sb_crossmodal_kd.workers import process_pool
 
-            threads = max(1, (os.cpu_count() or 1) // self.jobs)
-            context = multiprocessing.get_context("spawn")  # no forked torch state
-            self.pool = ProcessPoolExecutor(self.jobs, mp_context=context,
-                                            initializer=_init_worker, initargs=(threads,))
+            self.pool = process_pool(self.jobs, max(1, (os.cpu_count() or 1) // self.jobs))
         return self
 
     def submit(self, todo):

@@ -678,8 +678,7 @@ def _unit_store(path, alignments, manifest, lexicon, tree, tokenizer, progress):
 def _unit_lms(prep_dir, lm_texts, settings, device):
     """Trains the three unit LMs side by side, each in a worker process (most of a small LM's
     time is start-up, and one process per LM keeps their torch threads apart)."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from sb_crossmodal_kd.workers import process_pool
 
     todo = {}
     for unit in UNIT_TYPES:
@@ -702,9 +701,7 @@ def _unit_lms(prep_dir, lm_texts, settings, device):
         # One share of the cores each: oversubscribed torch threads made every epoch several
         # times slower (a user's OMP_NUM_THREADS wins).
         threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // len(todo)))
-        context = multiprocessing.get_context("spawn")  # no forked torch state
-        with ProcessPoolExecutor(len(todo), mp_context=context, initializer=_set_threads,
-                                 initargs=(threads,)) as pool:
+        with process_pool(len(todo), threads) as pool:
             futures = {unit: pool.submit(train_unit_lm, *args) for unit, args in todo.items()}
             failed = []
             for unit, future in futures.items():
@@ -717,12 +714,6 @@ def _unit_lms(prep_dir, lm_texts, settings, device):
             raise RuntimeError(f"Training the unit LM failed for: {'; '.join(failed)}")
     return {unit: json.loads((prep_dir / "lm" / unit / "results.json").read_text())
             for unit in UNIT_TYPES}
-
-
-def _set_threads(threads):
-    import torch
-
-    torch.set_num_threads(threads)
 
 
 def _teacher_cache(prep_dir, unit, split, store, settings, device, progress):

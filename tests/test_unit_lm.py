@@ -4,9 +4,9 @@ SpeechBrain's Pretrainer and gives the trained model's distributions."""
 import random
 
 import pytest
-import speechbrain as sb
 import torch
 
+from sb_crossmodal_kd.teachers.lm_training import dataset
 from sb_crossmodal_kd.teachers.unit_lm import (
     BOUNDARY_INDEX,
     UNIT_OFFSET,
@@ -31,20 +31,6 @@ def _counting_language(n, seed):
     return out
 
 
-def _dataset(sequences):
-    data = {f"s{i}": {"sequence": s} for i, s in enumerate(sequences)}
-    dataset = sb.dataio.dataset.DynamicItemDataset(data)
-
-    @sb.utils.data_pipeline.takes("sequence")
-    @sb.utils.data_pipeline.provides("units")
-    def units(sequence):
-        return torch.tensor(sequence, dtype=torch.long)
-
-    dataset.add_dynamic_item(units)
-    dataset.set_output_keys(["id", "units"])
-    return dataset
-
-
 def test_brain_training_lowers_held_out_perplexity(tmp_path):
     torch.manual_seed(0)
     lm = UnitLM(V, architecture="lstm", embedding_dim=16, hidden_size=32, num_layers=1,
@@ -57,7 +43,7 @@ def test_brain_training_lowers_held_out_perplexity(tmp_path):
         run_opts={"device": "cpu"},
         checkpointer=None,
     )
-    brain.fit(range(6), _dataset(_counting_language(300, seed=1)), _dataset(held_out),
+    brain.fit(range(6), dataset(_counting_language(300, seed=1)), dataset(held_out),
               train_loader_kwargs={"batch_size": 16, "shuffle": True},
               valid_loader_kwargs={"batch_size": 32})
     after = perplexity(lm, held_out)

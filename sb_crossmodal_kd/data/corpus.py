@@ -25,9 +25,7 @@ import csv
 import io
 import json
 import logging
-import multiprocessing
 import random
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,6 +37,7 @@ from tqdm import tqdm
 from sb_crossmodal_kd.data.espeak_phones import phone_segments
 from sb_crossmodal_kd.data.grammar import DomainGrammar
 from sb_crossmodal_kd.io import atomic_write_text, write_wav_atomic
+from sb_crossmodal_kd.workers import process_pool
 
 logger = logging.getLogger(__name__)
 
@@ -353,18 +352,13 @@ def _speak(utterance):
     return row, {"voice": utterance.speaker["voice"], "words": words, "phones": phones}
 
 
-def _one_thread():
-    torch.set_num_threads(1)  # one process per core already
-
-
 @contextlib.contextmanager
 def _pool(jobs):
     """A process pool of ``jobs`` workers, or None for ``jobs <= 1`` (work in this process)."""
     if jobs <= 1:
         yield None
         return
-    context = multiprocessing.get_context("spawn")  # no forked torch or eSpeak state
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_one_thread) as pool:
+    with process_pool(jobs) as pool:
         yield pool
 
 
