@@ -133,12 +133,13 @@ class _Runs:
 
     def __init__(self, jobs):
         self.jobs, self.pool, self.submitted = jobs, None, {}
+        self.threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
 
     def __enter__(self):
         if self.jobs > 1:
             from sb_crossmodal_kd.workers import process_pool
 
-            self.pool = process_pool(self.jobs, max(1, (os.cpu_count() or 1) // self.jobs))
+            self.pool = process_pool(self.jobs, self.threads)
         return self
 
     def submit(self, todo):
@@ -409,9 +410,9 @@ def run_ablation(
     device : str
         ``cpu`` or ``cuda:0``.
     jobs : int
-        Runs trained side by side, each in its own process with ``cpu_count // jobs``
-        threads (small models use CPU cores better this way; ``train_s`` then includes the
-        contention, equally for every condition).
+        Processes at once, each with ``cpu_count // jobs`` threads: runs side by side, each
+        in its own process (small models use CPU cores better this way), and while the unit
+        LMs train, ``jobs - 1`` runs that need no teacher beside them.
     progress : bool
         Progress bars of the data chain.
 
@@ -452,13 +453,16 @@ def run_ablation(
                 records[(name, seed)] = _finished(record_file, name, seed, run_dir, common)
             else:
                 todo.append((name, seed, run_dir, common, {"device": device}))
-    # The first runs without teachers train while the unit LMs do: the LMs' last minutes
-    # leave cores idle. Results do not depend on this (each run has its own seed and process).
-    early = [args for args in todo[:jobs] if not _reads_teachers(args[0], common)]
+    # Runs without teachers train while the unit LMs do, in all slots but one; the LMs take
+    # that one, so no more processes than slots ever compete for the cores (five one-thread
+    # runs on two cores cost 16 % more CPU per step than two). Results do not depend on
+    # this: each run has its own seed and process.
+    early = [args for args in todo if not _reads_teachers(args[0], common)][:max(0, jobs - 1)]
     with _Runs(jobs) as runs:
         runs.submit(early)
         prepared = prepare_kd_data(output_dir / "data", output_dir / "prep", settings,
-                                   progress=progress, device=device, jobs=workers)
+                                   progress=progress, device=device, jobs=workers,
+                                   lm_cores=max(1, workers - len(early) * runs.threads))
         steps.update({step: prepared["steps"][step] for step in STEPS
                       if step not in steps and step in prepared["steps"]})
         runs.submit([args for args in todo if args not in early])

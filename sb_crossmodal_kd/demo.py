@@ -11,6 +11,7 @@ Two presets of :func:`~sb_crossmodal_kd.ablation.run_ablation`:
   settings with 3 paired seeds (:data:`STUDY_TRAINING`, :data:`STUDY_PREP`).
 """
 
+import os
 import time
 from pathlib import Path
 
@@ -31,13 +32,14 @@ STUDY_TRAINING = dict(DEMO_TRAINING)
 STUDY_PREP = {}
 
 
-def run_demo(output_dir, study=False, seeds=None, jobs=2, device="cpu", progress=True):
+def run_demo(output_dir, study=False, seeds=None, jobs=None, device="cpu", progress=True):
     """Runs the demo (or the study) into ``output_dir``; resumable.
 
     Returns the content of ``ablation.json``, to which it adds ``wall_s``: this call's wall
     time (of the remainder only, when it resumed a folder).
     """
     start = time.time()
+    jobs = jobs or os.cpu_count() or 1
     if study:
         result = run_ablation(output_dir, seeds=seeds or STUDY_SEEDS, prep=STUDY_PREP,
                               training=STUDY_TRAINING, device=device, jobs=jobs,

@@ -248,7 +248,7 @@ class _Record:
 
 
 def prepare_kd_data(data_dir, prep_dir, settings=None, progress=False, device="cpu", jobs=1,
-                    through=None):
+                    through=None, lm_cores=None):
     """Runs the chain on SynthCommands (corpus -> ... -> teacher caches), skipping finished steps.
 
     Arguments
@@ -268,6 +268,10 @@ def prepare_kd_data(data_dir, prep_dir, settings=None, progress=False, device="c
     through : str, optional
         Stop after this step (one of :data:`STEPS`), e.g. ``"unit_stores"``: what training
         without teachers needs. A later call continues from there.
+    lm_cores : int, optional
+        CPU cores the unit LMs may use, e.g. those that runs training meanwhile leave free:
+        at most that many LM processes, the cores shared among them (default: one process
+        per LM, all cores shared).
 
     Returns
     -------
@@ -290,7 +294,8 @@ def prepare_kd_data(data_dir, prep_dir, settings=None, progress=False, device="c
     if _stops_after("corpus", through):
         return record.data
     lm_texts = {"train": manifests["lm_train"], "valid": manifests["lm_valid"]}
-    return _chain(prep_dir, record, manifests, lm_texts, settings, progress, device, through)
+    return _chain(prep_dir, record, manifests, lm_texts, settings, progress, device, through,
+                  lm_cores)
 
 
 def prepare_kd_data_from_manifests(
@@ -495,7 +500,8 @@ def _sample_lines(path, n):
     return [text for _, text in sorted(kept)]
 
 
-def _chain(prep_dir, record, manifests, lm_texts, settings, progress, device, through=None):
+def _chain(prep_dir, record, manifests, lm_texts, settings, progress, device, through=None,
+           lm_cores=None):
     """The steps after the corpus (module docstring), on CSV ``manifests`` and ``lm_texts``;
     returns after step ``through`` when it is given."""
     from sb_crossmodal_kd.units.lexicon import Lexicon
@@ -537,7 +543,7 @@ def _chain(prep_dir, record, manifests, lm_texts, settings, progress, device, th
         return record.data
 
     start = time.time()
-    lms = _unit_lms(prep_dir, lm_texts, settings, device)
+    lms = _unit_lms(prep_dir, lm_texts, settings, device, lm_cores)
     record.step("unit_lms", time.time() - start,
                 lm_valid_ppl={unit: lm["valid_ppl"] for unit, lm in lms.items()},
                 lm_valid_ppl_curve={unit: lm.get("valid_ppl_curve", []) for unit, lm in lms.items()})
@@ -675,9 +681,10 @@ def _unit_store(path, alignments, manifest, lexicon, tree, tokenizer, progress):
     return path
 
 
-def _unit_lms(prep_dir, lm_texts, settings, device):
-    """Trains the three unit LMs side by side, each in a worker process (most of a small LM's
-    time is start-up, and one process per LM keeps their torch threads apart)."""
+def _unit_lms(prep_dir, lm_texts, settings, device, cores=None):
+    """Trains the three unit LMs in worker processes, side by side (most of a small LM's time
+    is start-up, and one process per LM keeps their torch threads apart), or at most
+    ``cores`` processes at a time when it is given."""
     from sb_crossmodal_kd.workers import process_pool
 
     todo = {}
@@ -700,8 +707,10 @@ def _unit_lms(prep_dir, lm_texts, settings, device):
     if todo:
         # One share of the cores each: oversubscribed torch threads made every epoch several
         # times slower (a user's OMP_NUM_THREADS wins).
-        threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // len(todo)))
-        with process_pool(len(todo), threads) as pool:
+        workers = len(todo) if cores is None else max(1, min(len(todo), cores))
+        threads = int(os.environ.get("OMP_NUM_THREADS")
+                      or max(1, (cores or os.cpu_count() or 1) // workers))
+        with process_pool(workers, threads) as pool:
             futures = {unit: pool.submit(train_unit_lm, *args) for unit, args in todo.items()}
             failed = []
             for unit, future in futures.items():

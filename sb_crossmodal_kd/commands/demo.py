@@ -1,6 +1,7 @@
 """Run the main job: every distillation condition on the embedded corpus, one table."""
 
 import json
+import os
 
 from sb_crossmodal_kd.demo import run_demo
 
@@ -14,10 +15,10 @@ def add_arguments(parser):
                         "the 15-minute demo")
     parser.add_argument("--seeds", type=int, default=None,
                         help="seeds per condition (default 1, or 3 with --study)")
-    parser.add_argument("--jobs", type=int, default=5,
-                        help="runs trained side by side, each with cpu_count // jobs threads "
-                        "(default 5: the demo's five runs at once, which packs 2 cores "
-                        "better than rounds of two)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="processes at once, each with cpu_count // jobs threads: runs "
+                        "side by side, and the unit LMs beside the runs that need no teacher "
+                        "(default: one per core)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda:0")
 
 
