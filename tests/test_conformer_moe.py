@@ -45,6 +45,59 @@ def test_upcycled_encoder_computes_what_the_dense_one_did():
     torch.testing.assert_close(moe_out, dense_out, rtol=1e-4, atol=1e-5)
 
 
+UPCYCLED_HPARAMS = """
+encoder: !apply:sb_crossmodal_kd.nnet.conformer_moe.use_moe_ffn
+    encoder: !new:speechbrain.lobes.models.transformer.Conformer.ConformerEncoder
+        num_layers: 2
+        d_model: 16
+        d_ffn: 32
+        nhead: 2
+        kernel_size: 3
+        attention_type: regularMHA
+    num_experts: 4
+    top_k: 2
+    every: 2
+    init_from_dense: False
+pretrainer: !new:speechbrain.utils.parameter_transfer.Pretrainer
+    collect_in: {collect}
+    loadables:
+        encoder: !ref <encoder>
+    paths:
+        encoder: {checkpoint}
+"""
+
+
+def test_speechbrain_pretrainer_upcycles_a_dense_checkpoint_into_the_moe_encoder(tmp_path):
+    # A user's pretrained dense Conformer, saved as SpeechBrain saves modules.
+    torch.manual_seed(0)
+    dense = conformer(2).eval()
+    checkpoint = tmp_path / "dense" / "encoder.ckpt"
+    checkpoint.parent.mkdir()
+    torch.save(dense.state_dict(), checkpoint)
+    hparams = load_hyperpyyaml(UPCYCLED_HPARAMS.format(collect=tmp_path / "collected",
+                                                       checkpoint=checkpoint))
+    encoder = hparams["encoder"].eval()
+    x = torch.randn(2, 9, 16)
+    assert not torch.allclose(encoder(x)[0], dense(x)[0], atol=1e-3)  # experts not yet loaded
+    hparams["pretrainer"].collect_files()
+    hparams["pretrainer"].load_collected()
+    assert [n for n, _ in moe_layers(encoder)] == ["layers.1.ffn_module1.1",
+                                                   "layers.1.ffn_module2.1"]
+    torch.testing.assert_close(encoder(x)[0], dense(x)[0], rtol=1e-4, atol=1e-5)
+    # The upcycled model's own checkpoint loads strictly into a fresh MoE encoder.
+    fresh = use_moe_ffn(conformer(2), num_experts=4, top_k=2, every=2, init_from_dense=False)
+    fresh.load_state_dict(encoder.state_dict())
+    torch.testing.assert_close(fresh.eval()(x)[0], dense(x)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_dense_checkpoint_of_other_sizes_is_refused_naming_the_parameter():
+    moe_encoder = use_moe_ffn(conformer(2), num_experts=2, init_from_dense=False)
+    other = ConformerEncoder(num_layers=2, d_model=16, d_ffn=48, nhead=2, kernel_size=3,
+                             attention_type="regularMHA")
+    with pytest.raises(RuntimeError, match=r"layers\.0\.ffn_module1\.1\.experts\.w_in"):
+        moe_encoder.load_state_dict(other.state_dict())
+
+
 def test_conformer_with_moe_ffns_trains_on_a_tiny_batch_with_padding():
     torch.manual_seed(0)
     encoder = use_moe_ffn(conformer(2), num_experts=4, top_k=2, init_from_dense=False,

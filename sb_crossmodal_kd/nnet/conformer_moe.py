@@ -21,6 +21,13 @@ the call (:func:`~sb_crossmodal_kd.nnet.moe.padding_mask`). An encoder called wi
 uses whatever the caller set with :func:`~sb_crossmodal_kd.nnet.moe.set_padding_mask`,
 else treats all frames as real. The Brain adds
 :func:`~sb_crossmodal_kd.nnet.moe.moe_auxiliary_loss` to its objective.
+
+Upcycling a pretrained dense model. The swap happens when the hparams are built, before
+SpeechBrain's ``Pretrainer`` (or ``Checkpointer``) loads anything; so each MoE layer made
+here also loads the state dict of the dense FFN it replaced (``...ffn.0.weight``, ...): every
+expert takes the dense weights, the router keeps its own initial ones. A checkpoint of the
+dense model therefore loads into the MoE model unchanged, and the MoE starts out computing
+what the dense model did.
 """
 
 import torch
@@ -69,13 +76,35 @@ def _hook_padding(encoder):
 CONFORMER_FFNS = ("both", "first", "second")
 
 
+# A dense PositionalwiseFeedForward's parameters (Sequential(Linear, activation, Dropout,
+# Linear)) and the stacked-expert parameter each becomes: (name, transposed).
+_DENSE_FFN_PARAMETERS = {"ffn.0.weight": ("w_in", True), "ffn.0.bias": ("b_in", False),
+                         "ffn.3.weight": ("w_out", True), "ffn.3.bias": ("b_out", False)}
+
+
+def _load_dense_ffn(moe, state_dict, prefix, *_):
+    """Load-state-dict pre-hook of an MoE made by :func:`moe_from_ffn`: a state dict of the
+    dense FFN it replaced is turned into the MoE's own (the dense weights in every expert;
+    every other entry, e.g. the router, keeps the MoE's current value)."""
+    if not all(prefix + name in state_dict for name in _DENSE_FFN_PARAMETERS):
+        return
+    for name, (target, transposed) in _DENSE_FFN_PARAMETERS.items():
+        value = state_dict.pop(prefix + name)
+        value = value.t() if transposed else value
+        state_dict[f"{prefix}experts.{target}"] = value.unsqueeze(0).expand(
+            moe.num_experts, *value.shape).clone()
+    for name, value in moe.state_dict().items():
+        state_dict.setdefault(prefix + name, value.detach().clone())
+
+
 def moe_from_ffn(ffn, num_experts, top_k=2, init_from_dense=True, **moe_kwargs):
     """An MoE layer shaped like a SpeechBrain ``PositionalwiseFeedForward``.
 
     Each expert is a copy of the dense FFN's architecture (same sizes, activation and
     dropout). With ``init_from_dense`` every expert starts as a copy of the dense weights
     ("upcycling"): since the gates sum to one, the MoE then computes exactly what the dense
-    FFN did, and training from a pretrained dense model starts where it was.
+    FFN did, and training from a pretrained dense model starts where it was. The MoE also
+    loads a state dict of the dense FFN (module docstring: upcycling through ``Pretrainer``).
 
     Arguments
     ---------
@@ -101,6 +130,11 @@ def moe_from_ffn(ffn, num_experts, top_k=2, init_from_dense=True, **moe_kwargs):
     >>> x = torch.randn(2, 5, 16)
     >>> torch.allclose(moe(x), dense(x), atol=1e-5)
     True
+    >>> fresh = moe_from_ffn(PositionalwiseFeedForward(32, input_size=16), 4,
+    ...                      init_from_dense=False)
+    >>> _ = fresh.load_state_dict(dense.state_dict())  # a dense checkpoint, upcycled
+    >>> torch.allclose(fresh(x), dense(x), atol=1e-5)
+    True
     """
     first, act, drop, second = ffn.ffn[0], ffn.ffn[1], ffn.ffn[2], ffn.ffn[3]
     moe = MoE(
@@ -121,6 +155,7 @@ def moe_from_ffn(ffn, num_experts, top_k=2, init_from_dense=True, **moe_kwargs):
             experts.w_out.copy_(second.weight.t().unsqueeze(0).expand_as(experts.w_out))
             experts.b_in.copy_(first.bias.unsqueeze(0).expand_as(experts.b_in))
             experts.b_out.copy_(second.bias.unsqueeze(0).expand_as(experts.b_out))
+    moe.register_load_state_dict_pre_hook(_load_dense_ffn)
     return moe.to(device=first.weight.device, dtype=first.weight.dtype)
 
 
