@@ -184,21 +184,24 @@ class CTCBrain(ExactResume, sb.Brain):
             if sb.utils.distributed.if_main_process():
                 with open(self.hparams.wer_file, "w") as handle:
                     self.wer_metric.write_stats(handle)
-                atomic_write_json(
-                    self.hparams.results_file,
-                    {
-                        "wer": stats["WER"],
-                        "cer": stats["CER"],
-                        "test_loss": stage_loss,
-                        "utterances": len(self.wer_metric.scores),
-                        "epochs": self.hparams.epoch_counter.current,
-                        "params": count_parameters(self.modules),
-                        "valid_wer_curve": getattr(self, "valid_wer_curve", []),
-                    },
-                )
+                atomic_write_json(self.hparams.results_file, self.test_results(stats, stage_loss))
                 logger.info("valid WER by epoch: %s",
                             " ".join(f"{w:.2f}" for w in getattr(self, "valid_wer_curve", [])))
             self.test_stats = stats
+
+
+    def test_results(self, stats, stage_loss):
+        """What ``results_file`` keeps of the test pass (main process only); a subclass adds
+        its own entries to this dict."""
+        return {
+            "wer": stats["WER"],
+            "cer": stats["CER"],
+            "test_loss": stage_loss,
+            "utterances": len(self.wer_metric.scores),
+            "epochs": self.hparams.epoch_counter.current,
+            "params": count_parameters(self.modules),
+            "valid_wer_curve": getattr(self, "valid_wer_curve", []),
+        }
 
 
 def count_parameters(module):

@@ -27,6 +27,7 @@ from sb_crossmodal_kd.analysis.expert_usage import (
     expert_usage_report,
     log_expert_usage,
     plot_expert_usage,
+    usage_results,
 )
 from sb_crossmodal_kd.distributed import mean_across_processes, sum_across_processes
 from sb_crossmodal_kd.io import atomic_write_json
@@ -278,12 +279,7 @@ class FrameBrain(ExactResume, sb.Brain):
                 "epochs": self.hparams.epoch_counter.current,
             }
             if report is not None:
-                results["num_combinations"] = report["num_combinations"]
-                results["combinations_used"] = report["combinations_used"]
-                results["usage"] = {k: v["usage"] for k, v in report["layers"].items()}
-                results["gate_entropy"] = {
-                    k: v["gate_entropy"] for k, v in report["layers"].items()
-                }
+                results.update(usage_results(report))
             if sb.utils.distributed.if_main_process():
                 if report is not None:
                     plot_expert_usage(report, f"{self.hparams.output_folder}/expert_usage")

@@ -47,19 +47,25 @@ Every loss term is averaged over the epoch and logged with the train stats
 (``main``, ``li_main``, ``kd_<head>``, ``<loss>_<head>``, ``moe``, ``total``), with each
 head's frame accuracy against its aligned units (``acc_<head>``). The test
 results' ``params`` counts the inference model (without heads); ``params_with_heads`` the
-trained one.
+trained one. With MoE layers, the test pass also reports expert usage: per layer mean gate
+mass and gate entropy, joint usage of consecutive layers, expert paths used (in the
+results file, and heat maps and the full report in ``expert_usage/`` beside it).
 """
 
 import contextlib
-import json
 from pathlib import Path
 
 import speechbrain as sb
 import torch
 
+from sb_crossmodal_kd.analysis.expert_usage import (
+    ExpertUsageTracker,
+    expert_usage_report,
+    plot_expert_usage,
+    usage_results,
+)
 from sb_crossmodal_kd.brain import CTCBrain, count_parameters
 from sb_crossmodal_kd.distributed import sum_across_processes, unwrap
-from sb_crossmodal_kd.io import atomic_write_json
 from sb_crossmodal_kd.losses import (
     DistillationObjective,
     UnitTargets,
@@ -230,6 +236,7 @@ class KDBrain(CTCBrain):
             self.taps = EncoderTaps(self.modules[self.tap_module], layers=heads.layers)
         self.has_moe = len(moe_layers(self.modules)) > 0
         self._term_sums, self._term_batches = {}, 0
+        self.usage_tracker = None  # an ExpertUsageTracker during the test pass of an MoE model
 
     def _heads(self):
         """The auxiliary heads module (unwrapped under DDP: read for its settings), or None."""
@@ -333,6 +340,8 @@ class KDBrain(CTCBrain):
         if stage != sb.Stage.TRAIN:
             if self.has_moe:
                 moe_auxiliary_loss(self.modules)  # drop losses of an evaluation pass
+            if self.usage_tracker is not None:
+                self.usage_tracker.update(self.modules)
             return main_loss
         log_probs = predictions["log_probs"]
         targets = self.unit_targets(batch, log_probs.shape[1])
@@ -380,26 +389,40 @@ class KDBrain(CTCBrain):
         super().on_fit_start()
 
     def on_stage_start(self, stage, epoch=None):
-        """Resets the term averages; tells MoE balancing constraints the epoch."""
+        """Resets the term averages; tells MoE balancing constraints the epoch; starts
+        counting expert usage for the test pass."""
         super().on_stage_start(stage, epoch)
         if stage == sb.Stage.TRAIN:
             self._term_sums, self._term_batches = {}, 0
             if self.has_moe and epoch is not None:
                 set_moe_epoch(self.modules, epoch)
+        self.usage_tracker = None
+        if stage == sb.Stage.TEST and self.has_moe:
+            for _, layer in moe_layers(self.modules):
+                layer.reset_stats()  # count the test utterances only
+            self.usage_tracker = ExpertUsageTracker()
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
-        """Logs every loss term's epoch average; reports the inference model's size."""
+        """Logs every loss term's epoch average."""
         super().on_stage_end(stage, stage_loss, epoch)
         if stage == sb.Stage.TRAIN and self._term_batches:
             self.train_stats.update(self.loss_terms())
-        results_file = getattr(self.hparams, "results_file", None)
-        if (stage == sb.Stage.TEST and self._heads() is not None and results_file
-                and sb.utils.distributed.if_main_process()):
-            # The heads are dropped for inference: `params` counts the model that is used.
-            results = json.loads(Path(results_file).read_text())
+
+    def test_results(self, stats, stage_loss):
+        """CTCBrain's results; ``params`` counts the inference model (the heads are dropped
+        for inference), ``params_with_heads`` the trained one; an MoE model's expert usage
+        on the test utterances (:func:`~sb_crossmodal_kd.analysis.expert_usage.usage_results`)
+        with its heat maps in ``expert_usage/`` beside ``results_file``."""
+        results = super().test_results(stats, stage_loss)
+        if self._heads() is not None:
             results["params_with_heads"] = results["params"]
             results["params"] = count_parameters(inference_modules(self.modules))
-            atomic_write_json(results_file, results)
+        if self.usage_tracker is not None:
+            report = expert_usage_report(self.modules, self.usage_tracker, reset=True,
+                                         across_processes=False)
+            results.update(usage_results(report))
+            plot_expert_usage(report, Path(self.hparams.results_file).parent / "expert_usage")
+        return results
 
     def loss_terms(self):
         """Epoch averages of every loss term (``loss_<term>``) and head accuracy

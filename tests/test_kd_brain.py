@@ -281,6 +281,13 @@ def test_one_epoch_with_dynamic_items_then_evaluation_without_teachers(tmp_path)
     results = json.loads((tmp_path / "results.json").read_text())
     heads = sum(p.numel() for p in brain.modules["auxiliary_heads"].parameters())
     assert results["params"] == results["params_with_heads"] - heads > 0
+    # The MoE Conformer's expert usage on the test utterances: both macaron FFNs of each layer
+    usage = results["usage"]
+    assert len(usage) == 6 and all(0 < sum(u) <= 1 + 1e-5 for u in usage.values())
+    assert set(results["gate_entropy"]) == set(usage)
+    assert 1 <= results["combinations_used"] <= results["num_combinations"] == 2 ** 6
+    plots = sorted(p.name for p in (tmp_path / "expert_usage").iterdir())
+    assert "expert_usage_layer_usage.png" in plots and "expert_usage.json" in plots
 
 
 def _dataset_without_teachers(data):

@@ -295,6 +295,25 @@ def expert_usage_report(model, tracker=None, reset=False, across_processes=True)
     return report
 
 
+def usage_results(report):
+    """What a results file keeps of a report: expert paths (``num_combinations``,
+    ``combinations_used``) and, per layer, ``usage`` (mean gate mass per expert) and
+    ``gate_entropy``.
+
+    Example
+    -------
+    >>> usage_results({"layers": {"l0": {"usage": [0.25, 0.75], "gate_entropy": 0.5}},
+    ...                "num_combinations": 2, "combinations_used": 2})["usage"]
+    {'l0': [0.25, 0.75]}
+    """
+    return {
+        "num_combinations": report.get("num_combinations", 0),
+        "combinations_used": report.get("combinations_used", 0),
+        "usage": {name: stats["usage"] for name, stats in report["layers"].items()},
+        "gate_entropy": {name: stats["gate_entropy"] for name, stats in report["layers"].items()},
+    }
+
+
 def usage_scalars(report):
     """Flat scalar view of a report for SpeechBrain's loggers.
 
