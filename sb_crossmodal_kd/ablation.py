@@ -32,7 +32,12 @@ import time
 from pathlib import Path
 
 from sb_crossmodal_kd.hparams import KD_CONDITIONS
-from sb_crossmodal_kd.io import atomic_path, atomic_write_json, atomic_write_text
+from sb_crossmodal_kd.io import (
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    refuse_other_settings,
+)
 from sb_crossmodal_kd.pipeline import STEPS, prep_settings, prepare_kd_data
 
 logger = logging.getLogger(__name__)
@@ -182,13 +187,9 @@ def _finished(record_file, name, seed, run_dir, common):
     record = json.loads(record_file.read_text())
     _, overrides = condition_recipe(name)
     wanted = {**common, **overrides, "seed": seed, "output_folder": str(run_dir)}
-    if record.get("overrides") != json.loads(json.dumps(wanted)):
-        old = record.get("overrides") or {}
-        changed = sorted(k for k in set(old) | set(wanted) if old.get(k) != wanted.get(k))
-        raise ValueError(
-            f"{record_file}: this run was made with other settings (differs in: "
-            f"{', '.join(changed)}). Use another output folder, or delete the runs to redo."
-        )
+    refuse_other_settings(record.get("overrides"), json.loads(json.dumps(wanted)),
+                          f"{record_file}: this run was made",
+                          "Use another output folder, or delete the runs to redo")
     return record
 
 

@@ -1,4 +1,6 @@
-"""Atomic file writes: a file is either absent or complete, never half written.
+"""Atomic file writes, and the refusal of a folder made with other settings.
+
+A file is either absent or complete, never half written.
 
 Every writer in the package goes through these helpers (temp file in the same folder, then
 ``os.replace``), so an interrupted run never leaves a truncated file that a re-run would
@@ -59,3 +61,31 @@ def write_wav_atomic(path, waveform, sample_rate):
 
     with atomic_path(path) as tmp:
         soundfile.write(str(tmp), waveform, sample_rate, subtype="PCM_16", format="WAV")
+
+
+class OtherSettingsError(FileExistsError):
+    """A folder holds work made with other settings: refused, never mixed in."""
+
+
+def refuse_other_settings(found, wanted, what, remedy="Choose another folder or delete that one",
+                          error=OtherSettingsError):
+    """Raises ``error`` unless the settings a folder records (``found``) are ``wanted``.
+
+    The message names ``what`` the folder holds, the keys that differ and ``remedy``. Every
+    resumable step of the package checks its folder this way before doing any work.
+
+    Example
+    -------
+    >>> refuse_other_settings({"n": 1}, {"n": 1}, "corpus/ holds a corpus made")
+    >>> refuse_other_settings({"n": 1, "seed": 2}, {"n": 1, "seed": 3},
+    ...                       "corpus/ holds a corpus made")
+    Traceback (most recent call last):
+    ...
+    sb_crossmodal_kd.io.OtherSettingsError: corpus/ holds a corpus made with other settings (differs in: seed). Choose another folder or delete that one; nothing was changed.
+    """
+    found = found if isinstance(found, dict) else {}
+    if found == wanted:
+        return
+    changed = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
+    raise error(f"{what} with other settings (differs in: {', '.join(changed)}). {remedy}; "
+                "nothing was changed.")

@@ -171,6 +171,10 @@ def test_rerun_skips_finished_work_and_refuses_other_settings(ablation):
     with pytest.raises(FileExistsError, match="differs in: vocab_size"):
         prepare_kd_data(output / "data", output / "prep",
                         prep_settings(**{**TINY_PREP, "vocab_size": 33}))
+    # A finished run trained with other settings is refused before anything trains.
+    with pytest.raises(FileExistsError, match=r"run\.json: this run was made .*differs in: lr"):
+        run_ablation(output, seeds=1, prep=TINY_PREP, training={**TINY_MODEL, "lr": 0.123})
+    assert {path: path.stat().st_mtime_ns for path in watched} == before
 
 
 def test_unknown_condition_fails_before_any_work(tmp_path):

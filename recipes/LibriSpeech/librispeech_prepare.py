@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from sb_crossmodal_kd.data.manifest import write_manifest_csv
-from sb_crossmodal_kd.io import atomic_write_json
+from sb_crossmodal_kd.io import atomic_write_json, refuse_other_settings
 from sb_crossmodal_kd.pipeline import prep_settings_file, prepare_kd_data_from_manifests
 
 logger = logging.getLogger(__name__)
@@ -147,13 +147,9 @@ def prepare_librispeech(data_folder, save_folder, train_set="100", valid_split="
     manifests = {name: save_folder / f"{name}.csv" for name in ("train", "valid", "test")}
     record = save_folder / "prepare.json"
     if record.is_file():
-        done = json.loads(record.read_text())
-        if done != options:
-            changed = sorted(k for k in options if done.get(k) != options[k])
-            raise FileExistsError(
-                f"{save_folder} holds LibriSpeech manifests made with other options (differs "
-                f"in: {', '.join(changed)}); choose another output folder"
-            )
+        refuse_other_settings(json.loads(record.read_text()), options,
+                              f"{save_folder} holds LibriSpeech manifests made",
+                              "Choose another output folder")
         if all(path.is_file() for path in manifests.values()):
             logger.info("%s: LibriSpeech manifests already prepared", save_folder)
             return manifests

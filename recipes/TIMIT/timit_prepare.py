@@ -47,7 +47,7 @@ import soundfile
 from sb_crossmodal_kd.alignment.corpus import save_alignments
 from sb_crossmodal_kd.alignment.forced import PhoneAlignment
 from sb_crossmodal_kd.alignment.framerate import FrameRate
-from sb_crossmodal_kd.io import atomic_write_json, atomic_write_text
+from sb_crossmodal_kd.io import atomic_write_json, atomic_write_text, refuse_other_settings
 from sb_crossmodal_kd.units.phones import SILENCE, phone_index
 from sb_crossmodal_kd.units.timit import check_timit_phone, fold_61_to_39, phone_map
 
@@ -144,13 +144,9 @@ def _already_prepared(save_folder, settings, outputs):
     settings_path = save_folder / SETTINGS_FILE
     if not settings_path.is_file():
         return False
-    found = json.loads(settings_path.read_text())
-    if found != settings:
-        changed = sorted(k for k in settings if found.get(k) != settings[k])
-        raise TimitError(
-            f"{save_folder} holds TIMIT prepared with other settings (differs in: "
-            f"{', '.join(changed)}); choose another --save_folder or delete that one"
-        )
+    refuse_other_settings(json.loads(settings_path.read_text()), settings,
+                          f"{save_folder} holds TIMIT prepared",
+                          "Choose another --save_folder or delete that one", error=TimitError)
     return all(path.is_file() for path in outputs.values())
 
 

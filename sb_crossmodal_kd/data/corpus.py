@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from sb_crossmodal_kd.data.espeak_phones import phone_segments
 from sb_crossmodal_kd.data.grammar import DomainGrammar
-from sb_crossmodal_kd.io import atomic_write_text, write_wav_atomic
+from sb_crossmodal_kd.io import atomic_write_text, refuse_other_settings, write_wav_atomic
 from sb_crossmodal_kd.workers import process_pool
 
 logger = logging.getLogger(__name__)
@@ -265,14 +265,9 @@ def make_corpus(output_dir, progress=True, jobs=1, **settings):
     header["speakers"] = list(settings.speakers)
     header_path = output_dir / "corpus.json"
     if header_path.exists():
-        existing = json.loads(header_path.read_text())
-        if existing != header:
-            changed = sorted(k for k in header if existing.get(k) != header[k])
-            raise FileExistsError(
-                f"{output_dir} holds a SynthCommands corpus made with other settings "
-                f"(differs in: {', '.join(changed)}). Choose another output folder or "
-                "delete that one; nothing was changed."
-            )
+        refuse_other_settings(json.loads(header_path.read_text()), header,
+                              f"{output_dir} holds a SynthCommands corpus made",
+                              "Choose another output folder or delete that one")
     elif output_dir.exists() and any(output_dir.iterdir()):
         raise FileExistsError(
             f"{output_dir} is not empty and holds no corpus.json: it was not made by "
