@@ -45,7 +45,9 @@ def test_upcycled_encoder_computes_what_the_dense_one_did():
     torch.testing.assert_close(moe_out, dense_out, rtol=1e-4, atol=1e-5)
 
 
-UPCYCLED_HPARAMS = """
+# The 2-layer Conformer of conformer() with MoE FFNs in its second layer, as hparams build it;
+# each test adds use_moe_ffn settings (indented by four spaces) and entries of its own.
+MOE_ENCODER_HPARAMS = """
 encoder: !apply:sb_crossmodal_kd.nnet.conformer_moe.use_moe_ffn
     encoder: !new:speechbrain.lobes.models.transformer.Conformer.ConformerEncoder
         num_layers: 2
@@ -55,8 +57,10 @@ encoder: !apply:sb_crossmodal_kd.nnet.conformer_moe.use_moe_ffn
         kernel_size: 3
         attention_type: regularMHA
     num_experts: 4
-    top_k: 2
     every: 2
+"""
+
+UPCYCLED_HPARAMS = MOE_ENCODER_HPARAMS + """    top_k: 2
     init_from_dense: False
 pretrainer: !new:speechbrain.utils.parameter_transfer.Pretrainer
     collect_in: {collect}
@@ -140,18 +144,7 @@ def test_padding_from_set_padding_mask_when_the_encoder_gets_no_mask():
 
 
 def test_usable_from_hparams_with_apply():
-    hparams = load_hyperpyyaml("""
-encoder: !apply:sb_crossmodal_kd.nnet.conformer_moe.use_moe_ffn
-    encoder: !new:speechbrain.lobes.models.transformer.Conformer.ConformerEncoder
-        num_layers: 2
-        d_model: 16
-        d_ffn: 32
-        nhead: 2
-        kernel_size: 3
-        attention_type: regularMHA
-    num_experts: 4
-    top_k: 1
-    every: 2
+    hparams = load_hyperpyyaml(MOE_ENCODER_HPARAMS + """    top_k: 1
     capacity_factor: 1.5
 """)
     layers = moe_layers(hparams["encoder"])
