@@ -32,7 +32,7 @@ TINY = dict(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2, inte
 
 def _save_transformers_model(folder, model_type="wav2vec2", **settings):
     """A tiny randomly initialised model written by save_pretrained; returns it (eval)."""
-    import transformers
+    transformers = pytest.importorskip("transformers")  # the [hf] extra
 
     torch.manual_seed(0)
     if model_type == "wav2vec2":
@@ -131,7 +131,7 @@ def test_fine_tuning_keeps_the_feature_encoder_fixed(tmp_path):
 
 
 def test_wrong_folders_are_clear_errors(tmp_path):
-    import transformers
+    transformers = pytest.importorskip("transformers")  # the [hf] extra
 
     with pytest.raises(FileNotFoundError, match="is not a local folder"):
         Wav2Vec2FrontEnd(tmp_path / "missing")

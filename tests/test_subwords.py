@@ -44,6 +44,7 @@ def test_sentencepiece_without_data_or_model_says_what_to_do(tmp_path):
 
 
 def test_local_transformers_tokenizer(tmp_path):
+    pytest.importorskip("transformers")  # the [hf] extra
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

@@ -48,6 +48,7 @@ def _manual_softmax(logits, tau):
 
 
 def test_hf_causal_adapter_matches_manual_gpt2(tmp_path):
+    pytest.importorskip("transformers")  # the [hf] extra
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
     from sb_crossmodal_kd.teachers.hf import HFCausalLMTeacher
@@ -79,6 +80,7 @@ def test_hf_causal_adapter_matches_manual_gpt2(tmp_path):
 
 
 def test_hf_masked_adapter_matches_one_position_at_a_time(tmp_path):
+    pytest.importorskip("transformers")  # the [hf] extra
     from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
 
     from sb_crossmodal_kd.teachers.hf import HFMaskedLMTeacher
