@@ -31,9 +31,9 @@ from sb_crossmodal_kd.analysis.expert_usage import (
 )
 from sb_crossmodal_kd.distributed import mean_across_processes, sum_across_processes
 from sb_crossmodal_kd.io import atomic_write_json
+from sb_crossmodal_kd.lengths import lengths_to_mask
 from sb_crossmodal_kd.nnet.moe import (
     expert_counters,
-    lengths_to_mask,
     load_expert_counters,
     moe_auxiliary_loss,
     moe_layers,
@@ -108,8 +108,7 @@ def align_labels(labels, label_lens, n_frames, frame_lens=None):
             [ 6, -1, -1]])
     """
     batch, length = labels.shape
-    absolute = torch.round(label_lens * length).long()
-    keep = torch.arange(length, device=labels.device) < absolute.unsqueeze(1)
+    keep = lengths_to_mask(label_lens, length)
     labels = torch.where(keep, labels.long(), -1)
     if length >= n_frames:
         labels = labels[:, :n_frames]

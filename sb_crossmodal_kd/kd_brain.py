@@ -66,6 +66,7 @@ from sb_crossmodal_kd.analysis.expert_usage import (
 )
 from sb_crossmodal_kd.brain import CTCBrain, count_parameters
 from sb_crossmodal_kd.distributed import sum_across_processes, unwrap
+from sb_crossmodal_kd.lengths import lengths_to_mask
 from sb_crossmodal_kd.losses import (
     DistillationObjective,
     UnitTargets,
@@ -206,8 +207,7 @@ def fit_frames(frame_to_position, lengths, n_frames, tolerance=2, ids=None):
             f"{list(ids or [])[:4]}...: alignments must be at the encoder frame rate (after "
             "the front end's subsampling). Rebuild them with the model's FrameRate."
         )
-    frames = torch.arange(aligned, device=frame_to_position.device)
-    real = frames[None, :] < torch.round(lengths.to(frames.device) * aligned)[:, None]
+    real = lengths_to_mask(lengths.to(frame_to_position.device), aligned)
     frame_to_position = torch.where(real, frame_to_position, torch.full_like(frame_to_position, -1))
     if aligned >= n_frames:
         return frame_to_position[:, :n_frames]

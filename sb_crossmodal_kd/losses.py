@@ -54,6 +54,7 @@ from dataclasses import dataclass
 import torch
 
 from sb_crossmodal_kd.alignment.ctc import ctc_frame_positions
+from sb_crossmodal_kd.lengths import absolute_lengths, lengths_to_mask
 
 __all__ = [
     "frame_mask",
@@ -115,9 +116,7 @@ def frame_mask(frame_to_position, lengths=None):
     """
     mask = frame_to_position >= 0
     if lengths is not None:
-        n_frames = frame_to_position.shape[1]
-        frames = torch.arange(n_frames, device=frame_to_position.device)
-        mask = mask & (frames[None, :] < torch.round(lengths * n_frames)[:, None])
+        mask = mask & lengths_to_mask(lengths, frame_to_position.shape[1])
     return mask
 
 
@@ -589,9 +588,9 @@ def _check_same_sequences(tokens, token_lens, units, unit_lens, unit_type):
     """
     same = tokens.shape == units.shape
     if same and tokens.device.type == "cpu" and units.device.type == "cpu" and tokens.numel():
-        n_tokens = torch.round(token_lens * tokens.shape[1]).long()
-        n_units = torch.round(unit_lens * units.shape[1]).long()
-        inside = torch.arange(tokens.shape[1])[None, :] < n_tokens[:, None]
+        n_tokens = absolute_lengths(token_lens, tokens.shape[1])
+        n_units = absolute_lengths(unit_lens, units.shape[1])
+        inside = lengths_to_mask(n_tokens, tokens.shape[1])
         same = bool(torch.equal(n_tokens, n_units)) and bool(
             torch.equal(torch.where(inside, tokens.long(), 0), torch.where(inside, units.long(), 0))
         )

@@ -34,6 +34,8 @@ tensor([[-1, -1,  0, -1, -1,  1, -1]])
 
 import torch
 
+from sb_crossmodal_kd.lengths import absolute_lengths
+
 __all__ = ["ctc_frame_positions", "ctc_alignable"]
 
 BACKENDS = ("auto", "viterbi", "torchaudio")
@@ -43,7 +45,7 @@ def _counts(lengths, size, batch, device):
     """Absolute lengths from SpeechBrain relative ones (full length when None)."""
     if lengths is None:
         return torch.full((batch,), size, dtype=torch.long, device=device)
-    return torch.round(lengths.to(device) * size).long().clamp(0, size)
+    return absolute_lengths(lengths.to(device), size).clamp(0, size)
 
 
 def _padded_tokens(tokens, n_tokens, blank_index):

@@ -7,10 +7,11 @@ mask; this wrapper builds both so that Brains, taps and MoE swaps deal with one 
 """
 
 import torch
-from speechbrain.dataio.dataio import length_to_mask
 from speechbrain.lobes.models.convolution import ConvolutionFrontEnd
 from speechbrain.lobes.models.transformer.Conformer import ConformerEncoder
 from speechbrain.nnet.attention import RelPosEncXL
+
+from sb_crossmodal_kd.lengths import lengths_to_mask
 
 
 class SubsamplingFrontEnd(torch.nn.Module):
@@ -124,9 +125,7 @@ class ConformerCTCEncoder(torch.nn.Module):
     def forward(self, features, lengths):
         """Encodes ``features`` [B, T, n_mels] with relative ``lengths`` [B] -> [B, T', D]."""
         x = self.front_end(features)
-        padding_mask = ~length_to_mask(
-            torch.round(lengths * x.shape[1]).long(), max_len=x.shape[1]
-        ).bool()
+        padding_mask = ~lengths_to_mask(lengths, x.shape[1])
         positions = self.positional(x) if self.positional is not None else None
         out, _ = self.layers(x, src_key_padding_mask=padding_mask, pos_embs=positions)
         return out

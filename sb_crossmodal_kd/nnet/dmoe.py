@@ -10,7 +10,8 @@ import math
 
 from torch import nn
 
-from sb_crossmodal_kd.nnet.moe import MoE, lengths_to_mask
+from sb_crossmodal_kd.lengths import lengths_to_mask
+from sb_crossmodal_kd.nnet.moe import MoE
 
 
 def _per_layer(value, num_layers, name):

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sb_crossmodal_kd.distributed import is_distributed, sum_across_processes
+from sb_crossmodal_kd.lengths import lengths_to_mask
 
 EXPERT_TYPES = ("relu", "ffn", "swiglu")
 STAT_NAMES = ("gate_mass", "top1_count", "routed_count", "dropped_count", "entropy", "frames")
@@ -813,19 +814,6 @@ class BalancingConstraint(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # The MoE layer
 # ---------------------------------------------------------------------------------------------
-
-
-def lengths_to_mask(lengths, max_len):
-    """Bool mask [B, max_len], True on real frames, from SpeechBrain relative lengths [B].
-
-    Example
-    -------
-    >>> lengths_to_mask(torch.tensor([1.0, 0.5]), 4)
-    tensor([[ True,  True,  True,  True],
-            [ True,  True, False, False]])
-    """
-    absolute = torch.round(lengths.float() * max_len)
-    return torch.arange(max_len, device=lengths.device) < absolute.unsqueeze(1)
 
 
 class MoE(nn.Module):

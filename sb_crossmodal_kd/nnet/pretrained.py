@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from speechbrain.processing.features import InputNormalization
 
-from sb_crossmodal_kd.nnet.moe import lengths_to_mask
+from sb_crossmodal_kd.lengths import absolute_lengths, lengths_to_mask
 
 __all__ = [
     "Wav2Vec2FrontEnd",
@@ -232,7 +232,7 @@ class Wav2Vec2FrontEnd(_Freezable):
         """
         if wav_lens is None:
             wav_lens = torch.ones(wavs.shape[0], device=wavs.device)
-        n_samples = torch.round(wav_lens * wavs.shape[1]).long()
+        n_samples = absolute_lengths(wav_lens, wavs.shape[1])
         if self.waveform_norm is not None:
             wavs = self.waveform_norm(wavs, wav_lens)
         sample_mask = lengths_to_mask(wav_lens, wavs.shape[1])

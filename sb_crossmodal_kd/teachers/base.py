@@ -70,6 +70,8 @@ from typing import NamedTuple
 
 import torch
 
+from sb_crossmodal_kd.lengths import lengths_to_mask
+
 CAUSAL = "causal"
 BIDIRECTIONAL = "bidirectional"
 
@@ -107,26 +109,6 @@ class TopKDistributions(NamedTuple):
         # Top-k slots get their own probability, not the share.
         dense.scatter_(-1, self.top_ids, self.top_probs.to(dense.dtype))
         return dense
-
-
-def absolute_lengths(lengths, max_len):
-    """Integer lengths ``[batch]`` from SpeechBrain relative (floating) or absolute lengths.
-
-    Example
-    -------
-    >>> absolute_lengths(torch.tensor([1.0, 0.5]), 4), absolute_lengths(torch.tensor([4, 2]), 4)
-    (tensor([4, 2]), tensor([4, 2]))
-    """
-    lengths = torch.as_tensor(lengths)
-    if lengths.is_floating_point():
-        return torch.round(lengths * max_len).long()
-    return lengths.long()
-
-
-def length_mask(lengths, max_len):
-    """Boolean ``[batch, max_len]``, True on real positions (``lengths`` absolute)."""
-    positions = torch.arange(max_len, device=lengths.device)
-    return positions.unsqueeze(0) < lengths.to(positions.device).unsqueeze(1)
 
 
 def topk_from_log_probs(log_probs, k, mask=None):
@@ -284,7 +266,7 @@ class Teacher(torch.nn.Module):
     def distributions(self, unit_ids, lengths, k, tau=1.0):
         """The top-k triple (:class:`TopKDistributions`), padding positions zeroed."""
         log_probs = self.log_probs(unit_ids, lengths, tau)
-        mask = length_mask(absolute_lengths(lengths, unit_ids.shape[1]), unit_ids.shape[1])
+        mask = lengths_to_mask(lengths, unit_ids.shape[1])
         return topk_from_log_probs(log_probs, k, mask.to(log_probs.device))
 
     def describe(self):

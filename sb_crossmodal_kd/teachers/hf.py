@@ -25,12 +25,11 @@ import pathlib
 
 import torch
 
+from sb_crossmodal_kd.lengths import absolute_lengths, lengths_to_mask
 from sb_crossmodal_kd.teachers.base import (
     BIDIRECTIONAL,
     CAUSAL,
     Teacher,
-    absolute_lengths,
-    length_mask,
     shift_right,
 )
 
@@ -119,7 +118,7 @@ class HFCausalLMTeacher(Teacher):
     def unit_logits(self, unit_ids, lengths):
         """Logits ``[B, K, vocab_size]``; output ``k`` is the LM's prediction of unit ``k``."""
         unit_ids = unit_ids.to(self.device)
-        mask = length_mask(absolute_lengths(lengths, unit_ids.shape[1]).to(self.device),
+        mask = lengths_to_mask(absolute_lengths(lengths, unit_ids.shape[1]).to(self.device),
                            unit_ids.shape[1])
         inputs = shift_right(unit_ids, self.bos_token_id)
         logits = self.model(input_ids=inputs, attention_mask=mask.long()).logits
@@ -219,7 +218,7 @@ class HFMaskedLMTeacher(Teacher):
         unit_ids = unit_ids.to(self.device)
         batch, max_len = unit_ids.shape
         lengths = absolute_lengths(lengths, max_len).to(self.device)
-        mask = length_mask(lengths, max_len)
+        mask = lengths_to_mask(lengths, max_len)
         start = 1 if self.cls_token_id is not None else 0
         tokens = unit_ids.masked_fill(~mask, self.pad_token_id)
         attention = mask.long()

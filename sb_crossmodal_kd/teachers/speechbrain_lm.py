@@ -31,11 +31,10 @@ import pathlib
 
 import torch
 
+from sb_crossmodal_kd.lengths import absolute_lengths, lengths_to_mask
 from sb_crossmodal_kd.teachers.base import (
     CAUSAL,
     Teacher,
-    absolute_lengths,
-    length_mask,
     shift_right,
 )
 
@@ -122,7 +121,7 @@ class SpeechBrainLMTeacher(Teacher):
         lengths = absolute_lengths(lengths, unit_ids.shape[1]).to(self.device)
         tokens = shift_right(unit_ids + self.unit_offset, self.bos_index)
         # Padding after each sequence (never seen by a real position: the LM is causal).
-        tokens = tokens.masked_fill(~length_mask(lengths, tokens.shape[1]), self.pad_index)
+        tokens = tokens.masked_fill(~lengths_to_mask(lengths, tokens.shape[1]), self.pad_index)
         logits = self.lm_model(tokens)
         if isinstance(logits, tuple):
             logits = logits[0]

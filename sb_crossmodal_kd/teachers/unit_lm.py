@@ -44,8 +44,8 @@ import torch
 from speechbrain.lobes.models.RNNLM import RNNLM
 
 from sb_crossmodal_kd.distributed import mean_across_processes
+from sb_crossmodal_kd.lengths import absolute_lengths, lengths_to_mask
 from sb_crossmodal_kd.resume import ExactResume
-from sb_crossmodal_kd.teachers.base import absolute_lengths, length_mask
 
 PAD_INDEX = 0
 BOUNDARY_INDEX = 1
@@ -289,7 +289,7 @@ def lm_inputs_and_targets(unit_ids, lengths):
     """
     lengths = absolute_lengths(lengths, unit_ids.shape[1]).to(unit_ids.device)
     batch, max_len = unit_ids.shape
-    mask = length_mask(lengths, max_len)
+    mask = lengths_to_mask(lengths, max_len)
     tokens = torch.where(mask, unit_ids + UNIT_OFFSET, PAD_INDEX)
     pad = torch.full((batch, 1), PAD_INDEX, dtype=tokens.dtype, device=tokens.device)
     inputs = torch.cat([torch.full_like(pad, BOUNDARY_INDEX), tokens], dim=1)
