@@ -47,16 +47,17 @@ def test_upcycled_encoder_computes_what_the_dense_one_did():
 
 # The 2-layer Conformer of conformer() with MoE FFNs in its second layer, as hparams build it;
 # each test adds use_moe_ffn settings (indented by four spaces) and entries of its own.
-MOE_ENCODER_HPARAMS = """
-encoder: !apply:sb_crossmodal_kd.nnet.conformer_moe.use_moe_ffn
-    encoder: !new:speechbrain.lobes.models.transformer.Conformer.ConformerEncoder
+CONFORMER_HPARAMS = """    encoder: !new:speechbrain.lobes.models.transformer.Conformer.ConformerEncoder
         num_layers: 2
         d_model: 16
         d_ffn: 32
         nhead: 2
         kernel_size: 3
         attention_type: regularMHA
-    num_experts: 4
+"""
+MOE_ENCODER_HPARAMS = f"""
+encoder: !apply:sb_crossmodal_kd.nnet.conformer_moe.use_moe_ffn
+{CONFORMER_HPARAMS}    num_experts: 4
     every: 2
 """
 
@@ -187,14 +188,7 @@ def test_shared_moe_fragment_configures_an_encoder(tmp_path):
 moe: !include:{root / "hparams" / "moe.yaml"}
     num_experts: 4
 encoder: !apply:sb_crossmodal_kd.nnet.conformer_moe.use_moe_ffn_settings
-    encoder: !new:speechbrain.lobes.models.transformer.Conformer.ConformerEncoder
-        num_layers: 2
-        d_model: 16
-        d_ffn: 32
-        nhead: 2
-        kernel_size: 3
-        attention_type: regularMHA
-    settings: !ref <moe[ffn]>
+{CONFORMER_HPARAMS}    settings: !ref <moe[ffn]>
 """)
     with open(recipe) as handle:
         hparams = load_hyperpyyaml(handle)
