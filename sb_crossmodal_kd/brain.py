@@ -204,6 +204,16 @@ class CTCBrain(ExactResume, sb.Brain):
         }
 
 
+def train_loggers(hparams):
+    """The loggers a Brain writes its stats to: ``train_logger``, and ``tensorboard_logger``
+    when the hparams enable SpeechBrain's TensorBoard logger."""
+    loggers = [hparams.train_logger]
+    tensorboard = getattr(hparams, "tensorboard_logger", None)
+    if tensorboard is not None:
+        loggers.append(tensorboard)
+    return loggers
+
+
 def count_parameters(module):
     """Number of trainable parameters of ``module``.
 

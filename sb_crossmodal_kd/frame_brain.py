@@ -29,6 +29,7 @@ from sb_crossmodal_kd.analysis.expert_usage import (
     plot_expert_usage,
     usage_results,
 )
+from sb_crossmodal_kd.brain import train_loggers
 from sb_crossmodal_kd.distributed import mean_across_processes, sum_across_processes
 from sb_crossmodal_kd.io import atomic_write_json
 from sb_crossmodal_kd.lengths import lengths_to_mask
@@ -214,13 +215,6 @@ class FrameBrain(ExactResume, sb.Brain):
             if stage == sb.Stage.TRAIN and epoch is not None:
                 set_moe_epoch(model, epoch)
 
-    def _loggers(self):
-        loggers = [self.hparams.train_logger]
-        tensorboard = getattr(self.hparams, "tensorboard_logger", None)
-        if tensorboard is not None:
-            loggers.append(tensorboard)
-        return loggers
-
     def intra_epoch_state(self):
         """The epoch's accuracy and expert-usage counts, for a mid-epoch checkpoint."""
         state = {"correct": self.correct.cpu(), "labelled": self.labelled.cpu()}
@@ -255,18 +249,18 @@ class FrameBrain(ExactResume, sb.Brain):
         if stage == sb.Stage.TRAIN:
             self.train_stats = stats
         elif stage == sb.Stage.VALID:
-            for logger in self._loggers():
+            for logger in train_loggers(self.hparams):
                 logger.log_stats(stats_meta={"epoch": epoch}, train_stats=self.train_stats,
                                  valid_stats=stats)
             self.checkpointer.save_and_keep_only(meta={"frame_acc": accuracy},
                                                  max_keys=["frame_acc"])
         else:
-            for logger in self._loggers():
+            for logger in train_loggers(self.hparams):
                 logger.log_stats(stats_meta={"epoch loaded": self.hparams.epoch_counter.current},
                                  test_stats=stats)
         if report is not None:
             step = epoch if epoch is not None else self.hparams.epoch_counter.current
-            for logger in self._loggers():
+            for logger in train_loggers(self.hparams):
                 log_expert_usage(logger, report, step, stage=name)
         if stage == sb.Stage.TEST:
             # Every process ran the whole test set; each returns the results, one writes them.

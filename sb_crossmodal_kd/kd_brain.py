@@ -47,9 +47,11 @@ Every loss term is averaged over the epoch and logged with the train stats
 (``main``, ``li_main``, ``kd_<head>``, ``<loss>_<head>``, ``moe``, ``total``), with each
 head's frame accuracy against its aligned units (``acc_<head>``). The test
 results' ``params`` counts the inference model (without heads); ``params_with_heads`` the
-trained one. With MoE layers, the test pass also reports expert usage: per layer mean gate
-mass and gate entropy, joint usage of consecutive layers, expert paths used (in the
-results file, and heat maps and the full report in ``expert_usage/`` beside it).
+trained one. With MoE layers, every training epoch logs each layer's expert usage (gate
+entropy, least and most used expert's share of the gate mass; TensorBoard too when the
+hparams have a ``tensorboard_logger``), the last one draws it, and the test pass reports per
+layer mean gate mass and gate entropy, joint usage of consecutive layers and expert paths
+used (in the results file; heat maps and the full report in ``expert_usage/`` beside it).
 """
 
 import contextlib
@@ -61,10 +63,11 @@ import torch
 from sb_crossmodal_kd.analysis.expert_usage import (
     ExpertUsageTracker,
     expert_usage_report,
+    log_expert_usage,
     plot_expert_usage,
     usage_results,
 )
-from sb_crossmodal_kd.brain import CTCBrain, count_parameters
+from sb_crossmodal_kd.brain import CTCBrain, count_parameters, train_loggers
 from sb_crossmodal_kd.distributed import sum_across_processes, unwrap
 from sb_crossmodal_kd.lengths import lengths_to_mask
 from sb_crossmodal_kd.losses import (
@@ -74,7 +77,15 @@ from sb_crossmodal_kd.losses import (
     frame_mask,
 )
 from sb_crossmodal_kd.nnet.heads import inference_modules
-from sb_crossmodal_kd.nnet.moe import moe_auxiliary_loss, moe_layers, padding_mask, set_moe_epoch
+from sb_crossmodal_kd.nnet.moe import (
+    expert_counters,
+    load_expert_counters,
+    moe_auxiliary_loss,
+    moe_layers,
+    padding_mask,
+    reset_expert_stats,
+    set_moe_epoch,
+)
 from sb_crossmodal_kd.nnet.taps import EncoderTaps
 
 __all__ = ["KDBrain", "teacher_items", "check_teacher_temperatures", "kd_batch_fields",
@@ -396,17 +407,25 @@ class KDBrain(CTCBrain):
             self._term_sums, self._term_batches = {}, 0
             if self.has_moe and epoch is not None:
                 set_moe_epoch(self.modules, epoch)
-        self.usage_tracker = None
-        if stage == sb.Stage.TEST and self.has_moe:
-            for _, layer in moe_layers(self.modules):
-                layer.reset_stats()  # count the test utterances only
-            self.usage_tracker = ExpertUsageTracker()
+        if self.has_moe:
+            reset_expert_stats(self.modules)  # each stage counts its own frames
+        self.usage_tracker = ExpertUsageTracker() if stage == sb.Stage.TEST and self.has_moe else None
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
-        """Logs every loss term's epoch average."""
+        """Logs every loss term's epoch average; an MoE model's expert usage of the epoch
+        (per layer: gate entropy, the least and most used expert's share of the gate mass),
+        with its heat map after the last epoch."""
         super().on_stage_end(stage, stage_loss, epoch)
         if stage == sb.Stage.TRAIN and self._term_batches:
             self.train_stats.update(self.loss_terms())
+        if stage == sb.Stage.TRAIN and self.has_moe:
+            report = expert_usage_report(self.modules, reset=True)  # all ranks' frames
+            for logger in train_loggers(self.hparams):
+                log_expert_usage(logger, report, epoch, stage="train")
+            if (epoch == getattr(self.hparams.epoch_counter, "limit", None)
+                    and sb.utils.distributed.if_main_process()):
+                plot_expert_usage(report, Path(self.hparams.results_file).parent / "expert_usage",
+                                  prefix="train_expert_usage")
 
     def test_results(self, stats, stage_loss):
         """CTCBrain's results; ``params`` counts the inference model (the heads are dropped
@@ -440,12 +459,17 @@ class KDBrain(CTCBrain):
         }
 
     def intra_epoch_state(self):
-        """The epoch's loss-term sums, for a mid-epoch checkpoint."""
-        return {
+        """The epoch's loss-term sums and expert-usage counts, for a mid-epoch checkpoint."""
+        state = {
             "term_sums": {n: torch.as_tensor(v).detach().cpu() for n, v in self._term_sums.items()},
             "term_batches": self._term_batches,
         }
+        if self.has_moe:
+            state["experts"] = expert_counters(self.modules)
+        return state
 
     def load_intra_epoch_state(self, state):
         self._term_sums = {n: v.to(self.device) for n, v in state["term_sums"].items()}
         self._term_batches = state["term_batches"]
+        if self.has_moe and "experts" in state:  # checkpoints made before this have none
+            load_expert_counters(self.modules, state["experts"])

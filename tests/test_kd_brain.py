@@ -277,6 +277,9 @@ def test_one_epoch_with_dynamic_items_then_evaluation_without_teachers(tmp_path)
     assert "loss_kd_subword" in brain.train_stats and "loss_moe" in brain.train_stats
     log = (tmp_path / "log.txt").read_text()
     assert "loss_kd_senone" in log and "WER" in log
+    # The epoch's expert usage is logged per MoE layer, and drawn after the last epoch.
+    assert "encoder.layers.layers.0.ffn_module1.1 entropy" in log and "usage max" in log
+    assert (tmp_path / "expert_usage" / "train_expert_usage_layer_usage.png").is_file()
     brain.evaluate(valid, min_key="WER", test_loader_kwargs={"batch_size": 2})
     results = json.loads((tmp_path / "results.json").read_text())
     heads = sum(p.numel() for p in brain.modules["auxiliary_heads"].parameters())
