@@ -16,12 +16,23 @@ SUBCOMMANDS = [
 ]
 
 
+def package_version():
+    """The installed distribution's version (``unknown`` when run from a tree never installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sb-crossmodal-kd")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser():
     """Returns the ``sbkd`` argument parser with every subcommand registered."""
     parser = argparse.ArgumentParser(
         prog="sbkd",
         description="Deep MoE encoders and hierarchical LM-to-AM distillation for SpeechBrain.",
     )
+    parser.add_argument("--version", action="version", version=f"sbkd {package_version()}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in SUBCOMMANDS:
         module = importlib.import_module(f"sb_crossmodal_kd.commands.{name.replace('-', '_')}")

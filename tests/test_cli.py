@@ -13,6 +13,14 @@ def test_every_subcommand_has_help():
         assert name in help_text
 
 
+def test_version_is_the_installed_distributions():
+    from importlib.metadata import version
+
+    done = subprocess.run([sys.executable, "-m", "sb_crossmodal_kd.cli", "--version"],
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == f"sbkd {version('sb-crossmodal-kd')}"
+
+
 def test_corpus_command_writes_manifests(tmp_path):
     cmd = [
         sys.executable, "-m", "sb_crossmodal_kd.cli", "corpus", "--output", str(tmp_path / "c"),
