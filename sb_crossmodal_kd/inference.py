@@ -9,7 +9,8 @@
 
 The folder holds ``hyperparams.yaml`` (features, normalizer, encoder, output layer, the
 SentencePiece tokenizer and greedy CTC decoding), ``encoder.ckpt`` (the weights),
-``normalizer.ckpt`` (the feature statistics), ``tokenizer.ckpt`` (the SentencePiece model)
+``normalizer.ckpt`` (the feature statistics), ``tokenizer.ckpt`` (the SentencePiece model),
+``README.md`` (a model card: training data and settings, valid and test WER, how to load it)
 and ``export.json`` (where it came from). Everything the training run had only for training
 (auxiliary heads, teachers, optimiser, data) is left out.
 
@@ -38,6 +39,7 @@ __all__ = ["CTCAcousticModel", "export_asr", "load_asr", "read_audio", "transcri
 EXPORT_FORMAT = "sb_crossmodal_kd.export/1"
 RECORD_FILE = "export.json"
 HPARAMS_FILE = "hyperparams.yaml"
+MODEL_CARD = "README.md"
 SENTENCEPIECE = "speechbrain.tokenizers.SentencePiece.SentencePiece"
 
 # The modules CTCBrain.compute_forward runs, in order; every other training module
@@ -391,7 +393,11 @@ def export_asr(run, output_dir, overrides=None, min_key="WER", force=False):
     with atomic_path(output_dir / "tokenizer.ckpt") as tmp:
         shutil.copyfile(tokenizer_model, tmp)
     atomic_write_text(output_dir / HPARAMS_FILE, yaml_text)
-    written = sorted([*files, "tokenizer.ckpt", HPARAMS_FILE])
+    results_file = hparams_file.parent / "results.json"  # the run's test results, if tested
+    test_results = json.loads(results_file.read_text()) if results_file.is_file() else None
+    atomic_write_text(output_dir / MODEL_CARD, _model_card(
+        tree, hparams_file, checkpoint.meta, test_results, count_parameters(kept)))
+    written = sorted([*files, "tokenizer.ckpt", HPARAMS_FILE, MODEL_CARD])
     for name in previous_files:  # an earlier export's files this one no longer has
         stale = output_dir / Path(name).name
         if name not in written and stale.is_file():
@@ -410,6 +416,44 @@ def export_asr(run, output_dir, overrides=None, min_key="WER", force=False):
     }
     atomic_write_json(output_dir / RECORD_FILE, record)
     return record
+
+
+# What a model card reports of the training settings, where the hparams have them.
+CARD_SETTINGS = ("condition", "seed", "data_folder", "train_csv", "prep_folder", "vocab_size",
+                 "d_model", "num_layers", "nhead", "d_ffn", "use_moe", "number_of_epochs",
+                 "lr", "max_batch_seconds", "sample_rate")
+
+
+def _model_card(tree, hparams_file, meta, test_results, parameters):
+    """The exported folder's README.md: training data and settings, WERs, how to load it."""
+    settings = [f"- `{key}`: {tree[key]}" for key in CARD_SETTINGS
+                if key in tree and isinstance(tree[key], int | float | str | bool)]
+    scores = []
+    if isinstance(meta.get("WER"), int | float):
+        scores.append(f"- valid WER of this checkpoint (the run's best): {meta['WER']:.2f} %")
+    if test_results:
+        scores.append(f"- test WER {test_results['wer']:.2f} %, CER {test_results['cer']:.2f} % "
+                      f"on {test_results.get('utterances', '?')} utterances, greedy CTC "
+                      "decoding (the run's own test)")
+    lines = [
+        "# CTC speech recogniser (sb-crossmodal-kd)", "",
+        f"Exported by `sbkd export` from the training run `{hparams_file.parent}`: the "
+        f"encoder and CTC output ({parameters:,} parameters) without what only training "
+        "used (auxiliary heads, teachers).", "",
+        "## Training", "", f"Hparams: `{hparams_file}`.", "", *settings, "",
+        "## Results", "", *(scores or ["- not tested (no results.json beside the run's hparams)"]),
+        "",
+        "## Use", "",
+        "```python",
+        "from speechbrain.inference.ASR import EncoderASR",
+        "",
+        'asr = EncoderASR.from_hparams(source="<this folder>")',
+        'print(asr.transcribe_file("speech.wav"))',
+        "```", "",
+        "or `sbkd transcribe --model <this folder> speech.wav`. Audio at another sample rate "
+        f"is resampled to {tree['sample_rate']} Hz.", "",
+    ]
+    return "\n".join(lines)
 
 
 # Inference -------------------------------------------------------------------------------

@@ -220,6 +220,11 @@ def test_export_loads_in_encoder_asr_and_decodes_as_trained(run_name, request, t
     run = request.getfixturevalue(run_name)
     record = export_asr(run, tmp_path / "model")
     assert record["complete"] and record["checkpoint_meta"]["WER"] >= 0
+    # The model card says what was trained on what, how well, and how to load it.
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert "README.md" in record["files"] and "EncoderASR.from_hparams" in card
+    assert f"valid WER of this checkpoint (the run's best): {record['checkpoint_meta']['WER']:.2f}" in card
+    assert "`d_model`" in card and str(run) in card
     brain = trained_model(run)
     # Loaded the SpeechBrain way, through a savedir (SpeechBrain links the files there) and
     # in place (load_asr): both give the trained model's outputs.
@@ -289,8 +294,8 @@ def test_export_refuses_a_folder_with_other_files(asr_run, tmp_path):
     export_asr(asr_run, target, force=True)
     assert (target / "notes.txt").read_text() == "keep me"
     record = json.loads((target / "export.json").read_text())
-    assert sorted(record["files"]) == ["encoder.ckpt", "hyperparams.yaml", "normalizer.ckpt",
-                                       "tokenizer.ckpt"]
+    assert sorted(record["files"]) == ["README.md", "encoder.ckpt", "hyperparams.yaml",
+                                       "normalizer.ckpt", "tokenizer.ckpt"]
     export_asr(asr_run, target)  # an earlier export is replaced without --force
     assert (target / "notes.txt").read_text() == "keep me"
 
