@@ -48,10 +48,23 @@ def test_missing_and_corrupt_audio(tmp_path):
         check_manifest(path)
 
 
+def test_a_truncated_file_is_refused_naming_its_row(tmp_path):
+    # A 300-byte wav (about 0.01 s) whose row says 0.4 s: a copy that was cut short.
+    wav = tmp_path / "cut.wav"
+    soundfile.write(str(wav), np.zeros(128, dtype=np.float32), 16000, subtype="PCM_16")
+    assert wav.stat().st_size < 400
+    good = _wav(tmp_path / "a.wav")
+    path = _csv(tmp_path, [f"u1,0.1,{good},s,hi", f"u2,0.4,{wav},s,there"])
+    with pytest.raises(ManifestError, match=r"line 3 \(utterance u2\): the manifest says 0.4 s "
+                                            r"but .*cut.wav holds 0.008 s"):
+        check_manifest(path)
+    assert check_manifest(_csv(tmp_path, [f"u1,0.105,{good},s,hi"]))  # rounding passes
+
+
 def test_duplicate_id_bad_duration_and_sample_rate(tmp_path):
     wav = _wav(tmp_path / "a.wav", rate=8000)
     with pytest.raises(ManifestError, match="duplicate ID 'u1'"):
-        check_manifest(_csv(tmp_path, [f"u1,0.1,{wav},s,a", f"u1,0.1,{wav},s,b"]))
+        check_manifest(_csv(tmp_path, [f"u1,0.2,{wav},s,a", f"u1,0.2,{wav},s,b"]))
     with pytest.raises(ManifestError, match="duration 'x' is not a number"):
         check_manifest(_csv(tmp_path, [f"u1,x,{wav},s,a"]))
     with pytest.raises(ManifestError, match="8000 Hz but the recipe expects 16000"):

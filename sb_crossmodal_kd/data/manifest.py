@@ -27,6 +27,9 @@ from pathlib import Path
 from sb_crossmodal_kd.io import atomic_write_text
 
 REQUIRED_COLUMNS = ("ID", "duration", "wav", "wrd")
+# A row's duration may differ from its audio's by this fraction (rounding in manifests); more
+# means a truncated or wrong file, which batching by duration would silently mis-size.
+DURATION_TOLERANCE = 0.1
 
 
 class ManifestError(ValueError):
@@ -160,7 +163,8 @@ def check_manifest(
     ------
     ManifestError
         Naming the file, line (or JSON entry) and utterance: a missing column, a duplicate or
-        empty ID, an empty transcript, a bad duration, or a missing or unreadable wav.
+        empty ID, an empty transcript, a bad duration, a missing or unreadable wav, or (with
+        ``check_audio``) a duration more than 10 % off the audio's.
     """
     rows, seen = [], set()
     for where, row in read_manifest_rows(path, required, replacements):
@@ -208,6 +212,7 @@ def _check_row(where, row, seen, check_audio, expected_sample_rate):
     where = f"{where} (utterance {utt})"
     if "wrd" in row and not str(row["wrd"] or "").strip():
         raise ManifestError(f"{where}: empty transcript; remove the row or give its words")
+    duration = None
     if "duration" in row:
         try:
             duration = float(row["duration"])
@@ -231,4 +236,10 @@ def _check_row(where, row, seen, check_audio, expected_sample_rate):
             raise ManifestError(
                 f"{where}: {wav} is sampled at {info.samplerate} Hz but the recipe expects "
                 f"{expected_sample_rate} Hz; resample it or set sample_rate"
+            )
+        actual = info.frames / info.samplerate
+        if duration is not None and abs(actual - duration) > DURATION_TOLERANCE * duration:
+            raise ManifestError(
+                f"{where}: the manifest says {duration:g} s but {wav} holds {actual:.3f} s (a "
+                "truncated or another file?); fix the row's duration or the audio file"
             )
