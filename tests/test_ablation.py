@@ -68,7 +68,9 @@ def ablation(tmp_path_factory):
 
 
 def logged_terms(run_dir):
-    line = (run_dir / "train_log.txt").read_text().splitlines()[0]
+    # The first epoch's line of losses (an MoE run logs its expert usage on a line of its own).
+    lines = (run_dir / "train_log.txt").read_text().splitlines()
+    line = next(line for line in lines if "train loss:" in line)
     return set(re.findall(r"train loss_(\w+):", line))
 
 
