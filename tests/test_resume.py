@@ -76,6 +76,17 @@ def checkpoints(save_folder):
     return sorted(found, key=lambda c: c[0])
 
 
+def complete(folder, files):
+    """Whether a checkpoint folder holds all its files (the optimizer's is written last)."""
+    try:
+        if not all((folder / f"{name}.ckpt").exists() for name in files):
+            return False
+        torch.load(folder / "optimizer.ckpt", weights_only=True)
+        return True
+    except Exception:  # still being written
+        return False
+
+
 def mid_epoch_checkpoint_ready(save_folder, files):
     """A complete intra-epoch checkpoint of epoch 2 exists."""
     for _, folder, meta in checkpoints(save_folder):
@@ -84,12 +95,10 @@ def mid_epoch_checkpoint_ready(save_folder, files):
         try:
             if (folder / "counter.ckpt").read_text().strip() != "2":
                 continue
-            if not all((folder / f"{name}.ckpt").exists() for name in files):
-                continue
-            torch.load(folder / "optimizer.ckpt", weights_only=True)  # the last one written
-            return True
-        except Exception:  # still being written
+        except OSError:  # still being written
             continue
+        if complete(folder, files):
+            return True
     return False
 
 
@@ -161,7 +170,9 @@ def test_killed_run_resumes_exactly(case, processes, tiny_corpus, tmp_path):
                                       resumed / "save", files, tmp_path, env)
     assert returncode == -signal.SIGKILL
     assert not (resumed / "results.json").exists()
-    newest = checkpoints(resumed / "save")[-1]
+    # The newest complete checkpoint: the kill may have cut a later save short (resuming sets
+    # that one aside, which the run below exercises).
+    newest = [c for c in checkpoints(resumed / "save") if complete(c[1], files)][-1]
     assert "brain_intra_epoch_ckpt: true" in newest[2]  # resuming from mid-epoch
     assert int((newest[1] / "dataloader-TRAIN.ckpt").read_text()) > 0
     run = subprocess.run(command(case, tiny_corpus, resumed, processes), cwd=tmp_path, env=env,
