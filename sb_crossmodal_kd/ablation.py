@@ -439,7 +439,7 @@ def run_ablation(
     common = {
         "data_folder": str(output_dir / "data"),
         "prep_folder": str(output_dir / "prep"),
-        "vocab_size": settings["vocab_size"],
+        "vocab_size": prepared["outputs"].get("vocab_size", settings["vocab_size"]),
         **training,
     }
     records, todo = {}, []

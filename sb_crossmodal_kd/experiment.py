@@ -18,6 +18,7 @@ import speechbrain as sb
 import torch
 from hyperpyyaml import load_hyperpyyaml
 
+from sb_crossmodal_kd.data.audio import load_audio
 from sb_crossmodal_kd.data.manifest import check_manifest
 from sb_crossmodal_kd.distributed import init_distributed
 
@@ -27,7 +28,8 @@ logger = logging.getLogger(__name__)
 def asr_datasets(hparams):
     """Checks the manifests and returns ``{"train", "valid", "test"}`` DynamicItemDatasets.
 
-    Each item provides ``id``, ``wrd``, ``sig`` (the waveform) and ``tokens`` (subword ids);
+    Each item provides ``id``, ``wrd``, ``sig`` (the waveform, mono at ``sample_rate``: audio
+    at another rate is resampled on load) and ``tokens`` (subword ids);
     with ``hparams["cache_features"]`` it provides ``feats`` instead of ``sig``: the
     ``compute_features`` module's output, computed once per utterance and kept in memory
     (:class:`~sb_crossmodal_kd.data.features.FeatureCache`), which the Brain uses as it
@@ -35,7 +37,7 @@ def asr_datasets(hparams):
     """
     sample_rate = hparams["sample_rate"]
     for split in ("train", "valid", "test"):
-        check_manifest(hparams[f"{split}_csv"], expected_sample_rate=sample_rate)
+        check_manifest(hparams[f"{split}_csv"], sample_rate=sample_rate)
     # The tokenizer trains on the train manifest, so it is built only once that is checked.
     # Under DDP the main process trains it first; every process then loads the saved model.
     build_tokenizer = hparams["tokenizer"]
@@ -47,7 +49,7 @@ def asr_datasets(hparams):
     @sb.utils.data_pipeline.takes("wav")
     @sb.utils.data_pipeline.provides("sig")
     def audio_pipeline(wav):
-        return sb.dataio.dataio.read_audio(wav)
+        return load_audio(wav, sample_rate)
 
     @sb.utils.data_pipeline.takes("wrd")
     @sb.utils.data_pipeline.provides("wrd", "tokens")
@@ -65,7 +67,7 @@ def asr_datasets(hparams):
                 "cache_features caches filterbanks, but this encoder reads the waveform "
                 "itself: set cache_features: False"
             )
-        cache = FeatureCache(hparams["compute_features"])
+        cache = FeatureCache(hparams["compute_features"], sample_rate)
     datasets = {}
     for split in ("train", "valid", "test"):
         dataset = sb.dataio.dataset.DynamicItemDataset.from_csv(hparams[f"{split}_csv"])

@@ -14,8 +14,8 @@ The steps:
 1. corpus: :func:`~sb_crossmodal_kd.data.corpus.make_corpus` (SynthCommands), or the given
    manifests, checked and written as CSVs to ``prep_dir/data/{split}.csv`` with the LM text;
 2. subword tokenizer: SentencePiece on the train transcripts, as the baseline recipe's (first,
-   so that a ``vocab_size`` the transcripts cannot fill stops in seconds, saying the largest
-   that works);
+   so that a ``vocab_size`` the transcripts cannot fill is known in seconds: fitted to the
+   largest they can, or with ``fit_vocab_size: False`` refused naming it);
 3. lexicon and forced alignment: the ``lexicon`` setting's file, or CMUdict, with the
    letter-to-sound fallback (OOV report), a flat-start
    :class:`~sb_crossmodal_kd.alignment.forced.PhoneAligner` trained on the train split,
@@ -88,13 +88,14 @@ PREP_DEFAULTS = {
     "corpus": {"n_train": 1200, "n_valid": 100, "n_test": 300, "n_text": 5000,
                "n_text_valid": 500},
     "vocab_size": 40,  # as the KD recipe's CTC output
+    # A vocab_size the train transcripts cannot make (a task of a few words: digits,
+    # commands) becomes the largest they can, with a warning, and prep.json's outputs record
+    # the size used (what prepared_setting gives the recipe); False refuses it instead.
+    "fit_vocab_size": True,
     # Pronunciations: a lexicon file (CMUdict, librispeech-lexicon.txt, Kaldi/MFA lexicon.txt)
     # or None for the CMUdict shipped with the package; aligner and unit LMs read the same one.
     "lexicon": None,
     "oov_policy": "g2p",
-    # Manifests only: audio not at 16 kHz (e.g. 8 kHz telephone speech) is refused, or with
-    # True converted once to 16 kHz copies under PREP/data/wav/.
-    "resample": False,
     "aligner_utterances": 200,  # the phone model trains on the first N train utterances
     "aligner": {"iterations": 2, "epochs": 2},
     "tree": {"max_leaves": 200, "min_count": 20, "min_gain": 50.0},
@@ -110,7 +111,13 @@ PREP_DEFAULTS = {
 # Settings added since data was first prepared, with the value older data was built with:
 # a prep.json without them describes data made that way, so it is not refused.
 _OLDER_DATA_SETTINGS = {"teacher_tau": {"subword": 1.0, "monophone": 1.0, "senone": 1.0},
-                        "lexicon": None, "resample": False}
+                        "lexicon": None,
+                        # data that was built never needed fitting: the same either way
+                        "fit_vocab_size": True}
+# Settings that no longer exist and whose every value describes data that is still valid:
+# ``resample`` (true: 16 kHz copies of the manifests' audio; false: no other rate allowed),
+# now that audio at any rate is resampled on load.
+_RETIRED_DATA_SETTINGS = ("resample",)
 
 
 def prep_settings(**overrides):
@@ -194,6 +201,9 @@ def prepared_setting(prep_folder, key):
     """One setting of prepared KD data (for hparams, so the recipe matches its data:
     ``vocab_size: !apply:sb_crossmodal_kd.pipeline.prepared_setting [<prep_folder>, vocab_size]``).
 
+    Where a step recorded the value it used in ``prep.json``'s outputs (``vocab_size`` fitted
+    to small transcripts), that value, else the setting.
+
     Example
     -------
     >>> import tempfile
@@ -208,7 +218,8 @@ def prepared_setting(prep_folder, key):
             f"{path} not found: prepare the KD data first (the recipe's *_prepare.py, "
             "sb_crossmodal_kd.pipeline.prepare_kd_data_from_manifests or `sbkd ablation`)"
         )
-    return json.loads(path.read_text())["settings"][key]
+    record = json.loads(path.read_text())
+    return record.get("outputs", {}).get(key, record["settings"][key])
 
 
 class _Record:
@@ -227,6 +238,8 @@ class _Record:
             if isinstance(existing.get("settings"), dict):
                 for key, value in _OLDER_DATA_SETTINGS.items():
                     existing["settings"].setdefault(key, copy.deepcopy(value))
+                for key in _RETIRED_DATA_SETTINGS:
+                    existing["settings"].pop(key, None)
             # The settings and the data source, compared key by key.
             found = {"format": existing.get("format"), **{k: existing.get(k) for k in source},
                      **(existing.get("settings") or {})}
@@ -364,8 +377,7 @@ def prepare_kd_data_from_manifests(
 
     start = time.time()
     written = {
-        split: _import_manifest(Path(path), prep_dir / "data" / f"{split}.csv", replacements,
-                                settings["resample"])
+        split: _import_manifest(Path(path), prep_dir / "data" / f"{split}.csv", replacements)
         for split, path in manifests.items()
     }
     lm_texts = _lm_texts(prep_dir / "lm_text", lm_text, lm_valid_text, written,
@@ -376,60 +388,25 @@ def prepare_kd_data_from_manifests(
     return _chain(prep_dir, record, written, lm_texts, settings, progress, device, through)
 
 
-def _import_manifest(source, target, replacements, resample=False):
+def _import_manifest(source, target, replacements):
     """Checks ``source`` (CSV or JSON) and writes it as the SpeechBrain CSV ``target``; skipped
     while ``source`` is unchanged (checking every audio header of a large corpus takes long).
-    With ``resample``, audio at another rate is converted once to :data:`SAMPLE_RATE` copies
-    in ``target``'s folder (``wav/{split}/{ID}.wav``) and the CSV points to them."""
-    from sb_crossmodal_kd.data.manifest import ManifestError, check_manifest, write_manifest_csv
+    Audio at another rate than :data:`SAMPLE_RATE` stays as it is: every reader resamples it
+    on load (:func:`~sb_crossmodal_kd.data.audio.load_audio`)."""
+    from sb_crossmodal_kd.data.manifest import check_manifest, write_manifest_csv
 
     done = target.with_name(target.name + ".source")
     if source.is_file():
         status = source.stat()
         stamp = json.dumps({"source": str(source), "size": status.st_size,
                             "mtime_ns": status.st_mtime_ns,
-                            "replacements": {k: str(v) for k, v in (replacements or {}).items()},
-                            "resample": bool(resample)})
+                            "replacements": {k: str(v) for k, v in (replacements or {}).items()}})
         if target.is_file() and done.is_file() and done.read_text() == stamp:
             return target
-    try:
-        rows = check_manifest(source, replacements=replacements,
-                              expected_sample_rate=None if resample else SAMPLE_RATE)
-    except ManifestError as error:
-        if "is sampled at" not in str(error):
-            raise
-        raise ManifestError(f"{error} (or give the prep setting resample: true, which writes "
-                            f"{SAMPLE_RATE} Hz copies under {target.parent / 'wav'})") from None
-    if resample:
-        rows = _resampled(rows, target.parent / "wav" / target.stem)
+    rows = check_manifest(source, replacements=replacements, sample_rate=SAMPLE_RATE)
     write_manifest_csv(target, rows)
     atomic_write_text(done, stamp)
     return target
-
-
-def _resampled(rows, folder):
-    """``rows`` with every wav not at :data:`SAMPLE_RATE` replaced by a converted copy in
-    ``folder`` (made once, written atomically; a copy already there is kept)."""
-    import soundfile
-    import torch
-    import torchaudio
-
-    from sb_crossmodal_kd.io import write_wav_atomic
-
-    out = []
-    for row in rows:
-        rate = soundfile.info(row["wav"]).samplerate
-        if rate != SAMPLE_RATE:
-            copy_path = folder / f"{row['ID']}.wav"
-            if not copy_path.is_file():
-                audio, _ = soundfile.read(row["wav"], dtype="float32", always_2d=True)
-                mono = torch.from_numpy(audio.mean(axis=1))
-                converted = torchaudio.functional.resample(mono, rate, SAMPLE_RATE)
-                folder.mkdir(parents=True, exist_ok=True)
-                write_wav_atomic(copy_path, converted.numpy(), SAMPLE_RATE)
-            row = {**row, "wav": str(copy_path)}
-        out.append(row)
-    return out
 
 
 def _transcripts(manifest):
@@ -502,8 +479,10 @@ def _chain(prep_dir, record, manifests, lm_texts, settings, progress, device, th
     from sb_crossmodal_kd.units.lexicon import Lexicon
 
     start = time.time()
-    tokenizer = _tokenizer(prep_dir / "tokenizer", manifests["train"], settings["vocab_size"])
-    record.step("tokenizer", time.time() - start, tokenizer=tokenizer.hash)
+    tokenizer = _tokenizer(prep_dir / "tokenizer", manifests["train"], settings["vocab_size"],
+                           settings["fit_vocab_size"])
+    record.step("tokenizer", time.time() - start, tokenizer=tokenizer.hash,
+                vocab_size=tokenizer.vocab_size)
     if _stops_after("tokenizer", through):
         return record.data
 
@@ -538,7 +517,7 @@ def _chain(prep_dir, record, manifests, lm_texts, settings, progress, device, th
         return record.data
 
     start = time.time()
-    lms = _unit_lms(prep_dir, lm_texts, settings, device, lm_cores)
+    lms = _unit_lms(prep_dir, lm_texts, settings, tokenizer.vocab_size, device, lm_cores)
     record.step("unit_lms", time.time() - start,
                 lm_valid_ppl={unit: lm["valid_ppl"] for unit, lm in lms.items()},
                 lm_valid_ppl_curve={unit: lm.get("valid_ppl_curve", []) for unit, lm in lms.items()})
@@ -631,13 +610,17 @@ def _tree(path, alignments, manifest, aligner, tree_settings, progress):
     if path.is_file():
         return SenoneTree.load(path)
     stats = tree_statistics(alignments, read_manifest(manifest), aligner.features,
+                            aligner.settings.frame_rate.sample_rate,
                             progress=progress)
     tree = SenoneTree.build(stats, **tree_settings)
     tree.save(path)
     return tree
 
 
-def _tokenizer(folder, train_manifest, vocab_size):
+def _tokenizer(folder, train_manifest, vocab_size, fit=False):
+    """The SentencePiece units of ``folder`` (trained there once); with ``fit``, a
+    ``vocab_size`` the transcripts cannot make becomes the largest they can (a warning says
+    so), else it is refused naming that size."""
     from sb_crossmodal_kd.units.subwords import SentencePieceUnits
 
     # The baseline recipe's tokenizer (same trainer, text and settings): the CTC output, the
@@ -651,12 +634,17 @@ def _tokenizer(folder, train_manifest, vocab_size):
                          str(error))
         if most is None:
             raise
-        raise ValueError(
-            f"vocab_size {vocab_size} is more subword pieces than the train transcripts of "
-            f"{train_manifest} can make (at most {most.group(1)}): set the prep setting "
-            f"vocab_size to {most.group(1)} or less, and the KD recipe's vocab_size to the "
-            "same"
-        ) from None
+        largest = int(most.group(1))
+        if not fit:
+            raise ValueError(
+                f"vocab_size {vocab_size} is more subword pieces than the train transcripts of "
+                f"{train_manifest} can make (at most {largest}): set the prep setting "
+                f"vocab_size to {largest} or less (or fit_vocab_size: true)"
+            ) from None
+    logger.warning("vocab_size %d is more subword pieces than the train transcripts of %s can "
+                   "make: the tokenizer has %d (the largest they can; the KD recipe reads it "
+                   "from prep.json)", vocab_size, train_manifest, largest)
+    return SentencePieceUnits(str(folder), largest, csv_file=str(train_manifest))
 
 
 def _unit_store(path, alignments, manifest, lexicon, tree, tokenizer, progress):
@@ -676,7 +664,7 @@ def _unit_store(path, alignments, manifest, lexicon, tree, tokenizer, progress):
     return path
 
 
-def _unit_lms(prep_dir, lm_texts, settings, device, cores=None):
+def _unit_lms(prep_dir, lm_texts, settings, vocab_size, device, cores=None):
     """Trains the three unit LMs in worker processes, side by side (most of a small LM's time
     is start-up, and one process per LM keeps their torch threads apart), or at most
     ``cores`` processes at a time when it is given."""
@@ -693,7 +681,7 @@ def _unit_lms(prep_dir, lm_texts, settings, device, cores=None):
                      **settings["lm"]}
         if unit == "subword":
             overrides.update(tokenizer_dir=str(prep_dir / "tokenizer"),
-                             vocab_size=settings["vocab_size"])
+                             vocab_size=vocab_size)
         if unit == "senone":
             overrides["tree_file"] = str(prep_dir / "senone_tree.json")
         if unit != "subword" and _lexicon_file(settings) is not None:

@@ -201,14 +201,15 @@ def test_the_chain_builds_each_cache_at_its_teacher_tau(prep, tmp_path):
 
 
 def test_data_prepared_before_teacher_tau_existed_counts_as_built_at_one(tmp_path):
-    # ... and before lexicon and resample existed: CMUdict, no resampling
+    # ... and before lexicon and fit_vocab_size existed, and with the retired resample
     import json
 
     from sb_crossmodal_kd.pipeline import _Record, prep_settings
 
     older = prep_settings()
-    for added in ("teacher_tau", "lexicon", "resample"):
+    for added in ("teacher_tau", "lexicon", "fit_vocab_size"):
         del older[added]
+    older["resample"] = True  # a retired setting: its 16 kHz copies are valid data still
     source = {"data_folder": "/data"}
     (tmp_path / "prep.json").write_text(json.dumps(
         {"format": "sbkd-kd-prep-1", **source, "settings": older, "steps": {}, "outputs": {}}))

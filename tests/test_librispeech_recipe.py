@@ -67,7 +67,7 @@ def test_manifests_from_the_official_layout(librispeech, tmp_path):
     data, _ = librispeech
     prepare = load_prepare()
     manifests = prepare.prepare_librispeech(data, tmp_path / "m", train_set="100")
-    rows = {split: check_manifest(path, expected_sample_rate=16000)
+    rows = {split: check_manifest(path, sample_rate=16000)
             for split, path in manifests.items()}
     assert [len(rows[s]) for s in ("train", "valid", "test")] == [20, 4, 4]
     first = rows["train"][0]

@@ -61,11 +61,15 @@ def test_a_truncated_file_is_refused_naming_its_row(tmp_path):
     assert check_manifest(_csv(tmp_path, [f"u1,0.105,{good},s,hi"]))  # rounding passes
 
 
-def test_duplicate_id_bad_duration_and_sample_rate(tmp_path):
+def test_duplicate_id_bad_duration_and_another_sample_rate(tmp_path, caplog):
     wav = _wav(tmp_path / "a.wav", rate=8000)
     with pytest.raises(ManifestError, match="duplicate ID 'u1'"):
         check_manifest(_csv(tmp_path, [f"u1,0.2,{wav},s,a", f"u1,0.2,{wav},s,b"]))
     with pytest.raises(ManifestError, match="duration 'x' is not a number"):
         check_manifest(_csv(tmp_path, [f"u1,x,{wav},s,a"]))
-    with pytest.raises(ManifestError, match="8000 Hz but the recipe expects 16000"):
-        check_manifest(_csv(tmp_path, [f"u1,0.1,{wav},s,a"]), expected_sample_rate=16000)
+    # Telephone audio is accepted, and the log says once that it will be resampled.
+    with caplog.at_level("INFO", logger="sb_crossmodal_kd.data.manifest"):
+        check_manifest(_csv(tmp_path, [f"u1,0.2,{wav},s,a", f"u2,0.2,{wav},s,b"]),
+                       sample_rate=16000)
+    assert caplog.text.count("resampled on load") == 1
+    assert "2 of 2 audio files are not at 16000 Hz (2 at 8000 Hz)" in caplog.text

@@ -141,8 +141,8 @@ def test_rerun_skips_and_another_lm_text_is_refused(corpus, prepared, tmp_path):
 
 
 def test_a_small_vocabulary_task_is_told_its_largest_vocab_size(corpus, tmp_path):
-    # Digits or commands: a few words cannot make 40 subword pieces. The chain says how many
-    # they can make, before aligning anything.
+    # Digits or commands: a few words cannot make 40 subword pieces. Told not to fit the
+    # size, the chain says how many they can make, before aligning anything.
     corpus_dir, paths = corpus
     rows = check_manifest(paths["train"])
     words = ["yes", "no", "up", "down"]
@@ -156,7 +156,8 @@ def test_a_small_vocabulary_task_is_told_its_largest_vocab_size(corpus, tmp_path
     prep = tmp_path / "prep"
     with pytest.raises(ValueError, match=r"vocab_size 40 is more subword pieces than the train "
                                          r"transcripts .* can make \(at most \d+\): set"):
-        prepare_kd_data_from_manifests(small, prep, settings=prep_settings(vocab_size=40))
+        prepare_kd_data_from_manifests(small, prep,
+                                       settings=prep_settings(vocab_size=40, fit_vocab_size=False))
     assert not (prep / "align").exists()
 
 
@@ -242,38 +243,35 @@ def test_without_lm_text_the_lms_read_the_train_transcripts(tmp_path, caplog):
     assert "No LM text given" in caplog.text
 
 
-def test_8khz_audio_is_refused_or_resampled_once(corpus, tmp_path):
-    # Telephone speech: refused with the setting that converts it, then converted to 16 kHz
-    # copies in the prep folder (the user's files untouched).
-    import numpy as np
+def test_an_8khz_ten_word_corpus_runs_end_to_end_with_the_defaults(tmp_path, caplog):
+    # A telephone digits task as users bring it: 8 kHz audio, ten words. With no settings
+    # the chain resamples on load (saying so), fits the vocabulary to what ten words can
+    # make, and a hierarchy condition trains on it; the user's files stay as they were.
     import soundfile
-    import torch
-    import torchaudio
+    from tiny_kd import DIGITS, digits_corpus_8khz
 
-    corpus_dir, paths = corpus
-    narrowband = {}
-    for split in ("train", "valid", "test"):
-        rows = check_manifest(paths[split])
-        lines = ["ID,duration,wav,wrd"]
-        for row in rows:
-            audio, rate = soundfile.read(row["wav"], dtype="float32")
-            low = torchaudio.functional.resample(torch.from_numpy(audio), rate, 8000).numpy()
-            wav = tmp_path / "8k" / f"{row['ID']}.wav"
-            wav.parent.mkdir(exist_ok=True)
-            soundfile.write(wav, low, 8000)
-            lines.append(f"{row['ID']},{row['duration']},{wav},{row['wrd']}")
-        narrowband[split] = tmp_path / f"{split}.csv"
-        narrowband[split].write_text("\n".join(lines) + "\n")
-    before = {path: path.read_bytes() for path in (tmp_path / "8k").iterdir()}
-    with pytest.raises(ManifestError, match=r"sampled at 8000 Hz.*resample: true"):
-        prepare_kd_data_from_manifests(narrowband, tmp_path / "refused", through="manifests")
+    paths = digits_corpus_8khz(tmp_path / "digits")
+    before = {p: p.read_bytes() for p in (tmp_path / "digits").rglob("*") if p.is_file()}
     prep = tmp_path / "prep"
-    prepare_kd_data_from_manifests(narrowband, prep, settings=prep_settings(resample=True),
-                                   through="manifests")
-    converted = check_manifest(prep / "data" / "train.csv", expected_sample_rate=16000)
-    for row, original in zip(converted, check_manifest(paths["train"]), strict=True):
-        assert Path(row["wav"]).parent == prep / "data" / "wav" / "train"
-        info = soundfile.info(row["wav"])
-        assert abs(info.frames / 16000 - float(original["duration"])) < 0.01
-    assert np.isfinite(soundfile.read(converted[0]["wav"])[0]).all()
-    assert {path: path.read_bytes() for path in (tmp_path / "8k").iterdir()} == before
+    with caplog.at_level("INFO"):
+        record = prepare_kd_data_from_manifests(paths, prep)
+    assert "30 of 30 audio files are not at 16000 Hz (30 at 8000 Hz)" in caplog.text
+    assert "vocab_size 40 is more subword pieces" in caplog.text
+    vocab_size = record["outputs"]["vocab_size"]
+    assert len(DIGITS) < vocab_size < 40
+    train = check_manifest(prep / "data" / "train.csv")
+    assert all(soundfile.info(row["wav"]).samplerate == 8000 for row in train)  # no copies
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(RECIPE / "train.py"), str(RECIPE / "hparams" / "kd.yaml"),
+           "--condition=hierarchy", f"--prep_folder={prep}", f"--output_folder={out}",
+           *TINY_MODEL]
+    run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["utterances"] == 6 and results["epochs"] == 1
+    saved = (out / "hyperparams.yaml").read_text()
+    assert f"vocab_size: {vocab_size}" in saved
+    log = (out / "train_log.txt").read_text()
+    for term in ("loss_kd_senone", "loss_kd_monophone", "loss_kd_subword"):
+        assert f"train {term}" in log, term
+    assert {p: p.read_bytes() for p in (tmp_path / "digits").rglob("*") if p.is_file()} == before

@@ -22,3 +22,40 @@ TINY_KD_MODEL = [
     "--valid_dataloader_opts={batch_size: 8, num_workers: 0}",
     "--test_dataloader_opts={batch_size: 8, num_workers: 0}",
 ]
+
+
+DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def digits_corpus_8khz(folder, sizes=(30, 6, 6), seed=3):
+    """A corpus as a telephone digits task brings it: strings of two to four of ten words,
+    spoken by eSpeak NG voices and stored at 8 kHz; ``{split}.csv`` manifests in ``folder``
+    (returned as ``{"train", "valid", "test"}`` paths)."""
+    import random
+    from pathlib import Path
+
+    import torch
+    import torchaudio
+
+    from sb_crossmodal_kd.data.espeak import fresh_espeak
+    from sb_crossmodal_kd.io import write_wav_atomic
+
+    folder = Path(folder)
+    rng = random.Random(seed)
+    voices = ["en-us", "en-us+f3", "en-us+m3", "en-us+f5"]
+    paths = {}
+    with fresh_espeak() as tts:
+        for split, size in zip(("train", "valid", "test"), sizes, strict=True):
+            lines = ["ID,duration,wav,wrd"]
+            for i in range(size):
+                words = " ".join(rng.choice(DIGITS) for _ in range(rng.randint(2, 4)))
+                speech = tts.synthesize(words, voice=rng.choice(voices),
+                                        rate=rng.randint(150, 200))
+                audio = torch.from_numpy(speech.waveform.astype("float32") / 32768)
+                audio = torchaudio.functional.resample(audio, speech.sample_rate, 8000)
+                wav = folder / "audio" / f"{split}{i}.wav"
+                write_wav_atomic(wav, audio.numpy(), 8000)
+                lines.append(f"{split}{i},{len(audio) / 8000:.3f},{wav},{words}")
+            paths[split] = folder / f"{split}.csv"
+            paths[split].write_text("\n".join(lines) + "\n")
+    return paths

@@ -22,12 +22,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-from speechbrain.dataio.dataio import read_audio
 from tqdm import tqdm
 
 from sb_crossmodal_kd.alignment.framerate import FrameRate, fit_to_length
 from sb_crossmodal_kd.alignment.units import unit_streams
 from sb_crossmodal_kd.alignment.viterbi import AlignmentError
+from sb_crossmodal_kd.data.audio import audio_samples, load_audio
 from sb_crossmodal_kd.io import atomic_write_text
 from sb_crossmodal_kd.units.lexicon import OutOfVocabularyError
 from sb_crossmodal_kd.units.phones import PHONES
@@ -65,8 +65,9 @@ def align_manifest(aligner, rows, text_key="wrd", progress=True):
     for row in tqdm(rows, desc="align", disable=not progress):
         utt = row["ID"]
         try:
-            wav = read_audio(row["wav"])
-            audio_s += len(wav) / aligner.settings.frame_rate.sample_rate
+            sample_rate = aligner.settings.frame_rate.sample_rate
+            wav = load_audio(row["wav"], sample_rate)
+            audio_s += len(wav) / sample_rate
             alignments[utt] = aligner.align(wav, row[text_key], utt)
         except (OutOfVocabularyError, AlignmentError) as error:
             skipped.append((utt, str(error)))
@@ -160,7 +161,7 @@ def load_phone_segments(path):
         ) from error
 
 
-def tree_statistics(alignments, rows, features, progress=True):
+def tree_statistics(alignments, rows, features, sample_rate, progress=True):
     """Triphone-state statistics of a corpus.
 
     Arguments
@@ -172,13 +173,15 @@ def tree_statistics(alignments, rows, features, progress=True):
     features : callable
         Waveform -> ``(T, D)`` features at the alignment's 10 ms rate
         (e.g. ``PhoneAligner.features``).
+    sample_rate : int
+        The rate ``features`` reads (audio at another rate is resampled on load).
     """
     stats = None
     for row in tqdm(rows, desc="tree statistics", disable=not progress):
         record = alignments.get(row["ID"])
         if record is None:
             continue
-        feats = features(read_audio(row["wav"]))
+        feats = features(load_audio(row["wav"], sample_rate))
         positions = fit_to_length(
             np.asarray(record["feature_positions"]), feats.shape[0], 2, row["ID"], fill=-1
         )
@@ -212,8 +215,6 @@ def export_units(
     dict
         ``{"utterances": written, "missing": [IDs without an alignment]}``.
     """
-    import soundfile
-
     frame_rate = frame_rate or FrameRate()
     header = {
         "lexicon": lexicon_hash,
@@ -234,7 +235,7 @@ def export_units(
             if record is None:
                 missing.append(row["ID"])
                 continue
-            n_samples = soundfile.info(row["wav"]).frames
+            n_samples = audio_samples(row["wav"], frame_rate.sample_rate)
             n_frames = frame_rate.frames_for_samples(n_samples)
             positions = fit_to_length(
                 np.asarray(record["feature_positions"]),

@@ -37,15 +37,16 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
-from speechbrain.dataio.dataio import read_audio
 from speechbrain.lobes.features import Fbank
 from tqdm import tqdm
 
 from sb_crossmodal_kd.alignment.framerate import FrameRate
 from sb_crossmodal_kd.alignment.viterbi import viterbi_align
+from sb_crossmodal_kd.data.audio import load_audio
 from sb_crossmodal_kd.units.phones import PHONES, SILENCE_INDEX
 from sb_crossmodal_kd.units.senones import split_states
 
@@ -396,7 +397,7 @@ class PhoneAligner:
                 skipped.append((utt_id, str(error)))
                 logger.warning("Skipping utterance %s: %s", utt_id, error)
                 continue
-            wav = read_audio(audio) if isinstance(audio, str) else audio
+            wav = self._waveform(audio)
             feats = self.features(wav)
             needed = self.settings.min_duration * self.settings.states_per_phone * len(seq[4])
             if feats.shape[0] < needed:
@@ -488,8 +489,13 @@ class PhoneAligner:
 
     def align(self, audio, words, utterance_id):
         """Aligns a waveform (1-D tensor) or wav path to ``words``."""
-        wav = read_audio(audio) if isinstance(audio, str) else audio
-        return self.align_features(self.features(wav), words, utterance_id)
+        return self.align_features(self.features(self._waveform(audio)), words, utterance_id)
+
+    def _waveform(self, audio):
+        """A waveform as given, or a path's audio at the aligner's rate."""
+        if isinstance(audio, str | Path):
+            return load_audio(audio, self.settings.frame_rate.sample_rate)
+        return audio
 
     # ---------------------------------------------------------------- persistence
     def state(self):

@@ -30,7 +30,8 @@ def run(args):
     aligner = PhoneAligner.load(args.aligner, lexicon)
     _, alignments = load_alignments(args.alignments, lexicon.hash)
     rows = read_manifest(args.manifest)
-    stats = tree_statistics(alignments, rows, aligner.features)
+    stats = tree_statistics(alignments, rows, aligner.features,
+                            aligner.settings.frame_rate.sample_rate)
     tree = SenoneTree.build(stats, args.max_leaves, args.min_count, args.min_gain)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     tree.save(args.output)

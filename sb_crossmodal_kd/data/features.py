@@ -12,6 +12,8 @@ such as speed perturbation, needs.
 import speechbrain as sb
 import torch
 
+from sb_crossmodal_kd.data.audio import load_audio
+
 __all__ = ["FeatureCache"]
 
 
@@ -22,6 +24,8 @@ class FeatureCache:
     ---------
     compute_features : callable
         Waveforms ``[B, S]`` -> features ``[B, T, F]`` (e.g. SpeechBrain's ``Fbank``).
+    sample_rate : int
+        The rate ``compute_features`` expects; audio at another rate is resampled on load.
 
     Example
     -------
@@ -30,14 +34,15 @@ class FeatureCache:
     >>> from sb_crossmodal_kd.io import write_wav_atomic
     >>> wav = pathlib.Path(tempfile.mkdtemp()) / "a.wav"
     >>> write_wav_atomic(wav, torch.randn(8000).numpy() * 0.1, 16000)
-    >>> cache = FeatureCache(Fbank(n_mels=20))
+    >>> cache = FeatureCache(Fbank(n_mels=20), sample_rate=16000)
     >>> feats = cache("utt1", str(wav))
     >>> feats.shape, len(cache), cache("utt1", str(wav)) is feats
     (torch.Size([51, 20]), 1, True)
     """
 
-    def __init__(self, compute_features):
+    def __init__(self, compute_features, sample_rate):
         self.compute_features = compute_features
+        self.sample_rate = sample_rate
         self._features = {}
 
     def __len__(self):
@@ -46,7 +51,7 @@ class FeatureCache:
     def __call__(self, utt_id, wav):
         feats = self._features.get(utt_id)
         if feats is None:
-            signal = sb.dataio.dataio.read_audio(wav)
+            signal = load_audio(wav, self.sample_rate)
             with torch.no_grad():
                 feats = self.compute_features(signal[None]).squeeze(0)
             self._features[utt_id] = feats

@@ -22,9 +22,12 @@ sb_crossmodal_kd.data.manifest.ManifestError: .../bad.csv: missing column(s) wrd
 import csv
 import io
 import json
+import logging
 from pathlib import Path
 
 from sb_crossmodal_kd.io import atomic_write_text
+
+logger = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("ID", "duration", "wav", "wrd")
 # A row's duration may differ from its audio's by this fraction (rounding in manifests); more
@@ -136,7 +139,7 @@ def _json_rows(path, required, replacements):
 
 
 def check_manifest(
-    path, required=REQUIRED_COLUMNS, replacements=None, check_audio=True, expected_sample_rate=None
+    path, required=REQUIRED_COLUMNS, replacements=None, check_audio=True, sample_rate=None
 ):
     """Checks a SpeechBrain CSV or JSON manifest and returns its rows.
 
@@ -151,8 +154,10 @@ def check_manifest(
         in fields, as SpeechBrain does.
     check_audio : bool
         Open every wav's header, so unreadable audio is found before training.
-    expected_sample_rate : int, optional
-        With ``check_audio``, refuse audio at another sample rate.
+    sample_rate : int, optional
+        With ``check_audio``, the rate the recipe reads audio at: files at other rates are
+        resampled on load (:func:`~sb_crossmodal_kd.data.audio.load_audio`), and how many
+        there are is logged once for the manifest.
 
     Returns
     -------
@@ -166,12 +171,18 @@ def check_manifest(
         empty ID, an empty transcript, a bad duration, a missing or unreadable wav, or (with
         ``check_audio``) a duration more than 10 % off the audio's.
     """
-    rows, seen = [], set()
+    rows, seen, other_rates = [], set(), {}
     for where, row in read_manifest_rows(path, required, replacements):
-        _check_row(where, row, seen, check_audio, expected_sample_rate)
+        rate = _check_row(where, row, seen, check_audio)
+        if sample_rate and rate and rate != sample_rate:
+            other_rates[rate] = other_rates.get(rate, 0) + 1
         rows.append(row)
     if not rows:
         raise ManifestError(f"{path}: the manifest has no rows")
+    if other_rates:
+        found = ", ".join(f"{count} at {rate} Hz" for rate, count in sorted(other_rates.items()))
+        logger.info("%s: %d of %d audio files are not at %d Hz (%s); they are resampled on "
+                    "load", path, sum(other_rates.values()), len(rows), sample_rate, found)
     return rows
 
 
@@ -202,7 +213,8 @@ def write_manifest_csv(path, rows, columns=REQUIRED_COLUMNS):
     atomic_write_text(path, buffer.getvalue())
 
 
-def _check_row(where, row, seen, check_audio, expected_sample_rate):
+def _check_row(where, row, seen, check_audio):
+    """Raises ManifestError for a bad row; returns its audio's sample rate (None unread)."""
     utt = str(row.get("ID") or "").strip()
     if not utt:
         raise ManifestError(f"{where}: empty ID")
@@ -232,14 +244,11 @@ def _check_row(where, row, seen, check_audio, expected_sample_rate):
             raise ManifestError(f"{where}: cannot read audio {wav}: {err}") from None
         if info.frames == 0:
             raise ManifestError(f"{where}: audio file {wav} is empty")
-        if expected_sample_rate and info.samplerate != expected_sample_rate:
-            raise ManifestError(
-                f"{where}: {wav} is sampled at {info.samplerate} Hz but the recipe expects "
-                f"{expected_sample_rate} Hz; resample it or set sample_rate"
-            )
         actual = info.frames / info.samplerate
         if duration is not None and abs(actual - duration) > DURATION_TOLERANCE * duration:
             raise ManifestError(
                 f"{where}: the manifest says {duration:g} s but {wav} holds {actual:.3f} s (a "
                 "truncated or another file?); fix the row's duration or the audio file"
             )
+        return info.samplerate
+    return None

@@ -39,12 +39,12 @@ tensor([[-1,  0,  0,  1,  1, -1]])
 import functools
 
 import numpy as np
-import soundfile
 import torch
 from speechbrain.dataio.batch import PaddedBatch
 from speechbrain.utils.data_pipeline import provides, takes
 
 from sb_crossmodal_kd.alignment.framerate import FrameRate, fit_to_length
+from sb_crossmodal_kd.data.audio import audio_samples
 from sb_crossmodal_kd.units.store import UnitStore
 
 FIELDS = ("units", "frame_to_position", "frame_labels")
@@ -113,7 +113,7 @@ def _pipeline(store, unit_types, frame_rate, tolerance, wav_key):
 
     def fields(utterance_id, wav):
         record = store[utterance_id]
-        n_frames = frame_rate.frames_for_samples(soundfile.info(wav).frames)
+        n_frames = frame_rate.frames_for_samples(audio_samples(wav, frame_rate.sample_rate))
         for unit in unit_types:
             yield torch.as_tensor(record[f"{unit}.units"], dtype=torch.long)
             for field in FIELDS[1:]:

@@ -13,12 +13,12 @@ import argparse
 import csv
 import json
 
-import speechbrain as sb
 import torch
 from speechbrain.lobes.features import Fbank
 from tqdm import tqdm
 
 from sb_crossmodal_kd.alignment.framerate import FrameRate
+from sb_crossmodal_kd.data.audio import load_audio
 from sb_crossmodal_kd.units.senones import SenoneTree, TriphoneStats
 
 
@@ -39,7 +39,7 @@ def main(argv=None):
     fbank, rate, stats = Fbank(n_mels=80), FrameRate(), TriphoneStats(dim=80)
     for row in tqdm(rows, desc="triphone statistics"):
         segments = alignments[row["ID"]]["phones"]
-        waveform = sb.dataio.dataio.read_audio(row["wav"])
+        waveform = load_audio(row["wav"], rate.sample_rate)
         with torch.no_grad():
             features = fbank(waveform.unsqueeze(0))[0]
         labels = rate.segments_to_frames(

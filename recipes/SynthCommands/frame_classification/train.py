@@ -27,6 +27,7 @@ import speechbrain as sb
 
 from sb_crossmodal_kd.alignment.corpus import load_phone_segments
 from sb_crossmodal_kd.alignment.framerate import FrameRate
+from sb_crossmodal_kd.data.audio import load_audio
 from sb_crossmodal_kd.data.manifest import check_manifest
 from sb_crossmodal_kd.distributed import init_distributed
 from sb_crossmodal_kd.experiment import file_overrides, load_hparams, train_loader_options
@@ -43,7 +44,7 @@ def dataio_prepare(hparams):
     datasets = {}
     for split in ("train", "valid", "test"):
         csv_path = Path(hparams[f"{split}_csv"])
-        check_manifest(csv_path, expected_sample_rate=hparams["sample_rate"])
+        check_manifest(csv_path, sample_rate=hparams["sample_rate"])
         folder = hparams.get("alignments_folder") or csv_path.parent  # null: the data folder
         align_path = Path(folder) / f"{split}{hparams['alignments_suffix']}"
         phones, skipped = load_phone_segments(align_path)
@@ -63,7 +64,7 @@ def dataio_prepare(hparams):
         @sb.utils.data_pipeline.takes("wav")
         @sb.utils.data_pipeline.provides("sig")
         def audio_pipeline(wav):
-            return sb.dataio.dataio.read_audio(wav)
+            return load_audio(wav, hparams["sample_rate"])
 
         @sb.utils.data_pipeline.takes("id", "sig")
         @sb.utils.data_pipeline.provides("frame_labels")
