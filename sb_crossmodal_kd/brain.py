@@ -121,10 +121,11 @@ class CTCBrain(ExactResume, sb.Brain):
 
     def on_fit_start(self):
         """Refuses MoE encoders, whose auxiliary losses and balancing phases this Brain would
-        silently ignore; :class:`~sb_crossmodal_kd.kd_brain.KDBrain` handles them."""
+        silently ignore, unless a mixin collects them (``collects_moe_losses``:
+        :class:`~sb_crossmodal_kd.kd_brain.KDBrain` does)."""
         from sb_crossmodal_kd.nnet.moe import moe_layers
 
-        if type(self) is CTCBrain and moe_layers(self.modules):
+        if not getattr(self, "collects_moe_losses", False) and moe_layers(self.modules):
             raise ValueError(
                 "The model has MoE layers: use brain_class: !name:sb_crossmodal_kd.kd_brain.KDBrain "
                 "(with no heads it trains the plain CTC objective plus the MoE auxiliary losses)"

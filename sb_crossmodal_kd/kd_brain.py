@@ -1,6 +1,8 @@
 """The distillation Brain: the CTC acoustic model plus heads, distillation and MoE losses.
 
-:class:`KDBrain` extends :class:`~sb_crossmodal_kd.brain.CTCBrain`; every condition of the
+:class:`KDMixin` adds the heads, their distillation terms and the MoE losses to any
+SpeechBrain Brain (``class MyASR(KDMixin, ASR)``: a recipe's own Brain, unchanged).
+:class:`KDBrain` is that mixin on :class:`~sb_crossmodal_kd.brain.CTCBrain`; every condition of the
 ablation (AM alone, label interpolation, one auxiliary head, the full hierarchy, the
 hierarchy minus a level, each with or without MoE) is a matter of hparams:
 
@@ -55,6 +57,7 @@ used (in the results file; heat maps and the full report in ``expert_usage/`` be
 """
 
 import contextlib
+import logging
 from pathlib import Path
 
 import speechbrain as sb
@@ -88,7 +91,9 @@ from sb_crossmodal_kd.nnet.moe import (
 )
 from sb_crossmodal_kd.nnet.taps import EncoderTaps
 
-__all__ = ["KDBrain", "teacher_items", "check_teacher_temperatures", "kd_batch_fields",
+logger = logging.getLogger(__name__)
+
+__all__ = ["KDBrain", "KDMixin", "teacher_items", "check_teacher_temperatures", "kd_batch_fields",
            "fit_frames"]
 
 TEACHER_FIELDS = ("top_probs", "top_ids", "residual")
@@ -216,7 +221,9 @@ def fit_frames(frame_to_position, lengths, n_frames, tolerance=2, ids=None):
         raise ValueError(
             f"Alignments have {aligned} frames but the encoder gives {n_frames} for the batch "
             f"{list(ids or [])[:4]}...: alignments must be at the encoder frame rate (after "
-            "the front end's subsampling). Rebuild them with the model's FrameRate."
+            "the front end's subsampling) and the audio read at the rate they were made at "
+            "(sb_crossmodal_kd.data.audio.load_audio resamples). Rebuild them with the "
+            "model's FrameRate, or read the audio at its sample_rate."
         )
     real = lengths_to_mask(lengths.to(frame_to_position.device), aligned)
     frame_to_position = torch.where(real, frame_to_position, torch.full_like(frame_to_position, -1))
@@ -226,12 +233,29 @@ def fit_frames(frame_to_position, lengths, n_frames, tolerance=2, ids=None):
     return torch.cat([frame_to_position, pad], dim=1)
 
 
-class KDBrain(CTCBrain):
-    """CTC acoustic model trained with auxiliary heads, distillation and MoE losses.
+class KDMixin:
+    """Adds auxiliary heads, their distillation and the MoE losses to any SpeechBrain Brain.
 
-    Arguments are those of ``speechbrain.core.Brain``; the settings it reads are in the
-    module docstring. Example (a full training run) in ``tests/test_kd_brain.py``.
+    Put it before the Brain you have: ``class MyASR(KDMixin, ASR)``. It wraps that Brain's
+    ``compute_forward`` (taps the encoder layers the heads sit on, gives the MoE layers the
+    batch's padding) and ``compute_objectives`` (adds the heads' terms and the MoE
+    auxiliary losses to the loss that Brain returns), and tells MoE layers the epoch and
+    logs their expert usage; nothing of the Brain's own code changes. Its settings come
+    from the hparams as for :class:`KDBrain` (module docstring): ``modules.auxiliary_heads``,
+    ``distillation``, ``tap_module`` (the module holding the encoder layers; default
+    ``encoder``, e.g. ``Transformer`` for SpeechBrain's ``TransformerASR``), and the batch's
+    unit and teacher fields.
+
+    The heads' targets are per utterance of the batch. A Brain whose augmentation
+    concatenates copies of the batch (SpeechBrain's ``Augmenter`` with ``concat_original``)
+    gets them repeated to match; an augmentation that changes the length (speed
+    perturbation) would misalign the frame targets, and batches more than a couple of
+    frames off are refused (:func:`fit_frames`).
+
+    A Brain with label interpolation on its main output overrides :meth:`kd_main_output`.
     """
+
+    collects_moe_losses = True  # CTCBrain refuses MoE models unless the Brain does this
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -244,8 +268,15 @@ class KDBrain(CTCBrain):
         heads = self._heads()
         self.taps = None
         if heads is not None and len(heads) > 0:
+            if self.tap_module not in self.modules:
+                raise ValueError(
+                    f"The auxiliary heads tap modules['{self.tap_module}'], which the Brain "
+                    f"does not have (it has {sorted(self.modules)}): set hparams tap_module "
+                    "to the module holding the encoder layers"
+                )
             self.taps = EncoderTaps(self.modules[self.tap_module], layers=heads.layers)
         self.has_moe = len(moe_layers(self.modules)) > 0
+        self.head_logits = None  # by head name, from the latest training forward pass
         self._term_sums, self._term_batches = {}, 0
         self.usage_tracker = None  # an ExpertUsageTracker during the test pass of an MoE model
 
@@ -255,19 +286,32 @@ class KDBrain(CTCBrain):
             return None
         return unwrap(self.modules["auxiliary_heads"])
 
+    @staticmethod
+    def kd_input_lengths(batch):
+        """``[B]`` relative lengths of the batch's input (``feats`` if cached, else ``sig``)."""
+        return batch.feats.lengths if hasattr(batch, "feats") else batch.sig.lengths
+
+    def kd_main_output(self, predictions, batch):
+        """What label interpolation needs of the main output: ``{"main_logits": [B, T, V],
+        "frame_lens": [B], "main_tokens": (tokens, lengths)}``, or None (the default: the
+        Brain's predictions are its own; heads and MoE terms need none of them)."""
+        return None
+
     # Forward -------------------------------------------------------------------------------
 
     def compute_forward(self, batch, stage):
-        """Main output as in CTCBrain; in training also ``head_logits`` by head name."""
+        """The Brain's own forward pass; in training also :attr:`head_logits` by head name."""
         training = stage == sb.Stage.TRAIN
         moe_context = contextlib.nullcontext()
         if self.has_moe:  # SpeechBrain's layers call their FFN without a padding mask
-            moe_context = padding_mask(self.modules, lengths=self.input_lengths(batch).to(self.device))
+            lengths = self.kd_input_lengths(batch).to(self.device)
+            moe_context = padding_mask(self.modules, lengths=lengths)
         tap_context = self.taps.capture() if (training and self.taps) else contextlib.nullcontext()
         with moe_context, tap_context as hidden:
             predictions = super().compute_forward(batch, stage)
+        self.head_logits = None
         if training and self.taps:
-            predictions["head_logits"] = self.modules["auxiliary_heads"](hidden)
+            self.head_logits = self.modules["auxiliary_heads"](hidden)
         return predictions
 
     # Objectives ----------------------------------------------------------------------------
@@ -293,8 +337,9 @@ class KDBrain(CTCBrain):
                 return prefix
         return None
 
-    def unit_targets(self, batch, n_frames):
-        """Reads the batch's unit fields into ``{unit_type: UnitTargets}`` on the device."""
+    def unit_targets(self, batch, n_frames, repeats=1):
+        """Reads the batch's unit fields into ``{unit_type: UnitTargets}`` on the device,
+        each utterance's ``repeats`` times (a batch its augmentation concatenated copies of)."""
         targets = {}
         for unit_type in self._unit_types():
             prefix = self._prefix(batch, unit_type, "units")
@@ -316,8 +361,13 @@ class KDBrain(CTCBrain):
             teacher = None
             if self._needs_teacher(unit_type):
                 teacher = self._teacher(batch, unit_type, unit_ids.shape[1])
+            if repeats > 1:
+                unit_ids, frame_to_position = (_repeat(unit_ids, repeats),
+                                               _repeat(frame_to_position, repeats))
+                teacher = teacher and tuple(_repeat(part, repeats) for part in teacher)
             targets[unit_type] = UnitTargets(
-                unit_ids, units.lengths.to(self.device), frame_to_position, teacher
+                unit_ids, _repeat(units.lengths.to(self.device), repeats), frame_to_position,
+                teacher,
             )
         return targets
 
@@ -346,7 +396,8 @@ class KDBrain(CTCBrain):
         return triple
 
     def compute_objectives(self, predictions, batch, stage):
-        """CTC (+ scoring on valid/test); in training the full distillation objective."""
+        """The Brain's own loss (plus its scoring on valid/test); in training also every
+        head's and MoE layer's term (the distillation objective)."""
         main_loss = super().compute_objectives(predictions, batch, stage)
         if stage != sb.Stage.TRAIN:
             if self.has_moe:
@@ -354,22 +405,32 @@ class KDBrain(CTCBrain):
             if self.usage_tracker is not None:
                 self.usage_tracker.update(self.modules)
             return main_loss
-        log_probs = predictions["log_probs"]
-        targets = self.unit_targets(batch, log_probs.shape[1])
+        main = self.kd_main_output(predictions, batch) or {}
+        head_logits = self.head_logits
+        if "main_logits" in main:
+            n_batch, n_frames = main["main_logits"].shape[:2]
+        elif head_logits:
+            n_batch, n_frames = next(iter(head_logits.values())).shape[:2]
+        else:
+            n_batch, n_frames = len(batch.id), None
+        repeats = n_batch // len(batch.id)
+        targets = self.unit_targets(batch, n_frames, repeats) if n_frames is not None else {}
+        frame_lens = main.get("frame_lens")
+        if frame_lens is None:
+            frame_lens = _repeat(self.kd_input_lengths(batch).to(self.device), repeats)
         moe_loss = moe_auxiliary_loss(self.modules) if self.has_moe else None
         total, log = self.objective(
             main_loss,
-            main_logits=log_probs,  # log-softmax is idempotent: log-probs serve as logits
+            main_logits=main.get("main_logits"),
             heads=self._heads(),
-            head_logits=predictions.get("head_logits"),
+            head_logits=head_logits,
             targets=targets,
-            frame_lens=predictions["lengths"],
+            frame_lens=frame_lens,
             moe_loss=moe_loss,
-            main_tokens=batch.tokens,  # the CTC loss's targets: what `ctc` LI frames align
+            main_tokens=main.get("main_tokens"),
         )
-        if "head_logits" in predictions:
-            log.update(self.head_accuracies(predictions["head_logits"], targets,
-                                            predictions["lengths"]))
+        if head_logits:
+            log.update(self.head_accuracies(head_logits, targets, frame_lens))
         for name, value in log.items():  # summed on the device: no sync per batch
             self._term_sums[name] = self._term_sums.get(name, 0.0) + value
         self._term_batches += 1
@@ -412,36 +473,50 @@ class KDBrain(CTCBrain):
         self.usage_tracker = ExpertUsageTracker() if stage == sb.Stage.TEST and self.has_moe else None
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
-        """Logs every loss term's epoch average; an MoE model's expert usage of the epoch
+        """Adds every loss term's epoch average to the Brain's ``train_stats`` (which its
+        own ``on_stage_end`` sets and logs); logs an MoE model's expert usage of the epoch
         (per layer: gate entropy, the least and most used expert's share of the gate mass),
-        with its heat map after the last epoch."""
+        with its heat map after the last epoch, and of the test pass (when the Brain's
+        results did not take it: :meth:`test_expert_usage`)."""
         super().on_stage_end(stage, stage_loss, epoch)
         if stage == sb.Stage.TRAIN and self._term_batches:
-            self.train_stats.update(self.loss_terms())
+            terms = self.loss_terms()
+            if isinstance(getattr(self, "train_stats", None), dict):
+                self.train_stats.update(terms)
+            else:
+                self.train_stats = {"loss": stage_loss, **terms}
         if stage == sb.Stage.TRAIN and self.has_moe:
             report = expert_usage_report(self.modules, reset=True)  # all ranks' frames
-            for logger in train_loggers(self.hparams):
-                log_expert_usage(logger, report, epoch, stage="train")
+            for train_logger in train_loggers(self.hparams):
+                log_expert_usage(train_logger, report, epoch, stage="train")
             if (epoch == getattr(self.hparams.epoch_counter, "limit", None)
                     and sb.utils.distributed.if_main_process()):
-                plot_expert_usage(report, Path(self.hparams.results_file).parent / "expert_usage",
+                plot_expert_usage(report, self.expert_usage_folder(),
                                   prefix="train_expert_usage")
+        if stage == sb.Stage.TEST and self.usage_tracker is not None:
+            if sb.utils.distributed.if_main_process():  # as results files: one writer
+                self.test_expert_usage()
+                logger.info("Expert usage of the test pass: %s", self.expert_usage_folder())
+            self.usage_tracker = None
 
-    def test_results(self, stats, stage_loss):
-        """CTCBrain's results; ``params`` counts the inference model (the heads are dropped
-        for inference), ``params_with_heads`` the trained one; an MoE model's expert usage
-        on the test utterances (:func:`~sb_crossmodal_kd.analysis.expert_usage.usage_results`)
-        with its heat maps in ``expert_usage/`` beside ``results_file``."""
-        results = super().test_results(stats, stage_loss)
-        if self._heads() is not None:
-            results["params_with_heads"] = results["params"]
-            results["params"] = count_parameters(inference_modules(self.modules))
-        if self.usage_tracker is not None:
-            report = expert_usage_report(self.modules, self.usage_tracker, reset=True,
-                                         across_processes=False)
-            results.update(usage_results(report))
-            plot_expert_usage(report, Path(self.hparams.results_file).parent / "expert_usage")
-        return results
+    def expert_usage_folder(self):
+        """Where heat maps and usage reports go: ``expert_usage/`` beside the results file
+        (``hparams.results_file``), else in ``hparams.output_folder``."""
+        results_file = getattr(self.hparams, "results_file", None)
+        folder = Path(results_file).parent if results_file else Path(self.hparams.output_folder)
+        return folder / "expert_usage"
+
+    def test_expert_usage(self):
+        """The test pass's expert usage (:func:`~sb_crossmodal_kd.analysis.expert_usage.
+        usage_results`), its heat maps and full report written to
+        :meth:`expert_usage_folder`; once per test pass (None after)."""
+        if self.usage_tracker is None:
+            return None
+        report = expert_usage_report(self.modules, self.usage_tracker, reset=True,
+                                     across_processes=False)
+        self.usage_tracker = None
+        plot_expert_usage(report, self.expert_usage_folder())
+        return usage_results(report)
 
     def loss_terms(self):
         """Epoch averages of every loss term (``loss_<term>``) and head accuracy
@@ -473,3 +548,42 @@ class KDBrain(CTCBrain):
         self._term_batches = state["term_batches"]
         if self.has_moe and "experts" in state:  # checkpoints made before this have none
             load_expert_counters(self.modules, state["experts"])
+
+
+class KDBrain(KDMixin, CTCBrain):
+    """CTC acoustic model trained with auxiliary heads, distillation and MoE losses:
+    :class:`KDMixin` on :class:`~sb_crossmodal_kd.brain.CTCBrain`, with label
+    interpolation on the CTC output.
+
+    Arguments are those of ``speechbrain.core.Brain``; the settings it reads are in the
+    module docstring. Example (a full training run) in ``tests/test_kd_brain.py``.
+    """
+
+    def kd_main_output(self, predictions, batch):
+        """The CTC output's log-probabilities (log-softmax is idempotent: they serve as
+        logits), its frame lengths and the CTC loss's targets (what ``ctc`` label
+        interpolation frames align)."""
+        return {"main_logits": predictions["log_probs"], "frame_lens": predictions["lengths"],
+                "main_tokens": batch.tokens}
+
+    def test_results(self, stats, stage_loss):
+        """CTCBrain's results; ``params`` counts the inference model (the heads are dropped
+        for inference), ``params_with_heads`` the trained one; an MoE model's expert usage
+        on the test utterances (:func:`~sb_crossmodal_kd.analysis.expert_usage.usage_results`)
+        with its heat maps in ``expert_usage/`` beside ``results_file``."""
+        results = super().test_results(stats, stage_loss)
+        if self._heads() is not None:
+            results["params_with_heads"] = results["params"]
+            results["params"] = count_parameters(inference_modules(self.modules))
+        usage = self.test_expert_usage()
+        if usage is not None:
+            results.update(usage)
+        return results
+
+
+def _repeat(tensor, repeats):
+    """``tensor`` [B, ...] as [repeats * B, ...]: copies one after the other, as
+    SpeechBrain's Augmenter concatenates a batch with its augmented copies."""
+    if tensor is None or repeats == 1:
+        return tensor
+    return torch.cat([tensor] * repeats)

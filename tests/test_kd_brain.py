@@ -14,7 +14,7 @@ from speechbrain.nnet.activations import Softmax
 from speechbrain.processing.features import InputNormalization
 
 from sb_crossmodal_kd.alignment.framerate import FrameRate
-from sb_crossmodal_kd.kd_brain import KDBrain, fit_frames, teacher_items
+from sb_crossmodal_kd.kd_brain import KDBrain, KDMixin, fit_frames, teacher_items
 from sb_crossmodal_kd.losses import DistillationObjective
 from sb_crossmodal_kd.nnet.conformer import ConformerCTCEncoder
 from sb_crossmodal_kd.nnet.conformer_moe import use_moe_ffn
@@ -195,7 +195,7 @@ def test_kd_gradient_reaches_the_tapped_encoder_layer_only_from_below(tmp_path):
     predictions = brain.compute_forward(batch, sb.Stage.TRAIN)
     targets = brain.unit_targets(batch, predictions["log_probs"].shape[1])
     total, log = brain.objective(predictions["log_probs"].sum() * 0, heads=heads,
-                                 head_logits=predictions["head_logits"], targets=targets)
+                                 head_logits=brain.head_logits, targets=targets)
     total.backward()
     layers = brain.modules.encoder.layers.layers
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in layers[0].parameters())
@@ -556,3 +556,68 @@ def test_a_schedule_left_without_its_length_stops_before_training(tmp_path):
     brain.fit(brain.hparams.epoch_counter, train, None, train_loader_kwargs={"batch_size": 2})
     assert brain.hparams.lr_annealing.current_step == 2  # two batches: the rate ends at 0
     assert brain.optimizer.param_groups[0]["lr"] == 0.0
+
+
+class _RecipeBrain(sb.Brain):
+    """A Brain as SpeechBrain recipes write them: tuple predictions, its own CTC loss. With
+    ``doubled`` its augmentation concatenates the batch with a copy (SpeechBrain's
+    Augmenter with ``concat_original``) and repeats the labels to match."""
+
+    doubled = False
+
+    def compute_forward(self, batch, stage):
+        batch = batch.to(self.device)
+        wavs, lens = batch.sig
+        if self.doubled:
+            wavs, lens = torch.cat([wavs, wavs]), torch.cat([lens, lens])
+        encoded = self.modules.encoder(self.modules.compute_features(wavs), lens)
+        return self.hparams.log_softmax(self.modules.ctc_lin(encoded)), lens
+
+    def compute_objectives(self, predictions, batch, stage):
+        log_probs, lens = predictions
+        tokens, token_lens = batch.tokens
+        if self.doubled:
+            tokens, token_lens = torch.cat([tokens, tokens]), torch.cat([token_lens, token_lens])
+        return sb.nnet.losses.ctc_loss(log_probs, tokens, lens, token_lens, VOCAB)
+
+
+class _KDRecipeBrain(KDMixin, _RecipeBrain):
+    pass
+
+
+def _recipe_brain(tmp_path, caches, doubled):
+    torch.manual_seed(0)
+    encoder = ConformerCTCEncoder(n_mels=20, d_model=D, num_layers=3, nhead=2, d_ffn=32,
+                                  kernel_size=3, front_channels=(4, 4), dropout=0.0)
+    use_moe_ffn(encoder.layers, num_experts=2, top_k=1, load_balancing_weight=0.01)
+    modules = {"compute_features": Fbank(n_mels=20), "encoder": encoder,
+               "ctc_lin": torch.nn.Linear(D, VOCAB + 1), "auxiliary_heads": _hierarchy()}
+    hparams = {"log_softmax": Softmax(apply_log=True), "teacher_caches": caches,
+               "epoch_counter": sb.utils.epoch_loop.EpochCounter(1),
+               "output_folder": str(tmp_path)}
+    brain = _KDRecipeBrain(modules=modules, opt_class=lambda p: torch.optim.SGD(p, lr=0.1),
+                           hparams=hparams, run_opts={"device": "cpu"})
+    brain.doubled = doubled
+    return brain
+
+
+def test_the_mixin_adds_heads_and_moe_terms_to_a_recipe_brain_even_on_doubled_batches(tmp_path):
+    # A recipe's own Brain, unchanged, gets every head's and the MoE term on top of its
+    # CTC loss; when its augmentation doubles the batch, the targets follow, and each term
+    # is what it is on the batch alone (a copy adds nothing to a mean).
+    data = _utterances()
+    caches = _caches(tmp_path, data)
+    terms = {}
+    for doubled in (False, True):
+        brain = _recipe_brain(tmp_path / str(doubled), caches, doubled)
+        brain.on_stage_start(sb.Stage.TRAIN, epoch=1)
+        batch = _batch(data, caches)
+        loss = brain.compute_objectives(brain.compute_forward(batch, sb.Stage.TRAIN), batch,
+                                        sb.Stage.TRAIN)
+        assert torch.isfinite(loss)
+        terms[doubled] = brain.loss_terms()
+    assert set(terms[False]) >= {"loss_main", "loss_kd_senone", "loss_kd_monophone",
+                                 "loss_kd_subword", "loss_ctc_subword", "loss_moe"}
+    assert terms[False]["loss_moe"] > 0
+    for name, value in terms[False].items():
+        assert terms[True][name] == pytest.approx(value, rel=1e-3, abs=1e-5), name

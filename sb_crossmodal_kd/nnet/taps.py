@@ -24,8 +24,10 @@ Which modules count as layers (see :func:`encoder_layers`):
   the taps are those returned per-layer outputs (after each layer's residual and norm);
 * any encoder with a ``layers`` ModuleList (SpeechBrain's ``ConformerEncoder`` and
   ``TransformerEncoder``);
-* a wrapper whose ``layers`` attribute is one of the above (e.g. ``ConformerCTCEncoder``);
-  layer 0 is then the input of that inner module, at the layers' frame rate.
+* a wrapper whose ``layers`` attribute is one of the above (e.g. ``ConformerCTCEncoder``),
+  or, without ``layers``, whose ``encoder`` attribute is (SpeechBrain's ``TransformerASR``,
+  conformer or transformer); layer 0 is then the input of that inner module, at the layers'
+  frame rate.
 
 A layer that returns a tuple (Conformer layers return ``(output, attention)``) is tapped on
 its first element. With layerdrop, a dropped layer ``l`` has ``h^l = h^{l-1}``, which is what
@@ -97,6 +99,9 @@ def _layer_owner(encoder):
         return encoder, list(layers), _returns_layer_outputs(encoder)
     if isinstance(layers, torch.nn.Module):  # a wrapper whose `layers` is the encoder proper
         return _layer_owner(layers)
+    inner = getattr(encoder, "encoder", None)
+    if layers is None and isinstance(inner, torch.nn.Module):  # e.g. TransformerASR
+        return _layer_owner(inner)
     raise TypeError(
         f"Cannot find the layers of a {type(encoder).__name__}: taps support SpeechBrain's "
         "ConformerEncoder, TransformerEncoder and CRDNN, our DeepMoE, and any module with a "
