@@ -275,3 +275,26 @@ def test_an_8khz_ten_word_corpus_runs_end_to_end_with_the_defaults(tmp_path, cap
     for term in ("loss_kd_senone", "loss_kd_monophone", "loss_kd_subword"):
         assert f"train {term}" in log, term
     assert {p: p.read_bytes() for p in (tmp_path / "digits").rglob("*") if p.is_file()} == before
+
+
+def test_your_own_speechbrain_recipe_trains_with_moe_and_heads(prepared):
+    # recipes/OwnRecipe: SpeechBrain's conformer CTC recipe (TransformerASR) with the lines
+    # that add MoE feed-forwards and three distilled heads; its Brain is mixed with KDMixin.
+    user, _, prep = prepared
+    own = Path(__file__).resolve().parents[1] / "recipes" / "OwnRecipe"
+    out = user / "own_recipe"
+    cmd = [sys.executable, str(own / "train.py"), str(own / "hparams" / "conformer_ctc_kd.yaml"),
+           f"--prep_folder={prep}", f"--output_folder={out}", "--number_of_epochs=1",
+           "--d_model=32", "--nhead=2", "--d_ffn=64"]
+    run = subprocess.run(cmd, cwd=user, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    log = (out / "train_log.txt").read_text()
+    train_line = next(line for line in log.splitlines() if "train loss:" in line)
+    terms = dict(part.strip().split(": ") for part in
+                 train_line.split(" - ")[1].split(", "))
+    for term in ("loss_kd_senone", "loss_kd_monophone", "loss_kd_subword", "loss_main"):
+        assert float(terms[f"train {term}"]) > 0, term
+    assert float(terms["train loss_moe"]) > 0  # the balancing loss was collected
+    assert "test WER" in log
+    assert any((out / "expert_usage").glob("*.png"))
+    assert "without its load-balancing" not in run.stderr  # no uncollected MoE loss

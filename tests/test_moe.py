@@ -708,3 +708,24 @@ def test_training_without_collecting_the_balancing_loss_warns_once():
             collected.eval()
             collected(x)
             collected(x)
+
+
+def test_a_training_loop_that_never_collects_the_aux_losses_is_warned_once(recwarn):
+    # A user's own Brain that forgets moe_auxiliary_loss: nothing balances the experts, and
+    # the second training step says so, once per layer (never again after).
+    import warnings
+
+    from sb_crossmodal_kd.nnet.moe import moe_auxiliary_loss
+
+    model = torch.nn.Sequential(MoE(4, 2, load_balancing_weight=0.01),
+                                MoE(4, 2, load_balancing_weight=0.01))
+    warnings.simplefilter("always")
+    for _ in range(3):
+        model(torch.randn(2, 3, 4)).sum().backward()
+    told = [w for w in recwarn if "load-balancing / z-loss being collected" in str(w.message)]
+    assert len(told) == 2  # once per layer, at its second step only
+    recwarn.clear()
+    collected = torch.nn.Sequential(MoE(4, 2, load_balancing_weight=0.01))
+    for _ in range(3):
+        (collected(torch.randn(2, 3, 4)).sum() + moe_auxiliary_loss(collected)).backward()
+    assert not [w for w in recwarn if "being collected" in str(w.message)]

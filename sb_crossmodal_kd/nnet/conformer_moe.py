@@ -30,6 +30,8 @@ dense model therefore loads into the MoE model unchanged, and the MoE starts out
 what the dense model did.
 """
 
+import logging
+
 import torch
 from speechbrain.lobes.models.transformer.Conformer import (
     ConformerEncoder,
@@ -42,6 +44,8 @@ from speechbrain.lobes.models.transformer.Transformer import (
 from speechbrain.nnet.attention import PositionalwiseFeedForward
 
 from sb_crossmodal_kd.nnet.moe import MoE, moe_layers, set_padding_mask
+
+logger = logging.getLogger(__name__)
 
 _HOOKED = "_moe_padding_hooks"
 
@@ -256,6 +260,11 @@ def use_moe_ffn(
                     "'regularFFN' PositionalwiseFeedForward can become an MoE"
                 )
             layer.pos_ffn = make(layer.pos_ffn)
+    if not any(moe_kwargs.get(name) for name in
+               ("load_balancing_weight", "z_loss_weight", "balance_margin")):
+        logger.warning("use_moe_ffn: no load_balancing_weight, z_loss_weight or "
+                       "balance_margin, so nothing keeps the experts in use (e.g. "
+                       "load_balancing_weight: 0.01, z_loss_weight: 0.001)")
     _hook_padding(encoder)
     return encoder
 
