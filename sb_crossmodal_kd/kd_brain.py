@@ -29,7 +29,7 @@ exactly the inference model.
 Batch fields, per unit type ``u`` that a head or label interpolation uses (the units and
 alignment pipeline and :func:`teacher_items` provide them). The prefix is ``u`` itself, else
 the units pipeline's name for it (``monophone`` -> ``phones``, ``senone`` -> ``senones``,
-``subword`` -> ``subwords``), or what ``hparams["unit_fields"][u]`` says:
+``subword`` -> ``subwords``):
 
 - ``{u}_units``: LongTensor ``[K]`` per utterance, the unit sequence;
 - ``{u}_frame_to_position``: LongTensor ``[T']`` per utterance at the encoder frame rate,
@@ -63,6 +63,7 @@ from pathlib import Path
 import speechbrain as sb
 import torch
 
+from sb_crossmodal_kd.alignment.framerate import ENCODER_FRAME_TOLERANCE
 from sb_crossmodal_kd.analysis.expert_usage import (
     ExpertUsageTracker,
     expert_usage_report,
@@ -93,7 +94,7 @@ from sb_crossmodal_kd.nnet.taps import EncoderTaps
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["KDBrain", "KDMixin", "teacher_items", "check_teacher_temperatures", "kd_batch_fields",
+__all__ = ["KDBrain", "KDMixin", "teacher_items", "check_teacher_temperatures",
            "fit_frames"]
 
 TEACHER_FIELDS = ("top_probs", "top_ids", "residual")
@@ -101,20 +102,6 @@ TEACHER_FIELDS = ("top_probs", "top_ids", "residual")
 # The units pipeline (sb_crossmodal_kd.units.pipeline) names its fields after the unit store's
 # streams; the heads and teachers name unit types in the singular.
 UNIT_FIELD_ALIASES = {"monophone": "phones", "senone": "senones", "subword": "subwords"}
-
-
-def kd_batch_fields(unit_type, teacher=True):
-    """Names of the batch fields :class:`KDBrain` reads for ``unit_type``.
-
-    Example
-    -------
-    >>> kd_batch_fields("senone")
-    ['senone_units', 'senone_frame_to_position', 'senone_top_probs', 'senone_top_ids', 'senone_residual']
-    """
-    fields = [f"{unit_type}_units", f"{unit_type}_frame_to_position"]
-    if teacher:
-        fields += [f"{unit_type}_{name}" for name in TEACHER_FIELDS]
-    return fields
 
 
 def teacher_items(caches):
@@ -189,7 +176,7 @@ def check_teacher_temperatures(heads, caches):
             )
 
 
-def fit_frames(frame_to_position, lengths, n_frames, tolerance=2, ids=None):
+def fit_frames(frame_to_position, lengths, n_frames, tolerance=ENCODER_FRAME_TOLERANCE, ids=None):
     """Masks collation padding to ``-1`` and fits an alignment batch to ``n_frames`` frames.
 
     Arguments
@@ -264,7 +251,6 @@ class KDMixin:
             # The main output's CTC blank is not a unit of the teacher (see losses).
             self.objective.main_blank_index = getattr(self.hparams, "blank_index", None)
         self.tap_module = getattr(self.hparams, "tap_module", "encoder")
-        self.frame_tolerance = getattr(self.hparams, "alignment_frame_tolerance", 2)
         heads = self._heads()
         self.taps = None
         if heads is not None and len(heads) > 0:
@@ -325,9 +311,6 @@ class KDMixin:
 
     def _prefixes(self, unit_type):
         """Field-name prefixes to try for ``unit_type``, in order."""
-        explicit = (getattr(self.hparams, "unit_fields", None) or {}).get(unit_type)
-        if explicit:
-            return [explicit]
         alias = UNIT_FIELD_ALIASES.get(unit_type)
         return [unit_type] + ([alias] if alias else [])
 
@@ -348,14 +331,14 @@ class KDMixin:
                 raise KeyError(
                     f"The batch has no fields {' or '.join(tried)} for unit type "
                     f"'{unit_type}': add the units/alignment pipeline for it to the datasets' "
-                    "dynamic items and output keys (or map it with hparams `unit_fields`), or "
+                    "dynamic items and output keys, or "
                     "drop the head / label interpolation that needs it."
                 )
             units = getattr(batch, f"{prefix}_units")
             f2p = getattr(batch, f"{prefix}_frame_to_position")
             frame_to_position = fit_frames(
                 f2p.data.to(self.device), f2p.lengths.to(self.device), n_frames,
-                self.frame_tolerance, batch.id,
+                ENCODER_FRAME_TOLERANCE, batch.id,
             )
             unit_ids = units.data.to(self.device)
             teacher = None

@@ -27,6 +27,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# Encoder frames an alignment may differ from its audio by (front-end rounding); more means
+# it belongs to other audio or another frame rate. The units pipeline and the KD Brain both
+# fit alignments to the encoder's frames within it.
+ENCODER_FRAME_TOLERANCE = 2
+
 
 class AlignmentLengthError(ValueError):
     """An alignment is longer or shorter than its audio by more than the tolerance."""

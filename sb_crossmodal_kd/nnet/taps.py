@@ -12,15 +12,12 @@ final LayerNorm (the encoder's own output is after it).
 
 Which modules count as layers (see :func:`encoder_layers`):
 
-* an encoder with a ``tappable_layers()`` method: what it returns (an extension point for
-  other stacks);
 * ``speechbrain.lobes.models.CRDNN.CRDNN``: its CNN blocks, the projection (if any), the
   recurrent module(s) (and the linear projections between them with ``use_rnnp``), then its
   DNN blocks; pooling and dropout are not layers. CNN block outputs ``[B, T, F, C]`` are
   flattened to ``[B, T, F * C]`` (a view). Note CRDNN's optional time pooling comes after
   the CNN blocks, so CNN taps then have more frames than the output;
-* our :class:`~sb_crossmodal_kd.nnet.dmoe.DeepMoE` (or any module with a ``layers``
-  ModuleList and ``returns_layer_outputs = True``): it returns ``(output, [h^1..h^L])``, and
+* our :class:`~sb_crossmodal_kd.nnet.dmoe.DeepMoE`: it returns ``(output, [h^1..h^L])``, and
   the taps are those returned per-layer outputs (after each layer's residual and norm);
 * any encoder with a ``layers`` ModuleList (SpeechBrain's ``ConformerEncoder`` and
   ``TransformerEncoder``);
@@ -79,8 +76,6 @@ def _crdnn_layers(crdnn):
 
 def _returns_layer_outputs(module):
     """Whether ``module`` returns ``(output, [h^1, ..., h^L])`` (our Deep MoE stack does)."""
-    if getattr(module, "returns_layer_outputs", False):
-        return True
     from sb_crossmodal_kd.nnet.dmoe import DeepMoE
 
     return isinstance(module, DeepMoE)
@@ -88,8 +83,6 @@ def _returns_layer_outputs(module):
 
 def _layer_owner(encoder):
     """``(module that runs the layers, its ordered layers, returns_layer_outputs)``."""
-    if hasattr(encoder, "tappable_layers"):
-        return encoder, list(encoder.tappable_layers()), False
     from speechbrain.lobes.models.CRDNN import CRDNN
 
     if isinstance(encoder, CRDNN):
@@ -105,8 +98,8 @@ def _layer_owner(encoder):
     raise TypeError(
         f"Cannot find the layers of a {type(encoder).__name__}: taps support SpeechBrain's "
         "ConformerEncoder, TransformerEncoder and CRDNN, our DeepMoE, and any module with a "
-        "`layers` ModuleList (or a `layers` module that has one) or a `tappable_layers()` "
-        "method. Add one of these to your encoder."
+        "`layers` ModuleList (or a `layers` or `encoder` module that has one). Give your "
+        "encoder a `layers` ModuleList."
     )
 
 
@@ -117,8 +110,8 @@ def encoder_layers(encoder):
     ---------
     encoder : torch.nn.Module
         A SpeechBrain ConformerEncoder / TransformerEncoder / CRDNN, any module with a
-        ``tappable_layers()`` method or a ``layers`` ModuleList, or a wrapper whose
-        ``layers`` attribute is such a module (e.g. ``ConformerCTCEncoder``).
+        ``layers`` ModuleList, or a wrapper whose ``layers`` (or ``encoder``) attribute is
+        such a module (e.g. ``ConformerCTCEncoder``, ``TransformerASR``).
 
     Returns
     -------

@@ -43,7 +43,7 @@ import torch
 from speechbrain.dataio.batch import PaddedBatch
 from speechbrain.utils.data_pipeline import provides, takes
 
-from sb_crossmodal_kd.alignment.framerate import FrameRate, fit_to_length
+from sb_crossmodal_kd.alignment.framerate import ENCODER_FRAME_TOLERANCE, FrameRate, fit_to_length
 from sb_crossmodal_kd.data.audio import audio_samples
 from sb_crossmodal_kd.units.store import UnitStore
 
@@ -67,7 +67,7 @@ def add_unit_pipelines(
     unit_types=("phones", "senones", "subwords"),
     expect=None,
     frame_rate=None,
-    tolerance=2,
+    tolerance=ENCODER_FRAME_TOLERANCE,
     wav_key="wav",
 ):
     """Adds unit dynamic items to each dataset, reading its split's store.
