@@ -215,11 +215,11 @@ def test_a_training_step_reads_nothing_back_to_the_host_on_the_gpu_path(top_k, m
     # the device catches up. The GPU code path, run here on the CPU: one grouped product per
     # projection, no per-expert slicing; with padding, capacity, both auxiliary losses,
     # statistics and (dense) the balancing constraint.
-    import sb_crossmodal_kd.nnet.moe as moe_module
+    import sb_crossmodal_kd.nnet.moe.experts as experts_module
 
     if top_k:
         skip_without_grouped_mm("cpu")
-    monkeypatch.setattr(moe_module, "_cpu_eager", lambda x: False)
+    monkeypatch.setattr(experts_module, "_cpu_eager", lambda x: False)
     torch.manual_seed(0)
     moe = MoE(8, num_experts=4, expert="swiglu", expert_hidden_size=16, top_k=top_k,
               capacity_factor=1.0 if top_k else None, load_balancing_weight=0.1,
