@@ -239,7 +239,9 @@ class KDMixin:
     perturbation) would misalign the frame targets, and batches more than a couple of
     frames off are refused (:func:`fit_frames`).
 
-    A Brain with label interpolation on its main output overrides :meth:`kd_main_output`.
+    A Brain with label interpolation on its main output overrides :meth:`kd_main_output`; one
+    whose batch holds its input elsewhere than ``sig`` or ``feats`` overrides
+    :meth:`kd_input_lengths`.
     """
 
     collects_moe_losses = True  # CTCBrain refuses MoE models unless the Brain does this
