@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -179,7 +180,10 @@ def _reads_teachers(name, common):
     from sb_crossmodal_kd.pipeline import teacher_unit_types
 
     hparams_file, overrides = condition_recipe(name)
-    return bool(teacher_unit_types(load_hparams(hparams_file, {**common, **overrides})))
+    # Building the hparams makes the checkpoint folder: a scratch one, not results/ in the cwd
+    with tempfile.TemporaryDirectory(prefix="sbkd-condition-") as scratch:
+        hparams = load_hparams(hparams_file, {**common, **overrides, "output_folder": scratch})
+        return bool(teacher_unit_types(hparams))
 
 
 def _finished(record_file, name, seed, run_dir, common):
