@@ -32,11 +32,12 @@ def corpus(tmp_path_factory):
     return folder
 
 
-def test_compared_models_have_equal_parameter_counts():
+def test_compared_models_have_equal_parameter_counts(tmp_path):
     counts = {}
     for name in ("dmoe", "dense_mlp", "moe_single"):
-        with open(RECIPE / "hparams" / f"{name}.yaml") as handle:
-            hparams = load_hyperpyyaml(handle, {"data_folder": "unused"})
+        with open(RECIPE / "hparams" / f"{name}.yaml") as handle:  # checkpoints go in tmp_path
+            hparams = load_hyperpyyaml(handle, {"data_folder": "unused",
+                                                "output_folder": str(tmp_path / name)})
         counts[name] = sum(p.numel() for p in hparams["model"].parameters())
     assert max(counts.values()) / min(counts.values()) < 1.01, counts
 
