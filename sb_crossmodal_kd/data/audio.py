@@ -9,11 +9,13 @@ are kept per source rate, so a corpus at one rate costs one kernel). The manifes
 manifest how many files will be resampled, so nothing happens silently.
 """
 
+import math
+
+import soundfile
+import torch
 from speechbrain.dataio.preprocess import AudioNormalizer
 
 __all__ = ["load_audio", "audio_samples"]
-
-import math
 
 _NORMALIZERS = {}  # target rate -> AudioNormalizer (it caches a resampler per source rate)
 
@@ -37,9 +39,6 @@ def load_audio(path, sample_rate):
     >>> load_audio(path, 16000).shape
     torch.Size([16000])
     """
-    import soundfile
-    import torch
-
     audio, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
     normalizer = _NORMALIZERS.get(sample_rate)
     if normalizer is None:
@@ -60,8 +59,6 @@ def audio_samples(path, sample_rate):
     >>> audio_samples(path, 16000), len(load_audio(path, 16000))
     (9602, 9602)
     """
-    import soundfile
-
     info = soundfile.info(str(path))
     if info.samplerate == sample_rate:
         return info.frames
