@@ -74,7 +74,6 @@ UNIT_TYPES = ("subword", "monophone", "senone")
 # The chain's steps in order (prep.json's "steps"); training with no teacher needs the first four.
 STEPS = ("corpus", "tokenizer", "lexicon_alignment", "senone_tree", "unit_stores", "unit_lms",
          "teacher_caches")
-STORE_STREAMS = {"subword": "subwords", "monophone": "phones", "senone": "senones"}
 MANIFEST_SPLITS = ("train", "valid", "test")  # what the KD recipe reads
 SAMPLE_RATE = 16000  # the aligner's features and the KD recipe's front end
 LM_SAMPLE_SEED = 1986  # which LM sentences are kept when max_train_sentences limits them
@@ -786,8 +785,7 @@ def add_kd_items(datasets, hparams):
     datasets["train"] = kept
     if not unit_types:
         return
-    streams = [STORE_STREAMS[unit] for unit in unit_types]
-    add_unit_pipelines([kept], [store], unit_types=streams)
+    add_unit_pipelines([kept], [store], unit_types=unit_types)
     teacher_units = objective.teacher_unit_types(heads)
     caches = hparams.get("teacher_caches") or {}
     missing = [unit for unit in teacher_units if unit not in caches]
@@ -803,4 +801,4 @@ def add_kd_items(datasets, hparams):
     for item in items:
         kept.add_dynamic_item(item)
     # Keep the keys the split already gives (sig, or feats when features are cached).
-    kept.set_output_keys([*kept.pipeline.output_mapping, *unit_keys(streams), *teacher_keys])
+    kept.set_output_keys([*kept.pipeline.output_mapping, *unit_keys(unit_types), *teacher_keys])
