@@ -45,10 +45,21 @@ from speechbrain.lobes.features import Fbank
 from tqdm import tqdm
 
 from sb_crossmodal_kd.alignment.framerate import FrameRate
+from sb_crossmodal_kd.alignment.phone_classifier import PhoneClassifier
 from sb_crossmodal_kd.alignment.viterbi import viterbi_align
+from sb_crossmodal_kd.alignment.word_boundaries import boundary_errors
 from sb_crossmodal_kd.data.audio import load_audio
 from sb_crossmodal_kd.units.phones import PHONES, SILENCE_INDEX
 from sb_crossmodal_kd.units.senones import split_states
+
+# PhoneClassifier and boundary_errors live in modules of their own; importable from here too.
+__all__ = [
+    "AlignerSettings",
+    "PhoneAligner",
+    "PhoneAlignment",
+    "PhoneClassifier",
+    "boundary_errors",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -77,60 +88,6 @@ class AlignerSettings:
     silence_energy: float = 0.25
     seed: int = 0
     frame_rate: FrameRate = field(default_factory=FrameRate)
-
-
-class PhoneClassifier(torch.nn.Module):
-    """Frame-level phone classifier: 1-D convolutions over log-Mel frames.
-
-    Arguments
-    ---------
-    n_mels : int
-        Input feature dimension.
-    n_phones : int
-        Output classes.
-    hidden : int
-        Channels.
-    kernel_size : int
-        Convolution width (frames).
-    layers : int
-        Number of convolution layers.
-    dilation_growth : int
-        Layer ``i`` has dilation ``dilation_growth ** i``, widening the context at no extra
-        cost: the receptive field is ``1 + (kernel_size - 1) * sum(dilations)`` frames. A wide
-        context lets the model learn its own labels' positions instead of the acoustics: it
-        sees an onset coming and labels the pause before it as the phone, and each
-        re-alignment round moves boundaries further (on SynthCommands valid, word starts
-        drifted about 3 ms earlier per round with 13 frames of context). The aligner's
-        default is one layer of kernel 3 (3 frames, +-10 ms).
-
-    Example
-    -------
-    >>> model = PhoneClassifier(40, 40)
-    >>> model(torch.randn(2, 50, 40)).shape
-    torch.Size([2, 50, 40])
-    """
-
-    def __init__(self, n_mels, n_phones, hidden=128, kernel_size=5, layers=3, dilation_growth=1):
-        super().__init__()
-        blocks, channels = [], n_mels
-        for i in range(layers):
-            dilation = dilation_growth**i
-            blocks += [
-                torch.nn.Conv1d(
-                    channels, hidden, kernel_size, padding=dilation * (kernel_size // 2),
-                    dilation=dilation,
-                ),
-                torch.nn.BatchNorm1d(hidden),
-                torch.nn.ReLU(),
-            ]
-            channels = hidden
-        self.convs = torch.nn.Sequential(*blocks)
-        self.out = torch.nn.Linear(hidden, n_phones)
-
-    def forward(self, features):
-        """``(batch, time, n_mels)`` -> logits ``(batch, time, n_phones)``."""
-        hidden = self.convs(features.transpose(1, 2)).transpose(1, 2)
-        return self.out(hidden)
 
 
 @dataclass
@@ -533,49 +490,3 @@ class PhoneAligner:
         aligner.model.load_state_dict(state["model"])
         aligner.log_prior = state["log_prior"]
         return aligner
-
-
-def boundary_errors(reference_words, hypothesis_words, signed=False):
-    """Word start and end differences (seconds) between two word alignments.
-
-    ``hypothesis_words`` has one entry per transcript word. A reference entry may hold several
-    words (a synthesiser that speaks "in the" as one unit reports one span for both): it is
-    compared with the span from its first word's start to its last word's end.
-
-    Arguments
-    ---------
-    reference_words, hypothesis_words : list of (word, start_s, end_s)
-    signed : bool
-        Return ``hypothesis - reference`` (negative: the hypothesis is early) instead of the
-        absolute difference.
-
-    Returns
-    -------
-    list of float
-        Start and end error of each reference entry, in order.
-
-    Example
-    -------
-    >>> ref = [("a", 0.1, 0.3), ("b c", 0.3, 0.5)]
-    >>> hyp = [("a", 0.12, 0.3), ("b", 0.3, 0.4), ("c", 0.4, 0.45)]
-    >>> boundary_errors(ref, hyp)
-    [0.02, 0.0, 0.0, 0.05]
-    >>> boundary_errors(ref, hyp, signed=True)
-    [0.02, 0.0, 0.0, -0.05]
-    """
-    errors, i = [], 0
-    for text, r0, r1 in reference_words:
-        n = len(text.split())
-        group = hypothesis_words[i : i + n]
-        if [w[0] for w in group] != text.split():
-            raise ValueError(
-                f"boundary_errors: reference word(s) {text!r} do not match the aligned words "
-                f"{[w[0] for w in group]}"
-            )
-        h0, h1 = group[0][1], group[-1][2]
-        diffs = (h0 - r0, h1 - r1)
-        errors += [round(d if signed else abs(d), 6) for d in diffs]
-        i += n
-    if i != len(hypothesis_words):
-        raise ValueError("boundary_errors: the aligned words outnumber the reference words")
-    return errors
