@@ -45,14 +45,20 @@ from speechbrain.lobes.features import Fbank
 from tqdm import tqdm
 
 from sb_crossmodal_kd.alignment.framerate import FrameRate
+from sb_crossmodal_kd.alignment.phone_alignment import (
+    PhoneAlignment,
+    alignment_from_path,
+    state_path,
+)
 from sb_crossmodal_kd.alignment.phone_classifier import PhoneClassifier
+from sb_crossmodal_kd.alignment.phone_states import state_labels, state_tokens, token_sequence
 from sb_crossmodal_kd.alignment.viterbi import viterbi_align
 from sb_crossmodal_kd.alignment.word_boundaries import boundary_errors
 from sb_crossmodal_kd.data.audio import load_audio
-from sb_crossmodal_kd.units.phones import PHONES, SILENCE_INDEX
-from sb_crossmodal_kd.units.senones import split_states
+from sb_crossmodal_kd.units.phones import PHONES
 
-# PhoneClassifier and boundary_errors live in modules of their own; importable from here too.
+# PhoneAlignment, PhoneClassifier and boundary_errors live in modules of their own;
+# importable from here too.
 __all__ = [
     "AlignerSettings",
     "PhoneAligner",
@@ -88,32 +94,6 @@ class AlignerSettings:
     silence_energy: float = 0.25
     seed: int = 0
     frame_rate: FrameRate = field(default_factory=FrameRate)
-
-
-@dataclass
-class PhoneAlignment:
-    """One utterance's forced alignment at the 10 ms feature rate.
-
-    Attributes
-    ----------
-    utterance_id : str
-    phones : list of str
-        The utterance's phone sequence as text gives it (no silence).
-    feature_positions : numpy.ndarray
-        Position in ``phones`` of each feature frame, ``-1`` for silence.
-    feature_labels : numpy.ndarray
-        Phone index (:data:`PHONES`) of each feature frame, ``0`` for silence.
-    words : list of (word, start_s, end_s)
-    phone_segments : list of (phone, start_s, end_s)
-        Including the silences that the alignment kept.
-    """
-
-    utterance_id: str
-    phones: list
-    feature_positions: np.ndarray
-    feature_labels: np.ndarray
-    words: list
-    phone_segments: list
 
 
 class PhoneAligner:
@@ -153,30 +133,6 @@ class PhoneAligner:
             feats = self.fbank(waveform.reshape(1, -1))[0]
         return (feats - feats.mean(0)) / (feats.std(0) + 1e-5)
 
-    def _token_sequence(self, words, utterance_id):
-        """Phones with optional silences at the edges and between words, and word spans."""
-        per_word = self.lexicon.word_phones(words, utterance_id)
-        tokens, optional, word_of, text_pos = [SILENCE_INDEX], [True], [-1], [-1]
-        position = 0
-        for w, phones in enumerate(per_word):
-            if w > 0:
-                tokens.append(SILENCE_INDEX)
-                optional.append(True)
-                word_of.append(-1)
-                text_pos.append(-1)
-            for p in phones:
-                tokens.append(PHONES.index(p))
-                optional.append(False)
-                word_of.append(w)
-                text_pos.append(position)
-                position += 1
-        tokens.append(SILENCE_INDEX)
-        optional.append(True)
-        word_of.append(-1)
-        text_pos.append(-1)
-        phones = [p for ph in per_word for p in ph]
-        return tokens, optional, word_of, text_pos, phones
-
     # ---------------------------------------------------------------- flat start
     def _flat_start(self, feats, tokens, optional):
         """Energy-based edge silences and an even split of the rest over the phones."""
@@ -193,45 +149,7 @@ class PhoneAligner:
         bounds = np.linspace(start, end, len(phones) + 1).round().astype(int)
         for k, a, b in zip(phones, bounds[:-1], bounds[1:], strict=True):
             positions[a:b] = k
-        return self._state_labels(positions, self._state_tokens(tokens))
-
-    def _state_labels(self, positions, state_tokens, substates=None):
-        """Class per frame: the class of its token's state (see :meth:`_state_tokens`).
-
-        Without ``substates``, each run of one token position is split into equal parts.
-        """
-        positions = np.asarray(positions)
-        n_states = np.array([len(classes) for classes in state_tokens])
-        if substates is None:
-            substates = np.zeros(len(positions), dtype=np.int64)
-            change = np.flatnonzero(np.diff(positions)) + 1
-            for a, b in zip(np.r_[0, change], np.r_[change, len(positions)], strict=True):
-                substates[a:b] = split_states(a, b, n_states[positions[a]])
-        first_state = np.concatenate([[0], np.cumsum(n_states)[:-1]])
-        return np.concatenate(state_tokens)[first_state[positions] + np.asarray(substates)]
-
-    def _state_tokens(self, tokens):
-        """Classes ``phone * states_per_phone + state`` of each token's states, in order.
-
-        A silence between words (not at the edges) has ``pause_states`` of the silence's
-        states (one: its centre state, HTK's short pause; two: the first and last).
-
-        Example
-        -------
-        >>> aligner = PhoneAligner(None, AlignerSettings(states_per_phone=3, pause_states=1))
-        >>> aligner._state_tokens([0, 5, 0, 7, 0])
-        [[0, 1, 2], [15, 16, 17], [1], [21, 22, 23], [0, 1, 2]]
-        """
-        n_states = self.settings.states_per_phone
-        classes = [[p * n_states + j for j in range(n_states)] for p in tokens]
-        pause = [
-            SILENCE_INDEX * n_states + int(j)
-            for j in split_states(0, min(self.settings.pause_states, n_states), n_states)
-        ]
-        for k in range(1, len(tokens) - 1):
-            if tokens[k] == SILENCE_INDEX:
-                classes[k] = pause
-        return classes
+        return state_labels(positions, self._state_tokens(tokens))
 
     @staticmethod
     def _ctc_targets(tokens, optional):
@@ -247,6 +165,10 @@ class PhoneAligner:
             t for k, (t, opt) in enumerate(zip(tokens, optional, strict=True))
             if not opt or k in (0, last)
         ]
+
+    def _state_tokens(self, tokens):
+        """:func:`state_tokens` of ``tokens`` with the aligner's state counts."""
+        return state_tokens(tokens, self.settings.states_per_phone, self.settings.pause_states)
 
     def _ctc_start(self, items, progress):
         """First alignment from a CTC phone model: no initial segmentation needed.
@@ -273,7 +195,7 @@ class PhoneAligner:
         for _ in tqdm(range(s.ctc_epochs), desc="CTC phone model", disable=not progress, leave=False):
             for b in torch.randperm(len(batches), generator=gen).tolist():
                 feats = [items[i][1] for i in batches[b]]
-                targets = [torch.tensor(self._ctc_targets(items[i][2][0], items[i][2][1]))
+                targets = [torch.tensor(self._ctc_targets(items[i][2].tokens, items[i][2].optional))
                            for i in batches[b]]
                 x = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True)
                 log_probs = ctc_model(x).log_softmax(-1).transpose(0, 1)
@@ -295,11 +217,11 @@ class PhoneAligner:
         for utt_id, feats, seq in items:
             with torch.no_grad():
                 log_post = ctc_model(feats.unsqueeze(0))[0][:, :blank].log_softmax(-1)
-            state_tokens = self._state_tokens(seq[0])
+            token_states = self._state_tokens(seq.tokens)
             # Room for every state of each token, as the state-level re-alignment needs.
-            min_frames = [s.min_duration * len(classes) for classes in state_tokens]
-            path = viterbi_align(log_post, seq[0], min_frames, seq[1], utt_id)
-            labels.append(self._state_labels(path.numpy(), state_tokens))
+            min_frames = [s.min_duration * len(classes) for classes in token_states]
+            path = viterbi_align(log_post, seq.tokens, min_frames, seq.optional, utt_id)
+            labels.append(state_labels(path.numpy(), token_states))
         return labels
 
     # ---------------------------------------------------------------- training
@@ -349,14 +271,14 @@ class PhoneAligner:
         items, skipped = [], []
         for utt_id, audio, text in tqdm(utterances, desc="features", disable=not progress):
             try:
-                seq = self._token_sequence(text, utt_id)
+                seq = token_sequence(self.lexicon, text, utt_id)
             except KeyError as error:
                 skipped.append((utt_id, str(error)))
                 logger.warning("Skipping utterance %s: %s", utt_id, error)
                 continue
-            wav = self._waveform(audio)
+            wav = self.waveform(audio)
             feats = self.features(wav)
-            needed = self.settings.min_duration * self.settings.states_per_phone * len(seq[4])
+            needed = self.settings.min_duration * self.settings.states_per_phone * len(seq.phones)
             if feats.shape[0] < needed:
                 skipped.append((utt_id, "too short for its phone sequence"))
                 continue
@@ -367,7 +289,7 @@ class PhoneAligner:
         if self.settings.init == "ctc":
             labels_list = self._ctc_start(items, progress)
         elif self.settings.init == "flat":
-            labels_list = [self._flat_start(f, seq[0], seq[1]) for _, f, seq in items]
+            labels_list = [self._flat_start(f, seq.tokens, seq.optional) for _, f, seq in items]
         else:
             raise ValueError(f"AlignerSettings.init must be 'flat' or 'ctc', not {self.settings.init!r}")
         losses = []
@@ -379,9 +301,11 @@ class PhoneAligner:
                 desc=f"realign {it + 1}/{self.settings.iterations}",
                 disable=not progress,
             ):
-                positions, substates = self._viterbi(feats, seq, utt_id)
-                realigned.append(self._state_labels(
-                    positions.numpy(), self._state_tokens(seq[0]), substates.numpy()
+                positions, substates = state_path(
+                    self.log_likelihoods(feats), seq, self.settings, utt_id
+                )
+                realigned.append(state_labels(
+                    positions.numpy(), self._state_tokens(seq.tokens), substates.numpy()
                 ))
             labels_list = realigned
         return {
@@ -399,56 +323,19 @@ class PhoneAligner:
             log_post = self.model(feats.unsqueeze(0))[0].log_softmax(-1)
         return log_post - self.settings.prior_scale * self.log_prior
 
-    def _viterbi(self, feats, seq, utt_id):
-        """Token position and state per frame."""
-        tokens, optional = seq[0], seq[1]
-        return viterbi_align(
-            self.log_likelihoods(feats),
-            self._state_tokens(tokens),
-            min_duration=self.settings.min_duration,
-            optional=optional,
-            utterance_id=utt_id,
-            return_substates=True,
-        )
-
     def align_features(self, feats, words, utterance_id):
         """Aligns normalised features ``(T, n_mels)`` (see :meth:`features`) to ``words``."""
-        seq = self._token_sequence(words, utterance_id)
-        tokens, _, word_of, text_pos, phones = seq
-        path = self._viterbi(feats, seq, utterance_id)[0].numpy()
-        shift = self.settings.frame_rate.feature_shift_s
-        tokens_arr, text_pos_arr = np.asarray(tokens), np.asarray(text_pos)
-        positions = text_pos_arr[path]
-        labels = tokens_arr[path]
-        # Segments: runs of one token position; frame j spans [(j - 0.5) * shift, (j + 0.5) * shift)
-        # since Fbank frames are centred on j * shift; clip at 0.
-        change = np.flatnonzero(np.diff(path)) + 1
-        starts = np.concatenate([[0], change])
-        ends = np.concatenate([change, [len(path)]])
-        phone_segments, word_spans = [], {}
-        word_list = words.split() if isinstance(words, str) else list(words)
-        for a, b in zip(starts, ends, strict=True):
-            k = int(path[a])
-            t0, t1 = max(0.0, (a - 0.5) * shift), (b - 0.5) * shift
-            phone_segments.append((PHONES[tokens[k]], round(t0, 4), round(t1, 4)))
-            w = word_of[k]
-            if w >= 0:
-                s0, s1 = word_spans.get(w, (t0, t1))
-                word_spans[w] = (min(s0, t0), max(s1, t1))
-        word_segments = [
-            (word_list[w], round(word_spans[w][0], 4), round(word_spans[w][1], 4))
-            for w in sorted(word_spans)
-        ]
-        return PhoneAlignment(
-            utterance_id, phones, positions.astype(np.int32), labels.astype(np.int32),
-            word_segments, phone_segments,
+        sequence = token_sequence(self.lexicon, words, utterance_id)
+        path = state_path(self.log_likelihoods(feats), sequence, self.settings, utterance_id)[0]
+        return alignment_from_path(
+            path.numpy(), sequence, words, utterance_id, self.settings.frame_rate.feature_shift_s
         )
 
     def align(self, audio, words, utterance_id):
         """Aligns a waveform (1-D tensor) or wav path to ``words``."""
-        return self.align_features(self.features(self._waveform(audio)), words, utterance_id)
+        return self.align_features(self.features(self.waveform(audio)), words, utterance_id)
 
-    def _waveform(self, audio):
+    def waveform(self, audio):
         """A waveform as given, or a path's audio at the aligner's rate."""
         if isinstance(audio, str | Path):
             return load_audio(audio, self.settings.frame_rate.sample_rate)
