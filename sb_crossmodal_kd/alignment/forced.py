@@ -140,19 +140,9 @@ class PhoneAligner:
     def train(self, utterances, progress=True):
         """Flat start, then ``iterations`` rounds of (train the phone model, re-align).
 
-        See :func:`~sb_crossmodal_kd.alignment.aligner_training.train_aligner`.
-
-        Arguments
-        ---------
-        utterances : list of (utterance_id, waveform or wav path, text)
-        progress : bool
-            Show progress bars.
-
-        Returns
-        -------
-        dict
-            ``{"utterances": n used, "skipped": [(id, reason)], "frames": ...,
-            "losses": [...], "seconds": ...}``.
+        ``utterances`` are ``(utterance_id, waveform or wav path, text)``; returns the report
+        of :func:`~sb_crossmodal_kd.alignment.aligner_training.train_aligner`
+        (utterances used and skipped, frames, losses, seconds).
         """
         return train_aligner(self, utterances, progress)
 

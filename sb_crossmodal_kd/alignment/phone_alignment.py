@@ -8,15 +8,15 @@ phone position and label of every 10 ms feature frame, and word and phone times.
 
 Example
 -------
->>> import torch
->>> from sb_crossmodal_kd.alignment.forced import AlignerSettings
 >>> from sb_crossmodal_kd.alignment.phone_states import token_sequence
 >>> from sb_crossmodal_kd.units.lexicon import Lexicon
->>> from sb_crossmodal_kd.units.phones import PHONES
 >>> sequence = token_sequence(Lexicon({"hi": [["HH", "AY1"]]}), "hi", "u1")
+>>> import torch
+>>> from sb_crossmodal_kd.units.phones import PHONES
 >>> frames = [PHONES.index(p) for p in ["sil", "HH", "HH", "AY", "sil"]]
 >>> scores = (5.0 * torch.nn.functional.one_hot(torch.tensor(frames), len(PHONES))).log_softmax(-1)
->>> settings = AlignerSettings(states_per_phone=1)
+>>> from sb_crossmodal_kd.alignment.forced import AlignerSettings
+>>> settings = AlignerSettings(states_per_phone=1)  # one state per phone
 >>> positions, _ = state_path(scores, sequence, settings, "u1")
 >>> alignment = alignment_from_path(positions.numpy(), sequence, "hi", "u1", 0.01)
 >>> alignment.feature_positions.tolist(), alignment.words == [("hi", 0.005, 0.035)]
