@@ -55,7 +55,7 @@ def align_manifest(aligner, rows, text_key="wrd", progress=True):
     Returns
     -------
     alignments : dict
-        ID -> :class:`~sb_crossmodal_kd.alignment.forced.PhoneAlignment`.
+        ID -> :class:`~sb_crossmodal_kd.alignment.phone_alignment.PhoneAlignment`.
     report : dict
         ``{"utterances", "aligned", "skipped": [(id, reason)], "audio_s", "seconds",
         "audio_s_per_s"}``.
