@@ -13,7 +13,7 @@ from sb_crossmodal_kd.units.pipeline import add_unit_pipelines, unit_collate
 from sb_crossmodal_kd.units.senones import SenoneTree, TriphoneStats
 from sb_crossmodal_kd.units.store import UnitStore, UnitStoreMismatchError, UnitStoreWriter
 from sb_crossmodal_kd.units.subwords import SentencePieceUnits
-from sb_crossmodal_kd.units.types import PhoneAlignment, UnitResources
+from sb_crossmodal_kd.units.types import AlignedUtterance, UnitResources
 from sb_crossmodal_kd.units.types import unit_streams as registry_streams
 
 LEXICON = {
@@ -63,7 +63,7 @@ def _header(lexicon, tokenizer, tree):
 
 def unit_streams(phones, positions, n_frames, rate, tree, tokenizer, text, words):
     """Every unit type's streams of one utterance, from its phone alignment."""
-    alignment = PhoneAlignment(phones, positions, n_frames, rate, text=text, word_times=words)
+    alignment = AlignedUtterance(phones, positions, n_frames, rate, text=text, word_times=words)
     return registry_streams(alignment, UnitResources(tokenizer=tokenizer, tree=tree))
 
 

@@ -17,7 +17,7 @@ from sb_crossmodal_kd.hparams import KD_CONDITIONS
 from sb_crossmodal_kd.units.phones import PHONES, SILENCE
 from sb_crossmodal_kd.units.store import UnitStore, UnitStoreWriter
 from sb_crossmodal_kd.units.types import (
-    PhoneAlignment,
+    AlignedUtterance,
     TextUnits,
     UnitResources,
     UnitType,
@@ -60,12 +60,12 @@ def characters():
 
 
 def _phone_alignment(entry, n_samples, frame_rate, text):
-    """A PhoneAlignment from a corpus's reference timings (phones and words in seconds)."""
+    """A AlignedUtterance from a corpus's reference timings (phones and words in seconds)."""
     phones = [(p, s, e) for p, s, e in entry["phones"] if p != SILENCE]
     positions = np.full(frame_rate.feature_frames(n_samples), -1, dtype=np.int64)
     for k, (_, start, end) in enumerate(phones):
         positions[int(round(start * 100)):int(round(end * 100))] = k
-    return PhoneAlignment([PHONES.index(p) for p, _, _ in phones], positions,
+    return AlignedUtterance([PHONES.index(p) for p, _, _ in phones], positions,
                           frame_rate.frames_for_samples(n_samples), frame_rate, text=text,
                           word_times=[tuple(w) for w in entry["words"]])
 

@@ -32,7 +32,7 @@ from sb_crossmodal_kd.units.lexicon import OutOfVocabularyError
 from sb_crossmodal_kd.units.phones import PHONES
 from sb_crossmodal_kd.units.senones import TriphoneStats
 from sb_crossmodal_kd.units.store import UnitStoreWriter
-from sb_crossmodal_kd.units.types import PhoneAlignment, UnitResources, unit_streams
+from sb_crossmodal_kd.units.types import AlignedUtterance, UnitResources, unit_streams
 
 logger = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ def export_units(
                 np.asarray(record["feature_positions"]),
                 frame_rate.feature_frames(n_samples), 2, row["ID"], fill=-1,
             )
-            alignment = PhoneAlignment(
+            alignment = AlignedUtterance(
                 [PHONES.index(p) for p in record["phones"]], positions, n_frames, frame_rate,
                 text=row[text_key], word_times=[tuple(w) for w in record["words"]], mode=mode,
             )

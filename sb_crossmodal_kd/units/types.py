@@ -12,7 +12,7 @@ A unit type says, in one place, everything the rest of the package needs to know
 - :meth:`~UnitType.vocab_size` and :meth:`~UnitType.text_to_ids`: text -> unit ids (what its LM
   reads);
 - :meth:`~UnitType.streams`: its unit sequence and frame alignment from one utterance's phone
-  alignment (:class:`PhoneAlignment`), for the unit store;
+  alignment (:class:`AlignedUtterance`), for the unit store;
 - ``lm_hparams``: the hparams file its unit LM trains with (``None``: no LM, so no teacher;
   its heads train on hard labels only).
 
@@ -69,7 +69,7 @@ class UnitResources:
 
 
 @dataclasses.dataclass
-class PhoneAlignment:
+class AlignedUtterance:
     """One utterance's phone alignment, from which every unit type's streams derive.
 
     Arguments
@@ -303,7 +303,7 @@ def unit_streams(alignment, resources):
 
     Arguments
     ---------
-    alignment : PhoneAlignment
+    alignment : AlignedUtterance
         The utterance's phone alignment.
     resources : UnitResources
         Tokenizer and tree (the lexicon is not needed: the alignment holds the phone ids).
