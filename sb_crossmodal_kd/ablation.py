@@ -1,8 +1,9 @@
 """The ablation of hierarchical distillation: every condition, paired seeds, one table.
 
-:func:`run_ablation` prepares the KD data (:func:`~sb_crossmodal_kd.pipeline.prepare_kd_data`),
-trains and tests every condition of the KD recipe (``recipes/SynthCommands/KD``) for the same
-seeds, and writes to its output folder:
+:func:`run_ablation` prepares the KD data
+(:func:`~sb_crossmodal_kd.prep.chain.prepare_kd_data`), trains and tests every condition of
+the KD recipe (``recipes/SynthCommands/KD``) for the same seeds, and writes to its output
+folder:
 
 - ``ablation.json``: ``{"conditions": {name: entry}, "seeds": [...], "settings": {...},
   "prep_s": ...}``; each entry has ``wer_mean``, ``wer_std``, ``cer_mean``, ``cer_std`` (%,
@@ -39,7 +40,8 @@ from sb_crossmodal_kd.io import (
     atomic_write_text,
     refuse_other_settings,
 )
-from sb_crossmodal_kd.pipeline import STEPS, prep_settings, prepare_kd_data
+from sb_crossmodal_kd.prep.chain import STEPS, prepare_kd_data
+from sb_crossmodal_kd.prep.settings import prep_settings
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +179,7 @@ class _Runs:
 def _reads_teachers(name, common):
     """Whether condition ``name`` distils from a teacher (needs the unit LMs and caches)."""
     from sb_crossmodal_kd.experiment import load_hparams
-    from sb_crossmodal_kd.pipeline import teacher_unit_types
+    from sb_crossmodal_kd.kd_data import teacher_unit_types
 
     hparams_file, overrides = condition_recipe(name)
     # Building the hparams makes the checkpoint folder: a scratch one, not results/ in the cwd
@@ -321,7 +323,7 @@ def markdown_table(summary, seeds):
 def teacher_summary(outputs):
     """Per unit type: the teacher's held-out perplexity (final, and after every epoch) and
     how far its targets on the train positions are from one-hot (``mean_entropy`` in nats,
-    ``mean_top1``), from the outputs of :func:`~sb_crossmodal_kd.pipeline.prepare_kd_data`."""
+    ``mean_top1``), from the outputs of :func:`~sb_crossmodal_kd.prep.chain.prepare_kd_data`."""
     ppl = outputs.get("lm_valid_ppl") or {}
     curves = outputs.get("lm_valid_ppl_curve") or {}
     stats = outputs.get("teacher_statistics") or {}
@@ -407,7 +409,7 @@ def run_ablation(
     conditions : list of str, optional
         Subset of :data:`CONDITIONS` (default: all, in that order).
     prep : dict, optional
-        Data-chain settings overriding :data:`~sb_crossmodal_kd.pipeline.PREP_DEFAULTS`
+        Data-chain settings overriding :data:`~sb_crossmodal_kd.prep.settings.PREP_DEFAULTS`
         (e.g. ``{"corpus": {"n_train": 1200}}``).
     training : dict, optional
         Recipe overrides for every run (default :data:`DEMO_TRAINING`), e.g.
