@@ -205,7 +205,7 @@ def test_data_prepared_before_teacher_tau_existed_counts_as_built_at_one(tmp_pat
     # ... and before lexicon and fit_vocab_size existed, and with the retired resample
     import json
 
-    from sb_crossmodal_kd.prep.record import _Record
+    from sb_crossmodal_kd.prep.record import prep_record as _Record
     from sb_crossmodal_kd.prep.settings import prep_settings
 
     older = prep_settings()

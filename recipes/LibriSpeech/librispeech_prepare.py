@@ -25,8 +25,8 @@ import sys
 from pathlib import Path
 
 from sb_crossmodal_kd.data.manifest import write_manifest_csv
-from sb_crossmodal_kd.io import atomic_write_json, refuse_other_settings
 from sb_crossmodal_kd.pipeline import prep_settings_file, prepare_kd_data_from_manifests
+from sb_crossmodal_kd.prep.provenance import Provenance
 
 logger = logging.getLogger(__name__)
 
@@ -145,14 +145,12 @@ def prepare_librispeech(data_folder, save_folder, train_set="100", valid_split="
                "train_splits": list(TRAIN_SETS[str(train_set)]), "valid_split": valid_split,
                "test_split": test_split}
     manifests = {name: save_folder / f"{name}.csv" for name in ("train", "valid", "test")}
-    record = save_folder / "prepare.json"
-    if record.is_file():
-        refuse_other_settings(json.loads(record.read_text()), options,
-                              f"{save_folder} holds LibriSpeech manifests made",
-                              "Choose another output folder")
-        if all(path.is_file() for path in manifests.values()):
-            logger.info("%s: LibriSpeech manifests already prepared", save_folder)
-            return manifests
+    record = Provenance(save_folder / "prepare.json", options,
+                        f"{save_folder} holds LibriSpeech manifests made",
+                        remedy="Choose another output folder")
+    if record.complete(manifests.values()):
+        logger.info("%s: LibriSpeech manifests already prepared", save_folder)
+        return manifests
     splits = {"train": TRAIN_SETS[str(train_set)], "valid": (valid_split,),
               "test": (test_split,)}
     for name, parts in splits.items():
@@ -160,7 +158,7 @@ def prepare_librispeech(data_folder, save_folder, train_set="100", valid_split="
         write_manifest_csv(manifests[name], rows)
         logger.info("%s: %d utterances, %.1f h", manifests[name], len(rows),
                     sum(row["duration"] for row in rows) / 3600)
-    atomic_write_json(record, options)
+    record.write()
     return manifests
 
 

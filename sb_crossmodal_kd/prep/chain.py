@@ -51,7 +51,7 @@ from pathlib import Path
 
 from sb_crossmodal_kd.prep.lm_text import _lm_texts
 from sb_crossmodal_kd.prep.manifests import MANIFEST_SPLITS, _import_manifest
-from sb_crossmodal_kd.prep.record import _Record
+from sb_crossmodal_kd.prep.record import prep_record
 from sb_crossmodal_kd.prep.settings import UNIT_TYPES, _lexicon_file, prep_settings
 from sb_crossmodal_kd.prep.steps import (
     _aligner,
@@ -110,7 +110,7 @@ def prepare_kd_data(data_dir, prep_dir, settings=None, progress=False, device="c
     _lexicon_file(settings)  # so does a missing lexicon file
     data_dir, prep_dir = Path(data_dir).resolve(), Path(prep_dir).resolve()
     prep_dir.mkdir(parents=True, exist_ok=True)
-    record = _Record(prep_dir, settings, {"data_folder": str(data_dir)})
+    record = prep_record(prep_dir, settings, {"data_folder": str(data_dir)})
 
     start = time.time()
     manifests = make_corpus(data_dir, progress=progress, jobs=jobs, **settings["corpus"])
@@ -122,17 +122,9 @@ def prepare_kd_data(data_dir, prep_dir, settings=None, progress=False, device="c
                   lm_cores)
 
 
-def prepare_kd_data_from_manifests(
-    manifests,
-    prep_dir,
-    lm_text=None,
-    settings=None,
-    lm_valid_text=None,
-    replacements=None,
-    progress=False,
-    device="cpu",
-    through=None,
-):
+def prepare_kd_data_from_manifests(manifests, prep_dir, lm_text=None, settings=None,
+                                   lm_valid_text=None, replacements=None, progress=False,
+                                   device="cpu", through=None):
     """Runs the chain on any corpus given by its manifests, skipping finished steps.
 
     Arguments
@@ -189,7 +181,7 @@ def prepare_kd_data_from_manifests(
         "lm_text": str(Path(lm_text).resolve()) if lm_text else None,
         "lm_valid_text": str(Path(lm_valid_text).resolve()) if lm_valid_text else None,
     }
-    record = _Record(prep_dir, settings, source)
+    record = prep_record(prep_dir, settings, source)
 
     start = time.time()
     written = {

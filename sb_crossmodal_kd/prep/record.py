@@ -1,14 +1,16 @@
 """``prep.json``, the record of what a prep folder was built from, and the values hparams
 read of a prepared folder (:func:`prepared_setting`, :func:`senone_count`)."""
 
-import copy
 import json
 from pathlib import Path
 
-from sb_crossmodal_kd.io import atomic_write_json, refuse_other_settings
+from sb_crossmodal_kd.prep.provenance import Provenance
 from sb_crossmodal_kd.prep.settings import _OLDER_DATA_SETTINGS, _RETIRED_DATA_SETTINGS
 
-__all__ = ["senone_count", "prepared_setting"]
+__all__ = ["PREP_RECORD", "PREP_FORMAT", "prep_record", "senone_count", "prepared_setting"]
+
+PREP_RECORD = "prep.json"
+PREP_FORMAT = "sbkd-kd-prep-1"
 
 
 def senone_count(tree_file):
@@ -37,7 +39,7 @@ def prepared_setting(prep_folder, key):
     ...
     FileNotFoundError: .../prep.json not found: prepare the KD data first (...)
     """
-    path = Path(prep_folder) / "prep.json"
+    path = Path(prep_folder) / PREP_RECORD
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found: prepare the KD data first (the recipe's *_prepare.py, "
@@ -47,34 +49,25 @@ def prepared_setting(prep_folder, key):
     return record.get("outputs", {}).get(key, record["settings"][key])
 
 
-class _Record:
-    """``prep.json``: settings, outputs and step timings, rewritten after every step.
+def prep_record(prep_dir, settings, source):
+    """The :class:`~sb_crossmodal_kd.prep.provenance.Provenance` of a prep folder:
+    ``prep.json``, with the settings, the data ``source`` (``{"data_folder": ...}`` or the
+    manifests and LM text) and each step's seconds and outputs, rewritten after every step.
 
-    ``source`` names the data (``{"data_folder": ...}`` or the manifests and LM text); data
-    prepared from another source or with other settings is refused, never mixed in.
+    Data prepared from another source or with other settings is refused, never mixed in; a
+    record older than a setting counts as made with that setting's former value.
+
+    Example
+    -------
+    >>> import tempfile, pathlib
+    >>> from sb_crossmodal_kd.prep.settings import prep_settings
+    >>> folder = pathlib.Path(tempfile.mkdtemp())
+    >>> prep_record(folder, prep_settings(), {"data_folder": "/data"}).step("corpus", 2.0)
+    >>> prep_record(folder, prep_settings(cache_k=8), {"data_folder": "/data"})
+    Traceback (most recent call last):
+    ...
+    sb_crossmodal_kd.io.OtherSettingsError: ... holds KD data prepared with other settings (differs in: cache_k). ...
     """
-
-    def __init__(self, prep_dir, settings, source):
-        self.path = prep_dir / "prep.json"
-        settings = json.loads(json.dumps(settings))  # as prep.json holds them (lists, not tuples)
-        header = {"format": "sbkd-kd-prep-1", **source, "settings": settings}
-        if self.path.is_file():
-            existing = json.loads(self.path.read_text())
-            if isinstance(existing.get("settings"), dict):
-                for key, value in _OLDER_DATA_SETTINGS.items():
-                    existing["settings"].setdefault(key, copy.deepcopy(value))
-                for key in _RETIRED_DATA_SETTINGS:
-                    existing["settings"].pop(key, None)
-            # The settings and the data source, compared key by key.
-            found = {"format": existing.get("format"), **{k: existing.get(k) for k in source},
-                     **(existing.get("settings") or {})}
-            refuse_other_settings(found, {"format": header["format"], **source, **settings},
-                                  f"{prep_dir} holds KD data prepared")
-            self.data = existing
-        else:
-            self.data = {**header, "steps": {}, "outputs": {}}
-
-    def step(self, name, seconds, **outputs):
-        self.data["steps"][name] = round(seconds, 1)
-        self.data["outputs"].update(outputs)
-        atomic_write_json(self.path, self.data)
+    return Provenance(Path(prep_dir) / PREP_RECORD, settings, f"{prep_dir} holds KD data prepared",
+                      source={"format": PREP_FORMAT, **source}, nested="settings",
+                      older=_OLDER_DATA_SETTINGS, retired=_RETIRED_DATA_SETTINGS)
