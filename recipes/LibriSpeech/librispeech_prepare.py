@@ -19,14 +19,13 @@ The layout read (as distributed on openslr.org/12)::
 """
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 
 from sb_crossmodal_kd.data.manifest import write_manifest_csv
-from sb_crossmodal_kd.pipeline import prep_settings_file, prepare_kd_data_from_manifests
 from sb_crossmodal_kd.prep.provenance import Provenance
+from sb_crossmodal_kd.prep.recipes import add_chain_arguments, run_chain
 
 logger = logging.getLogger(__name__)
 
@@ -170,10 +169,8 @@ def parse(argv):
     parser.add_argument("--train_set", default="100", choices=sorted(TRAIN_SETS))
     parser.add_argument("--valid_split", default="dev-clean", choices=SPLITS)
     parser.add_argument("--test_split", default="test-clean", choices=SPLITS)
-    parser.add_argument("--lm_text", help="librispeech-lm-norm.txt (default: train transcripts)")
-    parser.add_argument("--settings", default=str(Path(__file__).parent / "hparams" / "prep.yaml"),
-                        help="yaml of data-chain settings (default: hparams/prep.yaml)")
-    parser.add_argument("--device", default="cpu", help="where teachers fill their caches")
+    add_chain_arguments(parser, Path(__file__).parent / "hparams" / "prep.yaml",
+                        lm_text="librispeech-lm-norm.txt (default: train transcripts)")
     return parser.parse_args(argv)
 
 
@@ -188,12 +185,7 @@ def main(argv):
         logger.info("No --lm_text: the unit LMs learn from the %s-hour training transcripts "
                     "only; librispeech-lm-norm.txt (openslr.org/11) gives them 40M sentences",
                     args.train_set)
-    prepared = prepare_kd_data_from_manifests(
-        manifests, output / "prep", lm_text=args.lm_text,
-        settings=prep_settings_file(args.settings), progress=True, device=args.device,
-    )
-    print(json.dumps({"steps_s": prepared["steps"], **prepared["outputs"]}))
-    return prepared
+    return run_chain(manifests, output / "prep", args)
 
 
 if __name__ == "__main__":
