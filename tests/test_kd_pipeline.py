@@ -102,7 +102,7 @@ def test_every_condition_trains_on_the_utterances_the_store_holds(prep, tmp_path
     train_ids = {}
     for condition in ("am_alone", "label_interpolation", "hierarchy", "hierarchy_no_lm"):
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="sb_crossmodal_kd.pipeline"):
+        with caplog.at_level(logging.WARNING, logger="sb_crossmodal_kd.kd_data"):
             train = asr_datasets(_hparams(data, folder, condition, tmp_path / condition))["train"]
         train_ids[condition] = sorted(train.data_ids)
         warnings = [r.getMessage() for r in caplog.records if "no units" in r.getMessage()]
@@ -170,7 +170,8 @@ def test_a_head_tau_other_than_its_cache_temperature_is_refused_before_training(
 
 
 def test_the_chain_builds_each_cache_at_its_teacher_tau(prep, tmp_path):
-    from sb_crossmodal_kd.pipeline import _teacher_cache, prep_settings
+    from sb_crossmodal_kd.prep.settings import prep_settings
+    from sb_crossmodal_kd.prep.steps import _teacher_cache
     from sb_crossmodal_kd.teachers import load_teacher
     from sb_crossmodal_kd.teachers.unit_lm import UnitLM, export_unit_lm
 
@@ -202,7 +203,8 @@ def test_data_prepared_before_teacher_tau_existed_counts_as_built_at_one(tmp_pat
     # ... and before lexicon and fit_vocab_size existed, and with the retired resample
     import json
 
-    from sb_crossmodal_kd.pipeline import _Record, prep_settings
+    from sb_crossmodal_kd.prep.record import prep_record as _Record
+    from sb_crossmodal_kd.prep.settings import prep_settings
 
     older = prep_settings()
     for added in ("teacher_tau", "lexicon", "fit_vocab_size"):
