@@ -22,12 +22,13 @@ The steps:
    every split that needs units aligned;
 4. senone tree: :class:`~sb_crossmodal_kd.units.senones.SenoneTree` from the train split's
    alignments and the aligner's features;
-5. one :class:`~sb_crossmodal_kd.units.store.UnitStore` per split (phones, senones, subwords
-   with their encoder-frame alignments);
-6. three unit LMs on the text-only corpus (``lm_text``), each trained by
-   :func:`~sb_crossmodal_kd.teachers.lm_training.train_unit_lm` on its file of
-   :data:`~sb_crossmodal_kd.hparams.UNIT_LMS` in a worker process, with the tokenizer and tree
-   above so their unit ids are the store's;
+5. one :class:`~sb_crossmodal_kd.units.store.UnitStore` per split (every registered unit type
+   of :mod:`sb_crossmodal_kd.units.types`: subwords, monophones, senones, ... with their
+   encoder-frame alignments);
+6. one unit LM per unit type that has one, on the text-only corpus (``lm_text``), each trained
+   by :func:`~sb_crossmodal_kd.teachers.lm_training.train_unit_lm` on its unit type's
+   ``lm_hparams`` in a worker process, with the tokenizer and tree above so their unit ids
+   are the store's;
 7. one teacher cache per unit type and split, from the store's unit sequences, holding the
    teacher's distribution at the temperature ``settings["teacher_tau"][unit_type]`` (the
    KD recipe's heads must use the same ``tau``: ``base.yaml``'s ``<unit>_tau``).
@@ -42,7 +43,7 @@ Layout of ``prep_dir`` (read by the KD conditions' ``base.yaml``)::
     senone_tree.json
     tokenizer/<V>_unigram.model
     units/{split}.units
-    lm/{subword,monophone,senone}/   unit-LM outputs (lm/ is the teacher, results.json)
+    lm/{unit_type}/              unit-LM outputs (lm/ is the teacher, results.json)
     caches/{unit_type}_{split}/  top-k teacher distributions
 """
 
