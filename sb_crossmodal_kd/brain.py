@@ -23,9 +23,12 @@ import time
 import speechbrain as sb
 from speechbrain.utils.metric_stats import ErrorRateStats
 
-from sb_crossmodal_kd.distributed import mean_across_processes, unwrap
+from sb_crossmodal_kd.distributed import unwrap
 from sb_crossmodal_kd.io import atomic_write_json
 from sb_crossmodal_kd.resume import ExactResume
+from sb_crossmodal_kd.stage_stats import log_stats, stage_loss_across_processes, train_loggers
+
+__all__ = ["CTCBrain", "count_parameters", "encode_waveforms", "train_loggers"]
 
 logger = logging.getLogger(__name__)
 
@@ -158,8 +161,7 @@ class CTCBrain(ExactResume, sb.Brain):
     def on_stage_end(self, stage, stage_loss, epoch=None):
         """Logs, checkpoints on valid WER, and writes the test results file."""
         super().on_stage_end(stage, stage_loss, epoch)
-        if stage == sb.Stage.TRAIN:  # each process trained on its share of the data
-            stage_loss = mean_across_processes(stage_loss, self.device)
+        stage_loss = stage_loss_across_processes(stage, stage_loss, self.device)
         stats = {"loss": stage_loss}
         if stage == sb.Stage.TRAIN:
             self.train_stats = {**stats, "epoch_s": round(time.time() - self._epoch_start, 1)}
@@ -168,7 +170,8 @@ class CTCBrain(ExactResume, sb.Brain):
         stats["CER"] = self.cer_metric.summarize("error_rate")
         if stage == sb.Stage.VALID:
             lr = self.optimizer.param_groups[0]["lr"]
-            self.hparams.train_logger.log_stats(
+            log_stats(
+                self.hparams,
                 stats_meta={"epoch": epoch, "lr": lr},
                 train_stats=self.train_stats,
                 valid_stats=stats,
@@ -178,7 +181,8 @@ class CTCBrain(ExactResume, sb.Brain):
                 meta={"WER": stats["WER"], "valid_wer_curve": self.valid_wer_curve},
                 min_keys=["WER"])
         elif stage == sb.Stage.TEST:
-            self.hparams.train_logger.log_stats(
+            log_stats(
+                self.hparams,
                 stats_meta={"Epoch loaded": self.hparams.epoch_counter.current},
                 test_stats=stats,
             )
@@ -203,16 +207,6 @@ class CTCBrain(ExactResume, sb.Brain):
             "params": count_parameters(self.modules),
             "valid_wer_curve": getattr(self, "valid_wer_curve", []),
         }
-
-
-def train_loggers(hparams):
-    """The loggers a Brain writes its stats to: ``train_logger``, and ``tensorboard_logger``
-    when the hparams enable SpeechBrain's TensorBoard logger."""
-    loggers = [hparams.train_logger]
-    tensorboard = getattr(hparams, "tensorboard_logger", None)
-    if tensorboard is not None:
-        loggers.append(tensorboard)
-    return loggers
 
 
 def count_parameters(module):

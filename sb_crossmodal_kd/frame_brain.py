@@ -29,8 +29,7 @@ from sb_crossmodal_kd.analysis.expert_usage import (
     plot_expert_usage,
     usage_results,
 )
-from sb_crossmodal_kd.brain import train_loggers
-from sb_crossmodal_kd.distributed import mean_across_processes, sum_across_processes
+from sb_crossmodal_kd.distributed import sum_across_processes
 from sb_crossmodal_kd.io import atomic_write_json
 from sb_crossmodal_kd.lengths import lengths_to_mask
 from sb_crossmodal_kd.nnet.moe import (
@@ -43,6 +42,7 @@ from sb_crossmodal_kd.nnet.moe import (
     set_padding_mask,
 )
 from sb_crossmodal_kd.resume import ExactResume
+from sb_crossmodal_kd.stage_stats import log_stats, stage_loss_across_processes, train_loggers
 
 
 def stack_context(feats, context):
@@ -238,7 +238,7 @@ class FrameBrain(ExactResume, sb.Brain):
         correct, labelled = self.correct, self.labelled
         if training:
             correct, labelled = sum_across_processes([correct, labelled])
-            stage_loss = mean_across_processes(stage_loss, self.device)
+        stage_loss = stage_loss_across_processes(stage, stage_loss, self.device)
         accuracy = float(correct) / max(int(labelled), 1)
         stats = {"loss": stage_loss, "frame_acc": round(accuracy, 4)}
         report = None
@@ -249,15 +249,14 @@ class FrameBrain(ExactResume, sb.Brain):
         if stage == sb.Stage.TRAIN:
             self.train_stats = stats
         elif stage == sb.Stage.VALID:
-            for logger in train_loggers(self.hparams):
-                logger.log_stats(stats_meta={"epoch": epoch}, train_stats=self.train_stats,
-                                 valid_stats=stats)
+            log_stats(self.hparams, stats_meta={"epoch": epoch}, train_stats=self.train_stats,
+                      valid_stats=stats)
             self.checkpointer.save_and_keep_only(meta={"frame_acc": accuracy},
                                                  max_keys=["frame_acc"])
         else:
-            for logger in train_loggers(self.hparams):
-                logger.log_stats(stats_meta={"epoch loaded": self.hparams.epoch_counter.current},
-                                 test_stats=stats)
+            log_stats(self.hparams,
+                      stats_meta={"epoch loaded": self.hparams.epoch_counter.current},
+                      test_stats=stats)
         if report is not None:
             step = epoch if epoch is not None else self.hparams.epoch_counter.current
             for logger in train_loggers(self.hparams):

@@ -71,7 +71,7 @@ from sb_crossmodal_kd.analysis.expert_usage import (
     plot_expert_usage,
     usage_results,
 )
-from sb_crossmodal_kd.brain import CTCBrain, count_parameters, train_loggers
+from sb_crossmodal_kd.brain import CTCBrain, count_parameters
 from sb_crossmodal_kd.distributed import sum_across_processes, unwrap
 from sb_crossmodal_kd.lengths import lengths_to_mask
 from sb_crossmodal_kd.losses import (
@@ -91,6 +91,7 @@ from sb_crossmodal_kd.nnet.moe import (
     set_moe_epoch,
 )
 from sb_crossmodal_kd.nnet.taps import EncoderTaps
+from sb_crossmodal_kd.stage_stats import stage_loss_across_processes, train_loggers
 
 logger = logging.getLogger(__name__)
 
@@ -469,7 +470,8 @@ class KDMixin:
             if isinstance(getattr(self, "train_stats", None), dict):
                 self.train_stats.update(terms)
             else:
-                self.train_stats = {"loss": stage_loss, **terms}
+                loss = stage_loss_across_processes(stage, stage_loss, self.device)
+                self.train_stats = {"loss": loss, **terms}
         if stage == sb.Stage.TRAIN and self.has_moe:
             report = expert_usage_report(self.modules, reset=True)  # all ranks' frames
             for train_logger in train_loggers(self.hparams):
