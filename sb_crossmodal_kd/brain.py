@@ -25,6 +25,9 @@ from speechbrain.utils.metric_stats import ErrorRateStats
 
 from sb_crossmodal_kd.distributed import unwrap
 from sb_crossmodal_kd.io import atomic_write_json
+from sb_crossmodal_kd.lengths import input_lengths
+from sb_crossmodal_kd.moe_brain import MoEMixin
+from sb_crossmodal_kd.nnet.moe import moe_layers
 from sb_crossmodal_kd.resume import ExactResume
 from sb_crossmodal_kd.stage_stats import log_stats, stage_loss_across_processes, train_loggers
 
@@ -65,10 +68,7 @@ class CTCBrain(ExactResume, sb.Brain):
     under DDP the logged train loss is the mean over all processes.
     """
 
-    @staticmethod
-    def input_lengths(batch):
-        """``[B]`` relative lengths of the batch's input (cached features or waveforms)."""
-        return batch.feats.lengths if hasattr(batch, "feats") else batch.sig.lengths
+    input_lengths = staticmethod(input_lengths)
 
     def compute_forward(self, batch, stage):
         """Returns ``{"log_probs": [B, T', V+1], "encoded": [B, T', D], "lengths": [B]}``.
@@ -124,11 +124,9 @@ class CTCBrain(ExactResume, sb.Brain):
 
     def on_fit_start(self):
         """Refuses MoE encoders, whose auxiliary losses and balancing phases this Brain would
-        silently ignore, unless a mixin collects them (``collects_moe_losses``:
-        :class:`~sb_crossmodal_kd.kd_brain.KDBrain` does)."""
-        from sb_crossmodal_kd.nnet.moe import moe_layers
-
-        if not getattr(self, "collects_moe_losses", False) and moe_layers(self.modules):
+        silently ignore, unless it is mixed with :class:`~sb_crossmodal_kd.moe_brain.MoEMixin`,
+        which handles them."""
+        if not isinstance(self, MoEMixin) and moe_layers(self.modules):
             raise ValueError(
                 "The model has MoE layers: use brain_class: !name:sb_crossmodal_kd.kd_brain.KDBrain "
                 "(with no heads it trains the plain CTC objective plus the MoE auxiliary losses)"
