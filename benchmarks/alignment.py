@@ -107,7 +107,8 @@ def main(argv=None):
     for row in rows:
         a = aligner.align(row["wav"], row["wrd"], row["ID"])
         alignments[row["ID"]] = {"phones": a.phones, "feature_positions": a.feature_positions}
-    stats = tree_statistics(alignments, rows, aligner.features, progress=False)
+    stats = tree_statistics(alignments, rows, aligner.features,
+                            aligner.settings.frame_rate.sample_rate, progress=False)
     tree = SenoneTree.build(stats, args.max_leaves, args.min_count, args.min_gain)
 
     print(json.dumps({

@@ -43,7 +43,8 @@ import torch
 from sb_crossmodal_kd.losses import topk_kl_divergence
 from sb_crossmodal_kd.teachers import load_teacher
 from sb_crossmodal_kd.teachers.cache import TeacherCache, build_cache, utterances_from_manifest
-from sb_crossmodal_kd.teachers.unit_lm import TextUnits, batches
+from sb_crossmodal_kd.teachers.unit_lm import batches
+from sb_crossmodal_kd.units.types import TextUnits
 
 
 def log(message):

@@ -1,8 +1,9 @@
 """The ablation of hierarchical distillation: every condition, paired seeds, one table.
 
-:func:`run_ablation` prepares the KD data (:func:`~sb_crossmodal_kd.pipeline.prepare_kd_data`),
-trains and tests every condition of the KD recipe (``recipes/SynthCommands/KD``) for the same
-seeds, and writes to its output folder:
+:func:`run_ablation` prepares the KD data
+(:func:`~sb_crossmodal_kd.prep.chain.prepare_kd_data`), trains and tests every condition of
+the KD recipe (``recipes/SynthCommands/KD``) for the same seeds, and writes to its output
+folder:
 
 - ``ablation.json``: ``{"conditions": {name: entry}, "seeds": [...], "settings": {...},
   "prep_s": ...}``; each entry has ``wer_mean``, ``wer_std``, ``cer_mean``, ``cer_std`` (%,
@@ -24,7 +25,6 @@ Conditions (Lee and Chang 2021, and the controls): ``am_alone``, ``label_interpo
 each with ``_moe`` (MoE feed-forward modules in the Conformer).
 """
 
-import json
 import logging
 import math
 import os
@@ -33,13 +33,10 @@ import time
 from pathlib import Path
 
 from sb_crossmodal_kd.hparams import KD_CONDITIONS
-from sb_crossmodal_kd.io import (
-    atomic_path,
-    atomic_write_json,
-    atomic_write_text,
-    refuse_other_settings,
-)
-from sb_crossmodal_kd.pipeline import STEPS, prep_settings, prepare_kd_data
+from sb_crossmodal_kd.io import atomic_path, atomic_write_json, atomic_write_text
+from sb_crossmodal_kd.prep.chain import STEPS, prepare_kd_data
+from sb_crossmodal_kd.prep.provenance import Provenance
+from sb_crossmodal_kd.prep.settings import prep_settings
 
 logger = logging.getLogger(__name__)
 
@@ -108,28 +105,41 @@ def _run_one(name, seed, run_dir, common, run_opts):
     """Trains and tests one condition with one seed; writes and returns ``run.json``."""
     from sb_crossmodal_kd.experiment import run_asr_experiment
 
-    hparams_file, overrides = condition_recipe(name)
-    overrides = {**common, **overrides, "seed": seed, "output_folder": str(run_dir)}
+    hparams_file, _ = condition_recipe(name)
+    overrides = _run_overrides(name, seed, run_dir, common)
+    record = _run_record(run_dir, overrides)
     # A run continued from a checkpoint is timed for its remainder only: flag it.
     resumed = any((run_dir / "save").glob("CKPT+*"))
     start = time.time()
     results = run_asr_experiment(hparams_file, overrides, run_opts)
-    record = {
-        "overrides": overrides,
-        "condition": name,
-        "seed": seed,
-        "wer": results["wer"],
-        "cer": results["cer"],
-        "train_s": round(time.time() - start, 1),
-        "resumed": resumed,
-        "params": results["params"],
-        "params_with_heads": results.get("params_with_heads", results["params"]),
-        "epochs": results["epochs"],
-        "test_utterances": results["utterances"],
-        "valid_wer_curve": results.get("valid_wer_curve", []),
-    }
-    atomic_write_json(run_dir / "run.json", record)
-    return record
+    record.write(
+        condition=name,
+        seed=seed,
+        wer=results["wer"],
+        cer=results["cer"],
+        train_s=round(time.time() - start, 1),
+        resumed=resumed,
+        params=results["params"],
+        params_with_heads=results.get("params_with_heads", results["params"]),
+        epochs=results["epochs"],
+        test_utterances=results["utterances"],
+        valid_wer_curve=results.get("valid_wer_curve", []),
+    )
+    return record.data
+
+
+def _run_overrides(name, seed, run_dir, common):
+    """The recipe overrides of one run: ``common``, the condition's and the run's own."""
+    _, overrides = condition_recipe(name)
+    return {**common, **overrides, "seed": seed, "output_folder": str(run_dir)}
+
+
+def _run_record(run_dir, overrides):
+    """``run.json`` of a run: its ``overrides`` and, once it has finished, its results; a run
+    trained with other overrides is refused."""
+    return Provenance(run_dir / "run.json", overrides, f"{run_dir / 'run.json'}: this run was made",
+                      nested="overrides",
+                      remedy="Use another output folder, or delete the runs to redo")
 
 
 class _Runs:
@@ -177,24 +187,13 @@ class _Runs:
 def _reads_teachers(name, common):
     """Whether condition ``name`` distils from a teacher (needs the unit LMs and caches)."""
     from sb_crossmodal_kd.experiment import load_hparams
-    from sb_crossmodal_kd.pipeline import teacher_unit_types
+    from sb_crossmodal_kd.kd_data import teacher_unit_types
 
     hparams_file, overrides = condition_recipe(name)
     # Building the hparams makes the checkpoint folder: a scratch one, not results/ in the cwd
     with tempfile.TemporaryDirectory(prefix="sbkd-condition-") as scratch:
         hparams = load_hparams(hparams_file, {**common, **overrides, "output_folder": scratch})
         return bool(teacher_unit_types(hparams))
-
-
-def _finished(record_file, name, seed, run_dir, common):
-    """A finished run's record; refuses one trained with other settings."""
-    record = json.loads(record_file.read_text())
-    _, overrides = condition_recipe(name)
-    wanted = {**common, **overrides, "seed": seed, "output_folder": str(run_dir)}
-    refuse_other_settings(record.get("overrides"), json.loads(json.dumps(wanted)),
-                          f"{record_file}: this run was made",
-                          "Use another output folder, or delete the runs to redo")
-    return record
 
 
 def last_quarter_gain(curve):
@@ -321,7 +320,7 @@ def markdown_table(summary, seeds):
 def teacher_summary(outputs):
     """Per unit type: the teacher's held-out perplexity (final, and after every epoch) and
     how far its targets on the train positions are from one-hot (``mean_entropy`` in nats,
-    ``mean_top1``), from the outputs of :func:`~sb_crossmodal_kd.pipeline.prepare_kd_data`."""
+    ``mean_top1``), from the outputs of :func:`~sb_crossmodal_kd.prep.chain.prepare_kd_data`."""
     ppl = outputs.get("lm_valid_ppl") or {}
     curves = outputs.get("lm_valid_ppl_curve") or {}
     stats = outputs.get("teacher_statistics") or {}
@@ -407,7 +406,7 @@ def run_ablation(
     conditions : list of str, optional
         Subset of :data:`CONDITIONS` (default: all, in that order).
     prep : dict, optional
-        Data-chain settings overriding :data:`~sb_crossmodal_kd.pipeline.PREP_DEFAULTS`
+        Data-chain settings overriding :data:`~sb_crossmodal_kd.prep.settings.PREP_DEFAULTS`
         (e.g. ``{"corpus": {"n_train": 1200}}``).
     training : dict, optional
         Recipe overrides for every run (default :data:`DEMO_TRAINING`), e.g.
@@ -453,9 +452,9 @@ def run_ablation(
     for seed in seed_list:
         for name in by_cost:
             run_dir = output_dir / "runs" / name / str(seed)
-            record_file = run_dir / "run.json"
-            if record_file.is_file():
-                records[(name, seed)] = _finished(record_file, name, seed, run_dir, common)
+            record = _run_record(run_dir, _run_overrides(name, seed, run_dir, common))
+            if record.found:  # finished (with these overrides: else refused)
+                records[(name, seed)] = record.data
             else:
                 todo.append((name, seed, run_dir, common, {"device": device}))
     # Runs without teachers train while the unit LMs do, in all slots but one; the LMs take

@@ -72,7 +72,9 @@ def refuse_other_settings(found, wanted, what, remedy="Choose another folder or 
     """Raises ``error`` unless the settings a folder records (``found``) are ``wanted``.
 
     The message names ``what`` the folder holds, the keys that differ and ``remedy``. Every
-    resumable step of the package checks its folder this way before doing any work.
+    resumable step of the package checks its folder this way before doing any work, through
+    the record of what the folder was built from
+    (:class:`~sb_crossmodal_kd.prep.provenance.Provenance`).
 
     Example
     -------

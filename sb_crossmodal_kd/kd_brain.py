@@ -26,10 +26,8 @@ Distillation is a training objective: on valid and test the Brain runs the main 
 (no taps, no heads, no teacher needed) and reports CTC loss, WER and CER, so evaluation is
 exactly the inference model.
 
-Batch fields, per unit type ``u`` that a head or label interpolation uses (the units and
-alignment pipeline and :func:`teacher_items` provide them). The prefix is ``u`` itself, else
-the units pipeline's name for it (``monophone`` -> ``phones``, ``senone`` -> ``senones``,
-``subword`` -> ``subwords``):
+Batch fields, per unit type ``u`` (:mod:`sb_crossmodal_kd.units.types`) that a head or label
+interpolation uses (the units and alignment pipeline and :func:`teacher_items` provide them):
 
 - ``{u}_units``: LongTensor ``[K]`` per utterance, the unit sequence;
 - ``{u}_frame_to_position``: LongTensor ``[T']`` per utterance at the encoder frame rate,
@@ -38,12 +36,14 @@ the units pipeline's name for it (``monophone`` -> ``phones``, ``senone`` -> ``s
 - ``{u}_top_probs`` ``[K, k]``, ``{u}_top_ids`` ``[K, k]``, ``{u}_residual`` ``[K]``: the
   teacher triple, when that unit type is distilled (a head with ``alpha > 0``, or label
   interpolation with ``lambda > 0``:
-  :meth:`~sb_crossmodal_kd.losses.DistillationObjective.teacher_unit_types`). Without them
-  in the batch the Brain reads ``hparams["teacher_caches"][u]`` (a
-  :class:`~sb_crossmodal_kd.teachers.cache.TeacherCache`) by utterance ID, in the main
-  process (slower: prefer the dynamic items, which run in the loader workers). A head whose
-  ``tau`` differs from the temperature its cache there was built at is refused when
-  ``fit`` starts (:func:`check_teacher_temperatures`).
+  :meth:`~sb_crossmodal_kd.losses.DistillationObjective.teacher_unit_types`), read from
+  its :class:`~sb_crossmodal_kd.teachers.cache.TeacherCache` by :func:`teacher_items` in the
+  loader workers. A head whose ``tau`` differs from the temperature its cache in
+  ``hparams["teacher_caches"]`` was built at is refused when ``fit`` starts
+  (:func:`check_teacher_temperatures`).
+
+The data flows one way: the datasets deliver each utterance's fields already fitted to its
+encoder frames, and the Brain builds targets and losses from the batch alone.
 
 Every loss term is averaged over the epoch and logged with the train stats
 (``main``, ``li_main``, ``kd_<head>``, ``<loss>_<head>``, ``moe``, ``total``), with each
@@ -61,7 +61,7 @@ import contextlib
 import speechbrain as sb
 import torch
 
-from sb_crossmodal_kd.alignment.framerate import ENCODER_FRAME_TOLERANCE
+from sb_crossmodal_kd.alignment.framerate import ENCODER_FRAME_TOLERANCE, fit_to_length
 from sb_crossmodal_kd.brain import CTCBrain, count_parameters
 from sb_crossmodal_kd.distributed import sum_across_processes, unwrap
 from sb_crossmodal_kd.lengths import input_lengths, lengths_to_mask
@@ -80,10 +80,6 @@ __all__ = ["KDBrain", "KDMixin", "teacher_items", "check_teacher_temperatures",
            "fit_frames"]
 
 TEACHER_FIELDS = ("top_probs", "top_ids", "residual")
-
-# The units pipeline (sb_crossmodal_kd.units.pipeline) names its fields after the unit store's
-# streams; the heads and teachers name unit types in the singular.
-UNIT_FIELD_ALIASES = {"monophone": "phones", "senone": "senones", "subword": "subwords"}
 
 
 def teacher_items(caches):
@@ -127,8 +123,7 @@ def check_teacher_temperatures(heads, caches):
     heads : sb_crossmodal_kd.nnet.heads.AuxiliaryHeads or None
         The heads.
     caches : dict
-        Teacher caches by unit type, or by the units pipeline's name for it (``phones``,
-        ``senones``, ``subwords``). Entries that are not opened caches (no ``header``, e.g.
+        Teacher caches by unit type. Entries that are not opened caches (no ``header``, e.g.
         a factory not called yet) are skipped.
 
     Raises
@@ -141,8 +136,7 @@ def check_teacher_temperatures(heads, caches):
     for name, head in (heads or {}).items():
         if head.alpha <= 0:
             continue
-        names = (head.unit_type, UNIT_FIELD_ALIASES.get(head.unit_type))
-        cache = next((caches[n] for n in names if n in caches), None)
+        cache = caches.get(head.unit_type)
         header = getattr(cache, "header", None)
         if not isinstance(header, dict) or "temperature" not in header:
             continue
@@ -159,7 +153,8 @@ def check_teacher_temperatures(heads, caches):
 
 
 def fit_frames(frame_to_position, lengths, n_frames, tolerance=ENCODER_FRAME_TOLERANCE, ids=None):
-    """Masks collation padding to ``-1`` and fits an alignment batch to ``n_frames`` frames.
+    """Masks collation padding to ``-1`` and fits an alignment batch to ``n_frames`` frames
+    (:func:`~sb_crossmodal_kd.alignment.framerate.fit_to_length`).
 
     Arguments
     ---------
@@ -185,21 +180,10 @@ def fit_frames(frame_to_position, lengths, n_frames, tolerance=ENCODER_FRAME_TOL
     tensor([[ 0,  1,  1, -1],
             [ 0, -1, -1, -1]])
     """
-    batch, aligned = frame_to_position.shape
-    if abs(aligned - n_frames) > tolerance:
-        raise ValueError(
-            f"Alignments have {aligned} frames but the encoder gives {n_frames} for the batch "
-            f"{list(ids or [])[:4]}...: alignments must be at the encoder frame rate (after "
-            "the front end's subsampling) and the audio read at the rate they were made at "
-            "(sb_crossmodal_kd.data.audio.load_audio resamples). Rebuild them with the "
-            "model's FrameRate, or read the audio at its sample_rate."
-        )
+    aligned = frame_to_position.shape[1]
     real = lengths_to_mask(lengths.to(frame_to_position.device), aligned)
     frame_to_position = torch.where(real, frame_to_position, torch.full_like(frame_to_position, -1))
-    if aligned >= n_frames:
-        return frame_to_position[:, :n_frames]
-    pad = frame_to_position.new_full((batch, n_frames - aligned), -1)
-    return torch.cat([frame_to_position, pad], dim=1)
+    return fit_to_length(frame_to_position, n_frames, tolerance, list(ids or []), fill=-1)
 
 
 class KDMixin(MoEMixin):
@@ -288,33 +272,20 @@ class KDMixin(MoEMixin):
     def _needs_teacher(self, unit_type):
         return unit_type in self.objective.teacher_unit_types(self._heads())
 
-    def _prefixes(self, unit_type):
-        """Field-name prefixes to try for ``unit_type``, in order."""
-        alias = UNIT_FIELD_ALIASES.get(unit_type)
-        return [unit_type] + ([alias] if alias else [])
-
-    def _prefix(self, batch, unit_type, suffix):
-        for prefix in self._prefixes(unit_type):
-            if hasattr(batch, f"{prefix}_{suffix}"):
-                return prefix
-        return None
-
     def unit_targets(self, batch, n_frames, repeats=1):
         """Reads the batch's unit fields into ``{unit_type: UnitTargets}`` on the device,
         each utterance's ``repeats`` times (a batch its augmentation concatenated copies of)."""
         targets = {}
         for unit_type in self._unit_types():
-            prefix = self._prefix(batch, unit_type, "units")
-            if prefix is None or not hasattr(batch, f"{prefix}_frame_to_position"):
-                tried = [f"{p}_units / {p}_frame_to_position" for p in self._prefixes(unit_type)]
+            fields = (f"{unit_type}_units", f"{unit_type}_frame_to_position")
+            if not all(hasattr(batch, field) for field in fields):
                 raise KeyError(
-                    f"The batch has no fields {' or '.join(tried)} for unit type "
+                    f"The batch has no fields {' / '.join(fields)} for unit type "
                     f"'{unit_type}': add the units/alignment pipeline for it to the datasets' "
                     "dynamic items and output keys, or "
                     "drop the head / label interpolation that needs it."
                 )
-            units = getattr(batch, f"{prefix}_units")
-            f2p = getattr(batch, f"{prefix}_frame_to_position")
+            units, f2p = (getattr(batch, field) for field in fields)
             frame_to_position = fit_frames(
                 f2p.data.to(self.device), f2p.lengths.to(self.device), n_frames,
                 ENCODER_FRAME_TOLERANCE, batch.id,
@@ -334,21 +305,15 @@ class KDMixin(MoEMixin):
         return targets
 
     def _teacher(self, batch, unit_type, n_positions):
-        prefix = self._prefix(batch, unit_type, TEACHER_FIELDS[0])
-        if prefix is not None:
-            names = [f"{prefix}_{name}" for name in TEACHER_FIELDS]
-            triple = tuple(getattr(batch, name).data.to(self.device) for name in names)
-        else:
-            caches = getattr(self.hparams, "teacher_caches", None) or {}
-            cache = next((caches[p] for p in self._prefixes(unit_type) if p in caches), None)
-            if cache is None:
-                raise KeyError(
-                    f"No teacher for unit type '{unit_type}': the batch has no "
-                    f"{[f'{p}_top_probs' for p in self._prefixes(unit_type)]} fields and "
-                    "hparams has no teacher_caches entry for it."
-                )
-            dist = cache.distributions(list(batch.id), max_len=n_positions, device=self.device)
-            triple = (dist.top_probs, dist.top_ids, dist.residual)
+        names = [f"{unit_type}_{name}" for name in TEACHER_FIELDS]
+        if not all(hasattr(batch, name) for name in names):
+            raise KeyError(
+                f"No teacher for unit type '{unit_type}': the batch has no {' / '.join(names)} "
+                "fields. Add the teacher cache's dynamic items to the train set "
+                "(sb_crossmodal_kd.kd_brain.teacher_items, as the KD recipe's add_kd_items "
+                "does), or set the head's alpha to 0 to train it on hard labels only."
+            )
+        triple = tuple(getattr(batch, name).data.to(self.device) for name in names)
         if triple[0].shape[1] != n_positions:
             raise ValueError(
                 f"Teacher for '{unit_type}' has {triple[0].shape[1]} positions but the unit "

@@ -142,12 +142,11 @@ def test_chain_outputs_agree_on_units(ablation):
     assert store.header["tokenizer"] == tokenizer.hash  # the CTC output's tokenizer
     lm = json.loads((prep / "lm" / "subword" / "results.json").read_text())
     assert lm["units_hash"] == tokenizer.hash
-    for unit, stream in (("subword", "subwords"), ("monophone", "phones"),
-                         ("senone", "senones")):
+    for unit in ("subword", "monophone", "senone"):
         cache = TeacherCache(prep / "caches" / f"{unit}_train")
         assert len(cache) == len(store)
         for utt_id in store.ids()[:3]:
-            assert cache.length(utt_id) == len(store[utt_id][f"{stream}.units"])
+            assert cache.length(utt_id) == len(store[utt_id][f"{unit}.units"])
     assert result["n_senones"] == TeacherCache(prep / "caches" / "senone_train").vocab_size
     for unit in ("subword", "monophone", "senone"):  # each teacher's convergence and sharpness
         lm = json.loads((prep / "lm" / unit / "results.json").read_text())

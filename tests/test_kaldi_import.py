@@ -39,9 +39,9 @@ def test_ark_and_scp_round_trip_to_unit_streams(tmp_path):
             source, tmp_path / "phones.txt", tmp_path / "pdf.ark", n_samples={"utt1": n_samples}
         )["utt1"]
         n_enc = rate.frames_for_samples(n_samples)
-        assert [PHONES[i] for i in streams["phones.units"]] == ["K", "AE", "T"]
-        assert len(streams["phones.frame_to_position"]) == n_enc
-        assert len(streams["phones.frame_labels"]) == n_enc
+        assert [PHONES[i] for i in streams["monophone.units"]] == ["K", "AE", "T"]
+        assert len(streams["monophone.frame_to_position"]) == n_enc
+        assert len(streams["monophone.frame_labels"]) == n_enc
         assert len(streams["feature_positions"]) == rate.feature_frames(n_samples)
         # Kaldi frame i is centred at 12.5 ms + 10 ms * i: K starts at Kaldi frame 20, i.e.
         # 212.5 ms, which is our feature frame 21 (centred at 210 ms, nearest).
@@ -49,14 +49,14 @@ def test_ark_and_scp_round_trip_to_unit_streams(tmp_path):
         assert feat[20] == -1 and feat[21] == 0
         # Encoder labels agree with the feature-rate labels at each encoder frame's centre.
         centre = np.minimum(np.arange(n_enc) * 4, len(feat) - 1)
-        agree = (streams["phones.frame_to_position"] == feat[centre]).mean()
+        agree = (streams["monophone.frame_to_position"] == feat[centre]).mean()
         assert agree > 0.85
-        assert set(streams["phones.frame_labels"].tolist()) == {0, 20, 2, 31}  # sil K AE T
+        assert set(streams["monophone.frame_labels"].tolist()) == {0, 20, 2, 31}  # sil K AE T
         # Senones: the pdf run sequence, with positions covering every frame.
-        assert streams["senones.units"].tolist() == [0, 1, 2, 10, 11, 12, 13, 14, 15, 16, 17,
+        assert streams["senone.units"].tolist() == [0, 1, 2, 10, 11, 12, 13, 14, 15, 16, 17,
                                                      18, 0, 1, 2]
-        assert (streams["senones.frame_to_position"] >= 0).all()
-        assert (np.diff(streams["senones.frame_to_position"]) >= 0).all()
+        assert (streams["senone.frame_to_position"] >= 0).all()
+        assert (np.diff(streams["senone.frame_to_position"]) >= 0).all()
 
 
 def test_centre_mode_takes_the_centre_frame(tmp_path):
@@ -65,8 +65,8 @@ def test_centre_mode_takes_the_centre_frame(tmp_path):
     streams = import_kaldi({"u": phones}, tmp_path / "phones.txt", mode="centre",
                            n_samples={"u": n_samples})["u"]
     feat = streams["feature_positions"]
-    centre = np.minimum(np.arange(len(streams["phones.frame_to_position"])) * 4, len(feat) - 1)
-    assert streams["phones.frame_to_position"].tolist() == feat[centre].tolist()
+    centre = np.minimum(np.arange(len(streams["monophone.frame_to_position"])) * 4, len(feat) - 1)
+    assert streams["monophone.frame_to_position"].tolist() == feat[centre].tolist()
 
 
 def test_bad_inputs_name_the_problem(tmp_path):

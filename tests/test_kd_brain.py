@@ -202,19 +202,21 @@ def test_kd_gradient_reaches_the_tapped_encoder_layer_only_from_below(tmp_path):
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in layers[2].parameters())
 
 
-def test_teacher_from_cache_equals_teacher_from_batch_fields(tmp_path):
+def test_teachers_come_from_the_batch_only_never_from_a_cache_in_the_brain(tmp_path):
+    # One way in: the datasets' teacher items. A batch without them is refused, even with
+    # the caches in hparams, naming the missing fields and where they come from.
     data = _utterances()
     caches = _caches(tmp_path, data)
     brain = _brain(tmp_path, _hierarchy(), caches=caches)
     with_fields = _batch(data, caches)
     without = PaddedBatch([{k: v for k, v in item.items()} for item in data])
     n_frames = brain.compute_forward(with_fields, sb.Stage.TRAIN)["log_probs"].shape[1]
-    a = brain.unit_targets(with_fields, n_frames)
-    b = brain.unit_targets(without, n_frames)
-    for unit_type in UNITS:
-        for x, y in zip(a[unit_type].teacher, b[unit_type].teacher, strict=True):
-            assert torch.equal(x, y)
-        assert torch.equal(a[unit_type].frame_to_position, b[unit_type].frame_to_position)
+    targets = brain.unit_targets(with_fields, n_frames)
+    probs, ids, _ = caches["senone"].utterance(data[0]["id"])
+    assert torch.equal(targets["senone"].teacher[1][0, : len(ids)], ids)
+    with pytest.raises(KeyError, match=r"the batch has no \w+_top_probs / \w+_top_ids / "
+                                       r"\w+_residual fields.*teacher_items"):
+        brain.unit_targets(without, n_frames)
 
 
 def test_alignment_padding_is_masked_and_frames_match_the_encoder(tmp_path):
@@ -250,8 +252,8 @@ def test_wrong_frame_rate_and_missing_fields_are_clear_errors(tmp_path):
             probs, ids, rest = caches[unit_type].utterance(item["id"])
             item.update({f"{unit_type}_top_probs": probs, f"{unit_type}_top_ids": ids,
                          f"{unit_type}_residual": rest})
-    with pytest.raises(KeyError, match="no fields senone_units / senone_frame_to_position or "
-                                       "senones_units"):
+    with pytest.raises(KeyError, match="no fields senone_units / senone_frame_to_position for "
+                                       "unit type 'senone'"):
         objectives(PaddedBatch(no_senone))
 
 
@@ -293,12 +295,16 @@ def test_one_epoch_with_dynamic_items_then_evaluation_without_teachers(tmp_path)
     assert "expert_usage_layer_usage.png" in plots and "expert_usage.json" in plots
 
 
-def _dataset_without_teachers(data):
-    """Units and alignments only: the Brain reads teachers from hparams teacher_caches."""
+def _dataset_reading_caches(data, caches):
+    """Units and alignments of ``data``; teachers read from ``caches`` by teacher_items."""
     dataset = DynamicItemDataset({d["id"]: {k: v for k, v in d.items() if k != "id"}
                                   for d in data})
+    items, teacher_keys = teacher_items(caches)
+    for item in items:
+        dataset.add_dynamic_item(item)
     dataset.set_output_keys([k for k in data[0] if not k.endswith(("top_probs", "top_ids",
-                                                                     "residual"))])
+                                                                     "residual"))]
+                            + teacher_keys)
     return dataset
 
 
@@ -315,7 +321,7 @@ def test_a_head_trains_only_at_the_temperature_its_cache_was_built_at(tmp_path, 
     brain = _brain(tmp_path, heads, caches=caches)
     brain.checkpointer = sb.utils.checkpoints.Checkpointer(
         tmp_path / "save", recoverables={**brain.modules, "counter": brain.hparams.epoch_counter})
-    dataset = _dataset_without_teachers(data)
+    dataset = _dataset_reading_caches(data, caches)
     before = {n: p.detach().clone() for n, p in brain.modules.named_parameters()}
     if head_tau != 2.0:
         with pytest.raises(CacheMismatchError) as refused:
@@ -428,31 +434,20 @@ def test_ctc_frames_refuse_ctc_targets_that_are_not_the_subword_units(tmp_path):
         brain.compute_objectives(predictions, batch, sb.Stage.TRAIN)
 
 
-def test_fields_named_as_the_units_pipeline_names_them(tmp_path):
-    # the units pipeline says phones/senones/subwords, heads and teachers say
-    # monophone/senone/subword; its collate pads frame keys with -1
+def test_the_units_collate_pads_frame_keys_with_minus_one_and_gives_the_same_targets(tmp_path):
     from sb_crossmodal_kd.units.pipeline import unit_collate
 
     data = _utterances()
     caches = _caches(tmp_path, data)
-    rename = {"monophone": "phones", "senone": "senones", "subword": "subwords"}
-    renamed = []
     for item in data:
-        out = {}
-        for key, value in item.items():
-            unit_type = key.split("_")[0]
-            out[key.replace(unit_type, rename[unit_type], 1) if unit_type in rename else key] = value
-        renamed.append(out)
-    for item in renamed:
         for unit_type, cache in caches.items():
             probs, ids, rest = cache.utterance(item["id"])
             item.update({f"{unit_type}_top_probs": probs, f"{unit_type}_top_ids": ids,
                          f"{unit_type}_residual": rest})
-    collate = unit_collate(list(rename.values()))
     brain = _brain(tmp_path, _hierarchy())
     reference = _brain(tmp_path, _hierarchy())
-    plain, piped = _batch(data, caches), collate(renamed)
-    assert piped.senones_frame_to_position.data.min() == -1
+    plain, piped = _batch(data, caches), unit_collate()(data)
+    assert piped.senone_frame_to_position.data.min() == -1
     n_frames = brain.compute_forward(plain, sb.Stage.TRAIN)["log_probs"].shape[1]
     a = reference.unit_targets(plain, n_frames)
     b = brain.unit_targets(piped, n_frames)
@@ -477,26 +472,25 @@ def test_head_accuracy_counts_aligned_frames_only(tmp_path):
 
 
 def test_one_epoch_from_wav_files_unit_store_and_teacher_caches(tmp_path):
-    """The real data path: wav files, a UnitStore read by the units pipeline (its names,
-    its -1 padding), teacher caches built from the store's sequences, read by
-    teacher_items in the loader."""
+    """The real data path: wav files, a UnitStore read by the units pipeline (its -1
+    padding), teacher caches built from the store's sequences, read by teacher_items in the
+    loader."""
     import soundfile
 
     from sb_crossmodal_kd.units.pipeline import add_unit_pipelines, unit_collate, unit_keys
     from sb_crossmodal_kd.units.store import UnitStoreWriter
 
     data = _utterances(n=4)
-    stream = {"monophone": "phones", "senone": "senones", "subword": "subwords"}
     store_path = tmp_path / "train.units"
     with UnitStoreWriter(store_path, {"lexicon": "l", "tokenizer": "t", "tree": "r"}) as w:
         for item in data:
             streams = {}
-            for unit_type, name in stream.items():
+            for unit_type in UNITS:
                 f2p = item[f"{unit_type}_frame_to_position"]
                 units = item[f"{unit_type}_units"]
-                streams[f"{name}.units"] = units.numpy()
-                streams[f"{name}.frame_to_position"] = f2p.numpy()
-                streams[f"{name}.frame_labels"] = torch.where(
+                streams[f"{unit_type}.units"] = units.numpy()
+                streams[f"{unit_type}.frame_to_position"] = f2p.numpy()
+                streams[f"{unit_type}.frame_labels"] = torch.where(
                     f2p >= 0, units[f2p.clamp(min=0)], -1).numpy()
             w.add(item["id"], streams)
     manifest = {}
@@ -505,14 +499,14 @@ def test_one_epoch_from_wav_files_unit_store_and_teacher_caches(tmp_path):
         soundfile.write(wav, item["sig"].numpy(), 16000)
         manifest[item["id"]] = {"wav": str(wav), "wrd": item["wrd"]}
     caches = {}
-    for unit_type, name in stream.items():  # caches keyed as the pipeline names the units
+    for unit_type in UNITS:
         teacher = ShiftTeacher(vocab_size=UNITS[unit_type], name="shift", unit_type=unit_type)
         sequences = [(d["id"], d[f"{unit_type}_units"].tolist()) for d in data]
-        build_cache(teacher, sequences, tmp_path / name, k=3, progress=False)
-        caches[name] = TeacherCache(tmp_path / name, vocab_size=UNITS[unit_type])
+        build_cache(teacher, sequences, tmp_path / unit_type, k=3, progress=False)
+        caches[unit_type] = TeacherCache(tmp_path / unit_type, vocab_size=UNITS[unit_type])
 
     dataset = DynamicItemDataset(manifest)
-    add_unit_pipelines([dataset], [store_path], unit_types=list(stream.values()))
+    add_unit_pipelines([dataset], [store_path], unit_types=list(UNITS))
     items, teacher_keys = teacher_items(caches)
     for item in items:
         dataset.add_dynamic_item(item)
@@ -524,12 +518,12 @@ def test_one_epoch_from_wav_files_unit_store_and_teacher_caches(tmp_path):
         yield torch.tensor([1, 2])
 
     dataset.add_dynamic_item(audio)
-    dataset.set_output_keys(["id", "sig", "wrd", "tokens", *unit_keys(stream.values()),
+    dataset.set_output_keys(["id", "sig", "wrd", "tokens", *unit_keys(UNITS),
                              *teacher_keys])
     brain = _brain(tmp_path, _hierarchy(), moe=True)
     brain.checkpointer = sb.utils.checkpoints.Checkpointer(
         tmp_path / "save", recoverables={**brain.modules, "counter": brain.hparams.epoch_counter})
-    loader = {"batch_size": 2, "collate_fn": unit_collate(list(stream.values()))}
+    loader = {"batch_size": 2, "collate_fn": unit_collate()}
     brain.fit(brain.hparams.epoch_counter, dataset, dataset, train_loader_kwargs=loader,
               valid_loader_kwargs=loader)
     stats = brain.train_stats

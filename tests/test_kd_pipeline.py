@@ -23,7 +23,6 @@ from sb_crossmodal_kd.units.store import UnitStore, UnitStoreWriter
 KD_HPARAMS = KD_CONDITIONS
 VOCAB, N_MONOPHONES, N_SENONES = 32, 40, 9
 SIZES = {"subword": VOCAB, "monophone": N_MONOPHONES, "senone": N_SENONES}
-STREAMS = {"subword": "subwords", "monophone": "phones", "senone": "senones"}
 # base.yaml at a size that trains one epoch in seconds
 TINY = {
     "vocab_size": VOCAB, "number_of_epochs": 1, "d_model": 32, "num_layers": 3, "nhead": 2,
@@ -73,10 +72,9 @@ def prep(tmp_path_factory):
                 f2p = torch.full((frames,), -1, dtype=torch.long)
                 f2p[2:] = torch.arange(frames - 2) * n_units // (frames - 2)
                 labels = torch.where(f2p >= 0, units[f2p.clamp(min=0)], -1)
-                name = STREAMS[unit]
-                streams.update({f"{name}.units": units.numpy(),
-                                f"{name}.frame_to_position": f2p.numpy(),
-                                f"{name}.frame_labels": labels.numpy()})
+                streams.update({f"{unit}.units": units.numpy(),
+                                f"{unit}.frame_to_position": f2p.numpy(),
+                                f"{unit}.frame_labels": labels.numpy()})
                 sequences[unit].append((row["ID"], units.tolist()))
             writer.add(row["ID"], streams)
     for unit, size in SIZES.items():
@@ -104,7 +102,7 @@ def test_every_condition_trains_on_the_utterances_the_store_holds(prep, tmp_path
     train_ids = {}
     for condition in ("am_alone", "label_interpolation", "hierarchy", "hierarchy_no_lm"):
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="sb_crossmodal_kd.pipeline"):
+        with caplog.at_level(logging.WARNING, logger="sb_crossmodal_kd.kd_data"):
             train = asr_datasets(_hparams(data, folder, condition, tmp_path / condition))["train"]
         train_ids[condition] = sorted(train.data_ids)
         warnings = [r.getMessage() for r in caplog.records if "no units" in r.getMessage()]
@@ -121,11 +119,11 @@ def test_teachers_are_read_only_where_a_head_distils(prep, tmp_path):
     data, folder, _ = prep
     hierarchy = asr_datasets(_hparams(data, folder, "hierarchy", tmp_path / "h"))["train"][0]
     no_lm = asr_datasets(_hparams(data, folder, "hierarchy_no_lm", tmp_path / "n"))["train"][0]
-    for unit, stream in STREAMS.items():
+    for unit in SIZES:
         assert f"{unit}_top_probs" in hierarchy
         assert f"{unit}_top_probs" not in no_lm
-        assert torch.equal(hierarchy[f"{stream}_frame_to_position"],
-                           no_lm[f"{stream}_frame_to_position"])
+        assert torch.equal(hierarchy[f"{unit}_frame_to_position"],
+                           no_lm[f"{unit}_frame_to_position"])
     am_alone = asr_datasets(_hparams(data, folder, "am_alone", tmp_path / "a"))["train"][0]
     assert not any(key.endswith(("_units", "_top_probs")) for key in am_alone)
     # A prep folder without teacher caches: a distilling condition stops naming the cache,
@@ -172,7 +170,8 @@ def test_a_head_tau_other_than_its_cache_temperature_is_refused_before_training(
 
 
 def test_the_chain_builds_each_cache_at_its_teacher_tau(prep, tmp_path):
-    from sb_crossmodal_kd.pipeline import _teacher_cache, prep_settings
+    from sb_crossmodal_kd.prep.settings import prep_settings
+    from sb_crossmodal_kd.prep.steps import _teacher_cache
     from sb_crossmodal_kd.teachers import load_teacher
     from sb_crossmodal_kd.teachers.unit_lm import UnitLM, export_unit_lm
 
@@ -191,7 +190,7 @@ def test_the_chain_builds_each_cache_at_its_teacher_tau(prep, tmp_path):
     teacher = load_teacher(tmp_path / "lm" / "monophone" / "lm")
     units = UnitStore(store)
     for utt_id in units.ids()[:4]:
-        sequence = torch.tensor(units[utt_id]["phones.units"], dtype=torch.long)[None]
+        sequence = torch.tensor(units[utt_id]["monophone.units"], dtype=torch.long)[None]
         logits = teacher.unit_logits(sequence, torch.tensor([sequence.shape[1]]))[0].float()
         top_probs, top_ids, _ = cache.utterance(utt_id)
         cached = torch.zeros_like(logits).scatter(-1, top_ids, top_probs)
@@ -204,7 +203,8 @@ def test_data_prepared_before_teacher_tau_existed_counts_as_built_at_one(tmp_pat
     # ... and before lexicon and fit_vocab_size existed, and with the retired resample
     import json
 
-    from sb_crossmodal_kd.pipeline import _Record, prep_settings
+    from sb_crossmodal_kd.prep.record import prep_record as _Record
+    from sb_crossmodal_kd.prep.settings import prep_settings
 
     older = prep_settings()
     for added in ("teacher_tau", "lexicon", "fit_vocab_size"):

@@ -14,7 +14,8 @@ from tiny_kd import tiny_chain
 
 from sb_crossmodal_kd.data.corpus import make_corpus
 from sb_crossmodal_kd.data.manifest import ManifestError, check_manifest
-from sb_crossmodal_kd.pipeline import _lm_texts, prep_settings, prepare_kd_data_from_manifests
+from sb_crossmodal_kd.pipeline import prep_settings, prepare_kd_data_from_manifests
+from sb_crossmodal_kd.prep.lm_text import _lm_texts
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "Manifest"
 TINY_MODEL = [
@@ -236,7 +237,7 @@ def test_without_lm_text_the_lms_read_the_train_transcripts(tmp_path, caplog):
         manifests[split] = tmp_path / f"{split}.csv"
         manifests[split].write_text("ID,duration,wav,wrd\n" + "".join(
             f"{split}{i},1.0,a.wav,{w}\n" for i, w in enumerate(words)))
-    with caplog.at_level(logging.INFO, logger="sb_crossmodal_kd.pipeline"):
+    with caplog.at_level(logging.INFO, logger="sb_crossmodal_kd.prep.lm_text"):
         texts = _lm_texts(tmp_path / "lm_text", None, None, manifests, max_sentences=10)
     assert texts["train"].read_text() == "one two\nthree\n"
     assert texts["valid"].read_text() == "four\n"

@@ -178,8 +178,9 @@ def test_cache_pickles_for_dataloader_workers(tmp_path):
 
 def test_sbkd_teacher_cache_builds_from_a_manifest(tmp_path, capsys):
     from sb_crossmodal_kd.cli import main
-    from sb_crossmodal_kd.teachers.unit_lm import TextUnits, export_unit_lm
+    from sb_crossmodal_kd.teachers.unit_lm import export_unit_lm
     from sb_crossmodal_kd.units.lexicon import Lexicon
+    from sb_crossmodal_kd.units.types import TextUnits
 
     manifest = tmp_path / "train.csv"
     manifest.write_text(
@@ -212,13 +213,14 @@ def test_sbkd_teacher_cache_reads_the_unit_store_sequences(tmp_path, capsys):
     import numpy as np
 
     from sb_crossmodal_kd.cli import main
-    from sb_crossmodal_kd.teachers.unit_lm import export_unit_lm, units_hash
+    from sb_crossmodal_kd.teachers.unit_lm import export_unit_lm
     from sb_crossmodal_kd.units.store import UnitStoreWriter
+    from sb_crossmodal_kd.units.types import units_hash
 
     header = {"lexicon": "cmudict:aa", "tokenizer": "spm:bb", "tree": "tree:cc"}
     with UnitStoreWriter(tmp_path / "train.units", header) as writer:
-        writer.add("u1", {"senones.units": np.array([3, 4, 5, 9]), "phones.units": [1, 2]})
-        writer.add("u2", {"senones.units": np.array([7, 8]), "phones.units": [3]})
+        writer.add("u1", {"senone.units": np.array([3, 4, 5, 9]), "monophone.units": [1, 2]})
+        writer.add("u2", {"senone.units": np.array([7, 8]), "monophone.units": [3]})
     torch.manual_seed(0)
     export_unit_lm(tmp_path / "lm", UnitLM(VOCAB, embedding_dim=8, hidden_size=8, num_layers=1),
                    unit_type="senone", tokenizer_hash="cmudict:aa/tree:cc")

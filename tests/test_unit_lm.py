@@ -10,13 +10,13 @@ from sb_crossmodal_kd.teachers.lm_training import dataset
 from sb_crossmodal_kd.teachers.unit_lm import (
     BOUNDARY_INDEX,
     UNIT_OFFSET,
-    TextUnits,
     UnitLM,
     UnitLMBrain,
     export_unit_lm,
     load_unit_lm_teacher,
     perplexity,
 )
+from sb_crossmodal_kd.units.types import TextUnits
 
 V = 8
 

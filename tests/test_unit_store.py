@@ -7,13 +7,14 @@ import speechbrain as sb
 import torch
 
 from sb_crossmodal_kd.alignment.framerate import AlignmentLengthError, FrameRate
-from sb_crossmodal_kd.alignment.units import unit_streams
 from sb_crossmodal_kd.units.lexicon import Lexicon
 from sb_crossmodal_kd.units.phones import PHONES
 from sb_crossmodal_kd.units.pipeline import add_unit_pipelines, unit_collate
 from sb_crossmodal_kd.units.senones import SenoneTree, TriphoneStats
 from sb_crossmodal_kd.units.store import UnitStore, UnitStoreMismatchError, UnitStoreWriter
 from sb_crossmodal_kd.units.subwords import SentencePieceUnits
+from sb_crossmodal_kd.units.types import AlignedUtterance, UnitResources
+from sb_crossmodal_kd.units.types import unit_streams as registry_streams
 
 LEXICON = {
     "turn": [["T", "ER1", "N"]], "on": [["AA1", "N"]], "the": [["DH", "AH0"]],
@@ -59,13 +60,20 @@ def _header(lexicon, tokenizer, tree):
     return {"lexicon": lexicon.hash, "tokenizer": tokenizer.hash, "tree": tree.hash}
 
 
+
+def unit_streams(phones, positions, n_frames, rate, tree, tokenizer, text, words):
+    """Every unit type's streams of one utterance, from its phone alignment."""
+    alignment = AlignedUtterance(phones, positions, n_frames, rate, text=text, word_times=words)
+    return registry_streams(alignment, UnitResources(tokenizer=tokenizer, tree=tree))
+
+
 def test_unit_streams_are_consistent(units):
     _, lexicon, tokenizer, tree = units
     rate = FrameRate()
     phones, positions, words = _utterance(lexicon, TEXTS[0])
     n_enc = rate.frames_for_samples(16000)
     s = unit_streams(phones, positions, n_enc, rate, tree, tokenizer, TEXTS[0], words)
-    for unit in ("phones", "senones", "subwords"):
+    for unit in ("monophone", "senone", "subword"):
         f2p = s[f"{unit}.frame_to_position"]
         assert len(f2p) == n_enc and len(s[f"{unit}.frame_labels"]) == n_enc
         assert f2p.max() < len(s[f"{unit}.units"]) and f2p.min() >= -1
@@ -73,16 +81,16 @@ def test_unit_streams_are_consistent(units):
         # Positions move forward in time, and labels are the units at those positions.
         assert (np.diff(f2p[inside]) >= 0).all()
         assert (s[f"{unit}.frame_labels"][inside] == s[f"{unit}.units"][f2p[inside]]).all()
-    assert s["phones.units"].tolist() == lexicon.phone_ids(TEXTS[0])
-    assert s["senones.units"].tolist() == tree.senones(lexicon.phones(TEXTS[0]))
-    assert s["subwords.units"].tolist() == tokenizer.encode(TEXTS[0])
+    assert s["monophone.units"].tolist() == lexicon.phone_ids(TEXTS[0])
+    assert s["senone.units"].tolist() == tree.senones(lexicon.phones(TEXTS[0]))
+    assert s["subword.units"].tolist() == tokenizer.encode(TEXTS[0])
     # Silence frames: no phone position, the silence phone and silence-state senones.
-    assert s["phones.frame_to_position"][0] == -1 and s["phones.frame_labels"][0] == 0
-    assert s["senones.frame_labels"][0] in (0, 1, 2)
-    assert s["subwords.frame_to_position"][0] == -1
+    assert s["monophone.frame_to_position"][0] == -1 and s["monophone.frame_labels"][0] == 0
+    assert s["senone.frame_labels"][0] in (0, 1, 2)
+    assert s["subword.frame_to_position"][0] == -1
     # Every subword of a word is reached by some frame (the words are long enough).
-    assert set(s["subwords.frame_to_position"][s["subwords.frame_to_position"] >= 0]) == set(
-        range(len(s["subwords.units"]))
+    assert set(s["subword.frame_to_position"][s["subword.frame_to_position"] >= 0]) == set(
+        range(len(s["subword.units"]))
     )
 
 
@@ -141,17 +149,17 @@ def test_pipeline_pads_with_minus_one_and_refuses_wrong_lengths(units, tmp_path)
             writer.add(utt, unit_streams(phones, positions, n_enc, rate, tree, tokenizer, text, words))
     dataset = sb.dataio.dataset.DynamicItemDataset(data)
     add_unit_pipelines([dataset], [path], expect=_header(lexicon, tokenizer, tree))
-    dataset.set_output_keys(["id", "phones_units", "phones_frame_to_position",
-                             "senones_frame_labels", "subwords_frame_to_position"])
-    batch = unit_collate(["phones", "senones", "subwords"])([dataset[0], dataset[1]])
+    dataset.set_output_keys(["id", "monophone_units", "monophone_frame_to_position",
+                             "senone_frame_labels", "subword_frame_to_position"])
+    batch = unit_collate(["monophone", "senone", "subword"])([dataset[0], dataset[1]])
     n_a, n_b = rate.frames_for_samples(16000), rate.frames_for_samples(9600)
-    f2p = batch.phones_frame_to_position.data
+    f2p = batch.monophone_frame_to_position.data
     assert f2p.shape == (2, n_a)
     assert (f2p[1, n_b:] == -1).all() and (f2p[1, :n_b] >= 0).any()
-    assert batch.phones_units.data[0].tolist() == lexicon.phone_ids(TEXTS[1])
-    assert (batch.subwords_frame_to_position.data[1, n_b:] == -1).all()
+    assert batch.monophone_units.data[0].tolist() == lexicon.phone_ids(TEXTS[1])
+    assert (batch.subword_frame_to_position.data[1, n_b:] == -1).all()
     with pytest.raises(AlignmentLengthError, match="'bad'.*26 frames.*has 13 \\(longer by 13"):
         dataset[2]
     with pytest.raises(UnitStoreMismatchError, match="lexicon"):
         add_unit_pipelines([dataset], [path], expect={"lexicon": "cmudict:x"})
-    assert PHONES[batch.phones_units.data[0][0]] == "T"
+    assert PHONES[batch.monophone_units.data[0][0]] == "T"

@@ -61,12 +61,12 @@ def test_align_build_tree_export_units_chain(tmp_path, capsys):
     assert store.ids() == ["test0", "test1", "test2"]
     record = store["test0"]
     n_frames = FrameRate().frames_for_samples(soundfile.info(tmp_path / "test0.wav").frames)
-    for unit in ("phones", "senones", "subwords"):
+    for unit in ("monophone", "senone", "subword"):
         assert len(record[f"{unit}.frame_to_position"]) == n_frames
     with open(test) as f:
         text = next(csv.DictReader(f))["wrd"]
-    assert record["phones.units"].tolist() == lexicon.phone_ids(text)
-    assert record["senones.units"].tolist() == tree.senones(lexicon.phones(text))
+    assert record["monophone.units"].tolist() == lexicon.phone_ids(text)
+    assert record["senone.units"].tolist() == tree.senones(lexicon.phones(text))
     assert "aligned 3/3" in capsys.readouterr().out
 
 

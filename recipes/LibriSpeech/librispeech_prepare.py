@@ -19,14 +19,13 @@ The layout read (as distributed on openslr.org/12)::
 """
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 
 from sb_crossmodal_kd.data.manifest import write_manifest_csv
-from sb_crossmodal_kd.io import atomic_write_json, refuse_other_settings
-from sb_crossmodal_kd.pipeline import prep_settings_file, prepare_kd_data_from_manifests
+from sb_crossmodal_kd.prep.provenance import Provenance
+from sb_crossmodal_kd.prep.recipes import add_chain_arguments, run_chain
 
 logger = logging.getLogger(__name__)
 
@@ -145,14 +144,12 @@ def prepare_librispeech(data_folder, save_folder, train_set="100", valid_split="
                "train_splits": list(TRAIN_SETS[str(train_set)]), "valid_split": valid_split,
                "test_split": test_split}
     manifests = {name: save_folder / f"{name}.csv" for name in ("train", "valid", "test")}
-    record = save_folder / "prepare.json"
-    if record.is_file():
-        refuse_other_settings(json.loads(record.read_text()), options,
-                              f"{save_folder} holds LibriSpeech manifests made",
-                              "Choose another output folder")
-        if all(path.is_file() for path in manifests.values()):
-            logger.info("%s: LibriSpeech manifests already prepared", save_folder)
-            return manifests
+    record = Provenance(save_folder / "prepare.json", options,
+                        f"{save_folder} holds LibriSpeech manifests made",
+                        remedy="Choose another output folder")
+    if record.complete(manifests.values()):
+        logger.info("%s: LibriSpeech manifests already prepared", save_folder)
+        return manifests
     splits = {"train": TRAIN_SETS[str(train_set)], "valid": (valid_split,),
               "test": (test_split,)}
     for name, parts in splits.items():
@@ -160,7 +157,7 @@ def prepare_librispeech(data_folder, save_folder, train_set="100", valid_split="
         write_manifest_csv(manifests[name], rows)
         logger.info("%s: %d utterances, %.1f h", manifests[name], len(rows),
                     sum(row["duration"] for row in rows) / 3600)
-    atomic_write_json(record, options)
+    record.write()
     return manifests
 
 
@@ -172,10 +169,8 @@ def parse(argv):
     parser.add_argument("--train_set", default="100", choices=sorted(TRAIN_SETS))
     parser.add_argument("--valid_split", default="dev-clean", choices=SPLITS)
     parser.add_argument("--test_split", default="test-clean", choices=SPLITS)
-    parser.add_argument("--lm_text", help="librispeech-lm-norm.txt (default: train transcripts)")
-    parser.add_argument("--settings", default=str(Path(__file__).parent / "hparams" / "prep.yaml"),
-                        help="yaml of data-chain settings (default: hparams/prep.yaml)")
-    parser.add_argument("--device", default="cpu", help="where teachers fill their caches")
+    add_chain_arguments(parser, Path(__file__).parent / "hparams" / "prep.yaml",
+                        lm_text="librispeech-lm-norm.txt (default: train transcripts)")
     return parser.parse_args(argv)
 
 
@@ -190,12 +185,7 @@ def main(argv):
         logger.info("No --lm_text: the unit LMs learn from the %s-hour training transcripts "
                     "only; librispeech-lm-norm.txt (openslr.org/11) gives them 40M sentences",
                     args.train_set)
-    prepared = prepare_kd_data_from_manifests(
-        manifests, output / "prep", lm_text=args.lm_text,
-        settings=prep_settings_file(args.settings), progress=True, device=args.device,
-    )
-    print(json.dumps({"steps_s": prepared["steps"], **prepared["outputs"]}))
-    return prepared
+    return run_chain(manifests, output / "prep", args)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,10 @@ train transcripts (logged). Then train a condition with
 """
 
 import argparse
-import json
 import logging
 import sys
 
-from sb_crossmodal_kd.pipeline import prep_settings_file, prepare_kd_data_from_manifests
+from sb_crossmodal_kd.prep.recipes import add_chain_arguments, run_chain
 
 
 def parse(argv):
@@ -25,12 +24,10 @@ def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for split in ("train", "valid", "test"):
         parser.add_argument(f"--{split}", required=True, help=f"{split} manifest (CSV or JSON)")
-    parser.add_argument("--lm_text", help="text for the unit LMs, one sentence per line")
     parser.add_argument("--lm_valid_text", help="held-out LM text (default: valid transcripts)")
     parser.add_argument("--output", required=True, help="the prep folder (PREP)")
-    parser.add_argument("--settings", help="yaml of data-chain settings (prep_settings keys)")
     parser.add_argument("--data_root", help="fills $data_root / {data_root} in the manifests")
-    parser.add_argument("--device", default="cpu", help="where teachers fill their caches")
+    add_chain_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -38,18 +35,11 @@ def main(argv):
     """Runs the KD chain on the manifests; prints and returns ``prep.json``'s content."""
     args = parse(argv)
     logging.basicConfig(level=logging.INFO)
-    prepared = prepare_kd_data_from_manifests(
-        {"train": args.train, "valid": args.valid, "test": args.test},
-        args.output,
-        lm_text=args.lm_text,
-        settings=prep_settings_file(args.settings),
+    return run_chain(
+        {"train": args.train, "valid": args.valid, "test": args.test}, args.output, args,
         lm_valid_text=args.lm_valid_text,
         replacements={"data_root": args.data_root} if args.data_root else None,
-        progress=True,
-        device=args.device,
     )
-    print(json.dumps({"steps_s": prepared["steps"], **prepared["outputs"]}))
-    return prepared
 
 
 if __name__ == "__main__":

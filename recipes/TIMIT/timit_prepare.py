@@ -47,7 +47,8 @@ import soundfile
 from sb_crossmodal_kd.alignment.corpus import save_alignments
 from sb_crossmodal_kd.alignment.forced import PhoneAlignment
 from sb_crossmodal_kd.alignment.framerate import FrameRate
-from sb_crossmodal_kd.io import atomic_write_json, atomic_write_text, refuse_other_settings
+from sb_crossmodal_kd.io import atomic_write_text
+from sb_crossmodal_kd.prep.provenance import Provenance
 from sb_crossmodal_kd.units.phones import SILENCE, phone_index
 from sb_crossmodal_kd.units.timit import check_timit_phone, fold_61_to_39, phone_map
 
@@ -123,7 +124,10 @@ def prepare_timit(data_folder, save_folder, include_sa=False, phn_tolerance_ms=1
     settings = {"data_folder": str(data_folder.resolve()), "include_sa": bool(include_sa),
                 "phn_tolerance_ms": float(phn_tolerance_ms)}
     outputs = {split: save_folder / f"{split}.csv" for split in SPLITS}
-    if _already_prepared(save_folder, settings, outputs):
+    record = Provenance(save_folder / SETTINGS_FILE, settings,
+                        f"{save_folder} holds TIMIT prepared",
+                        remedy="Choose another --save_folder or delete that one", error=TimitError)
+    if record.complete(outputs.values()):
         logger.info("%s already holds TIMIT prepared with these settings", save_folder)
         return outputs
 
@@ -136,18 +140,8 @@ def prepare_timit(data_folder, save_folder, include_sa=False, phn_tolerance_ms=1
     }
     for split, utts in utterances.items():
         write_split(save_folder, split, utts)
-    atomic_write_json(save_folder / SETTINGS_FILE, settings)
+    record.write()
     return outputs
-
-
-def _already_prepared(save_folder, settings, outputs):
-    settings_path = save_folder / SETTINGS_FILE
-    if not settings_path.is_file():
-        return False
-    refuse_other_settings(json.loads(settings_path.read_text()), settings,
-                          f"{save_folder} holds TIMIT prepared",
-                          "Choose another --save_folder or delete that one", error=TimitError)
-    return all(path.is_file() for path in outputs.values())
 
 
 def _child(folder, name):

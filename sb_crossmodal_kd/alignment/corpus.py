@@ -25,7 +25,6 @@ import numpy as np
 from tqdm import tqdm
 
 from sb_crossmodal_kd.alignment.framerate import FrameRate, fit_to_length
-from sb_crossmodal_kd.alignment.units import unit_streams
 from sb_crossmodal_kd.alignment.viterbi import AlignmentError
 from sb_crossmodal_kd.data.audio import audio_samples, load_audio
 from sb_crossmodal_kd.io import atomic_write_text
@@ -33,6 +32,7 @@ from sb_crossmodal_kd.units.lexicon import OutOfVocabularyError
 from sb_crossmodal_kd.units.phones import PHONES
 from sb_crossmodal_kd.units.senones import TriphoneStats
 from sb_crossmodal_kd.units.store import UnitStoreWriter
+from sb_crossmodal_kd.units.types import AlignedUtterance, UnitResources, unit_streams
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def align_manifest(aligner, rows, text_key="wrd", progress=True):
     Returns
     -------
     alignments : dict
-        ID -> :class:`~sb_crossmodal_kd.alignment.forced.PhoneAlignment`.
+        ID -> :class:`~sb_crossmodal_kd.alignment.phone_alignment.PhoneAlignment`.
     report : dict
         ``{"utterances", "aligned", "skipped": [(id, reason)], "audio_s", "seconds",
         "audio_s_per_s"}``.
@@ -228,6 +228,7 @@ def export_units(
         },
         "meta": {"mode": mode},
     }
+    resources = UnitResources(tokenizer=tokenizer, tree=tree)
     missing = []
     with UnitStoreWriter(path, header) as writer:
         for row in tqdm(rows, desc=f"export {path}", disable=not progress):
@@ -241,17 +242,11 @@ def export_units(
                 np.asarray(record["feature_positions"]),
                 frame_rate.feature_frames(n_samples), 2, row["ID"], fill=-1,
             )
-            streams = unit_streams(
-                [PHONES.index(p) for p in record["phones"]],
-                positions,
-                n_frames,
-                frame_rate,
-                tree=tree,
-                tokenizer=tokenizer,
-                text=row[text_key],
-                word_times=[tuple(w) for w in record["words"]],
-                mode=mode,
+            alignment = AlignedUtterance(
+                [PHONES.index(p) for p in record["phones"]], positions, n_frames, frame_rate,
+                text=row[text_key], word_times=[tuple(w) for w in record["words"]], mode=mode,
             )
+            streams = unit_streams(alignment, resources)
             writer.add(row["ID"], streams)
     if missing:
         logger.warning("%d utterances of %s have no alignment (skipped)", len(missing), path)

@@ -23,6 +23,17 @@ systems are bootstrapped, and Viterbi-aligns with it:
 The alignment is made at the 10 ms feature rate and converted to the encoder rate with
 :class:`~sb_crossmodal_kd.alignment.framerate.FrameRate`.
 
+This module holds the aligner's API: its settings, features, alignment and persistence. The
+parts live in modules of their own, and their public names are importable from here too:
+
+- :mod:`~sb_crossmodal_kd.alignment.phone_classifier`: the model, :class:`PhoneClassifier`;
+- :mod:`~sb_crossmodal_kd.alignment.aligner_training`: steps 1, 2 and 4;
+- :mod:`~sb_crossmodal_kd.alignment.phone_states`: a transcript as the model's states;
+- :mod:`~sb_crossmodal_kd.alignment.phone_alignment`: step 3 and its result,
+  :class:`PhoneAlignment`;
+- :mod:`~sb_crossmodal_kd.alignment.word_boundaries`: :func:`boundary_errors`, the
+  alignment's word-boundary errors against reference times.
+
 Example
 -------
 >>> from sb_crossmodal_kd.units.lexicon import Lexicon
@@ -33,24 +44,33 @@ Example
 (60, ['hi', 'you'])
 """
 
-import logging
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from speechbrain.lobes.features import Fbank
-from tqdm import tqdm
 
+from sb_crossmodal_kd.alignment.aligner_training import train_aligner
 from sb_crossmodal_kd.alignment.framerate import FrameRate
-from sb_crossmodal_kd.alignment.viterbi import viterbi_align
+from sb_crossmodal_kd.alignment.phone_alignment import (
+    PhoneAlignment,
+    alignment_from_path,
+    state_path,
+)
+from sb_crossmodal_kd.alignment.phone_classifier import PhoneClassifier
+from sb_crossmodal_kd.alignment.phone_states import token_sequence
+from sb_crossmodal_kd.alignment.word_boundaries import boundary_errors
 from sb_crossmodal_kd.data.audio import load_audio
-from sb_crossmodal_kd.units.phones import PHONES, SILENCE_INDEX
-from sb_crossmodal_kd.units.senones import split_states
+from sb_crossmodal_kd.units.phones import PHONES
 
-logger = logging.getLogger(__name__)
+__all__ = [
+    "AlignerSettings",
+    "PhoneAligner",
+    "PhoneAlignment",
+    "PhoneClassifier",
+    "boundary_errors",
+]
 
 
 @dataclass
@@ -77,86 +97,6 @@ class AlignerSettings:
     silence_energy: float = 0.25
     seed: int = 0
     frame_rate: FrameRate = field(default_factory=FrameRate)
-
-
-class PhoneClassifier(torch.nn.Module):
-    """Frame-level phone classifier: 1-D convolutions over log-Mel frames.
-
-    Arguments
-    ---------
-    n_mels : int
-        Input feature dimension.
-    n_phones : int
-        Output classes.
-    hidden : int
-        Channels.
-    kernel_size : int
-        Convolution width (frames).
-    layers : int
-        Number of convolution layers.
-    dilation_growth : int
-        Layer ``i`` has dilation ``dilation_growth ** i``, widening the context at no extra
-        cost: the receptive field is ``1 + (kernel_size - 1) * sum(dilations)`` frames. A wide
-        context lets the model learn its own labels' positions instead of the acoustics: it
-        sees an onset coming and labels the pause before it as the phone, and each
-        re-alignment round moves boundaries further (on SynthCommands valid, word starts
-        drifted about 3 ms earlier per round with 13 frames of context). The aligner's
-        default is one layer of kernel 3 (3 frames, +-10 ms).
-
-    Example
-    -------
-    >>> model = PhoneClassifier(40, 40)
-    >>> model(torch.randn(2, 50, 40)).shape
-    torch.Size([2, 50, 40])
-    """
-
-    def __init__(self, n_mels, n_phones, hidden=128, kernel_size=5, layers=3, dilation_growth=1):
-        super().__init__()
-        blocks, channels = [], n_mels
-        for i in range(layers):
-            dilation = dilation_growth**i
-            blocks += [
-                torch.nn.Conv1d(
-                    channels, hidden, kernel_size, padding=dilation * (kernel_size // 2),
-                    dilation=dilation,
-                ),
-                torch.nn.BatchNorm1d(hidden),
-                torch.nn.ReLU(),
-            ]
-            channels = hidden
-        self.convs = torch.nn.Sequential(*blocks)
-        self.out = torch.nn.Linear(hidden, n_phones)
-
-    def forward(self, features):
-        """``(batch, time, n_mels)`` -> logits ``(batch, time, n_phones)``."""
-        hidden = self.convs(features.transpose(1, 2)).transpose(1, 2)
-        return self.out(hidden)
-
-
-@dataclass
-class PhoneAlignment:
-    """One utterance's forced alignment at the 10 ms feature rate.
-
-    Attributes
-    ----------
-    utterance_id : str
-    phones : list of str
-        The utterance's phone sequence as text gives it (no silence).
-    feature_positions : numpy.ndarray
-        Position in ``phones`` of each feature frame, ``-1`` for silence.
-    feature_labels : numpy.ndarray
-        Phone index (:data:`PHONES`) of each feature frame, ``0`` for silence.
-    words : list of (word, start_s, end_s)
-    phone_segments : list of (phone, start_s, end_s)
-        Including the silences that the alignment kept.
-    """
-
-    utterance_id: str
-    phones: list
-    feature_positions: np.ndarray
-    feature_labels: np.ndarray
-    words: list
-    phone_segments: list
 
 
 class PhoneAligner:
@@ -196,244 +136,15 @@ class PhoneAligner:
             feats = self.fbank(waveform.reshape(1, -1))[0]
         return (feats - feats.mean(0)) / (feats.std(0) + 1e-5)
 
-    def _token_sequence(self, words, utterance_id):
-        """Phones with optional silences at the edges and between words, and word spans."""
-        per_word = self.lexicon.word_phones(words, utterance_id)
-        tokens, optional, word_of, text_pos = [SILENCE_INDEX], [True], [-1], [-1]
-        position = 0
-        for w, phones in enumerate(per_word):
-            if w > 0:
-                tokens.append(SILENCE_INDEX)
-                optional.append(True)
-                word_of.append(-1)
-                text_pos.append(-1)
-            for p in phones:
-                tokens.append(PHONES.index(p))
-                optional.append(False)
-                word_of.append(w)
-                text_pos.append(position)
-                position += 1
-        tokens.append(SILENCE_INDEX)
-        optional.append(True)
-        word_of.append(-1)
-        text_pos.append(-1)
-        phones = [p for ph in per_word for p in ph]
-        return tokens, optional, word_of, text_pos, phones
-
-    # ---------------------------------------------------------------- flat start
-    def _flat_start(self, feats, tokens, optional):
-        """Energy-based edge silences and an even split of the rest over the phones."""
-        energy = feats.mean(1)
-        lo, hi = float(energy.min()), float(energy.max())
-        speech = torch.nonzero(energy > lo + self.settings.silence_energy * (hi - lo)).flatten()
-        n = feats.shape[0]
-        start, end = (int(speech[0]), int(speech[-1]) + 1) if len(speech) else (0, n)
-        phones = [k for k, opt in enumerate(optional) if not opt]
-        if end - start < len(phones):
-            start, end = 0, n
-        positions = np.zeros(n, dtype=np.int64)  # token 0 is the leading silence
-        positions[end:] = len(tokens) - 1  # the trailing silence
-        bounds = np.linspace(start, end, len(phones) + 1).round().astype(int)
-        for k, a, b in zip(phones, bounds[:-1], bounds[1:], strict=True):
-            positions[a:b] = k
-        return self._state_labels(positions, self._state_tokens(tokens))
-
-    def _state_labels(self, positions, state_tokens, substates=None):
-        """Class per frame: the class of its token's state (see :meth:`_state_tokens`).
-
-        Without ``substates``, each run of one token position is split into equal parts.
-        """
-        positions = np.asarray(positions)
-        n_states = np.array([len(classes) for classes in state_tokens])
-        if substates is None:
-            substates = np.zeros(len(positions), dtype=np.int64)
-            change = np.flatnonzero(np.diff(positions)) + 1
-            for a, b in zip(np.r_[0, change], np.r_[change, len(positions)], strict=True):
-                substates[a:b] = split_states(a, b, n_states[positions[a]])
-        first_state = np.concatenate([[0], np.cumsum(n_states)[:-1]])
-        return np.concatenate(state_tokens)[first_state[positions] + np.asarray(substates)]
-
-    def _state_tokens(self, tokens):
-        """Classes ``phone * states_per_phone + state`` of each token's states, in order.
-
-        A silence between words (not at the edges) has ``pause_states`` of the silence's
-        states (one: its centre state, HTK's short pause; two: the first and last).
-
-        Example
-        -------
-        >>> aligner = PhoneAligner(None, AlignerSettings(states_per_phone=3, pause_states=1))
-        >>> aligner._state_tokens([0, 5, 0, 7, 0])
-        [[0, 1, 2], [15, 16, 17], [1], [21, 22, 23], [0, 1, 2]]
-        """
-        n_states = self.settings.states_per_phone
-        classes = [[p * n_states + j for j in range(n_states)] for p in tokens]
-        pause = [
-            SILENCE_INDEX * n_states + int(j)
-            for j in split_states(0, min(self.settings.pause_states, n_states), n_states)
-        ]
-        for k in range(1, len(tokens) - 1):
-            if tokens[k] == SILENCE_INDEX:
-                classes[k] = pause
-        return classes
-
-    @staticmethod
-    def _ctc_targets(tokens, optional):
-        """CTC targets: the phones and the edge silences (optional pauses between words left out).
-
-        Example
-        -------
-        >>> PhoneAligner._ctc_targets([0, 5, 0, 7, 0], [True, False, True, False, True])
-        [0, 5, 7, 0]
-        """
-        last = len(tokens) - 1
-        return [
-            t for k, (t, opt) in enumerate(zip(tokens, optional, strict=True))
-            if not opt or k in (0, last)
-        ]
-
-    def _ctc_start(self, items, progress):
-        """First alignment from a CTC phone model: no initial segmentation needed.
-
-        The phone model gets one extra (blank) output and is trained with CTC on the phone
-        sequences framed by silence (recordings start and end in silence; without these
-        targets the silence output stays untrained and the first phones spill into the
-        leading pause); its blank-free, renormalised posteriors are then Viterbi-aligned. The
-        blank output is dropped afterwards and frame-level training continues from these
-        weights.
-        """
-        s = self.settings
-        blank = len(PHONES)
-        ctc_model = PhoneClassifier(
-            s.n_mels, len(PHONES) + 1, s.hidden, s.kernel_size, s.layers, s.dilation_growth
-        )
-        optimiser = torch.optim.Adam(ctc_model.parameters(), lr=s.learning_rate)
-        gen = torch.Generator().manual_seed(s.seed)
-        # Batches of similar length keep padding small.
-        order = sorted(range(len(items)), key=lambda i: items[i][1].shape[0])
-        size = max(1, s.batch_size // 4)
-        batches = [order[i : i + size] for i in range(0, len(order), size)]
-        ctc_model.train()
-        for _ in tqdm(range(s.ctc_epochs), desc="CTC phone model", disable=not progress, leave=False):
-            for b in torch.randperm(len(batches), generator=gen).tolist():
-                feats = [items[i][1] for i in batches[b]]
-                targets = [torch.tensor(self._ctc_targets(items[i][2][0], items[i][2][1]))
-                           for i in batches[b]]
-                x = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True)
-                log_probs = ctc_model(x).log_softmax(-1).transpose(0, 1)
-                loss = torch.nn.functional.ctc_loss(
-                    log_probs,
-                    torch.cat(targets),
-                    torch.tensor([f.shape[0] for f in feats]),
-                    torch.tensor([len(t) for t in targets]),
-                    blank=blank,
-                    zero_infinity=True,
-                )
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
-        ctc_model.eval()
-        # Frame-level training continues from the CTC network's convolutions.
-        self.model.convs.load_state_dict(ctc_model.convs.state_dict())
-        labels = []
-        for utt_id, feats, seq in items:
-            with torch.no_grad():
-                log_post = ctc_model(feats.unsqueeze(0))[0][:, :blank].log_softmax(-1)
-            state_tokens = self._state_tokens(seq[0])
-            # Room for every state of each token, as the state-level re-alignment needs.
-            min_frames = [s.min_duration * len(classes) for classes in state_tokens]
-            path = viterbi_align(log_post, seq[0], min_frames, seq[1], utt_id)
-            labels.append(self._state_labels(path.numpy(), state_tokens))
-        return labels
-
     # ---------------------------------------------------------------- training
-    def _train_epochs(self, feats_list, labels_list, epochs, progress):
-        s = self.settings
-        feats = torch.cat(feats_list)
-        labels = torch.as_tensor(np.concatenate(labels_list))
-        counts = torch.bincount(labels, minlength=self.n_classes).float() + 1.0
-        self.log_prior = (counts / counts.sum()).log()
-        n_chunks = max(1, feats.shape[0] // s.chunk_frames)
-        feats = feats[: n_chunks * s.chunk_frames].reshape(n_chunks, s.chunk_frames, -1)
-        labels = labels[: n_chunks * s.chunk_frames].reshape(n_chunks, s.chunk_frames)
-        optimiser = torch.optim.Adam(self.model.parameters(), lr=s.learning_rate)
-        gen = torch.Generator().manual_seed(s.seed)
-        self.model.train()
-        loss = torch.tensor(0.0)
-        for _ in tqdm(range(epochs), desc="phone model epochs", disable=not progress, leave=False):
-            order = torch.randperm(n_chunks, generator=gen)
-            for i in range(0, n_chunks, s.batch_size):
-                idx = order[i : i + s.batch_size]
-                logits = self.model(feats[idx])
-                loss = torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), labels[idx].reshape(-1)
-                )
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
-        self.model.eval()
-        return float(loss.detach())
-
     def train(self, utterances, progress=True):
         """Flat start, then ``iterations`` rounds of (train the phone model, re-align).
 
-        Arguments
-        ---------
-        utterances : list of (utterance_id, waveform or wav path, text)
-        progress : bool
-            Show progress bars.
-
-        Returns
-        -------
-        dict
-            ``{"utterances": n used, "skipped": [(id, reason)], "frames": ...,
-            "losses": [...], "seconds": ...}``.
+        ``utterances`` are ``(utterance_id, waveform or wav path, text)``; returns the report
+        of :func:`~sb_crossmodal_kd.alignment.aligner_training.train_aligner`
+        (utterances used and skipped, frames, losses, seconds).
         """
-        start_time = time.time()
-        items, skipped = [], []
-        for utt_id, audio, text in tqdm(utterances, desc="features", disable=not progress):
-            try:
-                seq = self._token_sequence(text, utt_id)
-            except KeyError as error:
-                skipped.append((utt_id, str(error)))
-                logger.warning("Skipping utterance %s: %s", utt_id, error)
-                continue
-            wav = self._waveform(audio)
-            feats = self.features(wav)
-            needed = self.settings.min_duration * self.settings.states_per_phone * len(seq[4])
-            if feats.shape[0] < needed:
-                skipped.append((utt_id, "too short for its phone sequence"))
-                continue
-            items.append((utt_id, feats, seq))
-        if not items:
-            raise ValueError("PhoneAligner.train: no usable utterances")
-        feats_list = [f for _, f, _ in items]
-        if self.settings.init == "ctc":
-            labels_list = self._ctc_start(items, progress)
-        elif self.settings.init == "flat":
-            labels_list = [self._flat_start(f, seq[0], seq[1]) for _, f, seq in items]
-        else:
-            raise ValueError(f"AlignerSettings.init must be 'flat' or 'ctc', not {self.settings.init!r}")
-        losses = []
-        for it in range(self.settings.iterations):
-            losses.append(self._train_epochs(feats_list, labels_list, self.settings.epochs, progress))
-            realigned = []
-            for utt_id, feats, seq in tqdm(
-                items,
-                desc=f"realign {it + 1}/{self.settings.iterations}",
-                disable=not progress,
-            ):
-                positions, substates = self._viterbi(feats, seq, utt_id)
-                realigned.append(self._state_labels(
-                    positions.numpy(), self._state_tokens(seq[0]), substates.numpy()
-                ))
-            labels_list = realigned
-        return {
-            "utterances": len(items),
-            "skipped": skipped,
-            "frames": int(sum(f.shape[0] for f in feats_list)),
-            "losses": losses,
-            "seconds": time.time() - start_time,
-        }
+        return train_aligner(self, utterances, progress)
 
     # ---------------------------------------------------------------- alignment
     def log_likelihoods(self, feats):
@@ -442,56 +153,19 @@ class PhoneAligner:
             log_post = self.model(feats.unsqueeze(0))[0].log_softmax(-1)
         return log_post - self.settings.prior_scale * self.log_prior
 
-    def _viterbi(self, feats, seq, utt_id):
-        """Token position and state per frame."""
-        tokens, optional = seq[0], seq[1]
-        return viterbi_align(
-            self.log_likelihoods(feats),
-            self._state_tokens(tokens),
-            min_duration=self.settings.min_duration,
-            optional=optional,
-            utterance_id=utt_id,
-            return_substates=True,
-        )
-
     def align_features(self, feats, words, utterance_id):
         """Aligns normalised features ``(T, n_mels)`` (see :meth:`features`) to ``words``."""
-        seq = self._token_sequence(words, utterance_id)
-        tokens, _, word_of, text_pos, phones = seq
-        path = self._viterbi(feats, seq, utterance_id)[0].numpy()
-        shift = self.settings.frame_rate.feature_shift_s
-        tokens_arr, text_pos_arr = np.asarray(tokens), np.asarray(text_pos)
-        positions = text_pos_arr[path]
-        labels = tokens_arr[path]
-        # Segments: runs of one token position; frame j spans [(j - 0.5) * shift, (j + 0.5) * shift)
-        # since Fbank frames are centred on j * shift; clip at 0.
-        change = np.flatnonzero(np.diff(path)) + 1
-        starts = np.concatenate([[0], change])
-        ends = np.concatenate([change, [len(path)]])
-        phone_segments, word_spans = [], {}
-        word_list = words.split() if isinstance(words, str) else list(words)
-        for a, b in zip(starts, ends, strict=True):
-            k = int(path[a])
-            t0, t1 = max(0.0, (a - 0.5) * shift), (b - 0.5) * shift
-            phone_segments.append((PHONES[tokens[k]], round(t0, 4), round(t1, 4)))
-            w = word_of[k]
-            if w >= 0:
-                s0, s1 = word_spans.get(w, (t0, t1))
-                word_spans[w] = (min(s0, t0), max(s1, t1))
-        word_segments = [
-            (word_list[w], round(word_spans[w][0], 4), round(word_spans[w][1], 4))
-            for w in sorted(word_spans)
-        ]
-        return PhoneAlignment(
-            utterance_id, phones, positions.astype(np.int32), labels.astype(np.int32),
-            word_segments, phone_segments,
+        sequence = token_sequence(self.lexicon, words, utterance_id)
+        path = state_path(self.log_likelihoods(feats), sequence, self.settings, utterance_id)[0]
+        return alignment_from_path(
+            path.numpy(), sequence, words, utterance_id, self.settings.frame_rate.feature_shift_s
         )
 
     def align(self, audio, words, utterance_id):
         """Aligns a waveform (1-D tensor) or wav path to ``words``."""
-        return self.align_features(self.features(self._waveform(audio)), words, utterance_id)
+        return self.align_features(self.features(self.waveform(audio)), words, utterance_id)
 
-    def _waveform(self, audio):
+    def waveform(self, audio):
         """A waveform as given, or a path's audio at the aligner's rate."""
         if isinstance(audio, str | Path):
             return load_audio(audio, self.settings.frame_rate.sample_rate)
@@ -534,48 +208,3 @@ class PhoneAligner:
         aligner.log_prior = state["log_prior"]
         return aligner
 
-
-def boundary_errors(reference_words, hypothesis_words, signed=False):
-    """Word start and end differences (seconds) between two word alignments.
-
-    ``hypothesis_words`` has one entry per transcript word. A reference entry may hold several
-    words (a synthesiser that speaks "in the" as one unit reports one span for both): it is
-    compared with the span from its first word's start to its last word's end.
-
-    Arguments
-    ---------
-    reference_words, hypothesis_words : list of (word, start_s, end_s)
-    signed : bool
-        Return ``hypothesis - reference`` (negative: the hypothesis is early) instead of the
-        absolute difference.
-
-    Returns
-    -------
-    list of float
-        Start and end error of each reference entry, in order.
-
-    Example
-    -------
-    >>> ref = [("a", 0.1, 0.3), ("b c", 0.3, 0.5)]
-    >>> hyp = [("a", 0.12, 0.3), ("b", 0.3, 0.4), ("c", 0.4, 0.45)]
-    >>> boundary_errors(ref, hyp)
-    [0.02, 0.0, 0.0, 0.05]
-    >>> boundary_errors(ref, hyp, signed=True)
-    [0.02, 0.0, 0.0, -0.05]
-    """
-    errors, i = [], 0
-    for text, r0, r1 in reference_words:
-        n = len(text.split())
-        group = hypothesis_words[i : i + n]
-        if [w[0] for w in group] != text.split():
-            raise ValueError(
-                f"boundary_errors: reference word(s) {text!r} do not match the aligned words "
-                f"{[w[0] for w in group]}"
-            )
-        h0, h1 = group[0][1], group[-1][2]
-        diffs = (h0 - r0, h1 - r1)
-        errors += [round(d if signed else abs(d), 6) for d in diffs]
-        i += n
-    if i != len(hypothesis_words):
-        raise ValueError("boundary_errors: the aligned words outnumber the reference words")
-    return errors

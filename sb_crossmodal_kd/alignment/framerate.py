@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 # Encoder frames an alignment may differ from its audio by (front-end rounding); more means
 # it belongs to other audio or another frame rate. The units pipeline and the KD Brain both
@@ -184,24 +185,29 @@ class FrameRate:
 def fit_to_length(labels, n_frames, tolerance, utterance_id, fill=None):
     """Pads or trims an alignment to ``n_frames``, refusing a mismatch beyond ``tolerance``.
 
+    The one frame fit of the package: the units pipeline fits each utterance's stored
+    alignment to its audio's encoder frames, and the KD Brain fits a batch to the frames its
+    encoder really gives (a recipe's own front end may round the ends differently).
+
     Arguments
     ---------
-    labels : numpy.ndarray
-        Per-frame labels (or positions), shape ``(T,)``.
+    labels : numpy.ndarray or torch.Tensor
+        Per-frame labels (or positions), shape ``(T,)``, or ``(B, T)`` for a batch; fitted
+        along the last axis (a tensor stays a tensor, on its device).
     n_frames : int
         Number of frames the audio really has at this rate.
     tolerance : int
         Largest accepted ``abs(T - n_frames)``; a small mismatch is common (different
         framing conventions at the ends), a large one means the wrong audio or wrong rate.
-    utterance_id : str
-        Named in the error.
+    utterance_id : str or list of str
+        Named in the error (a batch's IDs: the first few are named).
     fill : int, optional
-        Value for padded frames (default: repeat the last label).
+        Value for padded frames (default: repeat the last label; ``-1`` if there is none).
 
     Returns
     -------
-    numpy.ndarray
-        Shape ``(n_frames,)``.
+    numpy.ndarray or torch.Tensor
+        Shape ``(..., n_frames)``.
 
     Example
     -------
@@ -212,19 +218,32 @@ def fit_to_length(labels, n_frames, tolerance, utterance_id, fill=None):
     ...
     sb_crossmodal_kd.alignment.framerate.AlignmentLengthError: utterance 'u1': ...
     """
-    labels = np.asarray(labels)
-    diff = len(labels) - n_frames
+    is_tensor = isinstance(labels, torch.Tensor)  # stays on its device: no copy to the host
+    if not is_tensor:
+        labels = np.asarray(labels)
+    length = labels.shape[-1]
+    diff = length - n_frames
     if abs(diff) > tolerance:
+        if isinstance(utterance_id, str):
+            who = f"utterance {utterance_id!r}"
+        else:
+            who = f"batch {list(utterance_id)[:4]}..."
         raise AlignmentLengthError(
-            f"utterance {utterance_id!r}: alignment has {len(labels)} frames but its audio has "
-            f"{n_frames} ({'longer' if diff > 0 else 'shorter'} by {abs(diff)}, tolerance "
-            f"{tolerance}); check that the alignment belongs to this audio and uses this frame "
-            "rate"
+            f"{who}: alignment has {length} frames but its audio has {n_frames} "
+            f"({'longer' if diff > 0 else 'shorter'} by {abs(diff)}, tolerance "
+            f"{tolerance}); check that the alignment belongs to this audio, is at the encoder "
+            "frame rate (after the front end's subsampling) and that the audio is read at the "
+            "rate it was made at (sb_crossmodal_kd.data.audio.load_audio resamples)"
         )
     if diff >= 0:
-        return labels[:n_frames]
-    if len(labels) == 0:
-        pad_value = -1 if fill is None else fill
+        return labels[..., :n_frames]
+    shape = (*labels.shape[:-1], -diff)
+    if fill is None and length:
+        edge = labels[..., -1:]
+        pad = edge.expand(shape) if is_tensor else np.broadcast_to(edge, shape)
     else:
-        pad_value = labels[-1] if fill is None else fill
-    return np.concatenate([labels, np.full(-diff, pad_value, dtype=labels.dtype)])
+        value = -1 if fill is None else fill
+        pad = labels.new_full(shape, value) if is_tensor else np.full(shape, value, labels.dtype)
+    if is_tensor:
+        return torch.cat([labels, pad], dim=-1)
+    return np.concatenate([labels, pad], axis=-1)

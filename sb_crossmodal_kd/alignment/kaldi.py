@@ -141,7 +141,7 @@ def import_kaldi(
     phone_table : str or dict
         Kaldi ``phones.txt`` path, or a mapping from :func:`read_phone_table`.
     pdf_alignments : str or dict, optional
-        Per-frame pdf-ids; adds ``senones.*`` streams (units: the run-length pdf sequence,
+        Per-frame pdf-ids; adds ``senone.*`` streams (units: the run-length pdf sequence,
         silence pdfs included since Kaldi does not mark them apart).
     n_samples : dict, optional
         ``{utt: number of audio samples}``; the alignment is fitted to the audio's frame count
@@ -158,8 +158,8 @@ def import_kaldi(
     Returns
     -------
     dict
-        ``{utt: {stream name: int32 array}}`` with ``phones.*`` (and ``senones.*``) streams and
-        ``feature_positions``, as :func:`~sb_crossmodal_kd.alignment.units.unit_streams`
+        ``{utt: {stream name: int32 array}}`` with ``monophone.*`` (and ``senone.*``) streams and
+        ``feature_positions``, as :func:`~sb_crossmodal_kd.units.types.unit_streams`
         produces.
     """
     frame_rate = frame_rate or FrameRate()
@@ -204,9 +204,9 @@ def import_kaldi(
         positions = frame_rate.downsample(feat_positions, mode, n_enc)
         streams = {
             "feature_positions": feat_positions.astype(np.int32),
-            "phones.units": units.astype(np.int32),
-            "phones.frame_to_position": positions,
-            "phones.frame_labels": frame_rate.downsample(labels, mode, n_enc),
+            "monophone.units": units.astype(np.int32),
+            "monophone.frame_to_position": positions,
+            "monophone.frame_labels": frame_rate.downsample(labels, mode, n_enc),
         }
         if pdfs is not None:
             if utt not in pdfs:
@@ -220,9 +220,9 @@ def import_kaldi(
                 pdfs[utt], n_feat, window_ms, frame_rate.hop_length_ms, snip_edges
             )
             pdf_units, pdf_positions = sequence_and_positions(pdf_feat)
-            streams["senones.units"] = pdf_units.astype(np.int32)
-            streams["senones.frame_to_position"] = frame_rate.downsample(pdf_positions, mode, n_enc)
-            streams["senones.frame_labels"] = frame_rate.downsample(pdf_feat, mode, n_enc)
+            streams["senone.units"] = pdf_units.astype(np.int32)
+            streams["senone.frame_to_position"] = frame_rate.downsample(pdf_positions, mode, n_enc)
+            streams["senone.frame_labels"] = frame_rate.downsample(pdf_feat, mode, n_enc)
         out[utt] = streams
     return out
 

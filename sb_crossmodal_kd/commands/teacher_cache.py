@@ -9,7 +9,7 @@ from sb_crossmodal_kd.teachers.cache import (
     utterances_from_manifest,
     utterances_from_unit_store,
 )
-from sb_crossmodal_kd.teachers.unit_lm import TextUnits
+from sb_crossmodal_kd.units.types import TextUnits, unit_type_names
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ def add_arguments(parser):
     source.add_argument("--manifest", help="SpeechBrain CSV (ID and wrd columns): transcripts "
                         "converted to units here")
     parser.add_argument("--column", default="wrd", help="transcript column (default wrd)")
-    parser.add_argument("--units", required=True, choices=["subword", "monophone", "senone"])
+    parser.add_argument("--units", required=True, choices=unit_type_names())
     parser.add_argument("--tokenizer", help="subwords: <vocab>_<type>.model (SentencePiece) or "
                         "a transformers tokenizer folder (default for transformers teachers: "
                         "the teacher's own)")

@@ -36,7 +36,8 @@ from tqdm import tqdm
 
 from sb_crossmodal_kd.data.espeak_phones import phone_segments
 from sb_crossmodal_kd.data.grammar import DomainGrammar
-from sb_crossmodal_kd.io import atomic_write_text, refuse_other_settings, write_wav_atomic
+from sb_crossmodal_kd.io import atomic_write_text, write_wav_atomic
+from sb_crossmodal_kd.prep.provenance import Provenance
 from sb_crossmodal_kd.workers import process_pool
 
 logger = logging.getLogger(__name__)
@@ -261,20 +262,17 @@ def make_corpus(output_dir, progress=True, jobs=1, **settings):
     """
     settings = CorpusSettings(**settings)
     output_dir = Path(output_dir).resolve()
-    header = {"corpus": "SynthCommands", "version": CORPUS_VERSION, **asdict(settings)}
-    header["speakers"] = list(settings.speakers)
-    header_path = output_dir / "corpus.json"
-    if header_path.exists():
-        refuse_other_settings(json.loads(header_path.read_text()), header,
-                              f"{output_dir} holds a SynthCommands corpus made",
-                              "Choose another output folder or delete that one")
-    elif output_dir.exists() and any(output_dir.iterdir()):
+    record = Provenance(output_dir / "corpus.json", asdict(settings),
+                        f"{output_dir} holds a SynthCommands corpus made",
+                        source={"corpus": "SynthCommands", "version": CORPUS_VERSION},
+                        remedy="Choose another output folder or delete that one")
+    if not record.found and output_dir.exists() and any(output_dir.iterdir()):
         raise FileExistsError(
             f"{output_dir} is not empty and holds no corpus.json: it was not made by "
             "`sbkd corpus`. Choose an empty or new folder; nothing was changed."
         )
     output_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(header_path, json.dumps(header, indent=1) + "\n")
+    record.write()  # first, so that an interrupted corpus is completed, not refused
 
     sentences = _sentences(settings)
     speakers = _speakers(settings)

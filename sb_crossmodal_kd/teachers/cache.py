@@ -301,7 +301,7 @@ def utterances_from_manifest(manifest, text_units, column="wrd"):
         CSV with an ``ID`` column and a transcript column.
     text_units : callable
         ``text_units(text, utterance_id=...) -> list of int``, e.g.
-        :class:`~sb_crossmodal_kd.teachers.unit_lm.TextUnits`.
+        :class:`~sb_crossmodal_kd.units.types.TextUnits`.
     column : str
         Transcript column.
 
@@ -333,15 +333,12 @@ def utterances_from_manifest(manifest, text_units, column="wrd"):
     return utterances, skipped
 
 
-STORE_STREAMS = {"subword": "subwords", "monophone": "phones", "senone": "senones"}
-
-
 def utterances_from_unit_store(path, unit_type):
     """``(ID, unit ids)`` from a unit store (``sbkd export-units``), and its units hash.
 
     The sequences are exactly those the store's frame alignments index, so cached positions
     line up with ``frame_to_position``. The hash is built from the store's header as
-    :func:`sb_crossmodal_kd.teachers.unit_lm.units_hash` does.
+    :class:`~sb_crossmodal_kd.units.types.UnitType` does.
 
     Arguments
     ---------
@@ -350,11 +347,11 @@ def utterances_from_unit_store(path, unit_type):
     unit_type : str
         ``"subword"``, ``"monophone"`` or ``"senone"``.
     """
-    from sb_crossmodal_kd.teachers.unit_lm import units_hash
     from sb_crossmodal_kd.units.store import UnitStore
+    from sb_crossmodal_kd.units.types import units_hash
 
     store = UnitStore(path)
-    stream = f"{STORE_STREAMS[unit_type]}.units"
+    stream = f"{unit_type}.units"
     utterances = []
     for utt_id in store.ids():
         record = store[utt_id]

@@ -1,22 +1,22 @@
 """SpeechBrain data pipelines giving each utterance its unit sequences and frame alignments.
 
 :func:`add_unit_pipelines` adds dynamic items to SpeechBrain ``DynamicItemDataset`` s, read
-lazily from a :class:`~sb_crossmodal_kd.units.store.UnitStore`; for each unit type ``u``
-(``phones``, ``senones``, ``subwords``):
+lazily from a :class:`~sb_crossmodal_kd.units.store.UnitStore`; for each unit type ``u`` of
+:mod:`sb_crossmodal_kd.units.types` (``subword``, ``monophone``, ``senone``, ...):
 
 - ``u_units``: ``LongTensor (K,)``, the unit sequence;
 - ``u_frame_to_position``: ``LongTensor (T_enc,)``, position per encoder frame, ``-1`` where no
   unit;
-- ``u_frame_labels``: ``LongTensor (T_enc,)``, unit id per encoder frame (silence units for
-  phones and senones, ``-1`` elsewhere for subwords).
+- ``u_frame_labels``: ``LongTensor (T_enc,)``, unit id per encoder frame (silence units where
+  the unit type has them, as monophones and senones do; ``-1`` elsewhere, as for subwords).
 
 ``T_enc`` is checked against the audio (``FrameRate.frames_for_samples`` of the wav's length):
 an alignment longer or shorter than its audio by more than ``tolerance`` frames raises
 :class:`~sb_crossmodal_kd.alignment.framerate.AlignmentLengthError` naming the utterance; a
 smaller difference is padded or trimmed, so frame tensors always match the encoder output.
 
-Collate with :func:`unit_collate` (SpeechBrain's ``PaddedBatch`` with ``-1`` padding for the
-frame keys, ``0`` elsewhere), e.g. ``make_dataloader(dataset, collate_fn=unit_collate(...))``
+Collate with :func:`unit_collate` (SpeechBrain's ``PaddedBatch`` with ``-1`` padding for every
+registered unit type's frame keys, ``0`` elsewhere), e.g. ``make_dataloader(dataset, collate_fn=unit_collate(...))``
 or in a Brain's ``train_loader_kwargs: {collate_fn: ...}``.
 
 Example
@@ -26,13 +26,14 @@ Example
 >>> folder = getfixture("tmp_path")
 >>> soundfile.write(folder / "a.wav", np.zeros(3200), 16000)  # 0.2 s: 6 encoder frames
 >>> with UnitStoreWriter(folder / "u.units", {"lexicon": "l", "tokenizer": None, "tree": None}) as w:
-...     w.add("a", {"phones.units": [4, 7], "phones.frame_to_position": [-1, 0, 0, 1, 1, -1],
-...                 "phones.frame_labels": [0, 4, 4, 7, 7, 0]})
+...     w.add("a", {"monophone.units": [4, 7],
+...                 "monophone.frame_to_position": [-1, 0, 0, 1, 1, -1],
+...                 "monophone.frame_labels": [0, 4, 4, 7, 7, 0]})
 >>> data = sb.dataio.dataset.DynamicItemDataset({"a": {"wav": str(folder / "a.wav")}})
->>> add_unit_pipelines([data], [folder / "u.units"], unit_types=["phones"])
->>> data.set_output_keys(["id", "phones_units", "phones_frame_to_position"])
->>> batch = unit_collate(["phones"])([data[0]])
->>> batch.phones_frame_to_position.data
+>>> add_unit_pipelines([data], [folder / "u.units"], unit_types=["monophone"])
+>>> data.set_output_keys(["id", "monophone_units", "monophone_frame_to_position"])
+>>> batch = unit_collate()([data[0]])
+>>> batch.monophone_frame_to_position.data
 tensor([[-1,  0,  0,  1,  1, -1]])
 """
 
@@ -46,8 +47,8 @@ from speechbrain.utils.data_pipeline import provides, takes
 from sb_crossmodal_kd.alignment.framerate import ENCODER_FRAME_TOLERANCE, FrameRate, fit_to_length
 from sb_crossmodal_kd.data.audio import audio_samples
 from sb_crossmodal_kd.units.store import UnitStore
-
-FIELDS = ("units", "frame_to_position", "frame_labels")
+from sb_crossmodal_kd.units.types import STREAM_FIELDS as FIELDS
+from sb_crossmodal_kd.units.types import unit_type, unit_type_names
 
 
 def unit_keys(unit_types):
@@ -55,16 +56,20 @@ def unit_keys(unit_types):
     return [f"{u}_{f}" for u in unit_types for f in FIELDS]
 
 
-def unit_collate(unit_types, **kwargs):
-    """A ``PaddedBatch`` collate function padding frame keys with ``-1`` (no unit)."""
-    padding = {f"{u}_{f}": {"value": -1} for u in unit_types for f in FIELDS[1:]}
+def unit_collate(unit_types=None, **kwargs):
+    """A ``PaddedBatch`` collate function padding frame keys with ``-1`` (no unit).
+
+    ``unit_types`` defaults to every registered one (when the function is made).
+    """
+    names = unit_type_names() if unit_types is None else [unit_type(u).name for u in unit_types]
+    padding = {f"{u}_{f}": {"value": -1} for u in names for f in FIELDS[1:]}
     return functools.partial(PaddedBatch, per_key_padding_kwargs=padding, **kwargs)
 
 
 def add_unit_pipelines(
     datasets,
     stores,
-    unit_types=("phones", "senones", "subwords"),
+    unit_types=None,
     expect=None,
     frame_rate=None,
     tolerance=ENCODER_FRAME_TOLERANCE,
@@ -77,8 +82,8 @@ def add_unit_pipelines(
     datasets : list of DynamicItemDataset
     stores : list of str, Path or UnitStore
         One store per dataset (same order).
-    unit_types : list of str
-        Unit types to provide.
+    unit_types : list of str, optional
+        Unit types to provide (default: every registered one).
     expect : dict, optional
         Hashes in use (``lexicon``, ``tokenizer``, ``tree``); a store built with others is
         refused.
@@ -90,6 +95,9 @@ def add_unit_pipelines(
         Dataset key holding the wav path (its length is read from the file header).
     """
     frame_rate = frame_rate or FrameRate()
+    unit_types = unit_type_names() if unit_types is None else list(unit_types)
+    for unit in unit_types:
+        unit_type(unit)  # an unknown name lists the registered ones
     if len(datasets) != len(stores):
         raise ValueError(f"add_unit_pipelines: {len(datasets)} datasets but {len(stores)} stores")
     for dataset, store in zip(datasets, stores, strict=True):
@@ -110,6 +118,8 @@ def _pipeline(store, unit_types, frame_rate, tolerance, wav_key):
     # An utterance's fields are the same every epoch: made once (header read, frames fitted)
     # and kept; the collate function copies them into each batch, never changes them.
     made = {}
+    # Padded frames past the alignment: no unit (-1), or the edge's silence label.
+    labels_silence = {unit: unit_type(unit).labels_silence for unit in unit_types}
 
     def fields(utterance_id, wav):
         record = store[utterance_id]
@@ -119,7 +129,7 @@ def _pipeline(store, unit_types, frame_rate, tolerance, wav_key):
             for field in FIELDS[1:]:
                 values = fit_to_length(
                     record[f"{unit}.{field}"], n_frames, tolerance, utterance_id,
-                    fill=-1 if field == "frame_to_position" or unit == "subwords" else None,
+                    fill=None if field == "frame_labels" and labels_silence[unit] else -1,
                 )
                 yield torch.as_tensor(np.asarray(values), dtype=torch.long)
 

@@ -7,11 +7,14 @@ rate, free-form ``meta``) and indexes every utterance's arrays (``streams``) by 
 length. Reading memory-maps the data, so a store is opened instantly and each utterance is read
 only when asked for.
 
-Stream names used by the package (see :mod:`sb_crossmodal_kd.alignment.units`):
+Stream names used by the package:
 ``<unit>.units`` (the unit sequence), ``<unit>.frame_to_position`` (position per encoder frame,
 ``-1`` where no unit), ``<unit>.frame_labels`` (unit id per encoder frame, silence units where
-the unit type has them, else ``-1``) for ``unit`` in ``phones``, ``senones``, ``subwords``; and
-``feature_positions`` (phone position per 10 ms frame, for tree building).
+the unit type has them, else ``-1``) for every unit type ``unit`` of
+:mod:`sb_crossmodal_kd.units.types` (``subword``, ``monophone``, ``senone``, ...); and
+``feature_positions`` (phone position per 10 ms frame, for tree building). Stores written
+before the unit types had one name each (streams ``phones.*``, ``senones.*``, ``subwords.*``)
+are read under the current names.
 
 Opening with ``expect={"lexicon": ..., "tokenizer": ..., "tree": ...}`` refuses a store built
 with anything else, naming the mismatch.
@@ -21,9 +24,10 @@ Example
 >>> import numpy as np
 >>> path = getfixture("tmp_path") / "train.units"
 >>> with UnitStoreWriter(path, {"lexicon": "lex:1", "tokenizer": "spm:2", "tree": "tree:3"}) as w:
-...     w.add("utt1", {"phones.units": np.array([5, 9]), "phones.frame_to_position": [0, 0, 1]})
+...     w.add("utt1", {"monophone.units": np.array([5, 9]),
+...                    "monophone.frame_to_position": [0, 0, 1]})
 >>> store = UnitStore(path, expect={"lexicon": "lex:1", "tree": "tree:3"})
->>> store["utt1"]["phones.frame_to_position"], len(store), "utt1" in store
+>>> store["utt1"]["monophone.frame_to_position"], len(store), "utt1" in store
 (array([0, 0, 1], dtype=int32), 1, True)
 >>> UnitStore(path, expect={"tree": "tree:4"})
 Traceback (most recent call last):
@@ -42,6 +46,8 @@ from sb_crossmodal_kd.io import atomic_path
 
 MAGIC = b"SBKDUNITS1"
 HEADER_KEYS = ("lexicon", "tokenizer", "tree")
+# Stream prefixes of stores written before the unit types had one name each.
+_LEGACY_STREAMS = {"phones": "monophone", "senones": "senone", "subwords": "subword"}
 
 
 class UnitStoreMismatchError(ValueError):
@@ -132,7 +138,8 @@ class UnitStore:
                 raise ValueError(f"{self.path} is not a unit store written by UnitStoreWriter")
             (length,) = struct.unpack("<Q", f.read(8))
             self.header = json.loads(f.read(length).decode("utf-8"))
-        self._index = self.header.pop("index")
+        self._index = {utt: {_current_name(name): span for name, span in streams.items()}
+                       for utt, streams in self.header.pop("index").items()}
         self._data_offset = len(MAGIC) + 8 + length
         self._data = None
         if expect:
@@ -182,3 +189,8 @@ class UnitStore:
     def ids(self):
         """Utterance IDs in the order they were written."""
         return list(self._index)
+
+
+def _current_name(stream):
+    unit, dot, field = stream.partition(".")
+    return f"{_LEGACY_STREAMS[unit]}.{field}" if dot and unit in _LEGACY_STREAMS else stream

@@ -20,12 +20,11 @@ the aligner's format for the day it does.
 
 import argparse
 import importlib.util
-import json
 import logging
 import sys
 from pathlib import Path
 
-from sb_crossmodal_kd.pipeline import prep_settings_file, prepare_kd_data_from_manifests
+from sb_crossmodal_kd.prep.recipes import add_chain_arguments, run_chain
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +44,7 @@ def parse(argv):
     parser.add_argument("--data_folder", required=True, help="TIMIT (holding TRAIN and TEST)")
     parser.add_argument("--output", required=True, help="manifests/ and prep/ go here")
     parser.add_argument("--include_sa", action="store_true", help="keep the SA sentences")
-    parser.add_argument("--lm_text", help="text for the unit LMs (default: train transcripts)")
-    parser.add_argument("--settings", default=str(Path(__file__).parent / "hparams" / "prep.yaml"),
-                        help="yaml of data-chain settings (default: hparams/prep.yaml)")
-    parser.add_argument("--device", default="cpu", help="where the LMs train and teachers run")
+    add_chain_arguments(parser, Path(__file__).parent / "hparams" / "prep.yaml")
     return parser.parse_args(argv)
 
 
@@ -60,12 +56,7 @@ def main(argv):
                                                    include_sa=args.include_sa)
     if args.lm_text is None:
         logger.info("No --lm_text: the unit LMs learn from TIMIT's train transcripts only")
-    prepared = prepare_kd_data_from_manifests(
-        manifests, output / "prep", lm_text=args.lm_text,
-        settings=prep_settings_file(args.settings), progress=True, device=args.device,
-    )
-    print(json.dumps({"steps_s": prepared["steps"], **prepared["outputs"]}))
-    return prepared
+    return run_chain(manifests, output / "prep", args)
 
 
 if __name__ == "__main__":

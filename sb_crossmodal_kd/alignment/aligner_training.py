@@ -1,0 +1,272 @@
+"""Training the forced aligner's phone model on a corpus, from no segmentation at all.
+
+:func:`train_aligner` bootstraps the model the way HMM systems are: a first alignment
+(:func:`flat_start_labels`: energy-based edge silences and an even split of the rest;
+or :func:`ctc_start_labels`: a CTC phone model, which needs no segmentation), then rounds
+of frame-level training (:func:`train_frame_classifier`) and Viterbi re-alignment with the
+model just trained. It trains a :class:`~sb_crossmodal_kd.alignment.forced.PhoneAligner` in
+place (its ``model`` and ``log_prior``); ``PhoneAligner.train`` calls it.
+
+Example
+-------
+>>> import torch
+>>> from sb_crossmodal_kd.alignment.forced import AlignerSettings, PhoneAligner
+>>> from sb_crossmodal_kd.units.lexicon import Lexicon
+>>> lexicon = Lexicon({"hi": [["HH", "AY1"]], "you": [["Y", "UW1"]]})
+>>> settings = AlignerSettings(iterations=1, epochs=1, ctc_epochs=1, chunk_frames=20)
+>>> aligner = PhoneAligner(lexicon, settings)
+>>> utterances = [("u1", torch.randn(8000), "hi you"), ("u2", torch.randn(400), "you hi")]
+>>> report = train_aligner(aligner, utterances, progress=False)
+>>> report["utterances"], report["skipped"], len(report["losses"])
+(1, [('u2', 'too short for its phone sequence')], 1)
+"""
+
+import logging
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from sb_crossmodal_kd.alignment.phone_alignment import state_path
+from sb_crossmodal_kd.alignment.phone_classifier import PhoneClassifier
+from sb_crossmodal_kd.alignment.phone_states import state_labels, state_tokens, token_sequence
+from sb_crossmodal_kd.alignment.viterbi import viterbi_align
+from sb_crossmodal_kd.units.phones import PHONES
+
+logger = logging.getLogger(__name__)
+
+
+def train_aligner(aligner, utterances, progress=True):
+    """Flat start, then ``iterations`` rounds of (train the phone model, re-align).
+
+    Arguments
+    ---------
+    aligner : PhoneAligner
+        Trained in place.
+    utterances : list of (utterance_id, waveform or wav path, text)
+    progress : bool
+        Show progress bars.
+
+    Returns
+    -------
+    dict
+        ``{"utterances": n used, "skipped": [(id, reason)], "frames": ...,
+        "losses": [...], "seconds": ...}``.
+    """
+    settings = aligner.settings
+    start_time = time.time()
+    items, skipped = [], []
+    for utt_id, audio, text in tqdm(utterances, desc="features", disable=not progress):
+        try:
+            seq = token_sequence(aligner.lexicon, text, utt_id)
+        except KeyError as error:
+            skipped.append((utt_id, str(error)))
+            logger.warning("Skipping utterance %s: %s", utt_id, error)
+            continue
+        wav = aligner.waveform(audio)
+        feats = aligner.features(wav)
+        needed = settings.min_duration * settings.states_per_phone * len(seq.phones)
+        if feats.shape[0] < needed:
+            skipped.append((utt_id, "too short for its phone sequence"))
+            continue
+        items.append((utt_id, feats, seq))
+    if not items:
+        raise ValueError("PhoneAligner.train: no usable utterances")
+    feats_list = [f for _, f, _ in items]
+    if settings.init == "ctc":
+        labels_list = ctc_start_labels(aligner, items, progress)
+    elif settings.init == "flat":
+        labels_list = [flat_start_labels(f, seq, settings) for _, f, seq in items]
+    else:
+        raise ValueError(f"AlignerSettings.init must be 'flat' or 'ctc', not {settings.init!r}")
+    losses = []
+    for it in range(settings.iterations):
+        losses.append(
+            train_frame_classifier(aligner, feats_list, labels_list, settings.epochs, progress)
+        )
+        realigned = []
+        for utt_id, feats, seq in tqdm(
+            items,
+            desc=f"realign {it + 1}/{settings.iterations}",
+            disable=not progress,
+        ):
+            positions, substates = state_path(
+                aligner.log_likelihoods(feats), seq, settings, utt_id
+            )
+            realigned.append(state_labels(
+                positions.numpy(), _state_tokens(seq, settings), substates.numpy()
+            ))
+        labels_list = realigned
+    return {
+        "utterances": len(items),
+        "skipped": skipped,
+        "frames": int(sum(f.shape[0] for f in feats_list)),
+        "losses": losses,
+        "seconds": time.time() - start_time,
+    }
+
+
+def _state_tokens(sequence, settings):
+    """:func:`state_tokens` of ``sequence`` with the aligner's state counts."""
+    return state_tokens(sequence.tokens, settings.states_per_phone, settings.pause_states)
+
+
+def flat_start_labels(feats, sequence, settings):
+    """Energy-based edge silences and an even split of the rest over the phones.
+
+    Arguments
+    ---------
+    feats : torch.Tensor
+        Normalised features ``(T, n_mels)``.
+    sequence : TokenSequence
+    settings : AlignerSettings
+
+    Returns
+    -------
+    numpy.ndarray
+        The class of each frame.
+    """
+    tokens, optional = sequence.tokens, sequence.optional
+    energy = feats.mean(1)
+    lo, hi = float(energy.min()), float(energy.max())
+    speech = torch.nonzero(energy > lo + settings.silence_energy * (hi - lo)).flatten()
+    n = feats.shape[0]
+    start, end = (int(speech[0]), int(speech[-1]) + 1) if len(speech) else (0, n)
+    phones = [k for k, opt in enumerate(optional) if not opt]
+    if end - start < len(phones):
+        start, end = 0, n
+    positions = np.zeros(n, dtype=np.int64)  # token 0 is the leading silence
+    positions[end:] = len(tokens) - 1  # the trailing silence
+    bounds = np.linspace(start, end, len(phones) + 1).round().astype(int)
+    for k, a, b in zip(phones, bounds[:-1], bounds[1:], strict=True):
+        positions[a:b] = k
+    return state_labels(positions, _state_tokens(sequence, settings))
+
+
+def ctc_targets(tokens, optional):
+    """CTC targets: the phones and the edge silences (optional pauses between words left out).
+
+    Example
+    -------
+    >>> ctc_targets([0, 5, 0, 7, 0], [True, False, True, False, True])
+    [0, 5, 7, 0]
+    """
+    last = len(tokens) - 1
+    return [
+        t for k, (t, opt) in enumerate(zip(tokens, optional, strict=True))
+        if not opt or k in (0, last)
+    ]
+
+
+def ctc_start_labels(aligner, items, progress):
+    """First alignment from a CTC phone model: no initial segmentation needed.
+
+    The phone model gets one extra (blank) output and is trained with CTC on the phone
+    sequences framed by silence (recordings start and end in silence; without these
+    targets the silence output stays untrained and the first phones spill into the
+    leading pause); its blank-free, renormalised posteriors are then Viterbi-aligned. The
+    blank output is dropped afterwards and frame-level training continues from these
+    weights (loaded into ``aligner.model``).
+
+    Arguments
+    ---------
+    aligner : PhoneAligner
+    items : list of (utterance_id, features, TokenSequence)
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    list of numpy.ndarray
+        The class of each frame, per utterance.
+    """
+    s = aligner.settings
+    blank = len(PHONES)
+    ctc_model = PhoneClassifier(
+        s.n_mels, len(PHONES) + 1, s.hidden, s.kernel_size, s.layers, s.dilation_growth
+    )
+    optimiser = torch.optim.Adam(ctc_model.parameters(), lr=s.learning_rate)
+    gen = torch.Generator().manual_seed(s.seed)
+    # Batches of similar length keep padding small.
+    order = sorted(range(len(items)), key=lambda i: items[i][1].shape[0])
+    size = max(1, s.batch_size // 4)
+    batches = [order[i : i + size] for i in range(0, len(order), size)]
+    ctc_model.train()
+    for _ in tqdm(range(s.ctc_epochs), desc="CTC phone model", disable=not progress, leave=False):
+        for b in torch.randperm(len(batches), generator=gen).tolist():
+            feats = [items[i][1] for i in batches[b]]
+            targets = [torch.tensor(ctc_targets(items[i][2].tokens, items[i][2].optional))
+                       for i in batches[b]]
+            x = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True)
+            log_probs = ctc_model(x).log_softmax(-1).transpose(0, 1)
+            loss = torch.nn.functional.ctc_loss(
+                log_probs,
+                torch.cat(targets),
+                torch.tensor([f.shape[0] for f in feats]),
+                torch.tensor([len(t) for t in targets]),
+                blank=blank,
+                zero_infinity=True,
+            )
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    ctc_model.eval()
+    # Frame-level training continues from the CTC network's convolutions.
+    aligner.model.convs.load_state_dict(ctc_model.convs.state_dict())
+    labels = []
+    for utt_id, feats, seq in items:
+        with torch.no_grad():
+            log_post = ctc_model(feats.unsqueeze(0))[0][:, :blank].log_softmax(-1)
+        token_states = _state_tokens(seq, s)
+        # Room for every state of each token, as the state-level re-alignment needs.
+        min_frames = [s.min_duration * len(classes) for classes in token_states]
+        path = viterbi_align(log_post, seq.tokens, min_frames, seq.optional, utt_id)
+        labels.append(state_labels(path.numpy(), token_states))
+    return labels
+
+
+def train_frame_classifier(aligner, feats_list, labels_list, epochs, progress):
+    """Trains ``aligner.model`` on frame labels, and sets ``aligner.log_prior`` from them.
+
+    Arguments
+    ---------
+    aligner : PhoneAligner
+    feats_list : list of torch.Tensor
+        Normalised features ``(T, n_mels)`` per utterance.
+    labels_list : list of numpy.ndarray
+        The class of each frame, per utterance.
+    epochs : int
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    float
+        The last batch's cross-entropy.
+    """
+    s = aligner.settings
+    feats = torch.cat(feats_list)
+    labels = torch.as_tensor(np.concatenate(labels_list))
+    counts = torch.bincount(labels, minlength=aligner.n_classes).float() + 1.0
+    aligner.log_prior = (counts / counts.sum()).log()
+    n_chunks = max(1, feats.shape[0] // s.chunk_frames)
+    feats = feats[: n_chunks * s.chunk_frames].reshape(n_chunks, s.chunk_frames, -1)
+    labels = labels[: n_chunks * s.chunk_frames].reshape(n_chunks, s.chunk_frames)
+    optimiser = torch.optim.Adam(aligner.model.parameters(), lr=s.learning_rate)
+    gen = torch.Generator().manual_seed(s.seed)
+    aligner.model.train()
+    loss = torch.tensor(0.0)
+    for _ in tqdm(range(epochs), desc="phone model epochs", disable=not progress, leave=False):
+        order = torch.randperm(n_chunks, generator=gen)
+        for i in range(0, n_chunks, s.batch_size):
+            idx = order[i : i + s.batch_size]
+            logits = aligner.model(feats[idx])
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels[idx].reshape(-1)
+            )
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    aligner.model.eval()
+    return float(loss.detach())

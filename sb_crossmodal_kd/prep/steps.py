@@ -1,0 +1,128 @@
+"""The chain's resumable steps: each builds its output once and loads it when it is there.
+
+Tokenizer, phone aligner, alignments of a split, senone tree, unit store of a split, and teacher
+cache of a unit type and split, in the order :mod:`~sb_crossmodal_kd.prep.chain` runs them
+(the unit LMs between the last two: :mod:`~sb_crossmodal_kd.prep.unit_lms`).
+"""
+
+import json
+import logging
+
+logger = logging.getLogger(__name__)
+
+
+def _tokenizer(folder, train_manifest, vocab_size, fit=False):
+    """The SentencePiece units of ``folder`` (trained there once); with ``fit``, a
+    ``vocab_size`` the transcripts cannot make becomes the largest they can (a warning says
+    so), else it is refused naming that size."""
+    from sb_crossmodal_kd.units.subwords import SentencePieceUnits
+
+    # The baseline recipe's tokenizer (same trainer, text and settings): the CTC output, the
+    # subword store and the subword LM all use this one model.
+    try:
+        return SentencePieceUnits(str(folder), vocab_size, csv_file=str(train_manifest))
+    except RuntimeError as error:
+        import re
+
+        most = re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)",
+                         str(error))
+        if most is None:
+            raise
+        largest = int(most.group(1))
+        if not fit:
+            raise ValueError(
+                f"vocab_size {vocab_size} is more subword pieces than the train transcripts of "
+                f"{train_manifest} can make (at most {largest}): set the prep setting "
+                f"vocab_size to {largest} or less (or fit_vocab_size: true)"
+            ) from None
+    logger.warning("vocab_size %d is more subword pieces than the train transcripts of %s can "
+                   "make: the tokenizer has %d (the largest they can; the KD recipe reads it "
+                   "from prep.json)", vocab_size, train_manifest, largest)
+    return SentencePieceUnits(str(folder), largest, csv_file=str(train_manifest))
+
+
+def _aligner(folder, train_manifest, lexicon, settings, progress):
+    from sb_crossmodal_kd.alignment.corpus import read_manifest
+    from sb_crossmodal_kd.alignment.forced import AlignerSettings, PhoneAligner
+    from sb_crossmodal_kd.units.lexicon import oov_report
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "aligner.pt"
+    if path.is_file():
+        return PhoneAligner.load(path, lexicon)
+    rows = read_manifest(train_manifest)
+    report = oov_report(lexicon, [(r["ID"], r["wrd"]) for r in rows], folder / "train_oov.txt")
+    logger.info("train OOV rate %.4f (%d types, fallback: %s)", report["oov_rate"],
+                report["oov_types"], settings["oov_policy"])
+    aligner = PhoneAligner(lexicon, AlignerSettings(**settings["aligner"]))
+    rows = rows[: settings["aligner_utterances"]]
+    aligner.train([(r["ID"], r["wav"], r["wrd"]) for r in rows], progress=progress)
+    aligner.save(path)
+    return aligner
+
+
+def _alignments(folder, split, manifest, aligner, lexicon, progress):
+    from sb_crossmodal_kd.alignment.corpus import (
+        align_manifest,
+        load_alignments,
+        read_manifest,
+        save_alignments,
+    )
+
+    path = folder / f"{split}_phone_alignments.json"
+    if not path.is_file():
+        found, report = align_manifest(aligner, read_manifest(manifest), progress=progress)
+        if report["skipped"]:
+            logger.warning("%s: %d utterances not aligned, e.g. %s", split,
+                           len(report["skipped"]), report["skipped"][0])
+        header = {"lexicon": lexicon.hash, "manifest": str(manifest),
+                  "aligner": aligner.state()["settings"], "report": report}
+        save_alignments(path, found, header)
+    return load_alignments(path, lexicon.hash)[1]
+
+
+def _tree(path, alignments, manifest, aligner, tree_settings, progress):
+    from sb_crossmodal_kd.alignment.corpus import read_manifest, tree_statistics
+    from sb_crossmodal_kd.units.senones import SenoneTree
+
+    if path.is_file():
+        return SenoneTree.load(path)
+    stats = tree_statistics(alignments, read_manifest(manifest), aligner.features,
+                            aligner.settings.frame_rate.sample_rate,
+                            progress=progress)
+    tree = SenoneTree.build(stats, **tree_settings)
+    tree.save(path)
+    return tree
+
+
+def _unit_store(path, alignments, manifest, lexicon, tree, tokenizer, progress):
+    from sb_crossmodal_kd.alignment.corpus import export_units, read_manifest
+    from sb_crossmodal_kd.units.store import UnitStore, UnitStoreMismatchError
+
+    expect = {"lexicon": lexicon.hash, "tokenizer": tokenizer.hash, "tree": tree.hash}
+    if path.is_file():
+        try:
+            UnitStore(path, expect=expect)
+            return path
+        except UnitStoreMismatchError as error:  # an upstream step was rebuilt
+            logger.warning("%s; rebuilding it", error)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    export_units(path, alignments, read_manifest(manifest), lexicon.hash, tree, tokenizer,
+                 progress=progress)
+    return path
+
+
+def _teacher_cache(prep_dir, unit, split, store, settings, device, progress):
+    from sb_crossmodal_kd.teachers import load_teacher
+    from sb_crossmodal_kd.teachers.cache import build_cache, utterances_from_unit_store
+
+    folder = prep_dir / "caches" / f"{unit}_{split}"
+    header = folder / "header.json"
+    if header.is_file() and json.loads(header.read_text()).get("complete"):
+        return folder
+    utterances, units_hash = utterances_from_unit_store(store, unit)
+    teacher = load_teacher(prep_dir / "lm" / unit / "lm")
+    build_cache(teacher, utterances, folder, k=settings["cache_k"],
+                tau=settings["teacher_tau"][unit], unit_type=unit, tokenizer_hash=units_hash,
+                device=device, progress=progress)
+    return folder
