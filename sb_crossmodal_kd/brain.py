@@ -23,9 +23,15 @@ import time
 import speechbrain as sb
 from speechbrain.utils.metric_stats import ErrorRateStats
 
-from sb_crossmodal_kd.distributed import mean_across_processes, unwrap
+from sb_crossmodal_kd.distributed import unwrap
 from sb_crossmodal_kd.io import atomic_write_json
+from sb_crossmodal_kd.lengths import input_lengths
+from sb_crossmodal_kd.moe_brain import MoEMixin
+from sb_crossmodal_kd.nnet.moe import moe_layers
 from sb_crossmodal_kd.resume import ExactResume
+from sb_crossmodal_kd.stage_stats import log_stats, stage_loss_across_processes, train_loggers
+
+__all__ = ["CTCBrain", "count_parameters", "encode_waveforms", "train_loggers"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +68,7 @@ class CTCBrain(ExactResume, sb.Brain):
     under DDP the logged train loss is the mean over all processes.
     """
 
-    @staticmethod
-    def input_lengths(batch):
-        """``[B]`` relative lengths of the batch's input (cached features or waveforms)."""
-        return batch.feats.lengths if hasattr(batch, "feats") else batch.sig.lengths
+    input_lengths = staticmethod(input_lengths)
 
     def compute_forward(self, batch, stage):
         """Returns ``{"log_probs": [B, T', V+1], "encoded": [B, T', D], "lengths": [B]}``.
@@ -121,11 +124,9 @@ class CTCBrain(ExactResume, sb.Brain):
 
     def on_fit_start(self):
         """Refuses MoE encoders, whose auxiliary losses and balancing phases this Brain would
-        silently ignore, unless a mixin collects them (``collects_moe_losses``:
-        :class:`~sb_crossmodal_kd.kd_brain.KDBrain` does)."""
-        from sb_crossmodal_kd.nnet.moe import moe_layers
-
-        if not getattr(self, "collects_moe_losses", False) and moe_layers(self.modules):
+        silently ignore, unless it is mixed with :class:`~sb_crossmodal_kd.moe_brain.MoEMixin`,
+        which handles them."""
+        if not isinstance(self, MoEMixin) and moe_layers(self.modules):
             raise ValueError(
                 "The model has MoE layers: use brain_class: !name:sb_crossmodal_kd.kd_brain.KDBrain "
                 "(with no heads it trains the plain CTC objective plus the MoE auxiliary losses)"
@@ -158,8 +159,7 @@ class CTCBrain(ExactResume, sb.Brain):
     def on_stage_end(self, stage, stage_loss, epoch=None):
         """Logs, checkpoints on valid WER, and writes the test results file."""
         super().on_stage_end(stage, stage_loss, epoch)
-        if stage == sb.Stage.TRAIN:  # each process trained on its share of the data
-            stage_loss = mean_across_processes(stage_loss, self.device)
+        stage_loss = stage_loss_across_processes(stage, stage_loss, self.device)
         stats = {"loss": stage_loss}
         if stage == sb.Stage.TRAIN:
             self.train_stats = {**stats, "epoch_s": round(time.time() - self._epoch_start, 1)}
@@ -168,7 +168,8 @@ class CTCBrain(ExactResume, sb.Brain):
         stats["CER"] = self.cer_metric.summarize("error_rate")
         if stage == sb.Stage.VALID:
             lr = self.optimizer.param_groups[0]["lr"]
-            self.hparams.train_logger.log_stats(
+            log_stats(
+                self.hparams,
                 stats_meta={"epoch": epoch, "lr": lr},
                 train_stats=self.train_stats,
                 valid_stats=stats,
@@ -178,7 +179,8 @@ class CTCBrain(ExactResume, sb.Brain):
                 meta={"WER": stats["WER"], "valid_wer_curve": self.valid_wer_curve},
                 min_keys=["WER"])
         elif stage == sb.Stage.TEST:
-            self.hparams.train_logger.log_stats(
+            log_stats(
+                self.hparams,
                 stats_meta={"Epoch loaded": self.hparams.epoch_counter.current},
                 test_stats=stats,
             )
@@ -203,16 +205,6 @@ class CTCBrain(ExactResume, sb.Brain):
             "params": count_parameters(self.modules),
             "valid_wer_curve": getattr(self, "valid_wer_curve", []),
         }
-
-
-def train_loggers(hparams):
-    """The loggers a Brain writes its stats to: ``train_logger``, and ``tensorboard_logger``
-    when the hparams enable SpeechBrain's TensorBoard logger."""
-    loggers = [hparams.train_logger]
-    tensorboard = getattr(hparams, "tensorboard_logger", None)
-    if tensorboard is not None:
-        loggers.append(tensorboard)
-    return loggers
 
 
 def count_parameters(module):

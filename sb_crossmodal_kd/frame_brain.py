@@ -1,13 +1,15 @@
 """Frame-level classification Brain (e.g. monophones), with MoE auxiliary losses and
 expert-usage analysis: the setting of Eigen et al.'s (2013) speech experiment.
 
-``FrameBrain`` expects, in its ``modules``:
+:class:`FrameClassifierBrain` trains any frame classifier; :class:`FrameBrain` is it with
+:class:`~sb_crossmodal_kd.moe_brain.MoEMixin`, for models with MoE layers (a dense model
+trains the same under either). They expect, in their ``modules``:
 
 - ``compute_features``: waveform [B, S] -> features [B, T, F] (SpeechBrain's ``Fbank``),
 - ``normalize``: SpeechBrain's ``InputNormalization``,
 - ``model``: stacked-context features [B, T, F * (2 * context + 1)] -> logits [B, T, C];
   any module called as ``model(x)``: a Deep MoE classifier, a plain MLP, ... Its MoE layers
-  learn the padding through :func:`~sb_crossmodal_kd.nnet.moe.set_padding_mask`.
+  get the padding from the Brain (the waveforms' relative lengths).
 
 and in its ``hparams``: ``context``, ``num_classes``, ``log_softmax``, ``epoch_counter``,
 ``checkpointer``, ``train_logger``, ``output_folder``, and optionally ``class_names`` and
@@ -22,27 +24,13 @@ import speechbrain as sb
 import torch
 import torch.nn.functional as F
 
-from sb_crossmodal_kd.analysis.expert_usage import (
-    ExpertUsageTracker,
-    expert_usage_report,
-    log_expert_usage,
-    plot_expert_usage,
-    usage_results,
-)
-from sb_crossmodal_kd.brain import train_loggers
-from sb_crossmodal_kd.distributed import mean_across_processes, sum_across_processes
+from sb_crossmodal_kd.analysis.expert_usage import ExpertUsageTracker
+from sb_crossmodal_kd.distributed import sum_across_processes
 from sb_crossmodal_kd.io import atomic_write_json
 from sb_crossmodal_kd.lengths import lengths_to_mask
-from sb_crossmodal_kd.nnet.moe import (
-    expert_counters,
-    load_expert_counters,
-    moe_auxiliary_loss,
-    moe_layers,
-    reset_expert_stats,
-    set_moe_epoch,
-    set_padding_mask,
-)
+from sb_crossmodal_kd.moe_brain import MoEMixin
 from sb_crossmodal_kd.resume import ExactResume
+from sb_crossmodal_kd.stage_stats import log_stats, stage_loss_across_processes
 
 
 def stack_context(feats, context):
@@ -168,10 +156,10 @@ def phone_frame_labels(phones, n_samples, rate, utterance_id, tolerance=2):
     return torch.from_numpy(labels).long()
 
 
-class FrameBrain(ExactResume, sb.Brain):
-    """Trains a frame classifier with cross-entropy plus every MoE layer's auxiliary loss.
+class FrameClassifierBrain(ExactResume, sb.Brain):
+    """Trains a frame classifier with cross-entropy over the labelled frames.
 
-    Under DDP the train stage's loss, accuracy and expert usage are those of all processes.
+    Under DDP the train stage's loss and accuracy are those of all processes.
     """
 
     def compute_forward(self, batch, stage):
@@ -181,100 +169,103 @@ class FrameBrain(ExactResume, sb.Brain):
         feats = self.modules.compute_features(wavs)
         feats = self.modules.normalize(feats, wav_lens)
         feats = stack_context(feats, self.hparams.context)
-        set_padding_mask(self.modules.model, lengths=wav_lens)
         logits = self.modules.model(feats)
         return self.hparams.log_softmax(logits)
 
-    def compute_objectives(self, predictions, batch, stage):
-        """Frame cross-entropy over labelled frames, plus the MoE auxiliary losses."""
+    @staticmethod
+    def frame_targets(predictions, batch):
+        """[B, T] class per output frame, -1 on frames without a label (:func:`align_labels`)."""
         labels, label_lens = batch.frame_labels
         # frames past the audio's relative length are padding to the model: no label there
-        labels = align_labels(labels, label_lens, predictions.shape[1], frame_lens=batch.sig[1])
+        return align_labels(labels, label_lens, predictions.shape[1], frame_lens=batch.sig[1])
+
+    def compute_objectives(self, predictions, batch, stage):
+        """Frame cross-entropy over labelled frames; counts the frames classified right."""
+        labels = self.frame_targets(predictions, batch)
         loss = F.nll_loss(predictions.float().transpose(1, 2), labels, ignore_index=-1)
-        loss = loss + moe_auxiliary_loss(self.modules.model)
         with torch.no_grad():
             labelled = labels >= 0
             self.correct += ((predictions.argmax(-1) == labels) & labelled).sum()
             self.labelled += labelled.sum()
-            if self.tracker is not None:
-                self.tracker.update(self.modules.model, labels=labels)
         return loss
 
     def on_stage_start(self, stage, epoch=None):
-        """Resets accuracy and expert statistics; tells the balancing constraint the epoch."""
+        """Resets the accuracy counts."""
+        super().on_stage_start(stage, epoch)
         self.correct = torch.zeros((), dtype=torch.long, device=self.device)
         self.labelled = torch.zeros((), dtype=torch.long, device=self.device)
-        model = self.modules.model
-        self.tracker = None
-        if moe_layers(model):
-            reset_expert_stats(model)
-            self.tracker = ExpertUsageTracker(
-                num_classes=self.hparams.num_classes,
-                class_names=getattr(self.hparams, "class_names", None),
-            )
-            if stage == sb.Stage.TRAIN and epoch is not None:
-                set_moe_epoch(model, epoch)
 
     def intra_epoch_state(self):
-        """The epoch's accuracy and expert-usage counts, for a mid-epoch checkpoint."""
-        state = {"correct": self.correct.cpu(), "labelled": self.labelled.cpu()}
-        if self.tracker is not None:
-            state["experts"] = expert_counters(self.modules.model)
-            state["tracker"] = self.tracker.state()
-        return state
+        """The epoch's accuracy counts, for a mid-epoch checkpoint."""
+        return {**super().intra_epoch_state(), "correct": self.correct.cpu(),
+                "labelled": self.labelled.cpu()}
 
     def load_intra_epoch_state(self, state):
+        super().load_intra_epoch_state(state)
         self.correct = state["correct"].to(self.device)
         self.labelled = state["labelled"].to(self.device)
-        if self.tracker is not None:
-            load_expert_counters(self.modules.model, state["experts"])
-            self.tracker.load_state(state["tracker"], self.device)
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
-        """Logs loss, frame accuracy and expert usage; checkpoints; writes test results."""
+        """Logs loss and frame accuracy; checkpoints; writes test results."""
         super().on_stage_end(stage, stage_loss, epoch)
         # Each process trained on its share of the data; valid and test ran in full on each.
-        training = stage == sb.Stage.TRAIN
         correct, labelled = self.correct, self.labelled
-        if training:
+        if stage == sb.Stage.TRAIN:
             correct, labelled = sum_across_processes([correct, labelled])
-            stage_loss = mean_across_processes(stage_loss, self.device)
+        stage_loss = stage_loss_across_processes(stage, stage_loss, self.device)
         accuracy = float(correct) / max(int(labelled), 1)
         stats = {"loss": stage_loss, "frame_acc": round(accuracy, 4)}
-        report = None
-        if self.tracker is not None:
-            report = expert_usage_report(self.modules.model, self.tracker, reset=True,
-                                         across_processes=training)
-        name = {sb.Stage.TRAIN: "train", sb.Stage.VALID: "valid", sb.Stage.TEST: "test"}[stage]
         if stage == sb.Stage.TRAIN:
             self.train_stats = stats
         elif stage == sb.Stage.VALID:
-            for logger in train_loggers(self.hparams):
-                logger.log_stats(stats_meta={"epoch": epoch}, train_stats=self.train_stats,
-                                 valid_stats=stats)
+            log_stats(self.hparams, stats_meta={"epoch": epoch}, train_stats=self.train_stats,
+                      valid_stats=stats)
             self.checkpointer.save_and_keep_only(meta={"frame_acc": accuracy},
                                                  max_keys=["frame_acc"])
         else:
-            for logger in train_loggers(self.hparams):
-                logger.log_stats(stats_meta={"epoch loaded": self.hparams.epoch_counter.current},
-                                 test_stats=stats)
-        if report is not None:
-            step = epoch if epoch is not None else self.hparams.epoch_counter.current
-            for logger in train_loggers(self.hparams):
-                log_expert_usage(logger, report, step, stage=name)
-        if stage == sb.Stage.TEST:
-            # Every process ran the whole test set; each returns the results, one writes them.
-            results = {
-                "frame_accuracy": accuracy,
-                "test_loss": stage_loss,
-                "labelled_frames": int(self.labelled),
-                "params": sum(p.numel() for p in self.modules.model.parameters()),
-                "epochs": self.hparams.epoch_counter.current,
-            }
-            if report is not None:
-                results.update(usage_results(report))
+            log_stats(self.hparams,
+                      stats_meta={"epoch loaded": self.hparams.epoch_counter.current},
+                      test_stats=stats)
+            # Every process ran the whole test set; each keeps the results, one writes them.
+            results = self.frame_results(accuracy, stage_loss)
             if sb.utils.distributed.if_main_process():
-                if report is not None:
-                    plot_expert_usage(report, f"{self.hparams.output_folder}/expert_usage")
                 atomic_write_json(f"{self.hparams.output_folder}/results.json", results)
             self.test_results = results
+
+    def frame_results(self, accuracy, stage_loss):
+        """What ``results.json`` keeps of the test pass; a subclass adds its own entries."""
+        return {
+            "frame_accuracy": accuracy,
+            "test_loss": stage_loss,
+            "labelled_frames": int(self.labelled),
+            "params": sum(p.numel() for p in self.modules.model.parameters()),
+            "epochs": self.hparams.epoch_counter.current,
+        }
+
+
+class FrameBrain(MoEMixin, FrameClassifierBrain):
+    """Trains a frame classifier with cross-entropy plus every MoE layer's auxiliary loss
+    (in every stage), and analyses its expert usage in every stage: per layer, joint
+    usage of consecutive layers, expert paths and usage by class (``hparams.num_classes``,
+    ``class_names``), logged at the end of each stage, in the test results and drawn in
+    ``expert_usage/`` beside them.
+
+    Under DDP the train stage's loss, accuracy and expert usage are those of all processes.
+    """
+
+    moe_module = "model"
+    expert_usage_tracked = expert_usage_logged = (sb.Stage.TRAIN, sb.Stage.VALID, sb.Stage.TEST)
+    plot_train_expert_usage = False
+
+    def expert_usage_tracker(self):
+        """A tracker counting usage by frame class."""
+        return ExpertUsageTracker(num_classes=self.hparams.num_classes,
+                                  class_names=getattr(self.hparams, "class_names", None))
+
+    def expert_usage_labels(self, predictions, batch):
+        """The frame labels (:meth:`frame_targets`)."""
+        return self.frame_targets(predictions, batch)
+
+    def frame_results(self, accuracy, stage_loss):
+        """The classifier's results with the test pass's expert usage."""
+        return self.results_with_expert_usage(super().frame_results(accuracy, stage_loss))

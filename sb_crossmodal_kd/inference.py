@@ -33,6 +33,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from sb_crossmodal_kd.brain import encode_waveforms
 from sb_crossmodal_kd.experiment import WRAPPER_KEY, file_overrides
 from sb_crossmodal_kd.io import atomic_path, atomic_write_json, atomic_write_text
+from sb_crossmodal_kd.nnet.moe import padding_mask
 
 __all__ = ["CTCAcousticModel", "export_asr", "load_asr", "read_audio", "transcribe_files"]
 
@@ -95,16 +96,11 @@ class CTCAcousticModel(torch.nn.Module):
 
     def forward(self, wavs, wav_lens=None):
         """``wavs`` [B, S] with relative lengths ``wav_lens`` [B] -> log-probs [B, T', C]."""
-        from sb_crossmodal_kd.nnet.moe import moe_layers, padding_mask
-
         if wav_lens is None:
             wav_lens = torch.ones(wavs.shape[0], device=wavs.device)
-        # As KDBrain does: MoE layers that their encoder does not give the padding mask
-        # itself take it from the batch's relative lengths.
-        moe_context = contextlib.nullcontext()
-        if moe_layers(self.encoder):
-            moe_context = padding_mask(self.encoder, lengths=wav_lens)
-        with moe_context:
+        # As in training (MoEMixin): MoE layers that their encoder does not give the padding
+        # mask itself take it from the batch's relative lengths.
+        with padding_mask(self.encoder, lengths=wav_lens):
             encoded = encode_waveforms(wavs, wav_lens, self.encoder, self.compute_features,
                                        self.normalize)
         return self.log_softmax(self.ctc_lin(encoded))

@@ -1,6 +1,7 @@
 """The distillation Brain: the CTC acoustic model plus heads, distillation and MoE losses.
 
-:class:`KDMixin` adds the heads, their distillation terms and the MoE losses to any
+:class:`KDMixin` adds the heads, their distillation terms and, through
+:class:`~sb_crossmodal_kd.moe_brain.MoEMixin`, everything MoE layers need to any
 SpeechBrain Brain (``class MyASR(KDMixin, ASR)``: a recipe's own Brain, unchanged).
 :class:`KDBrain` is that mixin on :class:`~sb_crossmodal_kd.brain.CTCBrain`; every condition of the
 ablation (AM alone, label interpolation, one auxiliary head, the full hierarchy, the
@@ -17,10 +18,9 @@ hierarchy minus a level, each with or without MoE) is a matter of hparams:
   ``label_interpolation_frames: ctc``, label interpolation trains the frames of the best CTC
   path of ``batch.tokens`` (the CTC loss's targets, which must equal the main unit type's
   ``{u}_units``) through the main output, recomputed every batch;
-- MoE layers anywhere in the modules are found by
-  :func:`~sb_crossmodal_kd.nnet.moe.moe_layers`: the Brain adds their auxiliary losses, tells
-  them the epoch, and sets the batch's relative lengths as their padding mask for the forward
-  pass (a fallback: encoders swapped by ``use_moe_ffn`` pass their exact mask themselves).
+- MoE layers anywhere in the modules are handled by
+  :class:`~sb_crossmodal_kd.moe_brain.MoEMixin` (padding, epoch, usage statistics); their
+  auxiliary losses join the distillation objective, at its MoE weight.
 
 Distillation is a training objective: on valid and test the Brain runs the main output only
 (no taps, no heads, no teacher needed) and reports CTC loss, WER and CER, so evaluation is
@@ -57,42 +57,24 @@ used (in the results file; heat maps and the full report in ``expert_usage/`` be
 """
 
 import contextlib
-import logging
-from pathlib import Path
 
 import speechbrain as sb
 import torch
 
 from sb_crossmodal_kd.alignment.framerate import ENCODER_FRAME_TOLERANCE, fit_to_length
-from sb_crossmodal_kd.analysis.expert_usage import (
-    ExpertUsageTracker,
-    expert_usage_report,
-    log_expert_usage,
-    plot_expert_usage,
-    usage_results,
-)
-from sb_crossmodal_kd.brain import CTCBrain, count_parameters, train_loggers
+from sb_crossmodal_kd.brain import CTCBrain, count_parameters
 from sb_crossmodal_kd.distributed import sum_across_processes, unwrap
-from sb_crossmodal_kd.lengths import lengths_to_mask
+from sb_crossmodal_kd.lengths import input_lengths, lengths_to_mask
 from sb_crossmodal_kd.losses import (
     DistillationObjective,
     UnitTargets,
     aligned_units,
     frame_mask,
 )
+from sb_crossmodal_kd.moe_brain import MoEMixin
 from sb_crossmodal_kd.nnet.heads import inference_modules
-from sb_crossmodal_kd.nnet.moe import (
-    expert_counters,
-    load_expert_counters,
-    moe_auxiliary_loss,
-    moe_layers,
-    padding_mask,
-    reset_expert_stats,
-    set_moe_epoch,
-)
 from sb_crossmodal_kd.nnet.taps import EncoderTaps
-
-logger = logging.getLogger(__name__)
+from sb_crossmodal_kd.stage_stats import stage_loss_across_processes
 
 __all__ = ["KDBrain", "KDMixin", "teacher_items", "check_teacher_temperatures",
            "fit_frames"]
@@ -204,15 +186,16 @@ def fit_frames(frame_to_position, lengths, n_frames, tolerance=ENCODER_FRAME_TOL
     return fit_to_length(frame_to_position, n_frames, tolerance, list(ids or []), fill=-1)
 
 
-class KDMixin:
+class KDMixin(MoEMixin):
     """Adds auxiliary heads, their distillation and the MoE losses to any SpeechBrain Brain.
 
     Put it before the Brain you have: ``class MyASR(KDMixin, ASR)``. It wraps that Brain's
-    ``compute_forward`` (taps the encoder layers the heads sit on, gives the MoE layers the
-    batch's padding) and ``compute_objectives`` (adds the heads' terms and the MoE
-    auxiliary losses to the loss that Brain returns), and tells MoE layers the epoch and
-    logs their expert usage; nothing of the Brain's own code changes. Its settings come
-    from the hparams as for :class:`KDBrain` (module docstring): ``modules.auxiliary_heads``,
+    ``compute_forward`` (taps the encoder layers the heads sit on) and
+    ``compute_objectives`` (adds the heads' terms and the MoE auxiliary losses to the loss
+    that Brain returns); as a :class:`~sb_crossmodal_kd.moe_brain.MoEMixin` it also gives
+    MoE layers the batch's padding and the epoch and logs their expert usage (each training
+    epoch; cross-layer usage on the test pass); nothing of the Brain's own code changes.
+    Its settings come from the hparams as for :class:`KDBrain` (module docstring): ``modules.auxiliary_heads``,
     ``distillation``, ``tap_module`` (the module holding the encoder layers; default
     ``encoder``, e.g. ``Transformer`` for SpeechBrain's ``TransformerASR``), and the batch's
     unit and teacher fields.
@@ -225,10 +208,8 @@ class KDMixin:
 
     A Brain with label interpolation on its main output overrides :meth:`kd_main_output`; one
     whose batch holds its input elsewhere than ``sig`` or ``feats`` overrides
-    :meth:`kd_input_lengths`.
+    :meth:`kd_input_lengths` (also the MoE layers' padding).
     """
-
-    collects_moe_losses = True  # CTCBrain refuses MoE models unless the Brain does this
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -247,10 +228,9 @@ class KDMixin:
                     "to the module holding the encoder layers"
                 )
             self.taps = EncoderTaps(self.modules[self.tap_module], layers=heads.layers)
-        self.has_moe = len(moe_layers(self.modules)) > 0
         self.head_logits = None  # by head name, from the latest training forward pass
+        self._moe_loss = None  # the latest training batch's, for the objective
         self._term_sums, self._term_batches = {}, 0
-        self.usage_tracker = None  # an ExpertUsageTracker during the test pass of an MoE model
 
     def _heads(self):
         """The auxiliary heads module (unwrapped under DDP: read for its settings), or None."""
@@ -258,10 +238,11 @@ class KDMixin:
             return None
         return unwrap(self.modules["auxiliary_heads"])
 
-    @staticmethod
-    def kd_input_lengths(batch):
-        """``[B]`` relative lengths of the batch's input (``feats`` if cached, else ``sig``)."""
-        return batch.feats.lengths if hasattr(batch, "feats") else batch.sig.lengths
+    kd_input_lengths = staticmethod(input_lengths)  # the batch's feats, else sig, lengths
+
+    def moe_input_lengths(self, batch):
+        """The MoE layers' padding: :meth:`kd_input_lengths`."""
+        return self.kd_input_lengths(batch)
 
     def kd_main_output(self, predictions, batch):
         """What label interpolation needs of the main output: ``{"main_logits": [B, T, V],
@@ -274,12 +255,8 @@ class KDMixin:
     def compute_forward(self, batch, stage):
         """The Brain's own forward pass; in training also :attr:`head_logits` by head name."""
         training = stage == sb.Stage.TRAIN
-        moe_context = contextlib.nullcontext()
-        if self.has_moe:  # SpeechBrain's layers call their FFN without a padding mask
-            lengths = self.kd_input_lengths(batch).to(self.device)
-            moe_context = padding_mask(self.modules, lengths=lengths)
         tap_context = self.taps.capture() if (training and self.taps) else contextlib.nullcontext()
-        with moe_context, tap_context as hidden:
+        with tap_context as hidden:
             predictions = super().compute_forward(batch, stage)
         self.head_logits = None
         if training and self.taps:
@@ -349,11 +326,8 @@ class KDMixin:
         """The Brain's own loss (plus its scoring on valid/test); in training also every
         head's and MoE layer's term (the distillation objective)."""
         main_loss = super().compute_objectives(predictions, batch, stage)
+        moe_loss, self._moe_loss = self._moe_loss, None
         if stage != sb.Stage.TRAIN:
-            if self.has_moe:
-                moe_auxiliary_loss(self.modules)  # drop losses of an evaluation pass
-            if self.usage_tracker is not None:
-                self.usage_tracker.update(self.modules)
             return main_loss
         main = self.kd_main_output(predictions, batch) or {}
         head_logits = self.head_logits
@@ -368,7 +342,6 @@ class KDMixin:
         frame_lens = main.get("frame_lens")
         if frame_lens is None:
             frame_lens = _repeat(self.kd_input_lengths(batch).to(self.device), repeats)
-        moe_loss = moe_auxiliary_loss(self.modules) if self.has_moe else None
         total, log = self.objective(
             main_loss,
             main_logits=main.get("main_logits"),
@@ -385,6 +358,12 @@ class KDMixin:
             self._term_sums[name] = self._term_sums.get(name, 0.0) + value
         self._term_batches += 1
         return total
+
+    def add_moe_loss(self, loss, moe_loss, stage):
+        """Keeps a training batch's MoE loss for the distillation objective, which weighs
+        it; an evaluation pass's is dropped (evaluation scores the Brain's own loss)."""
+        self._moe_loss = moe_loss if stage == sb.Stage.TRAIN else None
+        return loss
 
     @torch.no_grad()
     def head_accuracies(self, head_logits, targets, frame_lens=None):
@@ -411,62 +390,22 @@ class KDMixin:
         super().on_fit_start()
 
     def on_stage_start(self, stage, epoch=None):
-        """Resets the term averages; tells MoE balancing constraints the epoch; starts
-        counting expert usage for the test pass."""
+        """Resets the term averages."""
         super().on_stage_start(stage, epoch)
         if stage == sb.Stage.TRAIN:
             self._term_sums, self._term_batches = {}, 0
-            if self.has_moe and epoch is not None:
-                set_moe_epoch(self.modules, epoch)
-        if self.has_moe:
-            reset_expert_stats(self.modules)  # each stage counts its own frames
-        self.usage_tracker = ExpertUsageTracker() if stage == sb.Stage.TEST and self.has_moe else None
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
         """Adds every loss term's epoch average to the Brain's ``train_stats`` (which its
-        own ``on_stage_end`` sets and logs); logs an MoE model's expert usage of the epoch
-        (per layer: gate entropy, the least and most used expert's share of the gate mass),
-        with its heat map after the last epoch, and of the test pass (when the Brain's
-        results did not take it: :meth:`test_expert_usage`)."""
+        own ``on_stage_end`` sets and logs)."""
         super().on_stage_end(stage, stage_loss, epoch)
         if stage == sb.Stage.TRAIN and self._term_batches:
             terms = self.loss_terms()
             if isinstance(getattr(self, "train_stats", None), dict):
                 self.train_stats.update(terms)
             else:
-                self.train_stats = {"loss": stage_loss, **terms}
-        if stage == sb.Stage.TRAIN and self.has_moe:
-            report = expert_usage_report(self.modules, reset=True)  # all ranks' frames
-            for train_logger in train_loggers(self.hparams):
-                log_expert_usage(train_logger, report, epoch, stage="train")
-            if (epoch == getattr(self.hparams.epoch_counter, "limit", None)
-                    and sb.utils.distributed.if_main_process()):
-                plot_expert_usage(report, self.expert_usage_folder(),
-                                  prefix="train_expert_usage")
-        if stage == sb.Stage.TEST and self.usage_tracker is not None:
-            if sb.utils.distributed.if_main_process():  # as results files: one writer
-                self.test_expert_usage()
-                logger.info("Expert usage of the test pass: %s", self.expert_usage_folder())
-            self.usage_tracker = None
-
-    def expert_usage_folder(self):
-        """Where heat maps and usage reports go: ``expert_usage/`` beside the results file
-        (``hparams.results_file``), else in ``hparams.output_folder``."""
-        results_file = getattr(self.hparams, "results_file", None)
-        folder = Path(results_file).parent if results_file else Path(self.hparams.output_folder)
-        return folder / "expert_usage"
-
-    def test_expert_usage(self):
-        """The test pass's expert usage (:func:`~sb_crossmodal_kd.analysis.expert_usage.
-        usage_results`), its heat maps and full report written to
-        :meth:`expert_usage_folder`; once per test pass (None after)."""
-        if self.usage_tracker is None:
-            return None
-        report = expert_usage_report(self.modules, self.usage_tracker, reset=True,
-                                     across_processes=False)
-        self.usage_tracker = None
-        plot_expert_usage(report, self.expert_usage_folder())
-        return usage_results(report)
+                loss = stage_loss_across_processes(stage, stage_loss, self.device)
+                self.train_stats = {"loss": loss, **terms}
 
     def loss_terms(self):
         """Epoch averages of every loss term (``loss_<term>``) and head accuracy
@@ -484,20 +423,17 @@ class KDMixin:
         }
 
     def intra_epoch_state(self):
-        """The epoch's loss-term sums and expert-usage counts, for a mid-epoch checkpoint."""
-        state = {
-            "term_sums": {n: torch.as_tensor(v).detach().cpu() for n, v in self._term_sums.items()},
-            "term_batches": self._term_batches,
-        }
-        if self.has_moe:
-            state["experts"] = expert_counters(self.modules)
+        """The epoch's loss-term sums (and expert-usage counts), for a mid-epoch checkpoint."""
+        state = super().intra_epoch_state()
+        state["term_sums"] = {n: torch.as_tensor(v).detach().cpu()
+                              for n, v in self._term_sums.items()}
+        state["term_batches"] = self._term_batches
         return state
 
     def load_intra_epoch_state(self, state):
+        super().load_intra_epoch_state(state)
         self._term_sums = {n: v.to(self.device) for n, v in state["term_sums"].items()}
         self._term_batches = state["term_batches"]
-        if self.has_moe and "experts" in state:  # checkpoints made before this have none
-            load_expert_counters(self.modules, state["experts"])
 
 
 class KDBrain(KDMixin, CTCBrain):
@@ -525,10 +461,7 @@ class KDBrain(KDMixin, CTCBrain):
         if self._heads() is not None:
             results["params_with_heads"] = results["params"]
             results["params"] = count_parameters(inference_modules(self.modules))
-        usage = self.test_expert_usage()
-        if usage is not None:
-            results.update(usage)
-        return results
+        return self.results_with_expert_usage(results)
 
 
 def _repeat(tensor, repeats):

@@ -18,7 +18,7 @@ tensor([[ True,  True,  True,  True],
 import torch
 from speechbrain.dataio.dataio import length_to_mask
 
-__all__ = ["absolute_lengths", "lengths_to_mask"]
+__all__ = ["absolute_lengths", "input_lengths", "lengths_to_mask"]
 
 
 def absolute_lengths(lengths, max_len):
@@ -46,3 +46,17 @@ def lengths_to_mask(lengths, max_len):
             [ True, False, False]])
     """
     return length_to_mask(absolute_lengths(lengths, max_len), max_len=max_len, dtype=torch.bool)
+
+
+def input_lengths(batch):
+    """``[B]`` relative lengths of a batch's input: its cached ``feats`` when it has them,
+    else its waveforms ``sig``.
+
+    Example
+    -------
+    >>> from types import SimpleNamespace
+    >>> from speechbrain.dataio.batch import PaddedData
+    >>> input_lengths(SimpleNamespace(sig=PaddedData(torch.zeros(2, 4), torch.tensor([1.0, 0.5]))))
+    tensor([1.0000, 0.5000])
+    """
+    return batch.feats.lengths if hasattr(batch, "feats") else batch.sig.lengths

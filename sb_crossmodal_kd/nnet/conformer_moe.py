@@ -17,9 +17,10 @@ From hparams::
 Padding. SpeechBrain's layers call their FFN as ``ffn(x)``, without a padding mask. The
 swap therefore also hooks the encoder (``ConformerEncoder`` / ``TransformerEncoder``): when
 it is called with ``src_key_padding_mask``, its MoE layers get that mask for the duration of
-the call (:func:`~sb_crossmodal_kd.nnet.moe.padding_mask`). An encoder called without one
-uses whatever the caller set with :func:`~sb_crossmodal_kd.nnet.moe.set_padding_mask`,
-else treats all frames as real. The Brain adds
+the call. An encoder called without one uses what the caller gave its MoE layers
+(:func:`~sb_crossmodal_kd.nnet.moe.padding_mask`: a Brain with
+:class:`~sb_crossmodal_kd.moe_brain.MoEMixin` gives the batch's relative lengths), else
+treats all frames as real. The Brain adds
 :func:`~sb_crossmodal_kd.nnet.moe.moe_auxiliary_loss` to its objective.
 
 Upcycling a pretrained dense model. The swap happens when the hparams are built, before

@@ -43,9 +43,9 @@ import speechbrain as sb
 import torch
 from speechbrain.lobes.models.RNNLM import RNNLM
 
-from sb_crossmodal_kd.distributed import mean_across_processes
 from sb_crossmodal_kd.lengths import absolute_lengths, lengths_to_mask
 from sb_crossmodal_kd.resume import ExactResume
+from sb_crossmodal_kd.stage_stats import stage_loss_across_processes
 
 # Text -> unit ids is the unit types' business; named here too for hparams written before.
 from sb_crossmodal_kd.units.types import TextUnits, units_hash  # noqa: F401
@@ -224,8 +224,7 @@ class UnitLMBrain(ExactResume, sb.Brain):
     def on_stage_end(self, stage, stage_loss, epoch=None):
         """Logs loss and perplexity; checkpoints on validation, keeping the best."""
         super().on_stage_end(stage, stage_loss, epoch)
-        if stage == sb.Stage.TRAIN:
-            stage_loss = mean_across_processes(stage_loss, self.device)
+        stage_loss = stage_loss_across_processes(stage, stage_loss, self.device)
         stats = {"loss": stage_loss, "ppl": math.exp(min(stage_loss, 50.0))}
         if stage == sb.Stage.TRAIN:
             self.train_stats = stats

@@ -12,9 +12,9 @@ from any model in one call, so a Brain never needs to know where the MoE layers 
 
 Padding. Layers take ``(x, lengths=...)`` (SpeechBrain relative lengths) or ``(x, mask=...)``
 (bool, True on real frames). Modules that call their feed-forward as ``ffn(x)`` (SpeechBrain's
-Conformer and Transformer layers) cannot pass a mask, so the Brain sets it on every MoE layer
-of the model before the forward pass with :func:`set_padding_mask` (or the context manager
-:func:`padding_mask`). Relative lengths are resolved against each layer's own time axis, so
+Conformer and Transformer layers) cannot pass a mask, so the caller gives it to every MoE
+layer of the model for the forward pass with the context manager :func:`padding_mask` (what
+the package's Brains and exported models do; :func:`set_padding_mask` sets it until cleared). Relative lengths are resolved against each layer's own time axis, so
 one call serves layers before and after subsampling. Padding frames get no expert, output
 zero, and are left out of every loss and statistic.
 

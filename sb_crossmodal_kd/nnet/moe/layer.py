@@ -459,7 +459,7 @@ def _warn_uncollected(layer):
         "An MoE layer trained a second step without its load-balancing / z-loss being "
         "collected, so nothing keeps its experts balanced: add "
         "sb_crossmodal_kd.nnet.moe.moe_auxiliary_loss(model) to the loss after each forward "
-        "pass (the package's KDBrain and FrameBrain do), or set load_balancing_weight and "
+        "pass (a Brain with sb_crossmodal_kd.moe_brain.MoEMixin does), or set load_balancing_weight and "
         "z_loss_weight to 0 if that is intended.",
         stacklevel=3,
     )

@@ -160,6 +160,10 @@ def set_padding_mask(model, mask=None, lengths=None):
     0
     >>> set_padding_mask(model)  # clear
     """
+    _set_padding(moe_layers(model), mask, lengths)
+
+
+def _set_padding(layers, mask=None, lengths=None):
     if mask is not None and lengths is not None:
         raise ValueError("give either mask or lengths to set_padding_mask, not both")
     context = None
@@ -167,13 +171,15 @@ def set_padding_mask(model, mask=None, lengths=None):
         context = ("mask", mask)
     elif lengths is not None:
         context = ("lengths", lengths)
-    for _, layer in moe_layers(model):
+    for _, layer in layers:
         layer.padding_context = context
 
 
 @contextmanager
 def padding_mask(model, mask=None, lengths=None):
-    """Context manager form of :func:`set_padding_mask` that clears the mask on exit.
+    """Context manager form of :func:`set_padding_mask` that clears the mask on exit: the
+    one way a caller (a Brain, an exported model) gives a model's MoE layers the padding of
+    a batch. Without MoE layers it does nothing.
 
     Example
     -------
@@ -183,11 +189,12 @@ def padding_mask(model, mask=None, lengths=None):
     >>> model[0].padding_context is None
     True
     """
-    set_padding_mask(model, mask=mask, lengths=lengths)
+    layers = moe_layers(model)  # one walk per batch, not two
+    _set_padding(layers, mask, lengths)
     try:
         yield model
     finally:
-        set_padding_mask(model)
+        _set_padding(layers)
 
 
 def set_moe_epoch(model, epoch):
