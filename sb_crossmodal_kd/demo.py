@@ -4,8 +4,8 @@ Two presets of :func:`~sb_crossmodal_kd.ablation.run_ablation`:
 
 - the demo (default): the conditions that carry the claim (:data:`DEMO_CONDITIONS`: the AM
   alone, label interpolation, one subword head, the hierarchy and the same heads on hard
-  labels with no LM) on the dense encoder with one seed, sized for 2 CPU cores (14.1 min
-  measured; :data:`~sb_crossmodal_kd.prep.settings.PREP_DEFAULTS`,
+  labels with no LM) on the dense encoder with one seed, sized for 15 minutes on 2 CPU
+  cores (:data:`~sb_crossmodal_kd.prep.settings.PREP_DEFAULTS`,
   :data:`~sb_crossmodal_kd.ablation.DEMO_TRAINING`);
 - the study (``study=True``): every condition (dense and MoE) on the same corpus and
   settings with 3 paired seeds (:data:`STUDY_TRAINING`, :data:`STUDY_PREP`).
