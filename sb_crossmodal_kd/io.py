@@ -50,6 +50,12 @@ def atomic_write_text(path, text):
         tmp.write_text(text)
 
 
+def atomic_write_bytes(path, data):
+    """Writes ``data`` (bytes) to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
 def atomic_write_json(path, obj):
     """Writes ``obj`` as indented JSON to ``path`` atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -19,8 +19,9 @@ names the teacher (its :meth:`~sb_crossmodal_kd.teachers.base.Teacher.describe`)
 the vocabulary size, the tokenizer / lexicon / tree hash, the temperature, ``k``, the shard size
 and a hash of the input sequences.
 
-Writes are atomic (temporary file in the same folder, then ``os.replace``); a shard counts as
-done once its ``.json`` exists and its ``.bin`` has the recorded size and hash. An interrupted
+Writes are atomic (:mod:`sb_crossmodal_kd.io`: a temporary file in the same folder, renamed);
+a shard counts as done once its ``.json`` exists and its ``.bin`` has the recorded size and
+hash. An interrupted
 build, run again with the same arguments, skips the done shards and recomputes the rest with
 the same batching, so the result is byte-identical to an uninterrupted build (on a
 deterministic device). Running it with other arguments, or reading the cache with another
@@ -50,13 +51,12 @@ sb_crossmodal_kd.teachers.cache.CacheMismatchError: ...tokenizer_hash...
 
 import hashlib
 import json
-import os
 import pathlib
-import tempfile
 
 import numpy as np
 import torch
 
+from sb_crossmodal_kd.io import atomic_write_bytes
 from sb_crossmodal_kd.teachers.base import TopKDistributions
 
 FORMAT = "sb-crossmodal-kd teacher cache v1"
@@ -67,17 +67,6 @@ class CacheMismatchError(ValueError):
     """A cache was built from something other than what it is used or resumed with."""
 
 
-def _atomic_write_bytes(path, data):
-    path = pathlib.Path(path)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _json_bytes(obj):
@@ -205,8 +194,9 @@ def build_cache(
         if existing.get("complete"):
             return existing
     else:
-        _atomic_write_bytes(header_path, _json_bytes({**settings, "complete": False}))
-    for stale in folder.glob(".tmp-*"):  # left by an interrupted write
+        atomic_write_bytes(header_path, _json_bytes({**settings, "complete": False}))
+    # Left by an interrupted write (".tmp-*": by versions before the io helpers).
+    for stale in [*folder.glob(".*.tmp"), *folder.glob(".tmp-*")]:
         stale.unlink()
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -231,7 +221,7 @@ def build_cache(
         if bar is not None:
             bar.close()
     header = {**settings, "complete": True}
-    _atomic_write_bytes(header_path, _json_bytes(header))
+    atomic_write_bytes(header_path, _json_bytes(header))
     return header
 
 
@@ -280,7 +270,7 @@ def _write_shard(folder, index, shard, teacher, k, tau, batch_size, device, bar)
     residual = np.clip(1.0 - probs.astype(np.float32).sum(-1), 0.0, None).astype(np.float32)
     data = ids.tobytes() + residual.tobytes() + probs.tobytes()
     name = _shard_name(index)
-    _atomic_write_bytes(folder / f"{name}.bin", data)
+    atomic_write_bytes(folder / f"{name}.bin", data)
     info = {
         "shard": index,
         "k": k,
@@ -289,7 +279,7 @@ def _write_shard(folder, index, shard, teacher, k, tau, batch_size, device, bar)
         "sha256": hashlib.sha256(data).hexdigest(),
         "utterances": [[utt_id, int(s), n] for (utt_id, _), s, n in zip(shard, starts, lengths, strict=True)],
     }
-    _atomic_write_bytes(folder / f"{name}.json", _json_bytes(info))
+    atomic_write_bytes(folder / f"{name}.json", _json_bytes(info))
 
 
 def utterances_from_manifest(manifest, text_units, column="wrd"):

@@ -35,14 +35,13 @@ torch.Size([2, 4, 7])
 
 import json
 import math
-import os
 import pathlib
-import tempfile
 
 import speechbrain as sb
 import torch
 from speechbrain.lobes.models.RNNLM import RNNLM
 
+from sb_crossmodal_kd.io import atomic_path, atomic_write_text
 from sb_crossmodal_kd.lengths import absolute_lengths, lengths_to_mask
 from sb_crossmodal_kd.resume import ExactResume
 from sb_crossmodal_kd.stage_stats import stage_loss_across_processes
@@ -244,14 +243,6 @@ class UnitLMBrain(ExactResume, sb.Brain):
                     min_keys=["loss"])
 
 
-def _atomic_write(path, data):
-    path = pathlib.Path(path)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(handle, "wb") as out:
-        out.write(data)
-    os.replace(tmp, path)
-
-
 def export_unit_lm(folder, lm_model, unit_type=None, tokenizer_hash=None, extra=None):
     """Writes a SpeechBrain pretrained folder: ``hyperparams.yaml`` and ``lm.ckpt``.
 
@@ -291,12 +282,10 @@ def export_unit_lm(folder, lm_model, unit_type=None, tokenizer_hash=None, extra=
     lines.append("pretrainer: !new:speechbrain.utils.parameter_transfer.Pretrainer")
     lines.append("    loadables:")
     lines.append("        lm: !ref <lm_model>")
-    _atomic_write(folder / "hyperparams.yaml", ("\n".join(lines) + "\n").encode())
+    atomic_write_text(folder / "hyperparams.yaml", "\n".join(lines) + "\n")
     state = {key: value.detach().cpu() for key, value in lm_model.state_dict().items()}
-    handle, tmp = tempfile.mkstemp(dir=folder, prefix=".lm.ckpt.")
-    os.close(handle)
-    torch.save(state, tmp)
-    os.replace(tmp, folder / "lm.ckpt")
+    with atomic_path(folder / "lm.ckpt") as tmp:
+        torch.save(state, tmp)
 
 
 def load_unit_lm_teacher(folder, **kwargs):
