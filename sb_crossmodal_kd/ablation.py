@@ -16,7 +16,8 @@ folder:
 - ``ablation.png``: WER per condition with the seed std as error bars, dense vs MoE encoder.
 
 Runs live in ``runs/<condition>/<seed>/`` (SpeechBrain's output folder) and each finished one
-leaves ``run.json``; a run with that file is not run again, and an interrupted one resumes
+leaves ``run.json`` (its overrides, results, valid curve and the commit it ran at); a run
+with that file is not run again, and an interrupted one resumes
 from its last epoch checkpoint, so the driver can be stopped and restarted at any point.
 
 Conditions (Lee and Chang 2021, and the controls): ``am_alone``, ``label_interpolation``, ``aux_subword``,
@@ -37,11 +38,13 @@ from sb_crossmodal_kd.io import atomic_path, atomic_write_json, atomic_write_tex
 from sb_crossmodal_kd.prep.chain import STEPS, prepare_kd_data
 from sb_crossmodal_kd.prep.provenance import Provenance
 from sb_crossmodal_kd.prep.settings import prep_settings
+from sb_crossmodal_kd.revision import source_revision
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CONDITIONS", "DEMO_TRAINING", "condition_recipe", "run_ablation", "summarize",
-           "markdown_table", "last_quarter_gain", "teacher_summary", "teacher_table", "plot_ablation", "paired_seeds"]
+           "markdown_table", "last_quarter_gain", "FLAT_GAIN", "is_flat", "paired_difference",
+           "teacher_summary", "teacher_table", "plot_ablation", "save_wer_plot", "paired_seeds"]
 
 DENSE_CONDITIONS = (
     "am_alone",
@@ -124,6 +127,8 @@ def _run_one(name, seed, run_dir, common, run_opts):
         epochs=results["epochs"],
         test_utterances=results["utterances"],
         valid_wer_curve=results.get("valid_wer_curve", []),
+        commit=source_revision(),
+        device=run_opts.get("device", "cpu"),
     )
     return record.data
 
@@ -214,6 +219,26 @@ def last_quarter_gain(curve):
     return round((before - min(curve[-quarter:])) / before, 4) if before else 0.0
 
 
+# A run counts as converged when its valid WER improves by less than this (relative) over the
+# last quarter of its epochs.
+FLAT_GAIN = 0.03
+
+
+def is_flat(curve, threshold=FLAT_GAIN):
+    """Whether a valid WER curve is flat at the end (:func:`last_quarter_gain` below
+    ``threshold``); None for a curve too short to tell.
+
+    Example
+    -------
+    >>> is_flat([90.0, 60.0, 50.0, 45.0, 44.0, 44.0, 43.5, 43.0])
+    True
+    >>> is_flat([90.0, 60.0, 50.0, 40.0]), is_flat([50.0])
+    (False, None)
+    """
+    gain = last_quarter_gain(curve)
+    return None if gain is None else gain < threshold
+
+
 def _mean_std(values):
     values = [float(v) for v in values]
     mean = sum(values) / len(values)
@@ -262,12 +287,31 @@ def summarize(records, conditions, seeds):
         entry["cer"] = [r["cer"] for r in runs]
         entry["per_seed"] = {
             str(seed): {**{key: r[key] for key in ("wer", "cer", "train_s", "epochs",
-                                                   "valid_wer_curve") if key in r},
+                                                   "valid_wer_curve", "commit", "device")
+                           if key in r},
                         "valid_last_quarter_gain": last_quarter_gain(r.get("valid_wer_curve", []))}
             for seed, r in zip(seeds, runs, strict=True)
         }
         summary[name] = entry
     return summary
+
+
+def paired_difference(summary, condition, reference, metric="wer"):
+    """Mean and std over seeds of ``condition`` minus ``reference``, seed by seed, from the
+    ``per_seed`` values of a :func:`summarize` summary (std None with one seed).
+
+    Example
+    -------
+    >>> summary = {"hierarchy": {"per_seed": {"1": {"wer": 30.0}, "2": {"wer": 33.0}}},
+    ...            "hierarchy_no_lm": {"per_seed": {"1": {"wer": 32.0}, "2": {"wer": 34.0}}}}
+    >>> paired_difference(summary, "hierarchy", "hierarchy_no_lm")
+    (-1.5, 0.707)
+    """
+    runs, references = summary[condition]["per_seed"], summary[reference]["per_seed"]
+    seeds = sorted(set(runs) & set(references))
+    if not seeds:
+        raise ValueError(f"{condition} and {reference} share no seed: nothing to pair")
+    return _mean_std([runs[seed][metric] - references[seed][metric] for seed in seeds])
 
 
 def _pm(mean, std, digits=2):
@@ -376,8 +420,16 @@ def plot_ablation(summary, path):
     ax.set_xticks(range(len(families)))
     ax.set_xticklabels([f.replace("hierarchy_minus_", "hier. - ").replace("_", " ")
                         for f in families], rotation=30, ha="right")
+    save_wer_plot(fig, ax, "Hierarchical cross-modal distillation: ablation", path)
+
+
+def save_wer_plot(fig, ax, title, path):
+    """Labels a plot of test WER (y axis, ``title``, legend) and writes it to ``path`` (PNG,
+    atomically); closes the figure."""
+    import matplotlib.pyplot as plt
+
     ax.set_ylabel("test WER %")
-    ax.set_title("Hierarchical cross-modal distillation: ablation")
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -394,6 +446,7 @@ def run_ablation(
     device="cpu",
     jobs=1,
     progress=False,
+    prepared_dir=None,
 ):
     """Runs the ablation (resumable) and writes ``ablation.json``, ``.md`` and ``.png``.
 
@@ -419,6 +472,9 @@ def run_ablation(
         LMs train, ``jobs - 1`` runs that need no teacher beside them.
     progress : bool
         Progress bars of the data chain.
+    prepared_dir : str or Path, optional
+        The folder of ``data/`` and ``prep/`` (default ``output_dir``): ablations that differ
+        only in training (e.g. the train-set size) share one corpus, its KD data and teachers.
 
     Returns
     -------
@@ -432,16 +488,17 @@ def run_ablation(
     seed_list = paired_seeds(seeds)
     settings = prep_settings(**(prep or {}))
     training = dict(DEMO_TRAINING if training is None else training)
+    prepared_dir = output_dir if prepared_dir is None else Path(prepared_dir).resolve()
 
     workers = os.cpu_count() or 1
     # Up to the unit stores: all that a condition without teachers trains on.
-    prepared = prepare_kd_data(output_dir / "data", output_dir / "prep", settings,
+    prepared = prepare_kd_data(prepared_dir / "data", prepared_dir / "prep", settings,
                                progress=progress, device=device, jobs=workers,
                                through="unit_stores")
     steps = dict(prepared["steps"])
     common = {
-        "data_folder": str(output_dir / "data"),
-        "prep_folder": str(output_dir / "prep"),
+        "data_folder": str(prepared_dir / "data"),
+        "prep_folder": str(prepared_dir / "prep"),
         "vocab_size": prepared["outputs"].get("vocab_size", settings["vocab_size"]),
         **training,
     }
@@ -464,7 +521,7 @@ def run_ablation(
     early = [args for args in todo if not _reads_teachers(args[0], common)][:max(0, jobs - 1)]
     with _Runs(jobs) as runs:
         runs.submit(early)
-        prepared = prepare_kd_data(output_dir / "data", output_dir / "prep", settings,
+        prepared = prepare_kd_data(prepared_dir / "data", prepared_dir / "prep", settings,
                                    progress=progress, device=device, jobs=workers,
                                    lm_cores=max(1, workers - len(early) * runs.threads))
         steps.update({step: prepared["steps"][step] for step in STEPS

@@ -3,14 +3,18 @@
 :func:`add_kd_items` is the KD recipe's ``dataset_pipelines`` hook: it keeps, in every
 condition, the train utterances the unit store holds, and gives them the unit sequences,
 alignments and teacher triples that the chosen heads and label interpolation need (nothing
-for conditions that need none).
+for conditions that need none). With ``n_train_utterances`` it keeps only the first that many
+of them in manifest order (:func:`first_utterances`): the same subset in every condition and
+seed, for studies of how much paired data the distillation needs.
 """
 
+import hashlib
 import logging
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["add_kd_items", "kd_unit_types", "teacher_unit_types"]
+__all__ = ["add_kd_items", "first_utterances", "kd_unit_types", "teacher_unit_types",
+           "train_set_summary"]
 
 
 def _objective(hparams):
@@ -30,12 +34,77 @@ def teacher_unit_types(hparams):
     return _objective(hparams).teacher_unit_types(hparams["modules"].get("auxiliary_heads"))
 
 
+def first_utterances(dataset, n):
+    """The first ``n`` utterances of ``dataset`` in manifest order, in ``dataset``'s own order.
+
+    The manifest order is that of the file the dataset was read from (its ``data``, which a
+    filtered or sorted view shares), so the subset is the same whatever the view's order
+    (e.g. sorted by duration) and seed. ``n`` None: the whole dataset.
+
+    Example
+    -------
+    >>> from speechbrain.dataio.dataset import DynamicItemDataset
+    >>> data = DynamicItemDataset({"a": {"duration": 3.0}, "b": {"duration": 1.0},
+    ...                            "c": {"duration": 2.0}})
+    >>> by_duration = data.filtered_sorted(sort_key="duration")
+    >>> by_duration.data_ids
+    ['b', 'c', 'a']
+    >>> first_utterances(by_duration, 2).data_ids
+    ['b', 'a']
+    >>> first_utterances(by_duration, 4)
+    Traceback (most recent call last):
+    ...
+    ValueError: n_train_utterances is 4, but the train set has only 3 utterances
+    """
+    if n is None:
+        return dataset
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n_train_utterances must be a positive integer or null, got {n!r}")
+    present = set(dataset.data_ids)
+    if n > len(present):
+        raise ValueError(f"n_train_utterances is {n}, but the train set has only "
+                         f"{len(present)} utterances")
+    chosen = set([utt_id for utt_id in dataset.data if utt_id in present][:n])
+    return dataset.filtered_sorted(key_test={"id": lambda utt_id: utt_id in chosen})
+
+
+def train_set_summary(dataset):
+    """Utterances, hours and a digest of the sorted IDs of ``dataset`` (what was trained on).
+
+    Example
+    -------
+    >>> from speechbrain.dataio.dataset import DynamicItemDataset
+    >>> summary = train_set_summary(DynamicItemDataset({"a": {"duration": 1800.0},
+    ...                                                 "b": {"duration": "1800"}}))
+    >>> summary["utterances"], summary["hours"], len(summary["ids_sha1"])
+    (2, 1.0, 12)
+    """
+    ids = list(dataset.data_ids)
+    seconds = sum(float(dataset.data[utt_id]["duration"]) for utt_id in ids)
+    digest = hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()[:12]
+    return {"utterances": len(ids), "hours": round(seconds / 3600, 4), "ids_sha1": digest}
+
+
+def _limit_train(datasets, hparams):
+    """Keeps the first ``hparams["n_train_utterances"]`` train utterances and logs the set."""
+    limit = hparams.get("n_train_utterances")
+    before = len(datasets["train"])
+    datasets["train"] = first_utterances(datasets["train"], limit)
+    summary = train_set_summary(datasets["train"])
+    logger.info("train set: %d utterances (%s), %.3f h, ids sha1 %s", summary["utterances"],
+                "all" if limit is None else f"the first {limit} of {before} in manifest order",
+                summary["hours"], summary["ids_sha1"])
+
+
 def add_kd_items(datasets, hparams):
     """The KD recipe's ``dataset_pipelines`` hook (called by ``experiment.asr_datasets``).
 
     With a unit store (``hparams["unit_stores"]["train"]``), every condition, the AM alone
     included, trains only on the utterances the store holds (the aligner may refuse some),
     so all conditions of a study see the same train set; how many were left out is logged.
+    With ``hparams["n_train_utterances"]`` (null: all) only the first that many of those in
+    manifest order are kept (:func:`first_utterances`); the train set's size, hours and ID
+    digest are logged.
     Then, for every unit type in :func:`kd_unit_types`, ``datasets["train"]`` gets the units
     pipeline (sequences and frame alignments from the store), and for those whose teacher
     the objective reads
@@ -64,6 +133,7 @@ def add_kd_items(datasets, hparams):
                 "{train: ...} (the train split's unit store, e.g. PREP/units/train.units): "
                 "add it, or drop the heads / label interpolation that need units"
             )
+        _limit_train(datasets, hparams)
         return
     store = UnitStore(store_path)
     train = datasets["train"]
@@ -73,6 +143,8 @@ def add_kd_items(datasets, hparams):
                        "of training, in every condition", len(train) - len(kept), len(train),
                        store.path)
     datasets["train"] = kept
+    _limit_train(datasets, hparams)
+    kept = datasets["train"]
     if not unit_types:
         return
     add_unit_pipelines([kept], [store], unit_types=unit_types)

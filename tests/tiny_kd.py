@@ -1,5 +1,26 @@
 """Tiny sizes shared by the recipe tests that run the whole KD data chain and one epoch."""
 
+from sb_crossmodal_kd.ablation import DEMO_TRAINING
+
+# The ablation driver's data chain and training at sizes of a few seconds.
+TINY_PREP = {
+    "corpus": {"n_train": 30, "n_valid": 4, "n_test": 4, "n_text": 200, "n_text_valid": 20,
+               "speakers": [3, 1, 1], "seed": 7},
+    "vocab_size": 32,
+    "aligner_utterances": 30,
+    "aligner": {"iterations": 1, "epochs": 1, "hidden": 16},
+    "tree": {"max_leaves": 130, "min_count": 5, "min_gain": 1.0},
+    "lm": {"number_of_epochs": 1, "max_train_sentences": 100,
+           "lm_model": {"hidden_size": 16, "embedding_dim": 8}},
+    "cache_k": 8,
+}
+TINY_MODEL = {  # the demo's training with a tiny model (the CLI starts from DEMO_TRAINING)
+    **DEMO_TRAINING,
+    "number_of_epochs": 1, "d_model": 32, "num_layers": 3, "nhead": 2, "d_ffn": 64,
+    "warmup_steps": 1, "max_batch_seconds": 30, "teacher_k": 8,
+    "moe": {"num_experts": 2, "top_k": 1},
+}
+
 
 def tiny_chain(aligner_utterances=20):
     """A prep settings file (yaml text) for a chain of a few seconds."""

@@ -2,19 +2,28 @@
 
 import json
 import os
+import shlex
+import sys
 
-from sb_crossmodal_kd.demo import run_demo
+from sb_crossmodal_kd.demo import default_output, run_demo
 
 
 def add_arguments(parser):
     """Registers the demo's options."""
-    parser.add_argument("--output", default="sbkd_demo",
-                        help="output folder (default sbkd_demo); re-running resumes it")
-    parser.add_argument("--study", action="store_true",
-                        help="the study: every condition, dense and MoE, 3 seeds, instead of "
-                        "the 15-minute demo")
+    parser.add_argument("--output", default=None,
+                        help="output folder (default sbkd_demo, sbkd_study or sbkd_scaling); "
+                        "re-running resumes it")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--study", action="store_true",
+                       help="the study: every condition, dense and MoE, 3 seeds, 18 epochs, "
+                       "the full LM text, instead of the 15-minute demo (hours)")
+    which.add_argument("--scaling", action="store_true",
+                       help="the scaling study: am_alone, hierarchy and hierarchy_no_lm on "
+                       "150, 600 and 2,400 paired train utterances, 3 seeds (hours)")
+    parser.add_argument("--paired", default=None,
+                        help="with --scaling: train-set sizes, e.g. 150,600,2400")
     parser.add_argument("--seeds", type=int, default=None,
-                        help="seeds per condition (default 1, or 3 with --study)")
+                        help="seeds per condition (default 1, or 3 with --study / --scaling)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="processes at once, each with cpu_count // jobs threads: runs "
                         "side by side, and the unit LMs beside the runs that need no teacher "
@@ -23,11 +32,20 @@ def add_arguments(parser):
 
 
 def run(args):
-    """Runs (or resumes) the demo and prints the Markdown table."""
-    result = run_demo(args.output, study=args.study, seeds=args.seeds, jobs=args.jobs,
-                      device=args.device)
-    with open(f"{args.output}/ablation.md", encoding="utf-8") as handle:
+    """Runs (or resumes) the preset and prints its Markdown table."""
+    from sb_crossmodal_kd.scaling import parse_paired
+
+    preset = "study" if args.study else "scaling" if args.scaling else "demo"
+    if args.paired is not None and preset != "scaling":
+        raise ValueError("--paired goes with --scaling")
+    paired = parse_paired(args.paired) if args.paired is not None else None
+    output = args.output or default_output(preset)
+    command = shlex.join(["sbkd", *sys.argv[1:]]) if sys.argv[1:2] == ["demo"] else None
+    result = run_demo(output, preset=preset, seeds=args.seeds, jobs=args.jobs,
+                      device=args.device, paired=paired, command=command)
+    table = "scaling.md" if preset == "scaling" else "ablation.md"
+    with open(f"{output}/{table}", encoding="utf-8") as handle:
         print(handle.read())
-    print(f"Wall time {result['wall_s']:.0f} s (data {result['prep_s']:.0f} s). "
-          f"Table: {args.output}/ablation.md, ablation.json, ablation.png")
-    print(json.dumps({"wall_s": result["wall_s"], "prep_s": result["prep_s"]}))
+    print(f"Wall time {result['wall_s']:.0f} s. Results: {output}/{table} "
+          f"({table.replace('.md', '.json')}, {table.replace('.md', '.png')} beside it)")
+    print(json.dumps({"wall_s": result["wall_s"], "prep_s": result.get("prep_s")}))

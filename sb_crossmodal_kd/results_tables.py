@@ -1,0 +1,200 @@
+"""README's results of the study and the scaling study, from the files under ``results/``.
+
+    python -m sb_crossmodal_kd.results_tables results/
+
+prints the Markdown README shows, from ``results/study/ablation.json`` (``sbkd demo --study``)
+and ``results/scaling/scaling.json`` (``sbkd demo --scaling``) as
+:mod:`sb_crossmodal_kd.results_store` stored them, and writes the scaling plot
+``results/scaling/scaling.png``. A part not stored yet is said to be so. For the study: the
+condition table (paired differences to the AM alone), the paper's ordering tested pair by
+pair, the LM's own share (hierarchy against the same heads on hard labels), and each run's
+valid-curve flatness; for the scaling study: test WER by paired-data size and where the gain
+is largest.
+"""
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+from sb_crossmodal_kd.ablation import (
+    FLAT_GAIN,
+    last_quarter_gain,
+    markdown_table,
+    paired_difference,
+)
+from sb_crossmodal_kd.scaling import plot_scaling, scaling_table
+
+__all__ = ["CLAIMED_ORDER", "claim_lines", "flatness_table", "provenance_line", "readme_results",
+           "scaling_section", "study_section"]
+
+# The paper's claim, best first: each condition's WER below the next one's.
+CLAIMED_ORDER = ("hierarchy", "aux_subword", "label_interpolation", "am_alone")
+
+
+def _pm(mean, std):
+    return f"{mean:+.2f}" + (f" ± {std:.2f}" if std is not None else "")
+
+
+def _seeds_below(summary, condition, reference):
+    runs, references = summary[condition]["per_seed"], summary[reference]["per_seed"]
+    seeds = sorted(set(runs) & set(references))
+    return sum(runs[s]["wer"] < references[s]["wer"] for s in seeds), len(seeds)
+
+
+def claim_lines(summary):
+    """The paper's ordering tested pair by pair (paired differences, seeds that agree) and
+    the LM's own share, as Markdown bullets; conditions missing from ``summary`` are skipped.
+
+    Example
+    -------
+    >>> summary = {"hierarchy": {"per_seed": {"1": {"wer": 30.0}, "2": {"wer": 32.0}}},
+    ...            "hierarchy_no_lm": {"per_seed": {"1": {"wer": 32.0}, "2": {"wer": 33.0}}},
+    ...            "am_alone": {"per_seed": {"1": {"wer": 40.0}, "2": {"wer": 42.0}}}}
+    >>> print("\\n".join(claim_lines(summary)))
+    - hierarchy < am_alone: Δ -10.00 ± 0.00 (2 of 2 seeds): holds
+    - the LM's own share, hierarchy − hierarchy_no_lm: Δ -1.50 ± 0.71 (2 of 2 seeds below), 15 % of the hierarchy's -10.00 over the AM alone
+    """
+    present = [name for name in CLAIMED_ORDER if name in summary]
+    lines = []
+    for better, worse in zip(present, present[1:], strict=False):
+        mean, std = paired_difference(summary, better, worse)
+        below, seeds = _seeds_below(summary, better, worse)
+        verdict = "holds" if mean < 0 and below == seeds else (
+            "holds on the mean, not in every seed" if mean < 0 else "does not hold")
+        lines.append(f"- {better} < {worse}: Δ {_pm(mean, std)} ({below} of {seeds} seeds): "
+                     f"{verdict}")
+    if {"hierarchy", "hierarchy_no_lm"} <= set(summary):
+        mean, std = paired_difference(summary, "hierarchy", "hierarchy_no_lm")
+        below, seeds = _seeds_below(summary, "hierarchy", "hierarchy_no_lm")
+        line = (f"- the LM's own share, hierarchy − hierarchy_no_lm: Δ {_pm(mean, std)} "
+                f"({below} of {seeds} seeds below)")
+        if "am_alone" in summary:
+            gain, _ = paired_difference(summary, "hierarchy", "am_alone")
+            if gain:
+                line += (f", {100 * mean / gain:.0f} % of the hierarchy's {gain:+.2f} over the "
+                         "AM alone")
+        lines.append(line)
+    return lines
+
+
+def flatness_table(summary):
+    """Each run's relative valid gain over the last quarter of its epochs, ✗ where it is not
+    flat (at least :data:`~sb_crossmodal_kd.ablation.FLAT_GAIN`), as Markdown.
+
+    Example
+    -------
+    >>> summary = {"am_alone": {"per_seed": {
+    ...     "1": {"epochs": 4, "valid_wer_curve": [90.0, 50.0, 45.0, 44.9]},
+    ...     "2": {"epochs": 4, "valid_wer_curve": [90.0, 50.0, 45.0, 40.0]}}}}
+    >>> print(flatness_table(summary))
+    | condition | seed 1 | seed 2 |
+    |---|---|---|
+    | am_alone | 0.2 % | 11.1 % ✗ |
+    <BLANKLINE>
+    1 of 2 runs not flat (valid WER still improving by 3 % or more over the last ¼ of the epochs).
+    """
+    seeds = sorted({seed for entry in summary.values() for seed in entry["per_seed"]})
+    lines = ["| condition | " + " | ".join(f"seed {seed}" for seed in seeds) + " |",
+             "|---|" + "---|" * len(seeds)]
+    unflat = total = 0
+    for name, entry in summary.items():
+        cells = []
+        for seed in seeds:
+            run = entry["per_seed"].get(seed)
+            gain = None if run is None else last_quarter_gain(run.get("valid_wer_curve", []))
+            if gain is None:
+                cells.append("-")
+                continue
+            total += 1
+            unflat += gain >= FLAT_GAIN
+            cells.append(f"{100 * gain:.1f} %" + (" ✗" if gain >= FLAT_GAIN else ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    limit = f"{100 * FLAT_GAIN:g} %"
+    lines += ["", f"{unflat} of {total} runs not flat (valid WER still improving by {limit} or "
+              "more over the last ¼ of the epochs)." if unflat else
+              f"All {total} runs flat (valid WER improving by less than {limit} over the last ¼ "
+              "of the epochs)."]
+    return "\n".join(lines) + "\n"
+
+
+def provenance_line(result):
+    """Where a stored result was made: the commit and command of its storing, the commits
+    its runs recorded, and the device.
+
+    Example
+    -------
+    >>> provenance_line({"provenance": {"commit": "abc1234", "command": "sbkd demo --study"},
+    ...                  "ran": {"device": "cpu", "cpus": 2, "gpu": None},
+    ...                  "conditions": {"am_alone": {"per_seed": {"1": {"commit": "abc1234"},
+    ...                                                           "2": {"commit": "abc1234"}}}}})
+    'Run by `sbkd demo --study` at commit abc1234 (runs: abc1234 × 2) on cpu, 2 CPUs.'
+    """
+    provenance, ran = result.get("provenance", {}), result.get("ran", {})
+    summaries = ([size["conditions"] for size in result["paired"].values()]
+                 if "paired" in result else [result["conditions"]])
+    commits = Counter(run.get("commit") or "unrecorded" for summary in summaries
+                      for entry in summary.values() for run in entry["per_seed"].values())
+    device = ran.get("gpu") or ran.get("device") or result.get("settings", {}).get("device")
+    cpus = f", {ran['cpus']} CPUs" if ran.get("cpus") else ""
+    runs = ", ".join(f"{commit[:12]} × {count}" for commit, count in commits.most_common())
+    return (f"Run by `{provenance.get('command', '?')}` at commit "
+            f"{provenance.get('commit', '?')[:12]} (runs: {runs}) on {device}{cpus}.")
+
+
+def study_section(result):
+    """The study's Markdown: condition table, claim, flatness, provenance."""
+    summary = {name: result["conditions"][name] for name in result["condition_order"]}
+    return "\n".join([
+        markdown_table(summary, result["seeds"]),
+        "The paper's ordering, pair by pair (paired differences of test WER, seed by seed):",
+        "", *claim_lines(summary), "",
+        "Valid-curve flatness of every run (relative valid gain over the last ¼ of the epochs):",
+        "", flatness_table(summary), provenance_line(result), ""])
+
+
+def scaling_section(result, plot_path, plot_link):
+    """The scaling study's Markdown (table, plot link, provenance); writes the plot."""
+    plot_scaling(result, plot_path)
+    return "\n".join([scaling_table(result),
+                      f"![test WER against paired hours]({plot_link})", "",
+                      provenance_line(result), ""])
+
+
+def readme_results(results_dir):
+    """The Markdown of both parts from ``results_dir`` (``study/``, ``scaling/``)."""
+    results_dir = Path(results_dir)
+    parts = []
+    study = results_dir / "study" / "ablation.json"
+    if study.is_file():
+        parts += ["### The study (`sbkd demo --study`)", "",
+                  study_section(json.loads(study.read_text()))]
+    else:
+        parts += ["### The study (`sbkd demo --study`)", "", f"Not run yet ({study} absent).", ""]
+    scaling = results_dir / "scaling" / "scaling.json"
+    if scaling.is_file():
+        plot = scaling.parent / "scaling.png"
+        parts += ["### Scarce paired data (`sbkd demo --scaling`)", "",
+                  scaling_section(json.loads(scaling.read_text()), plot, plot.as_posix())]
+    else:
+        parts += ["### Scarce paired data (`sbkd demo --scaling`)", "",
+                  f"Not run yet ({scaling} absent).", ""]
+    return "\n".join(parts)
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", nargs="?", default="results",
+                        help="the folder of study/ and scaling/ (default results)")
+    args = parser.parse_args(argv)
+    if not Path(args.results).is_dir():
+        raise FileNotFoundError(f"{args.results} is not a folder: give the folder holding "
+                                "study/ and scaling/ (e.g. results/)")
+    print(readme_results(args.results), end="")
+
+
+if __name__ == "__main__":
+    from sb_crossmodal_kd.cli import run_reporting_errors
+
+    sys.exit(run_reporting_errors(main, sys.argv[1:], "results_tables"))

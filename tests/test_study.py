@@ -1,0 +1,215 @@
+"""The study presets at tiny sizes: the scaling driver (first-N train subsets shared by every
+condition), the study preset's resume and refusal, storing an output folder as text, and
+README's tables from hand-written result files."""
+
+import csv
+import hashlib
+import json
+
+import pytest
+from tiny_kd import TINY_MODEL, TINY_PREP
+
+from sb_crossmodal_kd import demo
+from sb_crossmodal_kd.ablation import summarize
+from sb_crossmodal_kd.results_store import store_results
+from sb_crossmodal_kd.results_tables import main as print_tables
+from sb_crossmodal_kd.scaling import run_scaling, scaling_epochs
+
+PAIRED = (12, 24)
+CONDITIONS = ("am_alone", "hierarchy")
+STEPS_REFERENCE = 24  # the 12-utterance runs train 2 epochs, the 24-utterance ones 1
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def scale(output):
+    return run_scaling(output, paired=PAIRED, conditions=CONDITIONS, seeds=1, prep=TINY_PREP,
+                       training=TINY_MODEL, steps_reference=STEPS_REFERENCE)
+
+
+@pytest.fixture(scope="module")
+def scaling(tmp_path_factory):
+    output = tmp_path_factory.mktemp("scaling")
+    return output, scale(output)
+
+
+def first_ids_digest(output, n):
+    """The digest of the first n train utterances of the manifest that have units."""
+    from sb_crossmodal_kd.units.store import UnitStore
+
+    store = UnitStore(output / "prep" / "units" / "train.units")
+    with open(output / "data" / "train.csv", newline="") as handle:
+        ids = [row["ID"] for row in csv.DictReader(handle) if row["ID"] in store]
+    return hashlib.sha1("\n".join(sorted(ids[:n])).encode()).hexdigest()[:12]
+
+
+def test_each_size_trains_every_condition_on_the_first_n_utterances(scaling):
+    output, result = scaling
+    for n in PAIRED:
+        digest = first_ids_digest(output, n)
+        assert result["paired"][str(n)]["ids_sha1"] == digest
+        assert result["paired"][str(n)]["utterances"] == n
+        for name in CONDITIONS:
+            run = output / f"paired_{n}" / "runs" / name / "1986"
+            log = (run / "log.txt").read_text()
+            assert f"train set: {n} utterances (the first {n} of " in log
+            assert f"ids sha1 {digest}" in log
+            record = json.loads((run / "run.json").read_text())
+            assert record["overrides"]["n_train_utterances"] == n
+            assert record["epochs"] == scaling_epochs(n, 1, STEPS_REFERENCE) == 24 // n
+            assert record["commit"] is None or len(record["commit"]) >= 40
+    assert first_ids_digest(output, 12) != first_ids_digest(output, 24)
+
+
+def test_scaling_writes_json_table_and_plot(scaling):
+    output, result = scaling
+    assert json.loads((output / "scaling.json").read_text()) == json.loads(json.dumps(result))
+    assert result["sizes"] == list(PAIRED) and result["condition_order"] == list(CONDITIONS)
+    hours = [result["paired"][str(n)]["hours"] for n in PAIRED]
+    assert 0 < hours[0] < hours[1]
+    rows = (output / "scaling.md").read_text().splitlines()
+    assert rows[0].startswith("| paired utterances | hours | epochs | am_alone WER % |")
+    assert [row.split(" | ")[0] for row in rows[2:4]] == ["| 12", "| 24"]
+    assert (output / "scaling.png").read_bytes()[:8] == PNG
+    # the sizes share one corpus and one set of teachers
+    assert not (output / "paired_12" / "data").exists()
+    assert not (output / "paired_12" / "prep").exists()
+
+
+def test_rerun_reuses_every_finished_run(scaling):
+    output, result = scaling
+    watched = sorted(output.glob("paired_*/runs/*/*/run.json"))
+    assert len(watched) == len(PAIRED) * len(CONDITIONS)
+    before = [path.stat().st_mtime_ns for path in watched]
+    again = scale(output)
+    assert [path.stat().st_mtime_ns for path in watched] == before
+    assert again["paired"] == result["paired"]
+
+
+def test_sizes_beyond_the_corpus_fail_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match=r"paired sizes \[12, 31\] exceed the corpus's 30"):
+        run_scaling(tmp_path / "x", paired=(12, 31), prep=TINY_PREP)
+    with pytest.raises(ValueError, match="Unknown condition 'am_only'"):
+        run_scaling(tmp_path / "x", conditions=("am_only",), prep=TINY_PREP)
+    assert not (tmp_path / "x").exists()
+
+
+def test_storing_a_folder_copies_its_text_results_only(scaling, tmp_path, capsys):
+    output, _ = scaling
+    assert list(output.glob("paired_*/runs/*/*/save/CKPT+*"))  # checkpoints to leave behind
+    results = tmp_path / "results"
+    store_results(output, results / "scaling", commit="0123abc", command="sbkd demo --scaling")
+    stored = sorted(p.relative_to(results / "scaling").as_posix()
+                    for p in (results / "scaling").rglob("*") if p.is_file())
+    runs = [f"paired_{n}/runs/{name}/1986/run.json" for n in PAIRED for name in CONDITIONS]
+    assert set(runs) <= set(stored)
+    assert {"scaling.json", "scaling.md", "data/corpus.json", "prep/prep.json"} <= set(stored)
+    assert all(name.endswith((".json", ".md")) for name in stored)
+    top = json.loads((results / "scaling" / "scaling.json").read_text())
+    assert top["provenance"] == {"commit": "0123abc", "command": "sbkd demo --scaling"}
+    print_tables([str(results)])
+    printed = capsys.readouterr().out
+    assert "Not run yet" in printed and "| 12 |" in printed and "| 24 |" in printed
+    assert "Run by `sbkd demo --scaling` at commit 0123abc" in printed
+    assert (results / "scaling" / "scaling.png").read_bytes()[:8] == PNG
+
+
+def test_study_preset_resumes_and_refuses_a_folder_of_other_settings(tmp_path, monkeypatch):
+    from sb_crossmodal_kd.io import OtherSettingsError
+
+    monkeypatch.setattr(demo, "STUDY_PREP", TINY_PREP)
+    monkeypatch.setattr(demo, "STUDY_TRAINING", TINY_MODEL)
+    monkeypatch.setattr(demo, "STUDY_CONDITIONS", ("am_alone",))
+    output = tmp_path / "study"
+    result = demo.run_demo(output, preset="study", seeds=2, jobs=1, progress=False,
+                           command="sbkd demo --study")
+    assert result["seeds"] == [1986, 1987] and result["ran"]["command"] == "sbkd demo --study"
+    watched = sorted(output.glob("runs/*/*/run.json"))
+    before = [path.stat().st_mtime_ns for path in watched]
+    assert len(watched) == 2
+    again = demo.run_demo(output, preset="study", seeds=2, jobs=1, progress=False)
+    assert [path.stat().st_mtime_ns for path in watched] == before
+    assert again["conditions"] == result["conditions"]
+    with pytest.raises(OtherSettingsError, match="differs in"):
+        demo.run_demo(output, preset="demo", jobs=1, progress=False)  # PREP_DEFAULTS' corpus
+    assert [path.stat().st_mtime_ns for path in watched] == before
+
+
+def test_presets_default_to_folders_of_their_own_and_check_their_options():
+    from sb_crossmodal_kd.cli import main
+
+    assert len({demo.default_output(preset) for preset in demo.PRESETS}) == 3
+    assert demo.STUDY_TRAINING["number_of_epochs"] == 18
+    assert demo.STUDY_PREP["corpus"]["n_text"] >= 50000
+    assert demo.SCALING_PREP["corpus"]["n_train"] == 2400
+    with pytest.raises(ValueError, match="--paired goes with --scaling"):
+        main(["demo", "--study", "--paired", "150,600"])
+    with pytest.raises(ValueError, match="--paired takes positive integers"):
+        main(["demo", "--scaling", "--paired", "150,0"])
+    with pytest.raises(SystemExit):
+        main(["demo", "--study", "--scaling"])
+
+
+def hand_records():
+    """Two seeds of the claim's conditions, with WERs chosen to test each verdict."""
+    wers = {"am_alone": (40.0, 44.0), "label_interpolation": (41.0, 43.0),
+            "aux_subword": (39.0, 43.0), "hierarchy": (37.0, 42.0),
+            "hierarchy_no_lm": (38.0, 43.0)}
+    curve = [90.0, 60.0, 50.0, 45.0, 44.0, 44.0, 43.5, 43.0]
+    return {(name, seed): {"wer": wer, "cer": wer / 4, "train_s": 10, "params": 5,
+                           "epochs": len(curve), "commit": "f" * 40,
+                           "valid_wer_curve": curve if name != "hierarchy" or seed == 1
+                           else [90.0, 60.0, 50.0, 40.0]}
+            for name, pair in wers.items() for seed, wer in zip((1, 2), pair, strict=True)}, \
+        list(wers)
+
+
+def printed_tables(results, name, result, capsys):
+    """What the tables script prints for ``results`` with ``result`` stored as ``name``."""
+    (results / name).parent.mkdir(parents=True)
+    (results / name).write_text(json.dumps(result))
+    print_tables([str(results)])
+    return capsys.readouterr().out
+
+
+def test_readme_tables_from_hand_written_results(tmp_path, capsys):
+    records, names = hand_records()
+    study = {"conditions": summarize(records, names, [1, 2]), "condition_order": names,
+             "seeds": [1, 2], "settings": {"device": "cpu"},
+             "ran": {"device": "cpu", "cpus": 2, "gpu": None},
+             "provenance": {"commit": "f" * 40, "command": "sbkd demo --study"}}
+    printed = printed_tables(tmp_path, "study/ablation.json", study, capsys)
+    # hierarchy − am_alone, seed by seed: 37 − 40, 42 − 44 → −2.5 ± 0.71
+    assert "| hierarchy | 39.50 ± 3.54 | 9.88 ± 0.88 | -2.50 ± 0.71 |" in printed
+    assert "- hierarchy < aux_subword: Δ -1.50 ± 0.71 (2 of 2 seeds): holds" in printed
+    assert ("- aux_subword < label_interpolation: Δ -1.00 ± 1.41 (1 of 2 seeds): holds on the "
+            "mean, not in every seed") in printed
+    assert ("- label_interpolation < am_alone: Δ +0.00 ± 1.41 (1 of 2 seeds): does not hold"
+            in printed)
+    # the LM's share: 37 − 38, 42 − 43 → −1 ± 0, 40 % of the hierarchy's −2.5
+    assert ("- the LM's own share, hierarchy − hierarchy_no_lm: Δ -1.00 ± 0.00 (2 of 2 seeds "
+            "below), 40 % of the hierarchy's -2.50 over the AM alone") in printed
+    assert "| hierarchy | 2.3 % | 20.0 % ✗ |" in printed
+    assert "1 of 10 runs not flat" in printed
+    assert "runs: ffffffffffff × 10) on cpu, 2 CPUs." in printed
+    assert "### Scarce paired data (`sbkd demo --scaling`)\n\nNot run yet" in printed
+
+
+def test_scaling_table_finds_where_the_gain_is_largest(tmp_path, capsys):
+    records, _ = hand_records()
+    names = ["am_alone", "hierarchy", "hierarchy_no_lm"]
+
+    def size(n, hours, shift):
+        shifted = {key: {**r, "wer": r["wer"] + (shift if key[0] == "am_alone" else 0)}
+                   for key, r in records.items() if key[0] in names}
+        return {"utterances": n, "hours": hours, "epochs": 18,
+                "conditions": summarize(shifted, names, [1, 2])}
+
+    scaling = {"sizes": [150, 600], "condition_order": names, "seeds": [1, 2],
+               "paired": {"150": size(150, 0.12, 10.0), "600": size(600, 0.5, 0.0)},
+               "provenance": {"commit": "abc", "command": "sbkd demo --scaling"}}
+    printed = printed_tables(tmp_path, "scaling/scaling.json", scaling, capsys)
+    # at 150 the AM alone is 10 points worse: hierarchy − am_alone = −12.5 ± 0.71
+    assert "| 150 | 0.12 | 18 | 52.00 ± 2.83 | 39.50 ± 3.54 | 40.50 ± 3.54 |" in printed
+    assert "| -12.50 ± 0.71 | -11.50 ± 0.71 | -1.00 ± 0.00 | 20.0 % |" in printed
+    assert "largest at 150 paired utterances (0.12 h): -12.50 WER points" in printed
+    assert (tmp_path / "scaling" / "scaling.png").read_bytes()[:8] == PNG
