@@ -59,6 +59,17 @@ class ARPAFormatError(ValueError):
     """An LM file that is not a well-formed, normalised ARPA n-gram model."""
 
 
+class _EndOfFileBeforeEnd(Exception):
+    """The file ended before its ``\\end\\`` line."""
+
+
+def _lines_then_refuse_eof(handle):
+    """The lines of ``handle``; raises at the end of the file, which ``read_arpa`` only
+    reaches on a file without ``\\end\\`` (it would otherwise loop forever on one)."""
+    yield from handle
+    raise _EndOfFileBeforeEnd
+
+
 @register_checkpoint_hooks
 class NgramLM:
     """A backoff word n-gram LM: SpeechBrain's ``BackoffNgramLM`` tables, checked.
@@ -245,7 +256,7 @@ def load_ngram(path):
     malformed = f"{path}: not a well-formed ARPA n-gram model"
     try:
         with opener(path, "rt", encoding="utf-8") as handle:
-            declared, ngrams, backoffs = read_arpa(handle)
+            declared, ngrams, backoffs = read_arpa(_lines_then_refuse_eof(handle))
     except PermissionError as error:
         raise PermissionError(f"{path}: cannot read the LM file ({error.strerror}).") from error
     except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as error:
@@ -253,6 +264,9 @@ def load_ngram(path):
             f"{malformed}: not ARPA text ({type(error).__name__}); a KenLM binary LM is not "
             "read, pass the ARPA file it was built from."
         ) from error
+    except _EndOfFileBeforeEnd as error:
+        raise ARPAFormatError(f"{malformed}: it ends before its \\end\\ line (truncated?), "
+                              "or has no \\data\\ section.") from error
     except ValueError as error:  # read_arpa's report of a bad line or missing section
         raise ARPAFormatError(f"{malformed}: {error}.") from error
     except OSError as error:
