@@ -32,13 +32,16 @@ from sb_crossmodal_kd.decoding.ngram import (
     load_ngram,
 )
 
-__all__ = ["NgramCTCBeamSearcher", "VocabularyMismatchError", "spellable_words"]
+__all__ = ["DEFAULT_SETTINGS", "NgramCTCBeamSearcher", "VocabularyMismatchError",
+           "spellable_words"]
 
 WORD_START = "▁"  # SentencePiece's mark of a piece that begins a word
 BLANK_LABEL = "<ctc_blank>"
 # Below this share of the LM's words spellable by the pieces, LM and tokenizer are taken
 # for a mismatch (other case, other language, another text normalisation).
 MIN_SPELLABLE_FRACTION = 0.5
+# The decoding settings when none are chosen (choose them on valid: decoding.tuning)
+DEFAULT_SETTINGS = {"lm_weight": 0.5, "word_insertion_bonus": 0.0, "beam_width": 32}
 
 
 class VocabularyMismatchError(ValueError):
@@ -212,8 +215,10 @@ class NgramCTCBeamSearcher(CTCBeamSearcher):
     ['A B']
     """
 
-    def __init__(self, blank_index, vocab_list, language_model, lm_weight=0.5,
-                 word_insertion_bonus=0.0, beam_width=32, unknown_word_penalty=-10.0,
+    def __init__(self, blank_index, vocab_list, language_model,
+                 lm_weight=DEFAULT_SETTINGS["lm_weight"],
+                 word_insertion_bonus=DEFAULT_SETTINGS["word_insertion_bonus"],
+                 beam_width=DEFAULT_SETTINGS["beam_width"], unknown_word_penalty=-10.0,
                  beam_prune_logp=-10.0, token_prune_min_logp=-5.0, prune_history=True,
                  min_spellable_fraction=MIN_SPELLABLE_FRACTION):
         labels = list(vocab_list)
