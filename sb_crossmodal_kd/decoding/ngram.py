@@ -16,16 +16,16 @@ probability and ``<unk>`` takes that share for words never seen.
 Example
 -------
 >>> import math, pathlib, tempfile
->>> folder = pathlib.Path(tempfile.mkdtemp())
->>> _ = (folder / "text.txt").write_text("TURN ON THE LIGHT\\nTURN OFF THE LIGHT\\n")
->>> lm = train_ngram(folder / "text.txt", folder / "lm.arpa", order=3)
+>>> text = pathlib.Path(tempfile.mkdtemp()) / "text.txt"
+>>> _ = text.write_text("TURN ON THE LIGHT\\nTURN OFF THE LIGHT\\n")
+>>> lm = train_ngram(text, text.with_suffix(".arpa"))  # a trigram LM
 >>> lm.order, sorted(lm.words)
 (3, ['LIGHT', 'OFF', 'ON', 'THE', 'TURN'])
->>> p_light = math.exp(lm.log_prob("LIGHT", ("ON", "THE")))
->>> p_turn = math.exp(lm.log_prob("TURN", ("ON", "THE")))
+>>> p_light, p_turn = (math.exp(lm.log_prob(word, ("ON", "THE"))) for word in ("LIGHT", "TURN"))
 >>> p_light > 0.5 > p_turn
 True
->>> load_ngram(folder / "lm.arpa").log_prob("LIGHT", ("ON", "THE")) == lm.log_prob("LIGHT", ("ON", "THE"))
+>>> again = load_ngram(text.with_suffix(".arpa"))
+>>> again.log_prob("LIGHT", ("ON", "THE")) == lm.log_prob("LIGHT", ("ON", "THE"))
 True
 """
 
