@@ -14,6 +14,13 @@ SentencePiece tokenizer and greedy CTC decoding), ``encoder.ckpt`` (the weights)
 and ``export.json`` (where it came from). Everything the training run had only for training
 (auxiliary heads, teachers, optimiser, data) is left out.
 
+Exported with a word n-gram LM (``export_asr(..., lm=ARPA)``, ``sbkd export --lm``), the
+folder also holds ``lm.ckpt`` (the LM, in the ARPA format) and its hparams decode with CTC
+beam search and the LM (:class:`sb_crossmodal_kd.decoding.NgramCTCBeamSearcher`, which
+``EncoderASR`` builds from ``decoding_function`` and ``test_beam_search``, the settings).
+:func:`load_asr` and :func:`set_decoding` switch any exported model to LM decoding with an
+ARPA file, to other settings, or back to greedy decoding.
+
 Local folders and ``savedir``: given no ``savedir``, ``from_hparams`` reads the files where
 they are. Given one, SpeechBrain puts symbolic links to the folder's files there and, on a
 later load, reuses whatever that ``savedir`` already holds: use a separate ``savedir`` per
@@ -35,12 +42,14 @@ from sb_crossmodal_kd.experiment import WRAPPER_KEY, file_overrides
 from sb_crossmodal_kd.io import atomic_path, atomic_write_json, atomic_write_text
 from sb_crossmodal_kd.nnet.moe import padding_mask
 
-__all__ = ["CTCAcousticModel", "export_asr", "load_asr", "read_audio", "transcribe_files"]
+__all__ = ["CTCAcousticModel", "export_asr", "load_asr", "read_audio", "set_decoding",
+           "transcribe_files"]
 
 EXPORT_FORMAT = "sb_crossmodal_kd.export/1"
 RECORD_FILE = "export.json"
 HPARAMS_FILE = "hyperparams.yaml"
 MODEL_CARD = "README.md"
+LM_FILE = "lm.ckpt"  # the name SpeechBrain's Pretrainer gives the loadable "lm"
 SENTENCEPIECE = "speechbrain.tokenizers.SentencePiece.SentencePiece"
 
 # The modules CTCBrain.compute_forward runs, in order; every other training module
@@ -232,9 +241,7 @@ encoder: !new:sb_crossmodal_kd.inference.CTCAcousticModel
     ctc_lin: !ref <ctc_lin>
     log_softmax: !ref <log_softmax>
 tokenizer: !new:sentencepiece.SentencePieceProcessor
-decoding_function: !name:speechbrain.decoders.ctc_greedy_decode
-    blank_id: !ref <blank_index>
-audio_normalizer: !new:speechbrain.dataio.preprocess.AudioNormalizer
+{decoding}audio_normalizer: !new:speechbrain.dataio.preprocess.AudioNormalizer
     sample_rate: !ref <sample_rate>
 modules:
     encoder: !ref <encoder>
@@ -243,13 +250,32 @@ pretrainer: !new:speechbrain.utils.parameter_transfer.Pretrainer
         encoder: !ref <encoder>
         normalizer: !ref <normalizer>
         tokenizer: !ref <tokenizer>
+{lm_loadable}"""
+GREEDY_DECODING = """\
+decoding_function: !name:speechbrain.decoders.ctc_greedy_decode
+    blank_id: !ref <blank_index>
 """
+# The LM is filled from lm.ckpt by the pretrainer (after the tokenizer); EncoderASR then
+# builds the searcher with test_beam_search and the tokenizer's pieces as vocab_list.
+LM_DECODING = """\
+language_model: !new:sb_crossmodal_kd.decoding.ngram.NgramLM
+decoding_function: !name:sb_crossmodal_kd.decoding.beam_search.NgramCTCBeamSearcher
+test_beam_search:
+    blank_index: !ref <blank_index>
+    language_model: !ref <language_model>
+"""
+LM_LOADABLE = "        lm: !ref <language_model>\n"
 
 
-def _inference_yaml(tree, header):
-    """The text of the exported ``hyperparams.yaml``."""
+def _inference_yaml(tree, header, lm_settings=None):
+    """The text of the exported ``hyperparams.yaml``; LM decoding with ``lm_settings``
+    (``lm_weight``, ``word_insertion_bonus``, ``beam_width``) when given."""
     yaml = ruamel.yaml.YAML()
-    out = yaml.load(INFERENCE_TEMPLATE)
+    out = yaml.load(INFERENCE_TEMPLATE.format(
+        decoding=GREEDY_DECODING if lm_settings is None else LM_DECODING,
+        lm_loadable="" if lm_settings is None else LM_LOADABLE))
+    for key, value in (lm_settings or {}).items():
+        out["test_beam_search"][key] = value
     memo = {}
     for key, source in (("compute_features", tree["modules"]["compute_features"]),
                         ("normalizer", tree["modules"]["normalize"]),
@@ -300,7 +326,8 @@ def _claim_output(folder, force):
     return []
 
 
-def export_asr(run, output_dir, overrides=None, min_key="WER", force=False):
+def export_asr(run, output_dir, overrides=None, min_key="WER", force=False, lm=None,
+               lm_settings=None):
     """Writes the inference model of a training run to ``output_dir``.
 
     The model is the run's best checkpoint (lowest ``min_key``, as the recipes test with)
@@ -322,6 +349,14 @@ def export_asr(run, output_dir, overrides=None, min_key="WER", force=False):
     force : bool
         Write into a non-empty folder that is not an earlier export (files of the same
         names are replaced, others kept).
+    lm : str or Path, optional
+        A word n-gram LM (ARPA file, e.g. from :func:`sb_crossmodal_kd.decoding.train_ngram`)
+        for the model to decode with; checked against the tokenizer before anything is
+        written.
+    lm_settings : dict, optional
+        ``lm_weight``, ``word_insertion_bonus``, ``beam_width`` of LM decoding (defaults:
+        :data:`sb_crossmodal_kd.decoding.beam_search.DEFAULT_SETTINGS`; choose them on
+        valid with :func:`sb_crossmodal_kd.decoding.choose_decoding_settings`).
 
     Returns
     -------
@@ -339,6 +374,10 @@ def export_asr(run, output_dir, overrides=None, min_key="WER", force=False):
     output_dir = Path(output_dir).resolve()
     previous_files = _claim_output(output_dir, force)
     hparams_file, tree = _training_tree(run, overrides)
+    lm_settings_given = any(value is not None for value in (lm_settings or {}).values())
+    lm_settings = None if lm is None else _lm_decoding_settings(lm_settings)
+    if lm is None and lm_settings_given:
+        raise ValueError("LM decoding settings were given without an LM (lm=ARPA, --lm).")
 
     # The checkpointed objects the inference model consists of, under their checkpoint keys.
     recoverables = dict(tree["checkpointer"].get("recoverables") or {})
@@ -350,7 +389,8 @@ def export_asr(run, output_dir, overrides=None, min_key="WER", force=False):
 
     yaml_text = _inference_yaml(tree, f"Inference model exported by `sbkd export` from "
                                       f"{hparams_file}\nLoad: speechbrain.inference.ASR."
-                                      "EncoderASR.from_hparams(source=<this folder>)")
+                                      "EncoderASR.from_hparams(source=<this folder>)",
+                                lm_settings)
     hparams = load_hyperpyyaml(yaml_text)
     model = hparams["encoder"]
     objects = {"compute_features": model.compute_features, "normalize": model.normalize,
@@ -377,6 +417,8 @@ def export_asr(run, output_dir, overrides=None, min_key="WER", force=False):
         ) from error
     kept = inference_modules(hparams["modules"])  # raises if heads hide inside the encoder
     tokenizer_model = _tokenizer_model(tree)
+    language_model = None if lm is None else _checked_lm(lm, lm_settings, tokenizer_model,
+                                                         int(tree["blank_index"]))
 
     output_dir.mkdir(parents=True, exist_ok=True)
     # Claimed first: an interrupted export is still recognised (and replaced) next time.
@@ -388,12 +430,19 @@ def export_asr(run, output_dir, overrides=None, min_key="WER", force=False):
             get_default_hook(obj, DEFAULT_SAVE_HOOKS)(obj, tmp)
     with atomic_path(output_dir / "tokenizer.ckpt") as tmp:
         shutil.copyfile(tokenizer_model, tmp)
+    written_lm = []
+    if language_model is not None:
+        language_model.write_arpa(output_dir / LM_FILE)
+        written_lm = [LM_FILE]
     atomic_write_text(output_dir / HPARAMS_FILE, yaml_text)
     results_file = hparams_file.parent / "results.json"  # the run's test results, if tested
     test_results = json.loads(results_file.read_text()) if results_file.is_file() else None
+    lm_record = None if lm is None else {
+        "source": str(Path(lm).resolve()), "order": language_model.order,
+        "words": len(language_model.words), **lm_settings}
     atomic_write_text(output_dir / MODEL_CARD, _model_card(
-        tree, hparams_file, checkpoint.meta, test_results, count_parameters(kept)))
-    written = sorted([*files, "tokenizer.ckpt", HPARAMS_FILE, MODEL_CARD])
+        tree, hparams_file, checkpoint.meta, test_results, count_parameters(kept), lm_record))
+    written = sorted([*files, "tokenizer.ckpt", HPARAMS_FILE, MODEL_CARD, *written_lm])
     for name in previous_files:  # an earlier export's files this one no longer has
         stale = output_dir / Path(name).name
         if name not in written and stale.is_file():
@@ -409,9 +458,36 @@ def export_asr(run, output_dir, overrides=None, min_key="WER", force=False):
         "parameters": count_parameters(kept),
         "sample_rate": int(tree["sample_rate"]),
         "files": written,
+        "lm": lm_record,
     }
     atomic_write_json(output_dir / RECORD_FILE, record)
     return record
+
+
+def _lm_decoding_settings(settings):
+    """The LM decoding settings: those given (None: unset), the defaults for the others."""
+    from sb_crossmodal_kd.decoding.beam_search import DEFAULT_SETTINGS
+
+    given = {key: value for key, value in (settings or {}).items() if value is not None}
+    unknown = sorted(set(given) - set(DEFAULT_SETTINGS))
+    if unknown:
+        raise ValueError(f"Unknown LM decoding settings {unknown}: the settings are "
+                         f"{sorted(DEFAULT_SETTINGS)}.")
+    return {**DEFAULT_SETTINGS, **given}
+
+
+def _checked_lm(lm, settings, tokenizer_model, blank_index):
+    """The LM read from ``lm``, once a decoder with it, ``settings`` and the tokenizer's
+    pieces was built (which refuses an LM the pieces cannot spell)."""
+    import sentencepiece
+
+    from sb_crossmodal_kd.decoding import NgramCTCBeamSearcher, load_ngram
+
+    language_model = load_ngram(lm)
+    tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_model))
+    pieces = [tokenizer.id_to_piece(i) for i in range(tokenizer.get_piece_size())]
+    NgramCTCBeamSearcher(blank_index, pieces, language_model, **settings)
+    return language_model
 
 
 # What a model card reports of the training settings, where the hparams have them.
@@ -420,7 +496,7 @@ CARD_SETTINGS = ("condition", "seed", "data_folder", "train_csv", "prep_folder",
                  "lr", "max_batch_seconds", "sample_rate")
 
 
-def _model_card(tree, hparams_file, meta, test_results, parameters):
+def _model_card(tree, hparams_file, meta, test_results, parameters, lm_record=None):
     """The exported folder's README.md: training data and settings, WERs, how to load it."""
     settings = [f"- `{key}`: {tree[key]}" for key in CARD_SETTINGS
                 if key in tree and isinstance(tree[key], int | float | str | bool)]
@@ -438,7 +514,7 @@ def _model_card(tree, hparams_file, meta, test_results, parameters):
         "used (auxiliary heads, teachers).", "",
         "## Training", "", f"Hparams: `{hparams_file}`.", "", *settings, "",
         "## Results", "", *(scores or ["- not tested (no results.json beside the run's hparams)"]),
-        "",
+        "", *_lm_card_section(lm_record),
         "## Use", "",
         "```python",
         "from speechbrain.inference.ASR import EncoderASR",
@@ -452,12 +528,32 @@ def _model_card(tree, hparams_file, meta, test_results, parameters):
     return "\n".join(lines)
 
 
+def _lm_card_section(lm_record):
+    """The model card's lines on LM decoding (none for a greedy model)."""
+    if lm_record is None:
+        return []
+    return [
+        "## Decoding", "",
+        f"CTC beam search (beam {lm_record['beam_width']}) with a {lm_record['order']}-gram "
+        f"word LM of {lm_record['words']:,} words (`{LM_FILE}`, ARPA format, from "
+        f"`{lm_record['source']}`), LM weight {lm_record['lm_weight']}, word insertion bonus "
+        f"{lm_record['word_insertion_bonus']}. The test WER above is the run's greedy "
+        "decoding. `sbkd transcribe --greedy` decodes without the LM.", "",
+    ]
+
+
 # Inference -------------------------------------------------------------------------------
 
 
-def load_asr(model_dir, device="cpu"):
+def load_asr(model_dir, device="cpu", lm=None, greedy=False, **lm_settings):
     """Loads an exported model as SpeechBrain's ``EncoderASR``, reading its files in place
-    (no ``savedir``, so no links and no copies)."""
+    (no ``savedir``, so no links and no copies).
+
+    It decodes as exported (greedy, or with the LM it was exported with); ``lm``,
+    ``greedy`` and the settings (``lm_weight``, ``word_insertion_bonus``, ``beam_width``)
+    change that as :func:`set_decoding` does. An LM that does not fit the model's tokenizer
+    is refused here, before any decoding.
+    """
     from speechbrain.inference.ASR import EncoderASR
 
     model_dir = Path(model_dir)
@@ -468,7 +564,65 @@ def load_asr(model_dir, device="cpu"):
             f"{model_dir} is not a complete exported model (no {RECORD_FILE} of a finished "
             "export): make one with `sbkd export --run RUN_FOLDER --output DIR`."
         )
-    return EncoderASR.from_hparams(source=str(model_dir.resolve()), run_opts={"device": device})
+    asr = EncoderASR.from_hparams(source=str(model_dir.resolve()), run_opts={"device": device})
+    if lm is not None or greedy or any(value is not None for value in lm_settings.values()):
+        set_decoding(asr, lm=lm, greedy=greedy, **lm_settings)
+    return asr
+
+
+def set_decoding(asr, lm=None, greedy=False, lm_weight=None, word_insertion_bonus=None,
+                 beam_width=None):
+    """Sets how a loaded exported model (``EncoderASR``) decodes.
+
+    Arguments
+    ---------
+    asr : speechbrain.inference.ASR.EncoderASR
+        A model of :func:`load_asr` (or ``EncoderASR.from_hparams`` on an exported folder).
+    lm : str or Path or NgramLM, optional
+        Decode with this word n-gram LM (an ARPA file); without it, the model's own LM.
+    greedy : bool
+        Greedy CTC decoding (no LM) instead.
+    lm_weight, word_insertion_bonus, beam_width : float, float, int, optional
+        LM decoding settings to change (the others stay as exported, or the defaults).
+
+    Raises
+    ------
+    ValueError
+        Settings for a model with no LM and none given, or an LM that does not fit the
+        model's tokenizer (:class:`sb_crossmodal_kd.decoding.VocabularyMismatchError`) or
+        is malformed (:class:`sb_crossmodal_kd.decoding.ARPAFormatError`).
+    OSError
+        An LM file that is missing or cannot be read (named in the message).
+    """
+    import functools
+
+    from speechbrain.decoders import ctc_greedy_decode
+
+    from sb_crossmodal_kd.decoding import NgramCTCBeamSearcher, NgramLM, load_ngram
+
+    settings = {key: value for key, value in (("lm_weight", lm_weight),
+                                              ("word_insertion_bonus", word_insertion_bonus),
+                                              ("beam_width", beam_width)) if value is not None}
+    blank_index = int(asr.hparams.blank_index)
+    if greedy:
+        if lm is not None or settings:
+            raise ValueError("Greedy decoding takes no LM and no LM decoding settings.")
+        asr.hparams.decoding_function = functools.partial(ctc_greedy_decode,
+                                                          blank_id=blank_index)
+    else:
+        exported = dict(getattr(asr.hparams, "test_beam_search", None) or {})
+        if lm is None and "language_model" not in exported:
+            raise ValueError("The model was exported without an LM: pass one (lm=ARPA, --lm) "
+                             "to decode with LM settings.")
+        if lm is not None:
+            exported["language_model"] = lm if isinstance(lm, NgramLM) else load_ngram(lm)
+        asr.hparams.decoding_function = NgramCTCBeamSearcher
+        asr.hparams.test_beam_search = {"blank_index": blank_index, **exported, **settings}
+    # A searcher is a torch Module, registered as the model's child: it must go before
+    # anything else can take its attribute.
+    if hasattr(asr, "decoding_function"):
+        del asr.decoding_function
+    asr.set_decoding_function()  # SpeechBrain's: builds the searcher with the pieces
 
 
 def read_audio(asr, path):

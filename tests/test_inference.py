@@ -23,6 +23,8 @@ from sb_crossmodal_kd.alignment.framerate import FrameRate
 from sb_crossmodal_kd.brain import count_parameters
 from sb_crossmodal_kd.cli import main
 from sb_crossmodal_kd.data.corpus import make_corpus
+from sb_crossmodal_kd.decoding import NgramCTCBeamSearcher, load_ngram, train_ngram
+from sb_crossmodal_kd.decoding.beam_search import DEFAULT_SETTINGS
 from sb_crossmodal_kd.experiment import (
     asr_datasets,
     file_overrides,
@@ -309,3 +311,88 @@ def test_export_and_load_say_what_is_missing(tiny_corpus, tmp_path):
     assert not (tmp_path / "model").exists()
     with pytest.raises(FileNotFoundError, match="not a complete exported model"):
         load_asr(tmp_path / "nowhere")
+
+
+# Decoding with a word n-gram LM ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def corpus_lm(tiny_corpus, tmp_path_factory):
+    """A trigram LM on the corpus's LM text (the text-only sentences)."""
+    return train_ngram(tiny_corpus / "lm_text" / "train.txt",
+                       tmp_path_factory.mktemp("lm") / "lm.arpa")
+
+
+def lm_decoder(asr, arpa, **settings):
+    """The searcher the exported model should decode with, built from the LM file here."""
+    pieces = [asr.tokenizer.id_to_piece(i) for i in range(asr.tokenizer.vocab_size())]
+    return NgramCTCBeamSearcher(int(asr.hparams.blank_index), pieces, load_ngram(arpa),
+                                **settings)
+
+
+def test_export_with_an_lm_decodes_with_it(asr_run, tiny_corpus, corpus_lm, tmp_path):
+    arpa = tmp_path / "lm.arpa"
+    corpus_lm.write_arpa(arpa)
+    settings = {"lm_weight": 0.7, "word_insertion_bonus": 0.5, "beam_width": 8}
+    record = export_asr(asr_run, tmp_path / "model", lm=arpa, lm_settings=settings)
+    assert record["lm"] == {"source": str(arpa), "order": 3, "words": len(corpus_lm.words),
+                            **settings}
+    assert "lm.ckpt" in record["files"]
+    assert "3-gram word LM" in (tmp_path / "model" / "README.md").read_text()
+    greedy_export = export_asr(asr_run, tmp_path / "greedy")
+    assert greedy_export["lm"] is None
+    greedy = load_asr(tmp_path / "greedy")
+    linked = EncoderASR.from_hparams(source=str(tmp_path / "model"),
+                                     savedir=str(tmp_path / "savedir"))
+    in_place = load_asr(tmp_path / "model")
+    expected = lm_decoder(in_place, arpa, **settings)
+    for wav in corpus_wavs(tiny_corpus):
+        log_probs = in_place.encode_batch(read_audio(in_place, wav)[None], torch.tensor([1.0]))
+        text = expected.transcribe(log_probs)[0]
+        for asr in (linked, in_place):
+            assert isinstance(asr.decoding_function, NgramCTCBeamSearcher)
+            assert asr.decoding_function.settings == settings
+            assert asr.transcribe_file(wav) == text
+        # Greedy decoding of the LM export is the plain export's.
+        assert load_asr(tmp_path / "model", greedy=True).transcribe_file(wav) \
+            == greedy.transcribe_file(wav)
+    # Another LM weight on the exported LM, and an LM on a model exported without one.
+    assert load_asr(tmp_path / "model", lm_weight=0.0).decoding_function.settings \
+        == {**settings, "lm_weight": 0.0}
+    with_lm = load_asr(tmp_path / "greedy", lm=arpa, beam_width=4)
+    assert with_lm.decoding_function.settings == {**DEFAULT_SETTINGS, "beam_width": 4}
+
+
+def test_cli_transcribe_with_an_lm_and_bad_lms_refused(asr_run, tiny_corpus, corpus_lm,
+                                                       tmp_path, capsys):
+    model = tmp_path / "model"
+    arpa = tmp_path / "lm.arpa"
+    corpus_lm.write_arpa(arpa)
+    assert main(["export", "--run", str(asr_run), "--output", str(model)]) == 0
+    capsys.readouterr()
+    wav = corpus_wavs(tiny_corpus, 1)[0]
+    assert main(["transcribe", "--model", str(model), "--lm", str(arpa), "--beam", "4",
+                 wav]) == 0
+    expected = load_asr(model, lm=arpa, beam_width=4).transcribe_file(wav)
+    assert capsys.readouterr().out == f"{wav}\t{expected}\n"
+
+    upper = tmp_path / "upper.txt"  # the corpus is lower case: an LM its pieces cannot spell
+    upper.write_text((tiny_corpus / "lm_text" / "train.txt").read_text().upper())
+    train_ngram(upper, tmp_path / "upper.arpa")
+    (tmp_path / "garbage.arpa").write_text("this is not an LM\n")
+    refused = {
+        "missing.arpa": "missing.arpa: no such LM file",
+        "garbage.arpa": "garbage.arpa: not a well-formed ARPA n-gram model",
+        "upper.arpa": "The LM does not match the tokenizer: only 0 of its",
+    }
+    for name, message in refused.items():
+        for command in (["transcribe", "--model", str(model), "--lm", str(tmp_path / name),
+                         wav],
+                        ["export", "--run", str(asr_run), "--output", str(tmp_path / "out"),
+                         "--lm", str(tmp_path / name)]):
+            assert main(command) == 2
+            out, err = capsys.readouterr()
+            assert out == "" and len(err.splitlines()) == 1 and message in err, err
+            assert not (tmp_path / "out").exists()  # refused before anything was written
+    assert main(["transcribe", "--model", str(model), "--lm-weight", "1", wav]) == 2
+    assert "exported without an LM" in capsys.readouterr().err
