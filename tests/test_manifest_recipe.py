@@ -141,6 +141,43 @@ def test_rerun_skips_and_another_lm_text_is_refused(corpus, prepared, tmp_path):
                                        settings=prep_settings(splits=["train", "test_other"]))
 
 
+def test_two_jobs_prepare_the_same_bytes_and_an_older_prep_folder_is_kept(corpus, prepared,
+                                                                          tmp_path):
+    import shutil
+
+    user, manifests, prep = prepared
+    settings = prep_settings(**_tiny_settings(user))
+    options = {"lm_text": corpus[1]["lm_train"], "settings": settings,
+               "replacements": {"data_root": str(corpus[0])}, "through": "unit_stores"}
+    two = tmp_path / "two_jobs"
+    # The same phone model and tokenizer (not sharded), then the sharded steps in 2 processes.
+    (two / "align").mkdir(parents=True)
+    shutil.copy(prep / "align" / "aligner.pt", two / "align" / "aligner.pt")
+    shutil.copytree(prep / "tokenizer", two / "tokenizer")
+    prepare_kd_data_from_manifests(manifests, two, jobs=2, **options)
+    splits = settings["splits"]
+    same = ["senone_tree.json", *[f"align/{split}_phone_alignments.json" for split in splits],
+            *[f"units/{split}.units" for split in splits]]
+    for name in same:  # the same bytes but for the folder's own path (the manifest's)
+        assert ((two / name).read_bytes().replace(bytes(two), b"")
+                == (prep / name).read_bytes().replace(bytes(prep), b"")), name
+    # A folder prepared before the shards: its one-document alignments become shards, nothing
+    # is aligned again and the stores are kept.
+    older = tmp_path / "older"
+    shutil.copytree(two, older)
+    for split in splits:
+        shutil.rmtree(older / "align" / f"{split}_shards")
+    kept = {name: (older / name).stat().st_mtime_ns for name in same if "units" in name}
+    prepare_kd_data_from_manifests(manifests, older, **options)
+    assert {name: (older / name).stat().st_mtime_ns for name in kept} == kept
+    for split in splits:
+        shards = sorted((older / "align" / f"{split}_shards").glob("shard-*.jsonl"))
+        assert [p.read_bytes() for p in shards] == [
+            p.read_bytes() for p in sorted((two / "align" / f"{split}_shards").glob("*.jsonl"))]
+    with pytest.raises(ValueError, match="jobs must be a positive number"):
+        prepare_kd_data_from_manifests(manifests, tmp_path / "bad", jobs=0, **options)
+
+
 def test_a_small_vocabulary_task_is_told_its_largest_vocab_size(corpus, tmp_path):
     # Digits or commands: a few words cannot make 40 subword pieces. Told not to fit the
     # size, the chain says how many they can make, before aligning anything.

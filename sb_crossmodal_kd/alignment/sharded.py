@@ -50,7 +50,7 @@ from sb_crossmodal_kd.sharding import check_jobs, shard_ranges, shard_results
 logger = logging.getLogger(__name__)
 
 __all__ = ["SHARD_SIZE", "ShardedAlignments", "align_split", "export_split_units",
-           "split_tree_statistics", "write_alignments_document"]
+           "import_alignments_document", "split_tree_statistics", "write_alignments_document"]
 
 # Rows per shard: a fixed layout (results do not depend on the number of processes), small
 # enough that one shard's alignments are a few MB, large enough that a worker's start-up
@@ -73,11 +73,26 @@ def _aligner(aligner_path, lexicon_file, oov_policy):
 
 
 def alignment_settings(lexicon_hash, aligner_path, text_key="wrd"):
-    """The hash every shard of one alignment run carries: lexicon, aligner file, text column."""
-    aligner = hashlib.sha256(Path(aligner_path).read_bytes()).hexdigest()
+    """The hash every shard of one alignment run carries: lexicon, aligner (its settings and
+    weights), text column."""
+    aligner = _aligner_digest(aligner_path)
     described = json.dumps({"lexicon": lexicon_hash, "aligner": aligner, "text_key": text_key},
                            sort_keys=True)
     return hashlib.sha256(described.encode("utf-8")).hexdigest()[:16]
+
+
+def _aligner_digest(path):
+    """A hash of a saved aligner's content (the file's own bytes also hold its temporary
+    name, so two saves of one model differ)."""
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    digest = hashlib.sha256(json.dumps(
+        {"settings": state["settings"], "lexicon": state["lexicon"]}, sort_keys=True).encode())
+    for name, tensor in [*sorted(state["model"].items()), ("log_prior", state["log_prior"])]:
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 class ShardedAlignments:
@@ -166,7 +181,8 @@ def align_split(aligner_path, manifest, folder, lexicon_file=None, oov_policy="g
     if document is not None:
         full_header = {**(header or {}), "lexicon": lexicon.hash,
                        "aligner": _aligner(*spec[:3]).state()["settings"], "report": report}
-        _on_main(write_alignments_document, document, alignments, full_header)
+        if built or not _document_has(document, full_header):
+            _on_main(write_alignments_document, document, alignments, full_header)
     seconds = time.time() - start_time
     return alignments, {**report, "seconds": round(seconds, 2), "shards_built": built,
                         "audio_s_per_s": round(report["audio_s"] / max(seconds, 1e-9), 2)}
@@ -189,13 +205,59 @@ def _align_shard(spec, path, header, rows):
     return read_shard_end(path), True
 
 
+def import_alignments_document(document, manifest, folder, aligner_path, lexicon_file=None,
+                               oov_policy="g2p", text_key="wrd", shard_size=SHARD_SIZE):
+    """Cuts a one-document alignment file (what the chain wrote before shards) into the
+    shard files :func:`align_split` keeps, so that it aligns nothing again.
+
+    The document is read whole, once (its split was small enough to be written so); each
+    shard's ``audio_s`` is its audio files' length.
+    """
+    from sb_crossmodal_kd.alignment.corpus import load_alignments
+    from sb_crossmodal_kd.data.audio import audio_samples
+
+    lexicon = _lexicon(lexicon_file and str(lexicon_file), oov_policy)
+    header, records = load_alignments(document, lexicon.hash)
+    skipped = dict(header.get("report", {}).get("skipped", []))
+    rows = read_manifest(manifest, text_key)
+    settings = alignment_settings(lexicon.hash, aligner_path, text_key)
+    rate = _aligner(str(aligner_path), lexicon_file and str(lexicon_file),
+                    oov_policy).settings.frame_rate.sample_rate
+    for i, (start, stop) in enumerate(shard_ranges(len(rows), shard_size)):
+        shard_rows = rows[start:stop]
+        with ShardWriter(shard_path(folder, i),
+                         shard_header(settings, i, start, shard_rows, text_key)) as shard:
+            for row in shard_rows:
+                if row["ID"] in records:
+                    shard.add(row["ID"], records[row["ID"]])
+            seconds = sum(audio_samples(row["wav"], rate) / rate for row in shard_rows)
+            shard.finish([[row["ID"], skipped[row["ID"]]] for row in shard_rows
+                          if row["ID"] in skipped], round(seconds, 2))
+
+
+def _document_start(header):
+    return (f'{{"format": {json.dumps(ALIGNMENTS_FORMAT)}, "header": {json.dumps(header)}, '
+            '"utterances": {')
+
+
+def _document_has(path, header):
+    """Whether the document at ``path`` was written, to its end, from shards with ``header``."""
+    start = _document_start(header).encode("utf-8")
+    if not Path(path).is_file():
+        return False
+    with open(path, "rb") as f:
+        if f.read(len(start)) != start:
+            return False
+        f.seek(-3, 2)
+        return f.read() == b"}}\n"
+
+
 def write_alignments_document(path, alignments, header):
     """Writes the shards as one :func:`~sb_crossmodal_kd.alignment.corpus.save_alignments`
     file, streamed shard by shard (the bytes ``save_alignments`` writes for the same records
     and header)."""
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.write(f'{{"format": {json.dumps(ALIGNMENTS_FORMAT)}, "header": {json.dumps(header)}, '
-                '"utterances": {')
+        f.write(_document_start(header))
         separator = ""
         for index in range(len(alignments.paths)):
             for utt, record in alignments.shard(index).items():

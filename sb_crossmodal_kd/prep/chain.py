@@ -39,6 +39,7 @@ Layout of ``prep_dir`` (read by the KD conditions' ``base.yaml``)::
     data/{split}.csv             (from manifests only) the checked manifests, the KD
                                  recipe's data_folder;  lm_text/{train,valid}.txt its LM text
     align/aligner.pt             the phone model;  align/{split}_phone_alignments.json
+    align/{split}_shards/        the same alignments, one file per 256 manifest rows
     align/train_oov.txt          out-of-vocabulary words of the train split and their fallback
     senone_tree.json
     tokenizer/<V>_unigram.model
@@ -63,6 +64,7 @@ from sb_crossmodal_kd.prep.steps import (
     _unit_store,
 )
 from sb_crossmodal_kd.prep.unit_lms import _unit_lms
+from sb_crossmodal_kd.sharding import check_jobs
 from sb_crossmodal_kd.units.types import lm_unit_types
 
 __all__ = ["STEPS", "prepare_kd_data", "prepare_kd_data_from_manifests"]
@@ -90,7 +92,9 @@ def prepare_kd_data(data_dir, prep_dir, settings=None, progress=False, device="c
     device : str
         Where the unit LMs train and the teachers fill the caches (the aligner uses the CPU).
     jobs : int
-        Processes for the corpus synthesis (its output does not depend on it).
+        Processes for the corpus synthesis and the shards of alignment, tree statistics and
+        unit stores (no output depends on it). Under ``torchrun`` each rank takes its shards
+        (``i % world_size == rank``) in ``jobs`` processes.
     through : str, optional
         Stop after this step (one of :data:`STEPS`), e.g. ``"unit_stores"``: what training
         without teachers needs. A later call continues from there.
@@ -108,6 +112,7 @@ def prepare_kd_data(data_dir, prep_dir, settings=None, progress=False, device="c
     from sb_crossmodal_kd.data.corpus import make_corpus
 
     _stops_after("corpus", through)  # an unknown step name fails before any work
+    check_jobs(jobs)
     settings = settings or prep_settings()
     _lexicon_file(settings)  # so does a missing lexicon file
     data_dir, prep_dir = Path(data_dir).resolve(), Path(prep_dir).resolve()
@@ -121,12 +126,12 @@ def prepare_kd_data(data_dir, prep_dir, settings=None, progress=False, device="c
         return record.data
     lm_texts = {"train": manifests["lm_train"], "valid": manifests["lm_valid"]}
     return _chain(prep_dir, record, manifests, lm_texts, settings, progress, device, through,
-                  lm_cores)
+                  lm_cores, jobs)
 
 
 def prepare_kd_data_from_manifests(manifests, prep_dir, lm_text=None, settings=None,
                                    lm_valid_text=None, replacements=None, progress=False,
-                                   device="cpu", through=None):
+                                   device="cpu", through=None, jobs=1):
     """Runs the chain on any corpus given by its manifests, skipping finished steps.
 
     Arguments
@@ -157,6 +162,9 @@ def prepare_kd_data_from_manifests(manifests, prep_dir, lm_text=None, settings=N
         Where the unit LMs train and the teachers fill the caches (the aligner uses the CPU).
     through : str, optional
         Stop after this step, as in :func:`prepare_kd_data` (the first is ``"manifests"``).
+    jobs : int
+        Processes for the shards of alignment, tree statistics and unit stores, as in
+        :func:`prepare_kd_data`.
 
     Returns
     -------
@@ -165,6 +173,7 @@ def prepare_kd_data_from_manifests(manifests, prep_dir, lm_text=None, settings=N
     """
     if through != "manifests":
         _stops_after("corpus", through)  # an unknown step name fails before any work
+    check_jobs(jobs)
     missing = [split for split in MANIFEST_SPLITS if split not in manifests]
     if missing:
         raise ValueError(
@@ -195,11 +204,12 @@ def prepare_kd_data_from_manifests(manifests, prep_dir, lm_text=None, settings=N
     record.step("manifests", time.time() - start)
     if through == "manifests":
         return record.data
-    return _chain(prep_dir, record, written, lm_texts, settings, progress, device, through)
+    return _chain(prep_dir, record, written, lm_texts, settings, progress, device, through,
+                  jobs=jobs)
 
 
 def _chain(prep_dir, record, manifests, lm_texts, settings, progress, device, through=None,
-           lm_cores=None):
+           lm_cores=None, jobs=1):
     """The steps after the corpus (module docstring), on CSV ``manifests`` and ``lm_texts``;
     returns after step ``through`` when it is given."""
     from sb_crossmodal_kd.units.lexicon import Lexicon
@@ -214,10 +224,10 @@ def _chain(prep_dir, record, manifests, lm_texts, settings, progress, device, th
 
     start = time.time()
     lexicon = Lexicon.load(_lexicon_file(settings), oov_policy=settings["oov_policy"])
-    aligner = _aligner(prep_dir / "align", manifests["train"], lexicon, settings, progress)
+    _aligner(prep_dir / "align", manifests["train"], lexicon, settings, progress)
     alignments = {
-        split: _alignments(prep_dir / "align", split, manifests[split], aligner, lexicon,
-                           progress)
+        split: _alignments(prep_dir / "align", split, manifests[split], _lexicon_file(settings),
+                           settings, jobs)
         for split in settings["splits"]
     }
     record.step("lexicon_alignment", time.time() - start, lexicon=lexicon.hash)
@@ -225,8 +235,8 @@ def _chain(prep_dir, record, manifests, lm_texts, settings, progress, device, th
         return record.data
 
     start = time.time()
-    tree = _tree(prep_dir / "senone_tree.json", alignments["train"], manifests["train"], aligner,
-                 settings["tree"], progress)
+    tree = _tree(prep_dir / "senone_tree.json", alignments["train"], manifests["train"],
+                 _lexicon_file(settings), settings, jobs)
     record.step("senone_tree", time.time() - start, n_senones=tree.num_senones, tree=tree.hash)
     if _stops_after("senone_tree", through):
         return record.data
@@ -234,7 +244,7 @@ def _chain(prep_dir, record, manifests, lm_texts, settings, progress, device, th
     start = time.time()
     stores = {
         split: _unit_store(prep_dir / "units" / f"{split}.units", alignments[split],
-                           manifests[split], lexicon, tree, tokenizer, progress)
+                           manifests[split], lexicon, tree, tokenizer, jobs)
         for split in settings["splits"]
     }
     record.step("unit_stores", time.time() - start,
