@@ -17,6 +17,11 @@ alignments reads them one shard at a time, in shard order:
 
 Memory is bounded by a round of shards (``jobs`` per rank), whatever the split's size. Under
 ``torchrun`` rank 0 writes the merged files; the others wait for it.
+
+Example
+-------
+>>> SHARD_SIZE, shard_path("align/train_shards", 3).name
+(256, 'shard-00003.jsonl')
 """
 
 import functools
@@ -130,7 +135,7 @@ def shard_path(folder, index):
 
 
 def align_split(aligner_path, manifest, folder, lexicon_file=None, oov_policy="g2p", jobs=1,
-                text_key="wrd", document=None, header=None, shard_size=SHARD_SIZE):
+                text_key="wrd", document=None, header=None, shard_size=None):
     """Aligns a manifest shard by shard into ``folder``, keeping the shards already done.
 
     Arguments
@@ -149,6 +154,9 @@ def align_split(aligner_path, manifest, folder, lexicon_file=None, oov_policy="g
         Also write the alignments as one file (:func:`write_alignments_document`).
     header : dict, optional
         Extra keys of that document's header (e.g. the manifest's path).
+    shard_size : int, optional
+        Rows per shard (default :data:`SHARD_SIZE`). Alignments and stores do not depend on
+        it; the tree statistics' float sums do, in their last bits.
 
     Returns
     -------
@@ -161,7 +169,7 @@ def align_split(aligner_path, manifest, folder, lexicon_file=None, oov_policy="g
     lexicon = _lexicon(lexicon_file, oov_policy)
     rows = read_manifest(manifest, text_key)
     settings = alignment_settings(lexicon.hash, aligner_path, text_key)
-    ranges = shard_ranges(len(rows), shard_size)
+    ranges = shard_ranges(len(rows), shard_size or SHARD_SIZE)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     spec = (str(aligner_path), lexicon_file and str(lexicon_file), oov_policy, text_key)
@@ -206,7 +214,7 @@ def _align_shard(spec, path, header, rows):
 
 
 def import_alignments_document(document, manifest, folder, aligner_path, lexicon_file=None,
-                               oov_policy="g2p", text_key="wrd", shard_size=SHARD_SIZE):
+                               oov_policy="g2p", text_key="wrd", shard_size=None):
     """Cuts a one-document alignment file (what the chain wrote before shards) into the
     shard files :func:`align_split` keeps, so that it aligns nothing again.
 
@@ -223,7 +231,7 @@ def import_alignments_document(document, manifest, folder, aligner_path, lexicon
     settings = alignment_settings(lexicon.hash, aligner_path, text_key)
     rate = _aligner(str(aligner_path), lexicon_file and str(lexicon_file),
                     oov_policy).settings.frame_rate.sample_rate
-    for i, (start, stop) in enumerate(shard_ranges(len(rows), shard_size)):
+    for i, (start, stop) in enumerate(shard_ranges(len(rows), shard_size or SHARD_SIZE)):
         shard_rows = rows[start:stop]
         with ShardWriter(shard_path(folder, i),
                          shard_header(settings, i, start, shard_rows, text_key)) as shard:

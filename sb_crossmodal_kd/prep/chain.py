@@ -33,6 +33,12 @@ The steps:
    teacher's distribution at the temperature ``settings["teacher_tau"][unit_type]`` (the
    KD recipe's heads must use the same ``tau``: ``base.yaml``'s ``<unit>_tau``).
 
+Alignment, tree statistics and unit stores run shard by shard
+(:mod:`~sb_crossmodal_kd.alignment.sharded`) in ``jobs`` processes, and under ``torchrun``
+over the ranks (each rank its shards, rank 0 merging); the other steps run on rank 0 while
+the other ranks wait, then load what it made. No output depends on ``jobs`` or the number of
+ranks.
+
 Layout of ``prep_dir`` (read by the KD conditions' ``base.yaml``)::
 
     prep.json                    settings, paths and per-step seconds (refuses other settings)
@@ -51,6 +57,7 @@ Layout of ``prep_dir`` (read by the KD conditions' ``base.yaml``)::
 import time
 from pathlib import Path
 
+from sb_crossmodal_kd.distributed import main_first, rank
 from sb_crossmodal_kd.prep.lm_text import _lm_texts
 from sb_crossmodal_kd.prep.manifests import MANIFEST_SPLITS, _import_manifest
 from sb_crossmodal_kd.prep.record import prep_record
@@ -117,10 +124,12 @@ def prepare_kd_data(data_dir, prep_dir, settings=None, progress=False, device="c
     _lexicon_file(settings)  # so does a missing lexicon file
     data_dir, prep_dir = Path(data_dir).resolve(), Path(prep_dir).resolve()
     prep_dir.mkdir(parents=True, exist_ok=True)
-    record = prep_record(prep_dir, settings, {"data_folder": str(data_dir)})
+    record = main_first(prep_record, prep_dir, settings, {"data_folder": str(data_dir)})
+    record.writes = rank() == 0  # under torchrun rank 0 writes prep.json
 
     start = time.time()
-    manifests = make_corpus(data_dir, progress=progress, jobs=jobs, **settings["corpus"])
+    manifests = main_first(make_corpus, data_dir, progress=progress, jobs=jobs,
+                           **settings["corpus"])
     record.step("corpus", time.time() - start)
     if _stops_after("corpus", through):
         return record.data
@@ -192,15 +201,17 @@ def prepare_kd_data_from_manifests(manifests, prep_dir, lm_text=None, settings=N
         "lm_text": str(Path(lm_text).resolve()) if lm_text else None,
         "lm_valid_text": str(Path(lm_valid_text).resolve()) if lm_valid_text else None,
     }
-    record = prep_record(prep_dir, settings, source)
+    record = main_first(prep_record, prep_dir, settings, source)
+    record.writes = rank() == 0  # under torchrun rank 0 writes prep.json
 
     start = time.time()
     written = {
-        split: _import_manifest(Path(path), prep_dir / "data" / f"{split}.csv", replacements)
+        split: main_first(_import_manifest, Path(path), prep_dir / "data" / f"{split}.csv",
+                          replacements)
         for split, path in manifests.items()
     }
-    lm_texts = _lm_texts(prep_dir / "lm_text", lm_text, lm_valid_text, written,
-                         settings["lm"].get("max_train_sentences"))
+    lm_texts = main_first(_lm_texts, prep_dir / "lm_text", lm_text, lm_valid_text, written,
+                          settings["lm"].get("max_train_sentences"))
     record.step("manifests", time.time() - start)
     if through == "manifests":
         return record.data
@@ -215,8 +226,8 @@ def _chain(prep_dir, record, manifests, lm_texts, settings, progress, device, th
     from sb_crossmodal_kd.units.lexicon import Lexicon
 
     start = time.time()
-    tokenizer = _tokenizer(prep_dir / "tokenizer", manifests["train"], settings["vocab_size"],
-                           settings["fit_vocab_size"])
+    tokenizer = main_first(_tokenizer, prep_dir / "tokenizer", manifests["train"],
+                           settings["vocab_size"], settings["fit_vocab_size"])
     record.step("tokenizer", time.time() - start, tokenizer=tokenizer.hash,
                 vocab_size=tokenizer.vocab_size)
     if _stops_after("tokenizer", through):
@@ -224,7 +235,7 @@ def _chain(prep_dir, record, manifests, lm_texts, settings, progress, device, th
 
     start = time.time()
     lexicon = Lexicon.load(_lexicon_file(settings), oov_policy=settings["oov_policy"])
-    _aligner(prep_dir / "align", manifests["train"], lexicon, settings, progress)
+    main_first(_aligner, prep_dir / "align", manifests["train"], lexicon, settings, progress)
     alignments = {
         split: _alignments(prep_dir / "align", split, manifests[split], _lexicon_file(settings),
                            settings, jobs)
@@ -253,7 +264,8 @@ def _chain(prep_dir, record, manifests, lm_texts, settings, progress, device, th
         return record.data
 
     start = time.time()
-    lms = _unit_lms(prep_dir, lm_texts, settings, tokenizer.vocab_size, device, lm_cores)
+    lms = main_first(_unit_lms, prep_dir, lm_texts, settings, tokenizer.vocab_size, device,
+                     lm_cores)
     record.step("unit_lms", time.time() - start,
                 lm_valid_ppl={unit: lm["valid_ppl"] for unit, lm in lms.items()},
                 lm_valid_ppl_curve={unit: lm.get("valid_ppl_curve", []) for unit, lm in lms.items()})
@@ -263,8 +275,8 @@ def _chain(prep_dir, record, manifests, lm_texts, settings, progress, device, th
     start = time.time()
     caches = {
         unit: {
-            split: str(_teacher_cache(prep_dir, unit, split, stores[split], settings, device,
-                                      progress))
+            split: str(main_first(_teacher_cache, prep_dir, unit, split, stores[split],
+                                  settings, device, progress))
             for split in settings["splits"]
         }
         for unit in lm_unit_types()

@@ -8,6 +8,8 @@ cache of a unit type and split, in the order :mod:`~sb_crossmodal_kd.prep.chain`
 import json
 import logging
 
+from sb_crossmodal_kd.distributed import main_first, rank
+
 logger = logging.getLogger(__name__)
 
 
@@ -65,13 +67,12 @@ def _alignments(folder, split, manifest, lexicon_file, settings, jobs):
     """A split's alignments, shard by shard (``align/{split}_shards/``, kept when complete),
     and their one-document file ``align/{split}_phone_alignments.json``. A folder prepared
     before the shards had only that file: it is cut into shards once, not aligned again."""
-    from sb_crossmodal_kd.alignment.sharded import align_split, import_alignments_document
+    from sb_crossmodal_kd.alignment.sharded import align_split
 
     document = folder / f"{split}_phone_alignments.json"
     shards = folder / f"{split}_shards"
-    if document.is_file() and not shards.is_dir():
-        import_alignments_document(document, manifest, shards, folder / "aligner.pt",
-                                   lexicon_file, settings["oov_policy"])
+    main_first(_older_alignments, document, manifest, shards, folder / "aligner.pt",
+               lexicon_file, settings["oov_policy"])
     alignments, report = align_split(folder / "aligner.pt", manifest, shards, lexicon_file,
                                      settings["oov_policy"], jobs, document=document,
                                      header={"manifest": str(manifest)})
@@ -84,6 +85,14 @@ def _alignments(folder, split, manifest, lexicon_file, settings, jobs):
     return alignments
 
 
+def _older_alignments(document, manifest, shards, *aligner):
+    """Cuts a split's one-document alignments into shards, where a folder has no shards."""
+    from sb_crossmodal_kd.alignment.sharded import import_alignments_document
+
+    if document.is_file() and not shards.is_dir():
+        import_alignments_document(document, manifest, shards, *aligner)
+
+
 def _tree(path, alignments, manifest, lexicon_file, settings, jobs):
     from sb_crossmodal_kd.alignment.sharded import split_tree_statistics
     from sb_crossmodal_kd.units.senones import SenoneTree
@@ -92,8 +101,9 @@ def _tree(path, alignments, manifest, lexicon_file, settings, jobs):
         return SenoneTree.load(path)
     stats = split_tree_statistics(alignments, manifest, path.parent / "align" / "aligner.pt",
                                   lexicon_file, settings["oov_policy"], jobs)
-    tree = SenoneTree.build(stats, **settings["tree"])
-    tree.save(path)
+    tree = SenoneTree.build(stats, **settings["tree"])  # every rank: the same statistics
+    if rank() == 0:
+        tree.save(path)
     return tree
 
 
