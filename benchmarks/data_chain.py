@@ -14,12 +14,17 @@ For each size (``--hours``, default about 1 h and 5 h of SynthCommands train aud
    and ``unit_store`` (:func:`~sb_crossmodal_kd.alignment.sharded.export_split_units`);
    each reports ``audio_s_per_s`` (train audio seconds per wall second) and ``peak_rss_mb``.
 
+``cpu_speedup_2_processes`` calibrates the machine: a pure-Python loop in 2 spawned processes
+against 1, measured before and after the steps (2.0 on two free cores; less where other work
+shares them, and then ``speedup_2_jobs`` cannot reach its target whatever the chain does).
+
 Then: ``peak_rss_ratio_5h_vs_1h`` (per step and the largest, 1 process; target <= 1.2),
 ``speedup_2_jobs`` (per step, larger corpus: 1-process time / 2-process time; target >= 1.7
 on 2 free cores), ``bytes_per_audio_hour`` of the alignment shards, the one-document
 alignments and the unit store, and ``projection_librispeech_960h``: wall hours per step and
-disk on N processes, assuming each process keeps the measured 1-process rate times the
-measured 2-process efficiency (a projection, not a measurement).
+disk on N processes (N free cores), assuming each process keeps the measured 1-process rate
+times the chain's parallel efficiency relative to the calibration
+(``speedup_2_jobs / cpu_speedup_2_processes``, at most 1): a projection, not a measurement.
 
 Usage::
 
@@ -27,6 +32,7 @@ Usage::
     nice python benchmarks/data_chain.py --work /tmp/chain_small --hours 0.02 0.1  # quick
     nice python benchmarks/data_chain.py --work /tmp/chain_bench \
         --store benchmarks/results/data_chain_cpu.json --command "..."  # commit the result
+    python benchmarks/data_chain.py --table benchmarks/results/data_chain_cpu.json  # README
 """
 
 import argparse
@@ -44,7 +50,8 @@ LIBRISPEECH_HOURS = 960.0
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", required=True, help="folder for corpora and outputs")
+    parser.add_argument("--work", help="folder for corpora and outputs")
+    parser.add_argument("--table", help="print a stored result as the recipe README's tables")
     parser.add_argument("--hours", type=float, nargs=2, default=[1.0, 5.0],
                         help="the two corpus sizes, hours of train audio (approximate)")
     parser.add_argument("--utterances-per-hour", type=int, default=1150,
@@ -58,6 +65,11 @@ def main(argv=None):
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
     parser.add_argument("--run-jobs", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.table:
+        print(markdown(json.loads(Path(args.table).read_text())))
+        return
+    if not args.work:
+        parser.error("--work is required")
     if args.step:
         print(json.dumps(run_step(args.step, Path(args.work), Path(args.corpus), args.run_jobs)))
         return
@@ -66,6 +78,7 @@ def main(argv=None):
     corpora = {name: corpus(work / f"corpus_{name}", round(h * args.utterances_per_hour))
                for name, h in sizes.items()}
     aligner(work, corpora[next(iter(sizes))], args.aligner_utterances)
+    calibration = [cpu_speedup_2_processes()]
     results = {}
     for name, folder in corpora.items():
         audio_s = audio_seconds(folder / "train.csv")
@@ -87,7 +100,8 @@ def main(argv=None):
         }
         entry["utterances_per_hour"] = round(entry["utterances"] / hours)
         results[name] = entry
-    result = summary(results, list(sizes), args.jobs, args.project_jobs)
+    calibration.append(cpu_speedup_2_processes())
+    result = summary(results, list(sizes), args.jobs, args.project_jobs, calibration)
     if args.store:
         from sb_crossmodal_kd.io import atomic_write_json
 
@@ -95,20 +109,21 @@ def main(argv=None):
     print(json.dumps(result))
 
 
-def summary(results, names, jobs, project_jobs):
+def summary(results, names, jobs, project_jobs, calibration):
     small, large = (results[name] for name in names)
     one, two = f"jobs{jobs[0]}", f"jobs{jobs[-1]}"
     ratio = {step: round(large["steps"][step][one]["peak_rss_mb"]
                          / small["steps"][step][one]["peak_rss_mb"], 3) for step in STEPS}
     speedup = {step: round(large["steps"][step][one]["seconds"]
                            / large["steps"][step][two]["seconds"], 2) for step in STEPS}
-    efficiency = {step: speedup[step] / (jobs[-1] / jobs[0]) for step in STEPS}
+    machine = sum(calibration) / len(calibration)
+    efficiency = {step: min(1.0, speedup[step] / machine) for step in STEPS}
     projection = {}
     for n in project_jobs:
         hours = {}
         for step in STEPS:
-            rate = large["steps"][step][one]["audio_s_per_s"] * (
-                1 if n == 1 else n * min(1.0, efficiency[step]))
+            rate = large["steps"][step][one]["audio_s_per_s"] * (1 if n == 1 else
+                                                                 n * efficiency[step])
             hours[step] = round(LIBRISPEECH_HOURS * 3600 / rate / 3600, 2)
         projection[f"jobs{n}"] = {"wall_h": hours, "total_wall_h": round(sum(hours.values()), 2)}
     projection["disk_gb"] = {kind: round(per_hour * LIBRISPEECH_HOURS / 1e9, 2)
@@ -117,10 +132,68 @@ def summary(results, names, jobs, project_jobs):
         "corpora": results,
         "peak_rss_ratio_5h_vs_1h": {**ratio, "max": max(ratio.values())},
         "speedup_2_jobs": speedup,
+        "cpu_speedup_2_processes": calibration,
+        "parallel_efficiency_vs_calibration": {k: round(v, 2) for k, v in efficiency.items()},
         "projection_librispeech_960h": projection,
         "cpu_count": os.cpu_count(),
         "sizes": names,
     }
+
+
+def markdown(result):
+    """The measured table and the LibriSpeech projection of a result, as Markdown."""
+    names = result["sizes"]
+    lines = ["| step | " + " | ".join(f"{n} audio s/s, {j}" for n in names
+                                         for j in ("1 process", "2 processes"))
+             + " | peak RSS MB (1 process) " + " / ".join(names) + " | speedup 2 processes |",
+             "|---" * (2 + 2 * len(names) + 1) + "|"]
+    for step in STEPS:
+        cells = [str(result["corpora"][n]["steps"][step][j]["audio_s_per_s"])
+                 for n in names for j in ("jobs1", "jobs2")]
+        rss = " / ".join(str(result["corpora"][n]["steps"][step]["jobs1"]["peak_rss_mb"])
+                         for n in names)
+        lines.append(f"| {step} | " + " | ".join(cells)
+                     + f" | {rss} | {result['speedup_2_jobs'][step]} |")
+    large = result["corpora"][names[-1]]
+    corpora = ", ".join(f"{n}: {result['corpora'][n]['utterances']} utterances, "
+                        f"{result['corpora'][n]['audio_h']:.2f} h" for n in names)
+    lines += ["", f"Corpora: {corpora}. Peak RSS ratio {names[-1]} / {names[0]}: "
+              f"{result['peak_rss_ratio_5h_vs_1h']['max']}. The machine's own 2-process "
+              f"speedup (pure Python): {result['cpu_speedup_2_processes']}.", "",
+              "| store | bytes per audio hour |", "|---|---|"]
+    lines += [f"| {kind} | {size:,} |" for kind, size in large["bytes_per_audio_hour"].items()]
+    projection = result["projection_librispeech_960h"]
+    runs = sorted((key for key in projection if key.startswith("jobs")), key=lambda k: int(k[4:]))
+    lines += ["", "Projection (not measured) for LibriSpeech 960 h, wall hours:", "",
+              "| step | " + " | ".join(f"{k[4:]} processes" for k in runs) + " |",
+              "|---" * (1 + len(runs)) + "|"]
+    for step in STEPS:
+        lines.append(f"| {step} | " + " | ".join(str(projection[k]["wall_h"][step])
+                                                   for k in runs) + " |")
+    lines.append("| total | " + " | ".join(str(projection[k]["total_wall_h"]) for k in runs)
+                 + " |")
+    disk = ", ".join(f"{kind} {gb} GB" for kind, gb in projection["disk_gb"].items())
+    lines += ["", f"Disk (projection, train 960 h): {disk}."]
+    return "\n".join(lines)
+
+
+def _spin(n):
+    start = time.time()
+    total = 0
+    for i in range(n):
+        total += i
+    return time.time() - start
+
+
+def cpu_speedup_2_processes(n=20_000_000):
+    """How much faster 2 spawned processes do two pieces of pure-Python work than 1 does."""
+    import multiprocessing
+
+    one = _spin(n)
+    start = time.time()
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        pool.map(_spin, [n, n])
+    return round(2 * one / (time.time() - start), 2)
 
 
 def corpus(folder, n_train):
