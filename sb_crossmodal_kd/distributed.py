@@ -149,6 +149,28 @@ def gather_objects(obj):
     return gathered
 
 
+def main_first(function, *args, **kwargs):
+    """``function(*args, **kwargs)`` on rank 0, then on the other ranks once it has returned;
+    its result on every rank (just the call without DDP).
+
+    For a resumable step (one that builds its output once and loads it when it is there):
+    rank 0 builds it, the others load it. A collective: all ranks call it.
+
+    Example
+    -------
+    >>> main_first(max, 2, 3)
+    3
+    """
+    if not is_distributed():
+        return function(*args, **kwargs)
+    if rank() != 0:
+        torch.distributed.barrier()
+    result = function(*args, **kwargs)
+    if rank() == 0:
+        torch.distributed.barrier()
+    return result
+
+
 def rank():
     """This process's rank (0 without DDP).
 

@@ -141,6 +141,116 @@ def test_rerun_skips_and_another_lm_text_is_refused(corpus, prepared, tmp_path):
                                        settings=prep_settings(splits=["train", "test_other"]))
 
 
+SMALL_SHARDS = 4  # rows per shard in these tests: several shards per split, for every worker
+
+
+def _chain_options(corpus, user):
+    return {"lm_text": corpus[1]["lm_train"], "settings": prep_settings(**_tiny_settings(user)),
+            "replacements": {"data_root": str(corpus[0])}, "through": "unit_stores"}
+
+
+def _seeded(prep, folder):
+    """A prep folder holding ``prep``'s phone model and tokenizer (their training is not
+    sharded), so that the sharded steps after them can be compared byte for byte."""
+    import shutil
+
+    (folder / "align").mkdir(parents=True)
+    shutil.copy(prep / "align" / "aligner.pt", folder / "align" / "aligner.pt")
+    shutil.copytree(prep / "tokenizer", folder / "tokenizer")
+    return folder
+
+
+def _sharded_outputs(settings, tree=True):
+    splits = settings["splits"]
+    return (["senone_tree.json"] if tree else []) + [
+        *[f"align/{split}_phone_alignments.json" for split in splits],
+        *[f"units/{split}.units" for split in splits]]
+
+
+def _same_bytes(folder, reference, names):
+    for name in names:  # the same bytes but for the folder's own path (the manifest's)
+        assert ((folder / name).read_bytes().replace(bytes(folder), b"")
+                == (reference / name).read_bytes().replace(bytes(reference), b"")), name
+
+
+@pytest.fixture(scope="module")
+def small_shards(corpus, prepared, tmp_path_factory):
+    """The sharded steps in one process, with shards of SMALL_SHARDS rows."""
+    _, manifests, prep = prepared
+    folder = _seeded(prep, tmp_path_factory.mktemp("small_shards") / "prep")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("sb_crossmodal_kd.alignment.sharded.SHARD_SIZE", SMALL_SHARDS)
+        prepare_kd_data_from_manifests(manifests, folder, jobs=1,
+                                       **_chain_options(corpus, prepared[0]))
+    return folder
+
+
+def test_two_jobs_prepare_the_same_bytes_and_an_older_prep_folder_is_kept(
+        corpus, prepared, small_shards, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr("sb_crossmodal_kd.alignment.sharded.SHARD_SIZE", SMALL_SHARDS)
+    user, manifests, prep = prepared
+    options = _chain_options(corpus, user)
+    assert len(list((small_shards / "align" / "train_shards").glob("*.jsonl"))) >= 3
+    two = _seeded(prep, tmp_path / "two_jobs")
+    prepare_kd_data_from_manifests(manifests, two, jobs=2, **options)
+    _same_bytes(two, small_shards, _sharded_outputs(options["settings"]))
+    # Alignments and stores do not depend on the shard size either (the 1-process recipe's).
+    _same_bytes(two, prep, _sharded_outputs(options["settings"], tree=False))
+    # A folder prepared before the shards: its one-document alignments become shards, nothing
+    # is aligned again and the stores are kept.
+    older = tmp_path / "older"
+    shutil.copytree(two, older)
+    splits = options["settings"]["splits"]
+    for split in splits:
+        shutil.rmtree(older / "align" / f"{split}_shards")
+    kept = {name: (older / name).stat().st_mtime_ns
+            for name in _sharded_outputs(options["settings"]) if "units" in name}
+    prepare_kd_data_from_manifests(manifests, older, **options)
+    assert {name: (older / name).stat().st_mtime_ns for name in kept} == kept
+    for split in splits:
+        shards = sorted((older / "align" / f"{split}_shards").glob("shard-*.jsonl"))
+        assert [p.read_bytes() for p in shards] == [
+            p.read_bytes() for p in sorted((two / "align" / f"{split}_shards").glob("*.jsonl"))]
+    with pytest.raises(ValueError, match="jobs must be a positive number"):
+        prepare_kd_data_from_manifests(manifests, tmp_path / "bad", jobs=0, **options)
+
+
+CHAIN_UNDER_TORCHRUN = """
+import json, sys
+from sb_crossmodal_kd.distributed import init_distributed
+from sb_crossmodal_kd.pipeline import prep_settings, prepare_kd_data_from_manifests
+
+import sb_crossmodal_kd.alignment.sharded as sharded
+
+init_distributed({})
+sharded.SHARD_SIZE = int(sys.argv[4])  # several shards per rank
+manifests, prep, options = json.loads(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
+prepare_kd_data_from_manifests(manifests, prep, settings=prep_settings(**options.pop("settings")),
+                               through="unit_stores", **options)
+"""
+
+
+def test_the_chain_under_torchrun_writes_what_one_process_does(corpus, prepared, small_shards,
+                                                               tmp_path):
+    user, manifests, prep = prepared
+    ranks = _seeded(prep, tmp_path / "ranks")
+    (tmp_path / "chain.py").write_text(CHAIN_UNDER_TORCHRUN)
+    options = {"lm_text": str(corpus[1]["lm_train"]), "settings": _tiny_settings(user),
+               "replacements": {"data_root": str(corpus[0])}}
+    run = subprocess.run(
+        torchrun_command([str(tmp_path / "chain.py"), json.dumps({k: str(v) for k, v in
+                                                                   manifests.items()}),
+                          str(ranks), json.dumps(options), str(SMALL_SHARDS)]),
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    _same_bytes(ranks, small_shards, _sharded_outputs(prep_settings(**_tiny_settings(user))))
+    record = json.loads((ranks / "prep.json").read_text())
+    assert set(record["steps"]) >= {"manifests", "lexicon_alignment", "unit_stores"}
+
+
 def test_a_small_vocabulary_task_is_told_its_largest_vocab_size(corpus, tmp_path):
     # Digits or commands: a few words cannot make 40 subword pieces. Told not to fit the
     # size, the chain says how many they can make, before aligning anything.

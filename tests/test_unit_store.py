@@ -163,3 +163,63 @@ def test_pipeline_pads_with_minus_one_and_refuses_wrong_lengths(units, tmp_path)
     with pytest.raises(UnitStoreMismatchError, match="lexicon"):
         add_unit_pipelines([dataset], [path], expect={"lexicon": "cmudict:x"})
     assert PHONES[batch.monophone_units.data[0][0]] == "T"
+
+
+def _v1_store(path, header, records):
+    """A store in the first layout (SBKDUNITS1: header and index before the arrays)."""
+    import json
+    import struct
+
+    index, offset = {}, 0
+    for utt, arrays in records.items():
+        index[utt] = {}
+        for name, array in arrays.items():
+            index[utt][name] = [offset, len(array)]
+            offset += len(array)
+    blob = json.dumps(dict(header, index=index)).encode()
+    with open(path, "wb") as f:
+        f.write(b"SBKDUNITS1" + struct.pack("<Q", len(blob)) + blob)
+        for arrays in records.values():
+            for array in arrays.values():
+                f.write(np.asarray(array, dtype="<i4").tobytes())
+
+
+def test_store_is_written_as_records_come_and_reads_the_first_layout(tmp_path):
+    import json
+
+    header = {"lexicon": "l", "tokenizer": "t", "tree": "r", "meta": {"mode": "majority"}}
+    # 20 kB per record: more than a file buffer holds back.
+    records = {f"u{i}": {"monophone.units": np.arange(5000 + i),
+                         "monophone.frame_to_position": np.full(3 * i + 2, i - 1)}
+               for i in range(5)}
+    path = tmp_path / "new.units"
+    with UnitStoreWriter(path, header) as writer:
+        for n, (utt, streams) in enumerate(records.items()):
+            writer.add(utt, streams)
+            # Each record is on disk once added (temporary file next to the store).
+            written = sum(p.stat().st_size for p in tmp_path.glob(".new.units.*.tmp"))
+            assert written >= 20000 * n
+        assert not path.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["new.units"]  # no temporary file left
+    old = tmp_path / "old.units"
+    _v1_store(old, {**header}, records)
+    stores = [UnitStore(path, expect=header), UnitStore(old, expect=header)]
+    for store in stores:
+        assert store.ids() == list(records) and store.header["meta"] == header["meta"]
+        for utt, streams in records.items():
+            assert {k: v.tolist() for k, v in store[utt].items()} == {
+                k: v.tolist() for k, v in streams.items()}
+    # The header written piece by piece is the JSON the whole header would be.
+    blob = path.read_bytes()
+    footer = blob[-26:-10]
+    start, length = int.from_bytes(footer[:8], "little"), int.from_bytes(footer[8:], "little")
+    assert json.loads(blob[start:start + length]) == json.loads(old.read_bytes()[18:18 + length])
+    # A writer left by an exception writes nothing.
+    with pytest.raises(RuntimeError), UnitStoreWriter(tmp_path / "bad.units", header) as writer:
+        writer.add("u0", records["u0"])
+        raise RuntimeError("stop")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.units", "old.units"]
+    # A truncated store is named, not read.
+    (tmp_path / "cut.units").write_bytes(blob[:-3])
+    with pytest.raises(ValueError, match="incomplete unit store"):
+        UnitStore(tmp_path / "cut.units")

@@ -3,14 +3,18 @@
 KD data chain (units, alignments, senone tree, unit LMs, teacher caches).
 
     python librispeech_prepare.py --data_folder /data/LibriSpeech --output OUT --train_set 100 \
-        [--lm_text /data/librispeech-lm-norm.txt] [--settings hparams/prep.yaml] [--device cuda:0]
+        [--lm_text /data/librispeech-lm-norm.txt] [--settings hparams/prep.yaml] [--device cuda:0] \
+        [--jobs N]
+    torchrun --nproc_per_node=R librispeech_prepare.py ...   # R ranks, each with --jobs N
 
 writes ``OUT/manifests/{train,valid,test}.csv`` (``ID, duration, wav, spk_id, wrd``) and the
 KD data in ``OUT/prep``; then ``python train.py hparams/kd.yaml --condition NAME
 --prep_folder OUT/prep``. ``--train_set``: ``100`` (train-clean-100), ``460`` (+ train-clean-360)
 or ``960`` (+ train-other-500); valid is dev-clean and test test-clean unless
 ``--valid_split`` / ``--test_split`` say otherwise. Without ``--lm_text`` the unit LMs train on
-the training transcripts (logged).
+the training transcripts (logged). Alignment, tree statistics and unit stores run shard by
+shard in ``--jobs`` processes (default: every core), and under ``torchrun`` over the ranks
+too; the outputs are the same bytes whatever ran them.
 
 The layout read (as distributed on openslr.org/12)::
 
@@ -20,10 +24,12 @@ The layout read (as distributed on openslr.org/12)::
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 from sb_crossmodal_kd.data.manifest import write_manifest_csv
+from sb_crossmodal_kd.distributed import init_distributed, main_first
 from sb_crossmodal_kd.prep.provenance import Provenance
 from sb_crossmodal_kd.prep.recipes import add_chain_arguments, run_chain
 
@@ -170,7 +176,8 @@ def parse(argv):
     parser.add_argument("--valid_split", default="dev-clean", choices=SPLITS)
     parser.add_argument("--test_split", default="test-clean", choices=SPLITS)
     add_chain_arguments(parser, Path(__file__).parent / "hparams" / "prep.yaml",
-                        lm_text="librispeech-lm-norm.txt (default: train transcripts)")
+                        lm_text="librispeech-lm-norm.txt (default: train transcripts)",
+                        jobs=os.cpu_count() or 1)
     return parser.parse_args(argv)
 
 
@@ -178,9 +185,10 @@ def main(argv):
     """Manifests, then the KD chain; prints and returns ``prep.json``'s content."""
     args = parse(argv)
     logging.basicConfig(level=logging.INFO)
+    init_distributed({})  # under torchrun: the ranks share the chain's sharded steps
     output = Path(args.output)
-    manifests = prepare_librispeech(args.data_folder, output / "manifests", args.train_set,
-                                    args.valid_split, args.test_split)
+    manifests = main_first(prepare_librispeech, args.data_folder, output / "manifests",
+                           args.train_set, args.valid_split, args.test_split)
     if args.lm_text is None:
         logger.info("No --lm_text: the unit LMs learn from the %s-hour training transcripts "
                     "only; librispeech-lm-norm.txt (openslr.org/11) gives them 40M sentences",

@@ -89,17 +89,19 @@ def save_alignments(path, alignments, header):
     payload = {
         "format": ALIGNMENTS_FORMAT,
         "header": header,
-        "utterances": {
-            utt: {
-                "phones": a.phones,
-                "feature_positions": a.feature_positions.tolist(),
-                "words": [list(w) for w in a.words],
-                "phone_segments": [list(p) for p in a.phone_segments],
-            }
-            for utt, a in alignments.items()
-        },
+        "utterances": {utt: alignment_record(a) for utt, a in alignments.items()},
     }
     atomic_write_text(path, json.dumps(payload) + "\n")
+
+
+def alignment_record(alignment):
+    """The JSON record of one :class:`PhoneAlignment`, as :func:`save_alignments` stores it."""
+    return {
+        "phones": alignment.phones,
+        "feature_positions": alignment.feature_positions.tolist(),
+        "words": [list(w) for w in alignment.words],
+        "phone_segments": [list(p) for p in alignment.phone_segments],
+    }
 
 
 def load_alignments(path, lexicon_hash=None):
@@ -167,7 +169,8 @@ def tree_statistics(alignments, rows, features, sample_rate, progress=True):
     Arguments
     ---------
     alignments : dict
-        ID -> alignment record from :func:`load_alignments` (``phones``, ``feature_positions``).
+        ID -> alignment record from :func:`load_alignments` (``phones``, ``feature_positions``),
+        or anything with their ``get``.
     rows : list of dict
         Manifest rows (``ID``, ``wav``).
     features : callable
@@ -176,6 +179,14 @@ def tree_statistics(alignments, rows, features, sample_rate, progress=True):
     sample_rate : int
         The rate ``features`` reads (audio at another rate is resampled on load).
     """
+    stats = accumulate_tree_statistics(alignments, rows, features, sample_rate, progress)
+    if stats is None:
+        raise ValueError("tree_statistics: no manifest row has an alignment")
+    return stats
+
+
+def accumulate_tree_statistics(alignments, rows, features, sample_rate, progress=False):
+    """:func:`tree_statistics` of some rows, ``None`` when none of them has an alignment."""
     stats = None
     for row in tqdm(rows, desc="tree statistics", disable=not progress):
         record = alignments.get(row["ID"])
@@ -188,8 +199,6 @@ def tree_statistics(alignments, rows, features, sample_rate, progress=True):
         if stats is None:
             stats = TriphoneStats(dim=feats.shape[1])
         stats.add(record["phones"], positions, feats)
-    if stats is None:
-        raise ValueError("tree_statistics: no manifest row has an alignment")
     return stats
 
 
@@ -204,11 +213,13 @@ def export_units(
     mode="majority",
     text_key="wrd",
     progress=True,
+    meta=None,
 ):
     """Writes one split's unit store from its phone alignments.
 
     Every encoder-frame stream is sized from the audio file's real length
-    (``FrameRate.frames_for_samples``), so it matches the encoder output.
+    (``FrameRate.frames_for_samples``), so it matches the encoder output. ``alignments`` is a
+    dict or anything with its ``get``; ``meta`` adds keys to the header's ``meta``.
 
     Returns
     -------
@@ -216,18 +227,8 @@ def export_units(
         ``{"utterances": written, "missing": [IDs without an alignment]}``.
     """
     frame_rate = frame_rate or FrameRate()
-    header = {
-        "lexicon": lexicon_hash,
-        "tokenizer": tokenizer.hash if tokenizer is not None else None,
-        "tree": tree.hash if tree is not None else None,
-        "frame_rate": {
-            "sample_rate": frame_rate.sample_rate,
-            "hop_length_ms": frame_rate.hop_length_ms,
-            "strides": list(frame_rate.strides),
-            "kernel_sizes": list(frame_rate.kernel_sizes),
-        },
-        "meta": {"mode": mode},
-    }
+    header = unit_store_header(lexicon_hash, tree, tokenizer, frame_rate, mode)
+    header["meta"].update(meta or {})
     resources = UnitResources(tokenizer=tokenizer, tree=tree)
     missing = []
     with UnitStoreWriter(path, header) as writer:
@@ -251,3 +252,26 @@ def export_units(
     if missing:
         logger.warning("%d utterances of %s have no alignment (skipped)", len(missing), path)
     return {"utterances": len(rows) - len(missing), "missing": missing}
+
+
+def unit_store_header(lexicon_hash, tree=None, tokenizer=None, frame_rate=None, mode="majority"):
+    """The header :func:`export_units` gives a unit store: what its units were built with.
+
+    Example
+    -------
+    >>> unit_store_header("lex:1")["frame_rate"]["strides"], unit_store_header("lex:1")["meta"]
+    ([2, 2], {'mode': 'majority'})
+    """
+    frame_rate = frame_rate or FrameRate()
+    return {
+        "lexicon": lexicon_hash,
+        "tokenizer": tokenizer.hash if tokenizer is not None else None,
+        "tree": tree.hash if tree is not None else None,
+        "frame_rate": {
+            "sample_rate": frame_rate.sample_rate,
+            "hop_length_ms": frame_rate.hop_length_ms,
+            "strides": list(frame_rate.strides),
+            "kernel_sizes": list(frame_rate.kernel_sizes),
+        },
+        "meta": {"mode": mode},
+    }

@@ -1,11 +1,21 @@
-"""Monophone forced alignment of manifests: train a flat-start phone model, Viterbi-align, report OOVs."""
+"""Monophone forced alignment of manifests: train a flat-start phone model, Viterbi-align, report OOVs.
+
+Each manifest is aligned shard by shard (``OUTPUT/<name>_shards/``, kept for a re-run) in
+``--jobs`` processes, or under ``torchrun`` by every rank its shards (the phone model trains
+on rank 0), then merged into ``OUTPUT/<name>_phone_alignments.json``: the same bytes however
+many processes aligned it.
+"""
 
 import dataclasses
 import json
 import os
 
-from sb_crossmodal_kd.alignment.corpus import align_manifest, read_manifest, save_alignments
+from sb_crossmodal_kd.alignment.corpus import read_manifest
 from sb_crossmodal_kd.alignment.forced import AlignerSettings, PhoneAligner
+from sb_crossmodal_kd.alignment.sharded import align_split
+from sb_crossmodal_kd.distributed import init_distributed, rank
+from sb_crossmodal_kd.io import atomic_write_text
+from sb_crossmodal_kd.sharding import check_jobs
 from sb_crossmodal_kd.units.lexicon import Lexicon, oov_report
 
 
@@ -24,6 +34,8 @@ def add_arguments(parser):
     parser.add_argument("--oov-policy", choices=["skip", "g2p"], default="g2p",
                         help="skip utterances with unknown words, or pronounce them by g2p")
     parser.add_argument("--text-key", default="wrd", help="transcript column")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="processes aligning shards (per rank under torchrun)")
     parser.add_argument("--train-utterances", type=int, default=None,
                         help="train the phone model on the first N utterances only")
     parser.add_argument("--aligner", default=None,
@@ -38,36 +50,51 @@ def add_arguments(parser):
 
 def run(args):
     """Trains (or loads) the aligner, aligns each manifest, writes alignments and OOV reports."""
+    check_jobs(args.jobs)
+    init_distributed({})
     os.makedirs(args.output, exist_ok=True)
     lexicon = Lexicon.load(args.lexicon, oov_policy=args.oov_policy)
+    aligner_path = args.aligner or os.path.join(args.output, "aligner.pt")
     if args.aligner:
-        aligner = PhoneAligner.load(args.aligner, lexicon)
+        PhoneAligner.load(args.aligner, lexicon)  # another lexicon's is refused before any work
     else:
-        settings = AlignerSettings(**{
-            f.name: getattr(args, f.name)
-            for f in dataclasses.fields(AlignerSettings) if f.name != "frame_rate"
-        })
-        rows = read_manifest(args.train, args.text_key)[: args.train_utterances]
-        aligner = PhoneAligner(lexicon, settings)
-        info = aligner.train([(r["ID"], r["wav"], r[args.text_key]) for r in rows])
-        aligner.save(os.path.join(args.output, "aligner.pt"))
-        print(f"phone model: {info['utterances']} utterances, {info['frames']} frames, "
-              f"{info['seconds']:.0f} s, losses {[round(v, 3) for v in info['losses']]}")
+        from speechbrain.utils.distributed import run_on_main
+
+        run_on_main(_train, args=[args, lexicon, aligner_path])
+    main = rank() == 0
     summary = {}
     for manifest in args.manifests:
         name = os.path.splitext(os.path.basename(manifest))[0]
         rows = read_manifest(manifest, args.text_key)
         oov = oov_report(lexicon, [(r["ID"], r[args.text_key]) for r in rows],
-                         os.path.join(args.output, f"{name}_oov.txt"))
-        alignments, report = align_manifest(aligner, rows, args.text_key)
-        header = {"lexicon": lexicon.hash, "manifest": os.path.abspath(manifest),
-                  "aligner": aligner.state()["settings"]}
-        save_alignments(os.path.join(args.output, f"{name}_phone_alignments.json"),
-                        alignments, header)
+                         os.path.join(args.output, f"{name}_oov.txt") if main else None)
+        _, report = align_split(
+            aligner_path, manifest, os.path.join(args.output, f"{name}_shards"), args.lexicon,
+            args.oov_policy, args.jobs, args.text_key,
+            document=os.path.join(args.output, f"{name}_phone_alignments.json"),
+            header={"manifest": os.path.abspath(manifest)},
+        )
         summary[name] = {"oov": oov, "alignment": report}
-        print(f"{name}: aligned {report['aligned']}/{report['utterances']} "
-              f"({report['audio_s']:.0f} s of audio in {report['seconds']:.0f} s, "
-              f"{report['audio_s_per_s']:.0f} audio s/s); OOV rate {oov['oov_rate']:.4f} "
-              f"({oov['oov_tokens']} tokens, {oov['oov_types']} types: {oov['list']})")
-    with open(os.path.join(args.output, "align_report.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+        if main:
+            print(f"{name}: aligned {report['aligned']}/{report['utterances']} "
+                  f"({report['audio_s']:.0f} s of audio in {report['seconds']:.0f} s, "
+                  f"{report['audio_s_per_s']:.0f} audio s/s, {report['shards_built']} shards "
+                  f"built); OOV rate {oov['oov_rate']:.4f} ({oov['oov_tokens']} tokens, "
+                  f"{oov['oov_types']} types: {oov['list']})")
+    if main:
+        atomic_write_text(os.path.join(args.output, "align_report.json"),
+                          json.dumps(summary, indent=1))
+
+
+def _train(args, lexicon, path):
+    """Trains the phone model on ``--train`` and saves it to ``path``."""
+    settings = AlignerSettings(**{
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(AlignerSettings) if f.name != "frame_rate"
+    })
+    rows = read_manifest(args.train, args.text_key)[: args.train_utterances]
+    aligner = PhoneAligner(lexicon, settings)
+    info = aligner.train([(r["ID"], r["wav"], r[args.text_key]) for r in rows])
+    aligner.save(path)
+    print(f"phone model: {info['utterances']} utterances, {info['frames']} frames, "
+          f"{info['seconds']:.0f} s, losses {[round(v, 3) for v in info['losses']]}")

@@ -33,12 +33,19 @@ The steps:
    teacher's distribution at the temperature ``settings["teacher_tau"][unit_type]`` (the
    KD recipe's heads must use the same ``tau``: ``base.yaml``'s ``<unit>_tau``).
 
+Alignment, tree statistics and unit stores run shard by shard
+(:mod:`~sb_crossmodal_kd.alignment.sharded`) in ``jobs`` processes, and under ``torchrun``
+over the ranks (each rank its shards, rank 0 merging); the other steps run on rank 0 while
+the other ranks wait, then load what it made. No output depends on ``jobs`` or the number of
+ranks.
+
 Layout of ``prep_dir`` (read by the KD conditions' ``base.yaml``)::
 
     prep.json                    settings, paths and per-step seconds (refuses other settings)
     data/{split}.csv             (from manifests only) the checked manifests, the KD
                                  recipe's data_folder;  lm_text/{train,valid}.txt its LM text
     align/aligner.pt             the phone model;  align/{split}_phone_alignments.json
+    align/{split}_shards/        the same alignments, one file per 256 manifest rows
     align/train_oov.txt          out-of-vocabulary words of the train split and their fallback
     senone_tree.json
     tokenizer/<V>_unigram.model
@@ -50,6 +57,7 @@ Layout of ``prep_dir`` (read by the KD conditions' ``base.yaml``)::
 import time
 from pathlib import Path
 
+from sb_crossmodal_kd.distributed import main_first, rank
 from sb_crossmodal_kd.prep.lm_text import _lm_texts
 from sb_crossmodal_kd.prep.manifests import MANIFEST_SPLITS, _import_manifest
 from sb_crossmodal_kd.prep.record import prep_record
@@ -63,6 +71,7 @@ from sb_crossmodal_kd.prep.steps import (
     _unit_store,
 )
 from sb_crossmodal_kd.prep.unit_lms import _unit_lms
+from sb_crossmodal_kd.sharding import check_jobs
 from sb_crossmodal_kd.units.types import lm_unit_types
 
 __all__ = ["STEPS", "prepare_kd_data", "prepare_kd_data_from_manifests"]
@@ -90,7 +99,9 @@ def prepare_kd_data(data_dir, prep_dir, settings=None, progress=False, device="c
     device : str
         Where the unit LMs train and the teachers fill the caches (the aligner uses the CPU).
     jobs : int
-        Processes for the corpus synthesis (its output does not depend on it).
+        Processes for the corpus synthesis and the shards of alignment, tree statistics and
+        unit stores (no output depends on it). Under ``torchrun`` each rank takes its shards
+        (``i % world_size == rank``) in ``jobs`` processes.
     through : str, optional
         Stop after this step (one of :data:`STEPS`), e.g. ``"unit_stores"``: what training
         without teachers needs. A later call continues from there.
@@ -108,25 +119,28 @@ def prepare_kd_data(data_dir, prep_dir, settings=None, progress=False, device="c
     from sb_crossmodal_kd.data.corpus import make_corpus
 
     _stops_after("corpus", through)  # an unknown step name fails before any work
+    check_jobs(jobs)
     settings = settings or prep_settings()
     _lexicon_file(settings)  # so does a missing lexicon file
     data_dir, prep_dir = Path(data_dir).resolve(), Path(prep_dir).resolve()
     prep_dir.mkdir(parents=True, exist_ok=True)
-    record = prep_record(prep_dir, settings, {"data_folder": str(data_dir)})
+    record = main_first(prep_record, prep_dir, settings, {"data_folder": str(data_dir)})
+    record.writes = rank() == 0  # under torchrun rank 0 writes prep.json
 
     start = time.time()
-    manifests = make_corpus(data_dir, progress=progress, jobs=jobs, **settings["corpus"])
+    manifests = main_first(make_corpus, data_dir, progress=progress, jobs=jobs,
+                           **settings["corpus"])
     record.step("corpus", time.time() - start)
     if _stops_after("corpus", through):
         return record.data
     lm_texts = {"train": manifests["lm_train"], "valid": manifests["lm_valid"]}
     return _chain(prep_dir, record, manifests, lm_texts, settings, progress, device, through,
-                  lm_cores)
+                  lm_cores, jobs)
 
 
 def prepare_kd_data_from_manifests(manifests, prep_dir, lm_text=None, settings=None,
                                    lm_valid_text=None, replacements=None, progress=False,
-                                   device="cpu", through=None):
+                                   device="cpu", through=None, jobs=1):
     """Runs the chain on any corpus given by its manifests, skipping finished steps.
 
     Arguments
@@ -157,6 +171,9 @@ def prepare_kd_data_from_manifests(manifests, prep_dir, lm_text=None, settings=N
         Where the unit LMs train and the teachers fill the caches (the aligner uses the CPU).
     through : str, optional
         Stop after this step, as in :func:`prepare_kd_data` (the first is ``"manifests"``).
+    jobs : int
+        Processes for the shards of alignment, tree statistics and unit stores, as in
+        :func:`prepare_kd_data`.
 
     Returns
     -------
@@ -165,6 +182,7 @@ def prepare_kd_data_from_manifests(manifests, prep_dir, lm_text=None, settings=N
     """
     if through != "manifests":
         _stops_after("corpus", through)  # an unknown step name fails before any work
+    check_jobs(jobs)
     missing = [split for split in MANIFEST_SPLITS if split not in manifests]
     if missing:
         raise ValueError(
@@ -183,30 +201,33 @@ def prepare_kd_data_from_manifests(manifests, prep_dir, lm_text=None, settings=N
         "lm_text": str(Path(lm_text).resolve()) if lm_text else None,
         "lm_valid_text": str(Path(lm_valid_text).resolve()) if lm_valid_text else None,
     }
-    record = prep_record(prep_dir, settings, source)
+    record = main_first(prep_record, prep_dir, settings, source)
+    record.writes = rank() == 0  # under torchrun rank 0 writes prep.json
 
     start = time.time()
     written = {
-        split: _import_manifest(Path(path), prep_dir / "data" / f"{split}.csv", replacements)
+        split: main_first(_import_manifest, Path(path), prep_dir / "data" / f"{split}.csv",
+                          replacements)
         for split, path in manifests.items()
     }
-    lm_texts = _lm_texts(prep_dir / "lm_text", lm_text, lm_valid_text, written,
-                         settings["lm"].get("max_train_sentences"))
+    lm_texts = main_first(_lm_texts, prep_dir / "lm_text", lm_text, lm_valid_text, written,
+                          settings["lm"].get("max_train_sentences"))
     record.step("manifests", time.time() - start)
     if through == "manifests":
         return record.data
-    return _chain(prep_dir, record, written, lm_texts, settings, progress, device, through)
+    return _chain(prep_dir, record, written, lm_texts, settings, progress, device, through,
+                  jobs=jobs)
 
 
 def _chain(prep_dir, record, manifests, lm_texts, settings, progress, device, through=None,
-           lm_cores=None):
+           lm_cores=None, jobs=1):
     """The steps after the corpus (module docstring), on CSV ``manifests`` and ``lm_texts``;
     returns after step ``through`` when it is given."""
     from sb_crossmodal_kd.units.lexicon import Lexicon
 
     start = time.time()
-    tokenizer = _tokenizer(prep_dir / "tokenizer", manifests["train"], settings["vocab_size"],
-                           settings["fit_vocab_size"])
+    tokenizer = main_first(_tokenizer, prep_dir / "tokenizer", manifests["train"],
+                           settings["vocab_size"], settings["fit_vocab_size"])
     record.step("tokenizer", time.time() - start, tokenizer=tokenizer.hash,
                 vocab_size=tokenizer.vocab_size)
     if _stops_after("tokenizer", through):
@@ -214,10 +235,10 @@ def _chain(prep_dir, record, manifests, lm_texts, settings, progress, device, th
 
     start = time.time()
     lexicon = Lexicon.load(_lexicon_file(settings), oov_policy=settings["oov_policy"])
-    aligner = _aligner(prep_dir / "align", manifests["train"], lexicon, settings, progress)
+    main_first(_aligner, prep_dir / "align", manifests["train"], lexicon, settings, progress)
     alignments = {
-        split: _alignments(prep_dir / "align", split, manifests[split], aligner, lexicon,
-                           progress)
+        split: _alignments(prep_dir / "align", split, manifests[split], _lexicon_file(settings),
+                           settings, jobs)
         for split in settings["splits"]
     }
     record.step("lexicon_alignment", time.time() - start, lexicon=lexicon.hash)
@@ -225,8 +246,8 @@ def _chain(prep_dir, record, manifests, lm_texts, settings, progress, device, th
         return record.data
 
     start = time.time()
-    tree = _tree(prep_dir / "senone_tree.json", alignments["train"], manifests["train"], aligner,
-                 settings["tree"], progress)
+    tree = _tree(prep_dir / "senone_tree.json", alignments["train"], manifests["train"],
+                 _lexicon_file(settings), settings, jobs)
     record.step("senone_tree", time.time() - start, n_senones=tree.num_senones, tree=tree.hash)
     if _stops_after("senone_tree", through):
         return record.data
@@ -234,7 +255,7 @@ def _chain(prep_dir, record, manifests, lm_texts, settings, progress, device, th
     start = time.time()
     stores = {
         split: _unit_store(prep_dir / "units" / f"{split}.units", alignments[split],
-                           manifests[split], lexicon, tree, tokenizer, progress)
+                           manifests[split], lexicon, tree, tokenizer, jobs)
         for split in settings["splits"]
     }
     record.step("unit_stores", time.time() - start,
@@ -243,7 +264,8 @@ def _chain(prep_dir, record, manifests, lm_texts, settings, progress, device, th
         return record.data
 
     start = time.time()
-    lms = _unit_lms(prep_dir, lm_texts, settings, tokenizer.vocab_size, device, lm_cores)
+    lms = main_first(_unit_lms, prep_dir, lm_texts, settings, tokenizer.vocab_size, device,
+                     lm_cores)
     record.step("unit_lms", time.time() - start,
                 lm_valid_ppl={unit: lm["valid_ppl"] for unit, lm in lms.items()},
                 lm_valid_ppl_curve={unit: lm.get("valid_ppl_curve", []) for unit, lm in lms.items()})
@@ -253,8 +275,8 @@ def _chain(prep_dir, record, manifests, lm_texts, settings, progress, device, th
     start = time.time()
     caches = {
         unit: {
-            split: str(_teacher_cache(prep_dir, unit, split, stores[split], settings, device,
-                                      progress))
+            split: str(main_first(_teacher_cache, prep_dir, unit, split, stores[split],
+                                  settings, device, progress))
             for split in settings["splits"]
         }
         for unit in lm_unit_types()

@@ -83,6 +83,7 @@ class Provenance:
     def __init__(self, path, settings, what, source=None, nested=None, older=None, retired=(),
                  remedy="Choose another folder or delete that one", error=OtherSettingsError):
         self.path = Path(path)
+        self.writes = True
         # As the file holds them (lists, not tuples), so that a record compares equal to them.
         self.source = json.loads(json.dumps(source or {}))
         self.settings = json.loads(json.dumps(settings))
@@ -110,11 +111,13 @@ class Provenance:
         return self.found and all(Path(path).is_file() for path in paths)
 
     def write(self, **outputs):
-        """Writes the record, with ``outputs`` beside the settings (nested records only)."""
+        """Writes the record, with ``outputs`` beside the settings (nested records only);
+        with ``writes`` false (a process that is not the one to write it), only updates it."""
         if outputs:
             self._beside_settings()
         self.data.update(outputs)
-        atomic_write_json(self.path, self.data)
+        if self.writes:
+            atomic_write_json(self.path, self.data)
 
     def step(self, name, seconds, **outputs):
         """Records that step ``name`` took ``seconds`` and made ``outputs``, and writes the

@@ -8,6 +8,8 @@ cache of a unit type and split, in the order :mod:`~sb_crossmodal_kd.prep.chain`
 import json
 import logging
 
+from sb_crossmodal_kd.distributed import main_first, rank
+
 logger = logging.getLogger(__name__)
 
 
@@ -61,42 +63,52 @@ def _aligner(folder, train_manifest, lexicon, settings, progress):
     return aligner
 
 
-def _alignments(folder, split, manifest, aligner, lexicon, progress):
-    from sb_crossmodal_kd.alignment.corpus import (
-        align_manifest,
-        load_alignments,
-        read_manifest,
-        save_alignments,
-    )
+def _alignments(folder, split, manifest, lexicon_file, settings, jobs):
+    """A split's alignments, shard by shard (``align/{split}_shards/``, kept when complete),
+    and their one-document file ``align/{split}_phone_alignments.json``. A folder prepared
+    before the shards had only that file: it is cut into shards once, not aligned again."""
+    from sb_crossmodal_kd.alignment.sharded import align_split
 
-    path = folder / f"{split}_phone_alignments.json"
-    if not path.is_file():
-        found, report = align_manifest(aligner, read_manifest(manifest), progress=progress)
-        if report["skipped"]:
-            logger.warning("%s: %d utterances not aligned, e.g. %s", split,
-                           len(report["skipped"]), report["skipped"][0])
-        header = {"lexicon": lexicon.hash, "manifest": str(manifest),
-                  "aligner": aligner.state()["settings"], "report": report}
-        save_alignments(path, found, header)
-    return load_alignments(path, lexicon.hash)[1]
+    document = folder / f"{split}_phone_alignments.json"
+    shards = folder / f"{split}_shards"
+    main_first(_older_alignments, document, manifest, shards, folder / "aligner.pt",
+               lexicon_file, settings["oov_policy"])
+    alignments, report = align_split(folder / "aligner.pt", manifest, shards, lexicon_file,
+                                     settings["oov_policy"], jobs, document=document,
+                                     header={"manifest": str(manifest)})
+    if report["skipped"]:
+        logger.warning("%s: %d utterances not aligned, e.g. %s", split, len(report["skipped"]),
+                       report["skipped"][0])
+    if report["shards_built"]:
+        logger.info("%s: aligned %d shards, %.1f audio s/s", split, report["shards_built"],
+                    report["audio_s_per_s"])
+    return alignments
 
 
-def _tree(path, alignments, manifest, aligner, tree_settings, progress):
-    from sb_crossmodal_kd.alignment.corpus import read_manifest, tree_statistics
+def _older_alignments(document, manifest, shards, *aligner):
+    """Cuts a split's one-document alignments into shards, where a folder has no shards."""
+    from sb_crossmodal_kd.alignment.sharded import import_alignments_document
+
+    if document.is_file() and not shards.is_dir():
+        import_alignments_document(document, manifest, shards, *aligner)
+
+
+def _tree(path, alignments, manifest, lexicon_file, settings, jobs):
+    from sb_crossmodal_kd.alignment.sharded import split_tree_statistics
     from sb_crossmodal_kd.units.senones import SenoneTree
 
     if path.is_file():
         return SenoneTree.load(path)
-    stats = tree_statistics(alignments, read_manifest(manifest), aligner.features,
-                            aligner.settings.frame_rate.sample_rate,
-                            progress=progress)
-    tree = SenoneTree.build(stats, **tree_settings)
-    tree.save(path)
+    stats = split_tree_statistics(alignments, manifest, path.parent / "align" / "aligner.pt",
+                                  lexicon_file, settings["oov_policy"], jobs)
+    tree = SenoneTree.build(stats, **settings["tree"])  # every rank: the same statistics
+    if rank() == 0:
+        tree.save(path)
     return tree
 
 
-def _unit_store(path, alignments, manifest, lexicon, tree, tokenizer, progress):
-    from sb_crossmodal_kd.alignment.corpus import export_units, read_manifest
+def _unit_store(path, alignments, manifest, lexicon, tree, tokenizer, jobs):
+    from sb_crossmodal_kd.alignment.sharded import export_split_units
     from sb_crossmodal_kd.units.store import UnitStore, UnitStoreMismatchError
 
     expect = {"lexicon": lexicon.hash, "tokenizer": tokenizer.hash, "tree": tree.hash}
@@ -107,8 +119,7 @@ def _unit_store(path, alignments, manifest, lexicon, tree, tokenizer, progress):
         except UnitStoreMismatchError as error:  # an upstream step was rebuilt
             logger.warning("%s; rebuilding it", error)
     path.parent.mkdir(parents=True, exist_ok=True)
-    export_units(path, alignments, read_manifest(manifest), lexicon.hash, tree, tokenizer,
-                 progress=progress)
+    export_split_units(path, alignments, manifest, lexicon.hash, tree, tokenizer, jobs=jobs)
     return path
 
 

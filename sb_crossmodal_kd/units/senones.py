@@ -178,6 +178,16 @@ class TriphoneStats:
                 entry[1] += x.sum(0)
                 entry[2] += (x * x).sum(0)
 
+    def update(self, other):
+        """Adds the statistics of ``other`` (e.g. another shard's), its new states last."""
+        if other.dim != self.dim:
+            raise ValueError(f"TriphoneStats.update: dimension {other.dim}, not {self.dim}")
+        for key, (count, total, squares) in other.stats.items():
+            entry = self.stats.setdefault(key, [0, np.zeros(self.dim), np.zeros(self.dim)])
+            entry[0] += count
+            entry[1] += total
+            entry[2] += squares
+
     @property
     def frames(self):
         """Total number of accumulated frames."""

@@ -1,10 +1,13 @@
 """A compact on-disk store of per-utterance unit sequences and frame alignments.
 
-One file per split. Layout: the magic bytes ``SBKDUNITS1``, an 8-byte little-endian header
-length, a UTF-8 JSON header, then little-endian ``int32`` arrays back to back. The header
-names what the store was built with (``lexicon``, ``tokenizer``, ``tree`` hashes, the frame
-rate, free-form ``meta``) and indexes every utterance's arrays (``streams``) by offset and
-length. Reading memory-maps the data, so a store is opened instantly and each utterance is read
+One file per split, written as the records come (memory bounded by one utterance, however
+large the split). Layout: the magic bytes ``SBKDUNITS2``, little-endian ``int32`` arrays back
+to back, a UTF-8 JSON header, then the header's byte offset and length (two little-endian
+8-byte integers) and the magic again. The header names what the store was built with
+(``lexicon``, ``tokenizer``, ``tree`` hashes, the frame rate, free-form ``meta``) and indexes
+every utterance's arrays (``index``) by offset and length. Stores of the first layout
+(``SBKDUNITS1``: 8-byte header length and header before the arrays) are read as well.
+Reading memory-maps the data, so a store is opened instantly and each utterance is read
 only when asked for.
 
 Stream names used by the package:
@@ -38,13 +41,18 @@ sb_crossmodal_kd.units.store.UnitStoreMismatchError: ...: built with tree 'tree:
 import json
 import os
 import struct
+import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 
 from sb_crossmodal_kd.io import atomic_path
 
-MAGIC = b"SBKDUNITS1"
+MAGIC = b"SBKDUNITS2"
+# The first layout (header before the data, so the writer kept every record until close).
+MAGIC_V1 = b"SBKDUNITS1"
+_FOOTER = struct.Struct("<QQ")  # header offset, header length
 HEADER_KEYS = ("lexicon", "tokenizer", "tree")
 # Stream prefixes of stores written before the unit types had one name each.
 _LEGACY_STREAMS = {"phones": "monophone", "senones": "senone", "subwords": "subword"}
@@ -55,7 +63,12 @@ class UnitStoreMismatchError(ValueError):
 
 
 class UnitStoreWriter:
-    """Collects utterance records and writes the store atomically on :meth:`close`.
+    """Writes a store record by record; the file appears (atomically) on :meth:`close`.
+
+    Each :meth:`add` appends the utterance's arrays to a temporary file next to ``path`` and
+    its index entry to an unnamed temporary file, so memory stays bounded by one utterance; the
+    index joins the file at the end. Leaving the ``with`` block by an exception removes both
+    and writes nothing.
 
     Arguments
     ---------
@@ -71,11 +84,20 @@ class UnitStoreWriter:
         self.header = dict(header)
         for key in HEADER_KEYS:
             self.header.setdefault(key, None)
-        self.records = {}
+        if "index" in self.header:
+            raise ValueError(f"{self.path}: 'index' is the store's own header key")
+        self._ids = set()
+        self._offset = 0
+        self._files = ExitStack()
+        tmp = self._files.enter_context(atomic_path(self.path))
+        self._data = self._files.enter_context(open(tmp, "wb"))
+        self._index = self._files.enter_context(tempfile.TemporaryFile(
+            "w+", encoding="utf-8", dir=self.path.parent, prefix=f".{self.path.name}.index."))
+        self._data.write(MAGIC)
 
     def add(self, utterance_id, streams):
-        """Adds one utterance: stream name -> 1-D integer array."""
-        if utterance_id in self.records:
+        """Appends one utterance: stream name -> 1-D integer array."""
+        if utterance_id in self._ids:
             raise ValueError(f"{self.path}: utterance {utterance_id!r} added twice")
         arrays = {}
         for name, values in streams.items():
@@ -86,25 +108,36 @@ class UnitStoreWriter:
                     f"integer array, got shape {array.shape} dtype {array.dtype}"
                 )
             arrays[name] = array.astype("<i4")
-        self.records[utterance_id] = arrays
+        spans = {}
+        for name, array in arrays.items():
+            spans[name] = [self._offset, int(array.size)]
+            self._offset += int(array.size)
+            self._data.write(array.tobytes())
+        # One index entry per line, already in the JSON the header will hold.
+        self._index.write(f"{json.dumps(utterance_id)}: {json.dumps(spans)}\n")
+        self._ids.add(utterance_id)
 
     def close(self):
-        """Writes the file (temp file in the same folder, then rename)."""
-        index, offset = {}, 0
-        for utt, arrays in self.records.items():
-            index[utt] = {}
-            for name, array in arrays.items():
-                index[utt][name] = [offset, int(array.size)]
-                offset += int(array.size)
-        header = dict(self.header, index=index)
-        blob = json.dumps(header).encode("utf-8")
-        with atomic_path(self.path) as tmp, open(tmp, "wb") as f:
-            f.write(MAGIC)
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
-            for arrays in self.records.values():
-                for array in arrays.values():
-                    f.write(array.tobytes())
+        """Appends the header (with the index) and the footer, then renames the file into place."""
+        header = json.dumps(self.header)
+        # The header's JSON with the index as its last key, as json.dumps would write it.
+        head = (header[:-1] + ", " if len(header) > 2 else "{") + '"index": {'
+        start = len(MAGIC) + 4 * self._offset
+        length = 0
+        for piece in self._header_pieces(head):
+            data = piece.encode("utf-8")
+            self._data.write(data)
+            length += len(data)
+        self._data.write(_FOOTER.pack(start, length) + MAGIC)
+        self._data.close()
+        self._files.close()  # renames the data into place, drops the index's temporary file
+
+    def _header_pieces(self, head):
+        yield head
+        self._index.seek(0)
+        for n, line in enumerate(self._index):
+            yield (", " if n else "") + line[:-1]
+        yield "}}"
 
     def __enter__(self):
         return self
@@ -112,6 +145,8 @@ class UnitStoreWriter:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
             self.close()
+        else:
+            self._files.__exit__(exc_type, exc, tb)
 
 
 class UnitStore:
@@ -134,13 +169,23 @@ class UnitStore:
             )
         with open(self.path, "rb") as f:
             magic = f.read(len(MAGIC))
-            if magic != MAGIC:
+            if magic == MAGIC:
+                f.seek(-(_FOOTER.size + len(MAGIC)), os.SEEK_END)
+                footer = f.read()
+                if footer[_FOOTER.size:] != MAGIC:
+                    raise ValueError(f"{self.path} is an incomplete unit store; rebuild it")
+                start, length = _FOOTER.unpack(footer[:_FOOTER.size])
+                f.seek(start)
+                self._data_offset, self._data_size = len(MAGIC), start - len(MAGIC)
+            elif magic == MAGIC_V1:
+                (length,) = struct.unpack("<Q", f.read(8))
+                self._data_offset = len(MAGIC_V1) + 8 + length
+                self._data_size = os.path.getsize(self.path) - self._data_offset
+            else:
                 raise ValueError(f"{self.path} is not a unit store written by UnitStoreWriter")
-            (length,) = struct.unpack("<Q", f.read(8))
             self.header = json.loads(f.read(length).decode("utf-8"))
         self._index = {utt: {_current_name(name): span for name, span in streams.items()}
                        for utt, streams in self.header.pop("index").items()}
-        self._data_offset = len(MAGIC) + 8 + length
         self._data = None
         if expect:
             self.check(expect)
@@ -162,7 +207,7 @@ class UnitStore:
 
     def _array(self):
         if self._data is None:
-            size = os.path.getsize(self.path) - self._data_offset
+            size = self._data_size
             self._data = np.memmap(
                 self.path, dtype="<i4", mode="r", offset=self._data_offset, shape=(size // 4,)
             ) if size > 0 else np.zeros(0, dtype="<i4")
