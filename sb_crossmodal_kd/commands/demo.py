@@ -15,7 +15,7 @@ def add_arguments(parser):
                         "re-running resumes it")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--study", action="store_true",
-                       help="the study: every condition, dense and MoE, 3 seeds, 18 epochs, "
+                       help="the study: 8 dense conditions and 2 MoE, 3 seeds, 18 epochs, "
                        "the full LM text, instead of the 15-minute demo (hours)")
     which.add_argument("--scaling", action="store_true",
                        help="the scaling study: am_alone, hierarchy and hierarchy_no_lm on "
