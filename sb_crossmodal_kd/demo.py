@@ -9,7 +9,9 @@ Three presets, each resumable in its own output folder:
   :data:`~sb_crossmodal_kd.ablation.DEMO_TRAINING`), by
   :func:`~sb_crossmodal_kd.ablation.run_ablation`;
 - the study (``preset="study"``): :data:`STUDY_CONDITIONS` (every dense condition, the AM
-  alone and the hierarchy on the MoE encoder) with 3 paired seeds,
+  alone and the hierarchy on the MoE encoder) with 3 paired seeds, then the AM alone and the
+  hierarchy decoded greedily and with a word n-gram LM
+  (:func:`~sb_crossmodal_kd.shallow_fusion.run_shallow_fusion`, ``decoding.json``),
   trained to a flat valid curve, with the corpus's full LM text (:data:`STUDY_TRAINING`,
   :data:`STUDY_PREP`);
 - the scaling study (``preset="scaling"``): :data:`~sb_crossmodal_kd.scaling.SCALING_CONDITIONS`
@@ -30,6 +32,7 @@ from sb_crossmodal_kd.data.corpus import CorpusSettings
 from sb_crossmodal_kd.io import atomic_write_json
 from sb_crossmodal_kd.revision import run_context
 from sb_crossmodal_kd.scaling import SCALING_CONDITIONS, SCALING_PAIRED, run_scaling
+from sb_crossmodal_kd.shallow_fusion import FUSION_CONDITIONS, run_shallow_fusion
 
 __all__ = ["DEMO_CONDITIONS", "PRESETS", "SCALING_N_TRAIN", "SCALING_PREP", "STUDY_CONDITIONS",
            "STUDY_PREP", "STUDY_SEEDS", "STUDY_TRAINING", "default_output", "run_demo"]
@@ -127,6 +130,14 @@ def run_demo(output_dir, preset="demo", seeds=None, jobs=None, device="cpu", pro
                               conditions=STUDY_CONDITIONS, prep=STUDY_PREP,
                               training=STUDY_TRAINING, device=device, jobs=jobs,
                               progress=progress)
+        # Against the LM at decoding time: the AM alone and the hierarchy, greedy and with
+        # an n-gram LM trained on the same text (decoding.json).
+        decoded = [name for name in FUSION_CONDITIONS if name in STUDY_CONDITIONS]
+        if decoded:
+            fusion = run_shallow_fusion(output_dir, result["seeds"], decoded, device=device,
+                                        jobs=jobs)
+            fusion["ran"] = run_context(command, device)
+            atomic_write_json(Path(output_dir) / "decoding.json", fusion)
         name = "ablation.json"
     else:
         result = run_ablation(output_dir, seeds=seeds or 1, conditions=DEMO_CONDITIONS,

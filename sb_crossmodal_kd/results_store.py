@@ -5,7 +5,8 @@
 copies the result files of ``OUTPUT`` (an ``sbkd demo --study``, ``--scaling`` or ``sbkd
 ablation`` folder) to ``results/study`` at the same relative paths: the driver's
 ``ablation.json`` / ``scaling.json`` and ``.md``, every run's ``run.json`` (its settings, valid
-curve, test WER/CER, seed and commit) and the data records (``prep.json``, ``corpus.json``).
+curve, test WER/CER, seed and commit), the study's decoding rows (``decoding.json``, ``.md``,
+each model's ``decoding.json``) and the data records (``prep.json``, ``corpus.json``).
 Nothing else: no audio, no checkpoints, no caches. The top-level result gets ``provenance``:
 the commit it ran at and the command (by default those the driver recorded in ``ran``).
 """
@@ -21,7 +22,8 @@ __all__ = ["RESULT_FILES", "STORED_NAMES", "store_results"]
 
 RESULT_FILES = ("ablation.json", "scaling.json")  # what a finished driver leaves at the top
 STORED_NAMES = frozenset(RESULT_FILES + ("ablation.md", "scaling.md", "run.json", "prep.json",
-                                         "corpus.json"))
+                                         "corpus.json", "decoding.json", "decoding.md",
+                                         "lm.json"))
 _SKIPPED_FOLDERS = frozenset({"save"})  # SpeechBrain's checkpoints
 
 

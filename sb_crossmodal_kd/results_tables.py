@@ -25,9 +25,10 @@ from sb_crossmodal_kd.ablation import (
     paired_difference,
 )
 from sb_crossmodal_kd.scaling import plot_scaling, scaling_table
+from sb_crossmodal_kd.shallow_fusion import fusion_claims, fusion_markdown
 
-__all__ = ["CLAIMED_ORDER", "claim_lines", "flatness_table", "provenance_line", "readme_results",
-           "scaling_section", "study_section"]
+__all__ = ["CLAIMED_ORDER", "claim_lines", "decoding_section", "flatness_table",
+           "provenance_line", "readme_results", "scaling_section", "study_section"]
 
 # The paper's claim, best first: each condition's WER below the next one's.
 CLAIMED_ORDER = ("hierarchy", "aux_subword", "label_interpolation", "am_alone")
@@ -154,6 +155,20 @@ def study_section(result):
         "", flatness_table(summary), provenance_line(result), ""])
 
 
+def decoding_section(result):
+    """The study's decoding rows: greedy and LM decoding of the AM alone and the hierarchy,
+    and distillation against shallow fusion, paired by seed."""
+    ran = result.get("ran", {})
+    where = ran.get("gpu") or ran.get("device") or result["settings"].get("device", "?")
+    commits = sorted({run.get("commit") or ran.get("commit") or "?" for run in result["runs"]})
+    return "\n".join([
+        fusion_markdown(result),
+        "Distillation against the LM at decoding time (paired by seed):", "",
+        *fusion_claims(result), "",
+        f"Decoded at commit {', '.join(c[:12] for c in commits)} on {where}"
+        + (f", {ran['cpus']} CPUs" if ran.get("cpus") else "") + ".", ""])
+
+
 def scaling_section(result, plot_path, plot_link):
     """The scaling study's Markdown (table, plot link, provenance); writes the plot."""
     plot_scaling(result, plot_path)
@@ -170,6 +185,10 @@ def readme_results(results_dir):
     if study.is_file():
         parts += ["### The study (`sbkd demo --study`)", "",
                   study_section(json.loads(study.read_text()))]
+        decoding = study.parent / "decoding.json"
+        if decoding.is_file():
+            parts += ["### Distillation or the LM at decoding time (`sbkd demo --study`)", "",
+                      decoding_section(json.loads(decoding.read_text()))]
     else:
         parts += ["### The study (`sbkd demo --study`)", "", f"Not run yet ({study} absent).", ""]
     scaling = results_dir / "scaling" / "scaling.json"

@@ -123,9 +123,22 @@ def test_study_preset_resumes_and_refuses_a_folder_of_other_settings(tmp_path, m
     result = demo.run_demo(output, preset="study", seeds=2, jobs=1, progress=False,
                            command="sbkd demo --study")
     assert result["seeds"] == [1986, 1987] and result["ran"]["command"] == "sbkd demo --study"
-    watched = sorted(output.glob("runs/*/*/run.json"))
+    # the decoding rows: each model greedy and with the n-gram LM, its settings from valid
+    decoding = json.loads((output / "decoding.json").read_text())
+    assert [(row["condition"], row["decoding"]) for row in decoding["rows"]] == [
+        ("am_alone", "greedy"), ("am_alone", "lm")]
+    for run in decoding["runs"]:
+        trained = json.loads((output / "runs" / "am_alone" / str(run["seed"]) / "run.json")
+                             .read_text())
+        assert abs(run["greedy"]["wer"] - trained["wer"]) < 5  # the same model, rebatched
+        assert run["chosen"] in run["valid_grid"] and len(run["valid_grid"]) == 10
+        assert run["chosen"]["wer"] == min(row["wer"] for row in run["valid_grid"])
+        assert run["lm"]["rtf"] > run["lm"]["search_rtf"] > 0 and run["test_audio_s"] > 0
+    assert "| am_alone | + 3-gram LM beam search |" in (output / "decoding.md").read_text()
+    watched = sorted(output.glob("runs/*/*/run.json")) + sorted(
+        output.glob("decoding/*/*/decoding.json"))
     before = [path.stat().st_mtime_ns for path in watched]
-    assert len(watched) == 2
+    assert len(watched) == 4
     again = demo.run_demo(output, preset="study", seeds=2, jobs=1, progress=False)
     assert [path.stat().st_mtime_ns for path in watched] == before
     assert again["conditions"] == result["conditions"]
@@ -213,3 +226,13 @@ def test_scaling_table_finds_where_the_gain_is_largest(tmp_path, capsys):
     assert "| -12.50 ± 0.71 | -11.50 ± 0.71 | -1.00 ± 0.00 | 20.0 % |" in printed
     assert "largest at 150 paired utterances (0.12 h): -12.50 WER points" in printed
     assert (tmp_path / "scaling" / "scaling.png").read_bytes()[:8] == PNG
+
+
+def test_decoding_rows_need_a_finished_study(tmp_path):
+    from sb_crossmodal_kd.shallow_fusion import run_shallow_fusion
+
+    (tmp_path / "data" / "lm_text").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"not a finished study for decoding: missing "
+                       r".*lm_text/train.txt"):
+        run_shallow_fusion(tmp_path, [1986])
+    assert not (tmp_path / "decoding").exists()

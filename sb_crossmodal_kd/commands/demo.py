@@ -46,6 +46,9 @@ def run(args):
     table = "scaling.md" if preset == "scaling" else "ablation.md"
     with open(f"{output}/{table}", encoding="utf-8") as handle:
         print(handle.read())
+    if preset == "study":
+        with open(f"{output}/decoding.md", encoding="utf-8") as handle:
+            print(handle.read())
     print(f"Wall time {result['wall_s']:.0f} s. Results: {output}/{table} "
           f"({table.replace('.md', '.json')}, {table.replace('.md', '.png')} beside it)")
     print(json.dumps({"wall_s": result["wall_s"], "prep_s": result.get("prep_s")}))
