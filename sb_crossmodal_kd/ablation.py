@@ -10,7 +10,9 @@ folder:
   std over seeds, ``null`` with one seed), ``train_s`` (mean wall time of a run: training
   and test; ``train_s_partial`` when a run was resumed and so timed in part), ``params`` (inference model, heads dropped), ``params_with_heads``, the paired
   difference to the AM alone of the same encoder (``delta_wer_mean``, ``delta_wer_std``:
-  seed by seed, so shared seed noise cancels) and ``per_seed`` values;
+  seed by seed, so shared seed noise cancels) and ``per_seed`` values; rewritten as each run
+  finishes, over the seeds every condition has finished, with ``partial`` (runs finished
+  and planned) until all have;
 - ``ablation.md``: the same as a Markdown table, and the teachers' table (held-out
   perplexity by epoch, mean entropy on the train positions: :func:`teacher_summary`);
 - ``ablation.png``: WER per condition with the seed std as error bars, dense vs MoE encoder.
@@ -44,7 +46,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["CONDITIONS", "DEMO_TRAINING", "condition_recipe", "run_ablation", "summarize",
            "markdown_table", "last_quarter_gain", "FLAT_GAIN", "is_flat", "paired_difference",
-           "teacher_summary", "teacher_table", "plot_ablation", "save_wer_plot", "paired_seeds"]
+           "teacher_summary", "teacher_table", "plot_ablation", "save_wer_plot", "paired_seeds",
+           "write_ablation_result"]
 
 DENSE_CONDITIONS = (
     "am_alone",
@@ -168,15 +171,26 @@ class _Runs:
             self.submitted[(args[0], args[1])] = (
                 self.pool.submit(_run_one, *args) if self.pool else args)
 
-    def results(self):
+    def results(self, finished=None):
+        """Every submitted run's record; ``finished(key, record)`` is called as each ends."""
+        from concurrent.futures import as_completed
+
         records = {}
-        for key, run in self.submitted.items():
-            if self.pool:
-                records[key] = run.result()
-            else:
-                logger.info("ablation: %s, seed %d", *key)
-                records[key] = _run_one(*run)
+        if self.pool:
+            keys = {future: key for key, future in self.submitted.items()}
+            done = ((keys[future], future.result()) for future in as_completed(keys))
+        else:
+            done = self._one_after_the_other()
+        for key, record in done:
+            records[key] = record
+            if finished is not None:
+                finished(key, record)
         return records
+
+    def _one_after_the_other(self):
+        for key, run in self.submitted.items():
+            logger.info("ablation: %s, seed %d", *key)
+            yield key, _run_one(*run)
 
     def __exit__(self, *error):
         if self.pool is None:
@@ -527,23 +541,44 @@ def run_ablation(
         steps.update({step: prepared["steps"][step] for step in STEPS
                       if step not in steps and step in prepared["steps"]})
         runs.submit([args for args in todo if args not in early])
-        records.update(runs.results())
-    prep_s = round(sum(steps.values()), 1)
-    summary = summarize(records, conditions, seed_list)
+
+        def write_so_far(key, record):
+            records[key] = record
+            write_ablation_result(output_dir, records, conditions, seed_list, settings, training,
+                          device, steps, prepared["outputs"])
+
+        runs.results(finished=write_so_far)
+    return write_ablation_result(output_dir, records, conditions, seed_list, settings, training,
+                         device, steps, prepared["outputs"])
+
+
+def write_ablation_result(output_dir, records, conditions, seeds, settings, training, device, steps,
+                  outputs):
+    """Writes ``ablation.json``, ``.md`` and ``.png`` of the seeds every condition finished
+    (``partial`` while runs are missing, so a stopped study still has its table); returns
+    the result, or None when no seed is complete yet."""
+    complete = [seed for seed in seeds if all((name, seed) in records for name in conditions)]
+    if not complete:
+        return None
+    finished = sum((name, seed) in records for name in conditions for seed in seeds)
+    summary = summarize(records, conditions, complete)
     result = {
         "format": "sbkd-ablation-1",
         "conditions": summary,
         "condition_order": conditions,
-        "seeds": seed_list,
+        "seeds": complete,
         "settings": {"prep": settings, "training": training, "device": device},
-        "prep_s": prep_s,
+        "prep_s": round(sum(steps.values()), 1),
         "prep_steps_s": steps,
-        "lm_valid_ppl": prepared["outputs"].get("lm_valid_ppl"),
-        "n_senones": prepared["outputs"].get("n_senones"),
-        "teachers": teacher_summary(prepared["outputs"]),
+        "lm_valid_ppl": outputs.get("lm_valid_ppl"),
+        "n_senones": outputs.get("n_senones"),
+        "teachers": teacher_summary(outputs),
     }
+    if complete != seeds:
+        result["partial"] = {"planned_seeds": seeds, "finished_runs": finished,
+                             "planned_runs": len(conditions) * len(seeds)}
     atomic_write_json(output_dir / "ablation.json", result)
-    atomic_write_text(output_dir / "ablation.md", markdown_table(summary, seed_list)
+    atomic_write_text(output_dir / "ablation.md", markdown_table(summary, complete)
                       + "\n" + teacher_table(result["teachers"]))
     plot_ablation(summary, output_dir / "ablation.png")
     return result

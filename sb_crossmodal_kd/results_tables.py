@@ -147,7 +147,12 @@ def provenance_line(result):
 def study_section(result):
     """The study's Markdown: condition table, claim, flatness, provenance."""
     summary = {name: result["conditions"][name] for name in result["condition_order"]}
-    return "\n".join([
+    partial = result.get("partial")
+    status = [] if not partial else [
+        f"**Partial:** {partial['finished_runs']} of {partial['planned_runs']} runs finished; "
+        f"the tables hold the seeds every condition has finished ({len(result['seeds'])} of "
+        f"{len(partial['planned_seeds'])}). Re-running the study's command resumes it.", ""]
+    return "\n".join([*status,
         markdown_table(summary, result["seeds"]),
         "The paper's ordering, pair by pair (paired differences of test WER, seed by seed):",
         "", *claim_lines(summary), "",

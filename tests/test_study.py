@@ -236,3 +236,32 @@ def test_decoding_rows_need_a_finished_study(tmp_path):
                        r".*lm_text/train.txt"):
         run_shallow_fusion(tmp_path, [1986])
     assert not (tmp_path / "decoding").exists()
+
+
+def test_a_stopped_study_has_the_table_of_its_finished_seeds(tmp_path, capsys):
+    from sb_crossmodal_kd.ablation import write_ablation_result
+
+    def run(wer, seed):
+        return {"wer": wer, "cer": wer / 2, "train_s": 10.0, "params": 5, "epochs": 4,
+                "valid_wer_curve": [90.0, 50.0, 45.0, 44.9], "commit": "c" * 40, "seed": seed}
+
+    conditions, seeds = ["am_alone", "hierarchy"], [1986, 1987]
+    records = {("am_alone", 1986): run(40.0, 1986), ("hierarchy", 1986): run(30.0, 1986),
+               ("am_alone", 1987): run(41.0, 1987)}  # hierarchy, seed 1987: still running
+    study = tmp_path / "study"
+    assert write_ablation_result(study, {("am_alone", 1986): records[("am_alone", 1986)]},
+                                 conditions, seeds, {}, {}, "cpu", {}, {}) is None
+    assert not study.exists()  # no seed complete: nothing to show
+    result = write_ablation_result(study, records, conditions, seeds, {}, {}, "cpu", {}, {})
+    assert result["seeds"] == [1986]
+    assert result["partial"] == {"planned_seeds": seeds, "finished_runs": 3, "planned_runs": 4}
+    assert result["conditions"]["hierarchy"]["delta_wer_mean"] == -10.0
+    assert json.loads((study / "ablation.json").read_text()) == json.loads(json.dumps(result))
+    store_results(study, tmp_path / "results" / "study", commit="0123abc",
+                  command="sbkd demo --study")
+    print_tables([str(tmp_path / "results")])
+    printed = capsys.readouterr().out
+    assert "**Partial:** 3 of 4 runs finished" in printed and "(1 of 2)" in printed
+    records[("hierarchy", 1987)] = run(32.0, 1987)
+    result = write_ablation_result(study, records, conditions, seeds, {}, {}, "cpu", {}, {})
+    assert result["seeds"] == seeds and "partial" not in result
