@@ -10,6 +10,9 @@ alignments reads them one shard at a time, in shard order:
 - :func:`align_split`: the shard files in ``folder``, optionally merged into the one-document
   file of :func:`~sb_crossmodal_kd.alignment.corpus.save_alignments` (streamed, the same bytes
   whoever aligned the shards);
+- :func:`open_shards`: a shards folder written earlier (``sbkd align``'s
+  ``OUTPUT/<name>_shards/``), every shard checked against the manifest and the aligner before
+  any work, for ``sbkd build-tree --shards`` and ``sbkd export-units --shards``;
 - :func:`split_tree_statistics`: each shard's triphone statistics, added in shard order;
 - :func:`export_split_units`: each shard's unit store part, appended in shard order to the
   split's store, the same bytes as :func:`~sb_crossmodal_kd.alignment.corpus.export_units`
@@ -55,7 +58,8 @@ from sb_crossmodal_kd.sharding import check_jobs, shard_ranges, shard_results
 logger = logging.getLogger(__name__)
 
 __all__ = ["SHARD_SIZE", "ShardedAlignments", "align_split", "export_split_units",
-           "import_alignments_document", "split_tree_statistics", "write_alignments_document"]
+           "import_alignments_document", "open_shards", "split_tree_statistics",
+           "write_alignments_document"]
 
 # Rows per shard: a fixed layout (results do not depend on the number of processes), small
 # enough that one shard's alignments are a few MB, large enough that a worker's start-up
@@ -196,6 +200,87 @@ def align_split(aligner_path, manifest, folder, lexicon_file=None, oov_policy="g
                         "audio_s_per_s": round(report["audio_s"] / max(seconds, 1e-9), 2)}
 
 
+def open_shards(folder, manifest, aligner_path, lexicon_file=None, oov_policy="g2p",
+                text_key="wrd"):
+    """The shards :func:`align_split` wrote into ``folder``, checked before any work.
+
+    Every shard must be there, complete, and built with this aligner, lexicon and transcript
+    column from this manifest's rows; reading a folder checks each file line by line (memory:
+    one line). The shard size is read from the first shard's header, so a folder aligned with
+    any ``shard_size`` is read as it was cut.
+
+    Arguments
+    ---------
+    folder : str or Path
+        The shards folder (``sbkd align``: ``OUTPUT/<manifest name>_shards/``).
+    manifest : str or Path
+        The manifest those shards were aligned from.
+    aligner_path : str or Path
+        The aligner file they were aligned with.
+    lexicon_file, oov_policy
+        The lexicon of the alignment (``None``: the shipped CMUdict).
+    text_key : str
+        The transcript column of the alignment.
+
+    Returns
+    -------
+    ShardedAlignments
+
+    Raises
+    ------
+    ValueError
+        One line naming the first shard that is missing, cut short or from other settings
+        (and saying to re-run ``sbkd align``, which rebuilds exactly those shards), or naming
+        the manifest when its rows are not the ones the shards were aligned from.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: no shards folder there; give the OUTPUT/<name>_shards "
+                         "folder that `sbkd align` writes")
+    rows = read_manifest(manifest, text_key)
+    settings = alignment_settings(_lexicon(lexicon_file and str(lexicon_file), oov_policy).hash,
+                                  aligner_path, text_key)
+    ranges = shard_ranges(len(rows), _folder_shard_size(folder))
+    extra = sorted(path.name for path in folder.glob("shard-*.jsonl")
+                   if path.name not in {shard_path(folder, i).name for i in range(len(ranges))})
+    if extra:
+        raise ValueError(f"{manifest}: its {len(rows)} rows are not the ones {folder} was "
+                         f"aligned from ({extra[0]} is beyond them); give that manifest, or "
+                         "re-run `sbkd align` with this one")
+    for i, (start, stop) in enumerate(ranges):
+        _check_shard(shard_path(folder, i), shard_header(settings, i, start, rows[start:stop],
+                                                         text_key), manifest)
+    return ShardedAlignments(folder, [row["ID"] for row in rows], ranges)
+
+
+def _folder_shard_size(folder):
+    """Rows per shard of a shards folder: the first shard's row count (:data:`SHARD_SIZE`
+    when that shard is missing or unreadable; checking it then reports why)."""
+    try:
+        with open(shard_path(folder, 0), encoding="utf-8") as f:
+            start, stop = json.loads(f.readline())["rows"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return SHARD_SIZE
+    if start != 0 or not isinstance(stop, int) or stop < 1:
+        return SHARD_SIZE
+    return stop
+
+
+def _check_shard(path, header, manifest):
+    """Refuses (one line) the shard at ``path`` unless it is the complete shard ``header``."""
+    problem = shard_problem(path, header)
+    if problem is None:
+        return
+    if problem == "built from other manifest rows":
+        raise ValueError(f"{manifest}: its rows are not the ones {path} was aligned from; give "
+                         "that manifest, or re-run `sbkd align` with this one")
+    if problem == "built with other settings":
+        problem = "built with another aligner, lexicon or --text-key than given here"
+    raise ValueError(f"{path}: {problem}; re-run `sbkd align` with the same settings on the "
+                     "same --output, which rebuilds exactly the missing, cut-short or "
+                     "other-settings shards")
+
+
 def _align_shard(spec, path, header, rows):
     """One shard's alignment (a worker's task): ``(end mark, whether it was built now)``."""
     problem = shard_problem(path, header)
@@ -275,10 +360,11 @@ def write_alignments_document(path, alignments, header):
 
 
 def split_tree_statistics(alignments, manifest, aligner_path, lexicon_file=None,
-                          oov_policy="g2p", jobs=1):
+                          oov_policy="g2p", jobs=1, text_key="wrd"):
     """Triphone-state statistics of an aligned split, each shard's computed by a worker and
-    added in shard order (the same numbers whoever computed them)."""
-    rows = read_manifest(manifest)
+    added in shard order (the same numbers whoever computed them); ``text_key`` is the
+    manifest's transcript column (only checked to be there)."""
+    rows = read_manifest(manifest, text_key)
     spec = (str(aligner_path), lexicon_file and str(lexicon_file), oov_policy)
     tasks = {i: (spec, alignments.paths[i], rows[start:stop])
              for i, (start, stop) in enumerate(alignments.ranges)}

@@ -3,7 +3,9 @@
 Each manifest is aligned shard by shard (``OUTPUT/<name>_shards/``, kept for a re-run) in
 ``--jobs`` processes, or under ``torchrun`` by every rank its shards (the phone model trains
 on rank 0), then merged into ``OUTPUT/<name>_phone_alignments.json``: the same bytes however
-many processes aligned it.
+many processes aligned it. ``sbkd build-tree --shards`` and ``sbkd export-units --shards``
+read that shards folder one shard at a time (memory bounded whatever the corpus size); each
+line printed names it.
 """
 
 import dataclasses
@@ -24,7 +26,8 @@ def add_arguments(parser):
     parser.add_argument("--train", required=True, help="manifest to train the phone model on")
     parser.add_argument(
         "--manifests", nargs="+", required=True,
-        help="manifests to align (name.csv -> OUTPUT/name_phone_alignments.json)",
+        help="manifests to align (name.csv -> OUTPUT/name_shards/, what build-tree and "
+             "export-units --shards read, and OUTPUT/name_phone_alignments.json)",
     )
     parser.add_argument("--output", required=True, help="folder for alignments and reports")
     parser.add_argument("--lexicon", default=None,
@@ -68,8 +71,9 @@ def run(args):
         rows = read_manifest(manifest, args.text_key)
         oov = oov_report(lexicon, [(r["ID"], r[args.text_key]) for r in rows],
                          os.path.join(args.output, f"{name}_oov.txt") if main else None)
+        shards = os.path.join(args.output, f"{name}_shards")
         _, report = align_split(
-            aligner_path, manifest, os.path.join(args.output, f"{name}_shards"), args.lexicon,
+            aligner_path, manifest, shards, args.lexicon,
             args.oov_policy, args.jobs, args.text_key,
             document=os.path.join(args.output, f"{name}_phone_alignments.json"),
             header={"manifest": os.path.abspath(manifest)},
@@ -80,7 +84,7 @@ def run(args):
                   f"({report['audio_s']:.0f} s of audio in {report['seconds']:.0f} s, "
                   f"{report['audio_s_per_s']:.0f} audio s/s, {report['shards_built']} shards "
                   f"built); OOV rate {oov['oov_rate']:.4f} ({oov['oov_tokens']} tokens, "
-                  f"{oov['oov_types']} types: {oov['list']})")
+                  f"{oov['oov_types']} types: {oov['list']}); shards in {shards}")
     if main:
         atomic_write_text(os.path.join(args.output, "align_report.json"),
                           json.dumps(summary, indent=1))
