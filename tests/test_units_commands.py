@@ -52,10 +52,21 @@ def test_align_build_tree_export_units_chain(tmp_path, capsys):
           str(train), "--aligner", str(out / "aligner.pt"), "--oov-policy", "skip", "--output",
           str(out / "tree.json"), "--min-count", "5", "--min-gain", "1"])
     tree = SenoneTree.load(out / "tree.json")
+    # The shards folder align printed, read shard by shard: the same tree.
+    printed = capsys.readouterr().out
+    assert "aligned 3/3" in printed and f"shards in {out / 'train_shards'}" in printed
+    main(["build-tree", "--shards", str(out / "train_shards"), "--manifest", str(train),
+          "--aligner", str(out / "aligner.pt"), "--oov-policy", "skip", "--output",
+          str(out / "tree_shards.json"), "--min-count", "5", "--min-gain", "1"])
+    assert (out / "tree_shards.json").read_bytes() == (out / "tree.json").read_bytes()
     main(["export-units", "--alignments", str(out / "test_phone_alignments.json"), "--manifest",
           str(test), "--oov-policy", "skip", "--tree", str(out / "tree.json"), "--spm-dir",
           str(tmp_path / "spm"), "--spm-vocab-size", "12", "--spm-train-text",
           str(tmp_path / "text.txt"), "--output", str(out / "test.units")])
+    main(["export-units", "--shards", str(out / "test_shards"), "--manifest", str(test),
+          "--oov-policy", "skip", "--tree", str(out / "tree.json"), "--spm-dir",
+          str(tmp_path / "spm"), "--spm-vocab-size", "12", "--output", str(out / "shards.units")])
+    assert (out / "shards.units").read_bytes() == (out / "test.units").read_bytes()
     lexicon = Lexicon.from_cmudict()
     store = UnitStore(out / "test.units", expect={"lexicon": lexicon.hash, "tree": tree.hash})
     assert store.ids() == ["test0", "test1", "test2"]
@@ -67,7 +78,7 @@ def test_align_build_tree_export_units_chain(tmp_path, capsys):
         text = next(csv.DictReader(f))["wrd"]
     assert record["monophone.units"].tolist() == lexicon.phone_ids(text)
     assert record["senone.units"].tolist() == tree.senones(lexicon.phones(text))
-    assert "aligned 3/3" in capsys.readouterr().out
+    assert "3 utterances (0 without alignment)" in capsys.readouterr().out
 
 
 def test_align_reads_the_users_lexicon_file(tmp_path):
