@@ -28,17 +28,18 @@ def add_alignment_source(parser, which=""):
     parser : argparse.ArgumentParser
         The subcommand's parser.
     which : str
-        Added to both helps, e.g. ``"(train)"``: which split's alignments.
+        Added to both helps, e.g. ``"of the train split"``: which split's alignments.
     """
+    which = f" {which}" if which else ""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--shards", default=None,
-        help=f"shards folder written by `sbkd align` (OUTPUT/<name>_shards) {which}: read "
+        help=f"shards folder{which} written by `sbkd align` (OUTPUT/<name>_shards): read "
              "shard by shard, memory bounded whatever the corpus size; every shard is checked "
              "first (a missing, cut-short or other-settings one is refused)")
     source.add_argument(
         "--alignments", default=None,
-        help=f"one-document *_phone_alignments.json {which} instead: loaded into memory whole, "
+        help=f"one-document *_phone_alignments.json{which} instead: loaded into memory whole, "
              "for small corpora")
 
 

@@ -23,7 +23,7 @@ from sb_crossmodal_kd.units.senones import SenoneTree
 
 def add_arguments(parser):
     """Registers the alignment source, manifest, aligner (for its features) and tree settings."""
-    add_alignment_source(parser, "(train)")
+    add_alignment_source(parser, "of the train split")
     parser.add_argument("--manifest", required=True, help="the manifest those alignments cover")
     parser.add_argument("--aligner", required=True, help="aligner.pt written by `sbkd align`")
     parser.add_argument("--lexicon", default=None,
