@@ -19,13 +19,20 @@ names the teacher (its :meth:`~sb_crossmodal_kd.teachers.base.Teacher.describe`)
 the vocabulary size, the tokenizer / lexicon / tree hash, the temperature, ``k``, the shard size
 and a hash of the input sequences.
 
+The shards to compute go through :func:`~sb_crossmodal_kd.sharding.shard_results`: in this
+process (``jobs=1``), in ``jobs`` spawned processes (the teacher is pickled to them), and
+under ``torchrun`` over the ranks (shard ``i`` on rank ``i % world_size``, each rank with
+``jobs`` processes of its own). Whoever computes a shard writes its two files; rank 0 alone
+writes ``header.json``, before the shards (``complete: false``) and after them. A shard's
+batches depend on the shard alone, so the folder is the same bytes whatever ``jobs`` and the
+number of ranks are. Under ``torchrun`` the cache folder must be on storage every rank sees.
+
 Writes are atomic (:mod:`sb_crossmodal_kd.io`: a temporary file in the same folder, renamed);
 a shard counts as done once its ``.json`` exists and its ``.bin`` has the recorded size and
-hash. An interrupted
-build, run again with the same arguments, skips the done shards and recomputes the rest with
-the same batching, so the result is byte-identical to an uninterrupted build (on a
-deterministic device). Running it with other arguments, or reading the cache with another
-vocabulary, tokenizer, unit type, temperature or a larger ``k``, raises
+hash. An interrupted build, run again with the same arguments (any ``jobs``), skips the done
+shards and recomputes the rest with the same batching, so the result is byte-identical to an
+uninterrupted build (on a deterministic device). Running it with other arguments, or reading
+the cache with another vocabulary, tokenizer, unit type, temperature or a larger ``k``, raises
 :class:`CacheMismatchError` saying what differs.
 
 Example
