@@ -40,7 +40,10 @@ def add_arguments(parser):
     parser.add_argument("--tau", type=float, default=1.0, help="teacher temperature")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--shard-size", type=int, default=1000, help="utterances per shard")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu "
+                        "(under torchrun, cuda is each rank's own GPU)")
+    parser.add_argument("--jobs", type=int, default=1, help="processes computing shards "
+                        "(default 1; under torchrun, on each rank); the cache is the same bytes")
 
 
 def run(args):
@@ -68,7 +71,7 @@ def run(args):
     header = build_cache(
         teacher, utterances, args.output, k=args.k, tau=args.tau, unit_type=args.units,
         tokenizer_hash=units_hash, shard_size=args.shard_size,
-        batch_size=args.batch_size, device=args.device,
+        batch_size=args.batch_size, device=args.device, jobs=args.jobs,
     )
     summary = {key: header[key] for key in ("unit_type", "vocab_size", "k", "temperature",
                                             "n_utterances", "n_positions", "n_shards")}

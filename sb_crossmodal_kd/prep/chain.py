@@ -35,9 +35,10 @@ The steps:
 
 Alignment, tree statistics and unit stores run shard by shard
 (:mod:`~sb_crossmodal_kd.alignment.sharded`) in ``jobs`` processes, and under ``torchrun``
-over the ranks (each rank its shards, rank 0 merging); the other steps run on rank 0 while
-the other ranks wait, then load what it made. No output depends on ``jobs`` or the number of
-ranks.
+over the ranks (each rank its shards, rank 0 merging); so do the teacher caches
+(:func:`~sb_crossmodal_kd.teachers.cache.build_cache`: each rank writes its shards, rank 0
+the header). The other steps run on rank 0 while the other ranks wait, then load what it
+made. No output depends on ``jobs`` or the number of ranks.
 
 Layout of ``prep_dir`` (read by the KD conditions' ``base.yaml``)::
 
@@ -97,10 +98,11 @@ def prepare_kd_data(data_dir, prep_dir, settings=None, progress=False, device="c
     progress : bool
         Show progress bars.
     device : str
-        Where the unit LMs train and the teachers fill the caches (the aligner uses the CPU).
+        Where the unit LMs train and the teachers fill the caches (the aligner uses the CPU;
+        under ``torchrun``, ``"cuda"`` is each rank's own GPU for the caches).
     jobs : int
-        Processes for the corpus synthesis and the shards of alignment, tree statistics and
-        unit stores (no output depends on it). Under ``torchrun`` each rank takes its shards
+        Processes for the corpus synthesis and the shards of alignment, tree statistics, unit
+        stores and teacher caches (no output depends on it). Under ``torchrun`` each rank takes its shards
         (``i % world_size == rank``) in ``jobs`` processes.
     through : str, optional
         Stop after this step (one of :data:`STEPS`), e.g. ``"unit_stores"``: what training
@@ -168,12 +170,13 @@ def prepare_kd_data_from_manifests(manifests, prep_dir, lm_text=None, settings=N
     progress : bool
         Show progress bars.
     device : str
-        Where the unit LMs train and the teachers fill the caches (the aligner uses the CPU).
+        Where the unit LMs train and the teachers fill the caches (the aligner uses the CPU;
+        under ``torchrun``, ``"cuda"`` is each rank's own GPU for the caches).
     through : str, optional
         Stop after this step, as in :func:`prepare_kd_data` (the first is ``"manifests"``).
     jobs : int
-        Processes for the shards of alignment, tree statistics and unit stores, as in
-        :func:`prepare_kd_data`.
+        Processes for the shards of alignment, tree statistics, unit stores and teacher
+        caches, as in :func:`prepare_kd_data`.
 
     Returns
     -------
@@ -275,8 +278,8 @@ def _chain(prep_dir, record, manifests, lm_texts, settings, progress, device, th
     start = time.time()
     caches = {
         unit: {
-            split: str(main_first(_teacher_cache, prep_dir, unit, split, stores[split],
-                                  settings, device, progress))
+            split: str(_teacher_cache(prep_dir, unit, split, stores[split], settings, device,
+                                      progress, jobs))
             for split in settings["splits"]
         }
         for unit in lm_unit_types()

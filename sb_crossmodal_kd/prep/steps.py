@@ -123,7 +123,10 @@ def _unit_store(path, alignments, manifest, lexicon, tree, tokenizer, jobs):
     return path
 
 
-def _teacher_cache(prep_dir, unit, split, store, settings, device, progress):
+def _teacher_cache(prep_dir, unit, split, store, settings, device, progress, jobs=1):
+    """The teacher cache ``caches/{unit}_{split}/`` (kept when complete), shard by shard in
+    ``jobs`` processes and under ``torchrun`` over the ranks (a collective: every rank calls
+    it)."""
     from sb_crossmodal_kd.teachers import load_teacher
     from sb_crossmodal_kd.teachers.cache import build_cache, utterances_from_unit_store
 
@@ -135,5 +138,5 @@ def _teacher_cache(prep_dir, unit, split, store, settings, device, progress):
     teacher = load_teacher(prep_dir / "lm" / unit / "lm")
     build_cache(teacher, utterances, folder, k=settings["cache_k"],
                 tau=settings["teacher_tau"][unit], unit_type=unit, tokenizer_hash=units_hash,
-                device=device, progress=progress)
+                device=device, progress=progress, jobs=jobs)
     return folder

@@ -19,13 +19,20 @@ names the teacher (its :meth:`~sb_crossmodal_kd.teachers.base.Teacher.describe`)
 the vocabulary size, the tokenizer / lexicon / tree hash, the temperature, ``k``, the shard size
 and a hash of the input sequences.
 
+The shards to compute go through :func:`~sb_crossmodal_kd.sharding.shard_results`: in this
+process (``jobs=1``), in ``jobs`` spawned processes (the teacher is pickled to them), and
+under ``torchrun`` over the ranks (shard ``i`` on rank ``i % world_size``, each rank with
+``jobs`` processes of its own). Whoever computes a shard writes its two files; rank 0 alone
+writes ``header.json``, before the shards (``complete: false``) and after them. A shard's
+batches depend on the shard alone, so the folder is the same bytes whatever ``jobs`` and the
+number of ranks are. Under ``torchrun`` the cache folder must be on storage every rank sees.
+
 Writes are atomic (:mod:`sb_crossmodal_kd.io`: a temporary file in the same folder, renamed);
 a shard counts as done once its ``.json`` exists and its ``.bin`` has the recorded size and
-hash. An interrupted
-build, run again with the same arguments, skips the done shards and recomputes the rest with
-the same batching, so the result is byte-identical to an uninterrupted build (on a
-deterministic device). Running it with other arguments, or reading the cache with another
-vocabulary, tokenizer, unit type, temperature or a larger ``k``, raises
+hash. An interrupted build, run again with the same arguments (any ``jobs``), skips the done
+shards and recomputes the rest with the same batching, so the result is byte-identical to an
+uninterrupted build (on a deterministic device). Running it with other arguments, or reading
+the cache with another vocabulary, tokenizer, unit type, temperature or a larger ``k``, raises
 :class:`CacheMismatchError` saying what differs.
 
 Example
@@ -51,12 +58,15 @@ sb_crossmodal_kd.teachers.cache.CacheMismatchError: ...tokenizer_hash...
 
 import hashlib
 import json
+import os
 import pathlib
 
 import numpy as np
 import torch
 
+from sb_crossmodal_kd.distributed import gather_objects, main_first, rank, world_size
 from sb_crossmodal_kd.io import atomic_write_bytes
+from sb_crossmodal_kd.sharding import check_jobs, shard_results
 from sb_crossmodal_kd.teachers.base import TopKDistributions
 
 FORMAT = "sb-crossmodal-kd teacher cache v1"
@@ -129,13 +139,23 @@ def build_cache(
     batch_size=32,
     device=None,
     progress=True,
+    jobs=1,
 ):
-    """Precomputes ``teacher``'s top-k distributions for every utterance; resumable.
+    """Precomputes ``teacher``'s top-k distributions for every utterance; resumable, sharded.
+
+    The shards still to do run through :func:`~sb_crossmodal_kd.sharding.shard_results`: in
+    this process (``jobs=1``), in ``jobs`` spawned processes, and under ``torchrun`` each rank
+    the shards ``i % world_size == rank``. Every shard's files are written by whoever computed
+    it; rank 0 alone writes ``header.json``. The bytes do not depend on ``jobs`` or the number
+    of ranks. Under ``torchrun`` this is a collective (every rank calls it with the same
+    arguments) and ``output_dir`` must be on storage every rank sees.
 
     Arguments
     ---------
     teacher : Teacher
-        Any :class:`~sb_crossmodal_kd.teachers.base.Teacher`.
+        Any :class:`~sb_crossmodal_kd.teachers.base.Teacher`. With ``jobs > 1`` it is pickled
+        to the worker processes, so it must be picklable and on the CPU (each worker moves its
+        copy to ``device``).
     utterances : sequence of (str, sequence of int)
         ``(utterance ID, unit ids)`` in the order to store them (e.g. manifest order).
     output_dir : str or path
@@ -151,17 +171,20 @@ def build_cache(
     batch_size : int
         Utterances per teacher call.
     device : str, optional
-        Where the teacher runs (default: CUDA if available, else CPU).
+        Where the teacher runs (default: CUDA if available, else CPU). Under ``torchrun``,
+        ``"cuda"`` means each rank's own GPU, ``cuda:LOCAL_RANK``.
     progress : bool
-        Show a tqdm progress bar over positions.
+        Show a tqdm progress bar over positions (on rank 0, advanced shard by shard).
+    jobs : int
+        Processes on this machine (on each rank under ``torchrun``); checked before any work.
 
     Returns
     -------
     dict
-        The header written to ``output_dir/header.json``.
+        The header written to ``output_dir/header.json`` (the same on every rank).
     """
+    check_jobs(jobs)
     folder = pathlib.Path(output_dir)
-    folder.mkdir(parents=True, exist_ok=True)
     utterances = [(str(utt_id), [int(u) for u in units]) for utt_id, units in utterances]
     _validate(utterances, teacher.vocab_size)
     if tokenizer_hash is not None and teacher.tokenizer_hash not in (None, tokenizer_hash):
@@ -169,9 +192,42 @@ def build_cache(
             f"{teacher.name} was built with tokenizer hash {teacher.tokenizer_hash!r} but the "
             f"units were built with {tokenizer_hash!r}: the unit ids do not mean the same thing"
         )
-    k = min(int(k), teacher.vocab_size)
-    n_shards = (len(utterances) + shard_size - 1) // shard_size
-    settings = {
+    if jobs > 1 and teacher.device.type != "cpu":
+        raise ValueError(
+            f"jobs={jobs} pickles the teacher to each worker process: pass it on the CPU "
+            f"(it is on {teacher.device}); each worker moves its copy to device={device!r}"
+        )
+    settings = _settings(teacher, utterances, min(int(k), teacher.vocab_size), tau, unit_type,
+                         tokenizer_hash, shard_size)
+    start = _agreed_start(folder, settings)
+    if "header" in start:
+        return start["header"]
+    device = _rank_device(device)
+    shards = {i: utterances[i * shard_size : (i + 1) * shard_size] for i in start["todo"]}
+    tasks = {i: (folder, i, shard, teacher, settings["k"], tau, batch_size, device)
+             for i, shard in shards.items()}
+    bar = None
+    if progress and rank() == 0:
+        from tqdm import tqdm
+
+        todo_positions = sum(len(units) for shard in shards.values() for _, units in shard)
+        bar = tqdm(total=settings["n_positions"], unit="pos", desc=f"teacher cache {folder.name}",
+                   initial=settings["n_positions"] - todo_positions)
+    try:
+        for _, info in shard_results(_build_shard, tasks, jobs):
+            if bar is not None:
+                bar.update(info["n_positions"])
+    finally:
+        if bar is not None:
+            bar.close()
+    header = {**settings, "complete": True}
+    main_first(_write_header, folder / HEADER, header)  # the others wait for rank 0's write
+    return header
+
+
+def _settings(teacher, utterances, k, tau, unit_type, tokenizer_hash, shard_size):
+    """What ``header.json`` records about a build (all but ``complete``)."""
+    return {
         "format": FORMAT,
         "teacher": teacher.describe(),
         "context": teacher.context,
@@ -181,48 +237,71 @@ def build_cache(
         "temperature": float(tau),
         "k": k,
         "shard_size": int(shard_size),
-        "n_shards": n_shards,
+        "n_shards": (len(utterances) + shard_size - 1) // shard_size,
         "n_utterances": len(utterances),
         "n_positions": sum(len(units) for _, units in utterances),
         "sequences_hash": _sequences_hash(utterances),
     }
+
+
+def _start(folder, settings):
+    """Opens (or creates) the cache folder for a build with ``settings``, before any shard.
+
+    Refuses a header with other settings; returns ``{"header": header}`` when the cache is
+    already complete, else writes the initial header if there is none, removes the temporary
+    files an interrupted write left, and returns ``{"todo": [shard indices not done]}``.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
     header_path = folder / HEADER
     if header_path.is_file():
         existing = json.loads(header_path.read_text())
         existing_settings = {key: value for key, value in existing.items() if key != "complete"}
         _check_settings(existing_settings, settings, folder, "this build asks for")
         if existing.get("complete"):
-            return existing
+            return {"header": existing}
     else:
         atomic_write_bytes(header_path, _json_bytes({**settings, "complete": False}))
     # Left by an interrupted write (".tmp-*": by versions before the io helpers).
     for stale in [*folder.glob(".*.tmp"), *folder.glob(".tmp-*")]:
         stale.unlink()
+    return {"todo": [i for i in range(settings["n_shards"]) if not _shard_done(folder, i)]}
 
+
+def _agreed_start(folder, settings):
+    """:func:`_start` on rank 0, its answer (or its error) on every rank.
+
+    The other ranks neither write nor look at the folder themselves: they could see shards
+    rank 0 has started writing and disagree on what is to do.
+    """
+    outcome, error = None, None
+    if rank() == 0:
+        try:
+            outcome = _start(folder, settings)
+        except Exception as raised:  # raised on every rank below, not only here
+            if world_size() == 1:
+                raise
+            error = raised
+    outcome, shared_error = gather_objects((outcome, error))[0]
+    if error is not None:
+        raise error
+    if shared_error is not None:
+        raise shared_error
+    return outcome
+
+
+def _rank_device(device):
+    """The device a build runs on: the default, and under ``torchrun`` ``"cuda"`` made the
+    rank's own GPU (``cuda:LOCAL_RANK``)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    teacher = teacher.to(device)
-    todo = [i for i in range(n_shards) if not _shard_done(folder, i)]
-    done_positions = settings["n_positions"] - sum(
-        len(units)
-        for i in todo
-        for _, units in utterances[i * shard_size : (i + 1) * shard_size]
-    )
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    if device == "cuda" and world_size() > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return device
 
-        bar = tqdm(total=settings["n_positions"], initial=done_positions, unit="pos",
-                   desc=f"teacher cache {folder.name}")
-    try:
-        for index in todo:
-            shard = utterances[index * shard_size : (index + 1) * shard_size]
-            _write_shard(folder, index, shard, teacher, k, tau, batch_size, device, bar)
-    finally:
-        if bar is not None:
-            bar.close()
-    header = {**settings, "complete": True}
-    atomic_write_bytes(header_path, _json_bytes(header))
-    return header
+
+def _write_header(path, header):
+    """Writes ``header`` on rank 0 (atomically); the other ranks write nothing."""
+    if rank() == 0:
+        atomic_write_bytes(path, _json_bytes(header))
 
 
 def _validate(utterances, vocab_size):
@@ -241,8 +320,23 @@ def _validate(utterances, vocab_size):
             )
 
 
-def _write_shard(folder, index, shard, teacher, k, tau, batch_size, device, bar):
-    """Computes one shard and writes its .bin then its .json, each atomically."""
+def _build_shard(folder, index, shard, teacher, k, tau, batch_size, device):
+    """Computes shard ``index`` of :func:`build_cache` and writes its files; its worker.
+
+    Runs in the calling process, a spawned worker or a rank (a module-level function, so that
+    it pickles). Moves ``teacher`` to ``device``, writes ``shard_{index}.bin`` then its
+    ``.json``, each atomically, and returns ``{"shard": index, "n_positions": positions}``
+    (the arrays stay here, nothing large goes back through pickling).
+    """
+    teacher = teacher.to(device)
+    ids, probs, starts, lengths = _shard_arrays(shard, teacher, k, tau, batch_size, device)
+    _write_shard_files(folder, index, shard, ids, probs, starts, lengths)
+    return {"shard": index, "n_positions": len(ids)}
+
+
+def _shard_arrays(shard, teacher, k, tau, batch_size, device):
+    """A shard's top-k ``ids`` int32 and ``probs`` float16 ``[P, k]``, and each utterance's
+    first position and length; the batching depends on the shard alone."""
     lengths = [len(units) for _, units in shard]
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     n_positions = int(sum(lengths))
@@ -264,8 +358,11 @@ def _write_shard(folder, index, shard, teacher, k, tau, batch_size, device, bar)
             span = slice(starts[i], starts[i] + lengths[i])
             probs[span] = top_probs[row, : lengths[i]]
             ids[span] = top_ids[row, : lengths[i]]
-        if bar is not None:
-            bar.update(int(batch_lengths.sum()))
+    return ids, probs, starts, lengths
+
+
+def _write_shard_files(folder, index, shard, ids, probs, starts, lengths):
+    """Writes a shard's .bin then its .json (which marks it done), each atomically."""
     # The residual is what the stored (float16) top-k leaves, so stored parts sum to one.
     residual = np.clip(1.0 - probs.astype(np.float32).sum(-1), 0.0, None).astype(np.float32)
     data = ids.tobytes() + residual.tobytes() + probs.tobytes()
@@ -273,8 +370,8 @@ def _write_shard(folder, index, shard, teacher, k, tau, batch_size, device, bar)
     atomic_write_bytes(folder / f"{name}.bin", data)
     info = {
         "shard": index,
-        "k": k,
-        "n_positions": n_positions,
+        "k": ids.shape[1],
+        "n_positions": len(ids),
         "bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
         "utterances": [[utt_id, int(s), n] for (utt_id, _), s, n in zip(shard, starts, lengths, strict=True)],
