@@ -136,6 +136,10 @@ def _teacher_cache(prep_dir, unit, split, store, settings, device, progress, job
         return folder
     utterances, units_hash = utterances_from_unit_store(store, unit)
     teacher = load_teacher(prep_dir / "lm" / unit / "lm")
+    if str(device).startswith("cuda"):
+        # One process per GPU (its rank's): more would each hold a CUDA context for a teacher
+        # that keeps the device busy alone.
+        jobs = 1
     build_cache(teacher, utterances, folder, k=settings["cache_k"],
                 tau=settings["teacher_tau"][unit], unit_type=unit, tokenizer_hash=units_hash,
                 device=device, progress=progress, jobs=jobs)
