@@ -22,6 +22,7 @@ match, redone otherwise); the summary over seeds to ``decoding.json`` and ``deco
 """
 
 import csv
+import functools
 import logging
 import tempfile
 import time
@@ -81,7 +82,8 @@ def acoustic_scores(asr, manifest, batch_size=_BATCH_SIZE):
         padded = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True)
         lengths = sizes / sizes.max()
         with torch.inference_mode():
-            log_probs, seconds = _timed(asr.device, lambda: asr.encode_batch(padded, lengths))
+            log_probs, seconds = _timed(asr.device, functools.partial(asr.encode_batch, padded,
+                                                                      lengths))
         out["log_probs"].append(log_probs.float().cpu())
         out["lengths"].append(lengths)
         out["references"] += [row["wrd"] for row in batch]
