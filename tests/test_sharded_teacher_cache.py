@@ -138,6 +138,9 @@ TORCHRUN_WORKER = textwrap.dedent(
     (out / f"rank{rank()}.json").write_text(json.dumps({
         "header": header, "calls": calls, "again": again, "more_calls": teacher.calls - calls,
         "refused": refused}))
+    # A clean exit: a rank leaving with its process group alive can abort in gloo's threads.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
     """
 )
 
