@@ -131,7 +131,7 @@ def test_study_preset_resumes_and_refuses_a_folder_of_other_settings(tmp_path, m
         trained = json.loads((output / "runs" / "am_alone" / str(run["seed"]) / "run.json")
                              .read_text())
         assert abs(run["greedy"]["wer"] - trained["wer"]) < 5  # the same model, rebatched
-        assert run["chosen"] in run["valid_grid"] and len(run["valid_grid"]) == 10
+        assert run["chosen"] in run["valid_grid"] and len(run["valid_grid"]) == 14
         assert run["chosen"]["wer"] == min(row["wer"] for row in run["valid_grid"])
         assert run["lm"]["rtf"] > run["lm"]["search_rtf"] > 0 and run["test_audio_s"] > 0
     assert "| am_alone | + 3-gram LM beam search |" in (output / "decoding.md").read_text()
