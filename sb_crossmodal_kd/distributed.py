@@ -171,6 +171,35 @@ def main_first(function, *args, **kwargs):
     return result
 
 
+def main_decides(function, *args, **kwargs):
+    """``function(*args, **kwargs)`` on rank 0 alone, its result (or the error it raised) on
+    every rank (just the call without DDP). A collective: all ranks call it.
+
+    For what one process must decide before the ranks share work (which shards of a folder
+    are still to do): the other ranks neither write nor look themselves, or they could see
+    what rank 0 has started writing and disagree.
+
+    Example
+    -------
+    >>> main_decides(max, 2, 3)
+    3
+    """
+    if not is_distributed():
+        return function(*args, **kwargs)
+    outcome, error = None, None
+    if rank() == 0:
+        try:
+            outcome = function(*args, **kwargs)
+        except Exception as raised:  # raised on every rank below, not only here
+            error = raised
+    outcome, shared_error = gather_objects((outcome, error))[0]
+    if error is not None:
+        raise error
+    if shared_error is not None:
+        raise shared_error
+    return outcome
+
+
 def rank():
     """This process's rank (0 without DDP).
 

@@ -20,12 +20,17 @@ Example
 [(0, (3, 1)), (1, (2, 1))]
 """
 
+import hashlib
+import json
 from contextlib import ExitStack
+from pathlib import Path
 
 from sb_crossmodal_kd.distributed import gather_objects, rank, world_size
+from sb_crossmodal_kd.io import atomic_write_bytes
 from sb_crossmodal_kd.workers import process_pool
 
-__all__ = ["check_jobs", "shard_ranges", "shard_results"]
+__all__ = ["check_jobs", "json_bytes", "read_shard_info", "shard_name", "shard_ranges",
+           "shard_results", "write_shard_files"]
 
 
 def shard_ranges(n_rows, shard_size):
@@ -97,3 +102,62 @@ def shard_results(function, tasks, jobs=1):
                 for part in gather_objects(results):
                     results.update(part)
             yield from sorted(results.items())
+
+
+# A shard of binary arrays on disk (teacher caches, the LMs' unit text): ``shard_NNNNN.bin``
+# and ``shard_NNNNN.json``, the .json written last and recording the .bin's size and SHA-256,
+# so a shard is done once its .json exists and its .bin still matches it.
+
+
+def json_bytes(obj):
+    """``obj`` as the indented, key-sorted JSON bytes of shard and header files."""
+    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+
+
+def shard_name(index):
+    """The files' name (without extension) of shard ``index``.
+
+    Example
+    -------
+    >>> shard_name(3)
+    'shard_00003'
+    """
+    return f"shard_{index:05d}"
+
+
+def write_shard_files(folder, index, data, info):
+    """Writes shard ``index``'s ``.bin`` (``data``) then its ``.json`` (``info`` with the
+    ``.bin``'s ``bytes`` and ``sha256``), each atomically: the ``.json`` marks it done.
+
+    Example
+    -------
+    >>> folder = getfixture("tmp_path")
+    >>> write_shard_files(folder, 0, b"abc", {"shard": 0})
+    >>> read_shard_info(folder, 0)["bytes"], read_shard_info(folder, 1)
+    (3, None)
+    >>> _ = (folder / "shard_00000.bin").write_bytes(b"abd")  # changed: no longer done
+    >>> read_shard_info(folder, 0) is None
+    True
+    """
+    name = shard_name(index)
+    atomic_write_bytes(Path(folder) / f"{name}.bin", data)
+    info = {**info, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    atomic_write_bytes(Path(folder) / f"{name}.json", json_bytes(info))
+
+
+def read_shard_info(folder, index):
+    """Shard ``index``'s ``.json`` if the shard is complete and intact on disk, else ``None``
+    (a file missing, unreadable, or a ``.bin`` of another size or hash)."""
+    name = shard_name(index)
+    info_path, bin_path = Path(folder) / f"{name}.json", Path(folder) / f"{name}.bin"
+    if not info_path.is_file() or not bin_path.is_file():
+        return None
+    try:
+        info = json.loads(info_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(info, dict) or bin_path.stat().st_size != info.get("bytes"):
+        return None
+    if hashlib.sha256(bin_path.read_bytes()).hexdigest() != info.get("sha256"):
+        return None
+    return info

@@ -64,9 +64,16 @@ import pathlib
 import numpy as np
 import torch
 
-from sb_crossmodal_kd.distributed import gather_objects, main_first, rank, world_size
+from sb_crossmodal_kd.distributed import main_decides, main_first, rank, world_size
 from sb_crossmodal_kd.io import atomic_write_bytes
-from sb_crossmodal_kd.sharding import check_jobs, shard_results
+from sb_crossmodal_kd.sharding import (
+    check_jobs,
+    read_shard_info,
+    shard_results,
+    write_shard_files,
+)
+from sb_crossmodal_kd.sharding import json_bytes as _json_bytes
+from sb_crossmodal_kd.sharding import shard_name as _shard_name
 from sb_crossmodal_kd.teachers.base import TopKDistributions
 
 FORMAT = "sb-crossmodal-kd teacher cache v1"
@@ -79,19 +86,11 @@ class CacheMismatchError(ValueError):
 
 
 
-def _json_bytes(obj):
-    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
-
-
 def _sequences_hash(utterances):
     digest = hashlib.sha256()
     for utt_id, units in utterances:
         digest.update(f"{utt_id}\t{' '.join(str(int(u)) for u in units)}\n".encode())
     return digest.hexdigest()
-
-
-def _shard_name(index):
-    return f"shard_{index:05d}"
 
 
 def _layout(n_positions, k):
@@ -103,14 +102,7 @@ def _layout(n_positions, k):
 
 def _shard_done(folder, index):
     """True if shard ``index`` is complete and intact on disk."""
-    name = _shard_name(index)
-    index_path, bin_path = folder / f"{name}.json", folder / f"{name}.bin"
-    if not index_path.is_file() or not bin_path.is_file():
-        return False
-    info = json.loads(index_path.read_text())
-    if bin_path.stat().st_size != info["bytes"]:
-        return False
-    return hashlib.sha256(bin_path.read_bytes()).hexdigest() == info["sha256"]
+    return read_shard_info(folder, index) is not None
 
 
 def _check_settings(found, wanted, folder, what):
@@ -273,20 +265,7 @@ def _agreed_start(folder, settings):
     The other ranks neither write nor look at the folder themselves: they could see shards
     rank 0 has started writing and disagree on what is to do.
     """
-    outcome, error = None, None
-    if rank() == 0:
-        try:
-            outcome = _start(folder, settings)
-        except Exception as raised:  # raised on every rank below, not only here
-            if world_size() == 1:
-                raise
-            error = raised
-    outcome, shared_error = gather_objects((outcome, error))[0]
-    if error is not None:
-        raise error
-    if shared_error is not None:
-        raise shared_error
-    return outcome
+    return main_decides(_start, folder, settings)
 
 
 def _rank_device(device):
@@ -366,17 +345,12 @@ def _write_shard_files(folder, index, shard, ids, probs, starts, lengths):
     # The residual is what the stored (float16) top-k leaves, so stored parts sum to one.
     residual = np.clip(1.0 - probs.astype(np.float32).sum(-1), 0.0, None).astype(np.float32)
     data = ids.tobytes() + residual.tobytes() + probs.tobytes()
-    name = _shard_name(index)
-    atomic_write_bytes(folder / f"{name}.bin", data)
-    info = {
+    write_shard_files(folder, index, data, {
         "shard": index,
         "k": ids.shape[1],
         "n_positions": len(ids),
-        "bytes": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
         "utterances": [[utt_id, int(s), n] for (utt_id, _), s, n in zip(shard, starts, lengths, strict=True)],
-    }
-    atomic_write_bytes(folder / f"{name}.json", _json_bytes(info))
+    })
 
 
 def utterances_from_manifest(manifest, text_units, column="wrd"):
