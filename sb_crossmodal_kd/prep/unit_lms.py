@@ -13,7 +13,9 @@ def _unit_lms(prep_dir, lm_texts, settings, vocab_size, device, cores=None):
     """Trains the unit LMs (one per unit type that has one) in worker processes, side by side
     (most of a small LM's time is start-up, and one process per LM keeps their torch threads
     apart), or at most ``cores`` processes at a time when it is given. Each LM's hparams get
-    the files of the resources its unit type is defined by."""
+    the files of the resources its unit type is defined by. Each LM converts its text with
+    its share of the cores (``conversion_jobs``: cores // LMs side by side, at least 1), so
+    the processes converting at once stay within the cores."""
     from sb_crossmodal_kd.workers import process_pool
 
     resources = {"tokenizer": {"tokenizer_dir": str(prep_dir / "tokenizer"),
@@ -39,8 +41,11 @@ def _unit_lms(prep_dir, lm_texts, settings, vocab_size, device, cores=None):
         workers = len(todo) if cores is None else max(1, min(len(todo), cores))
         threads = int(os.environ.get("OMP_NUM_THREADS")
                       or max(1, (cores or os.cpu_count() or 1) // workers))
+        # The LM process waits while its conversion workers run: they take its share.
+        conversion_jobs = max(1, (cores or os.cpu_count() or 1) // workers)
         with process_pool(workers, threads) as pool:
-            futures = {unit: pool.submit(train_unit_lm, *args) for unit, args in todo.items()}
+            futures = {unit: pool.submit(train_unit_lm, *args, conversion_jobs=conversion_jobs)
+                       for unit, args in todo.items()}
             failed = []
             for unit, future in futures.items():
                 try:

@@ -9,7 +9,9 @@ TransformerLM inside :class:`~sb_crossmodal_kd.teachers.unit_lm.UnitLM`) is trai
 Outputs in ``<output_folder>``: ``lm/`` (the teacher: ``hyperparams.yaml`` + ``lm.ckpt``,
 loadable with SpeechBrain's Pretrainer, e.g. by ``sbkd teacher-cache --teacher``),
 ``results.json`` (held-out perplexity by epoch and at the end, EOS included, and counts),
-``train_log.txt``.
+``train_log.txt``, and ``text_units/{train,valid}/``: the text as unit ids, converted shard by
+shard (:mod:`~sb_crossmodal_kd.teachers.text_shards`, ``conversion_jobs`` processes), which a
+re-run reuses.
 """
 
 import json
@@ -22,8 +24,8 @@ from hyperpyyaml import load_hyperpyyaml
 
 from sb_crossmodal_kd.distributed import init_distributed
 from sb_crossmodal_kd.io import atomic_write_text
+from sb_crossmodal_kd.teachers.text_shards import SHARD_SIZE, convert_lines, convert_sharded
 from sb_crossmodal_kd.teachers.unit_lm import UnitLMBrain, export_unit_lm, perplexity
-from sb_crossmodal_kd.units.lexicon import OutOfVocabularyError
 
 __all__ = ["train_unit_lm", "convert", "length_buckets", "main"]
 
@@ -31,26 +33,19 @@ logger = logging.getLogger(__name__)
 
 
 def convert(path, text_units):
-    """Unit sequences of the lines of ``path``; OOV sentences are skipped and counted."""
+    """Unit sequences of the lines of ``path``; OOV sentences are skipped and counted.
+
+    The one-process, in-memory conversion (nothing written);
+    :func:`~sb_crossmodal_kd.teachers.text_shards.convert_sharded` gives the same sequences
+    and count, shard by shard on disk, over processes or ranks.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: make the corpus with `sbkd corpus` first")
-    sequences, skipped = [], []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            text = line.strip()
-            if not text:
-                continue
-            try:
-                units = text_units(text, utterance_id=f"{os.path.basename(path)}:{number}")
-            except OutOfVocabularyError as error:
-                skipped.append(str(error))
-                continue
-            if units:
-                sequences.append(units)
+    sequences, skipped, first_skipped = convert_lines(path, text_units)
     if skipped:
-        logger.warning("%s: skipped %d sentences with OOV words, e.g. %s", path, len(skipped),
-                       skipped[0])
-    return sequences, len(skipped)
+        logger.warning("%s: skipped %d sentences with OOV words, e.g. %s", path, skipped,
+                       first_skipped)
+    return sequences, skipped
 
 
 def dataset(sequences):
@@ -95,7 +90,7 @@ def length_buckets(train_set, sequences, loader_kwargs, seed):
     return options
 
 
-def train_unit_lm(hparams_file, overrides=None, run_opts=None):
+def train_unit_lm(hparams_file, overrides=None, run_opts=None, conversion_jobs=None):
     """Trains and exports the unit LM of ``hparams_file`` (e.g. :data:`UNIT_LMS` ``/
     "senone.yaml"``) with ``overrides``; returns the content of its ``results.json``.
 
@@ -107,6 +102,12 @@ def train_unit_lm(hparams_file, overrides=None, run_opts=None):
         Values replacing the file's (``data_folder``, ``output_folder``, ``tree_file``, ...).
     run_opts : dict, optional
         SpeechBrain run options (``device``, ...).
+    conversion_jobs : int, optional
+        Processes converting the text to units (default: the hparams' ``conversion_jobs``,
+        else 1). The text is converted shard by shard
+        (:func:`~sb_crossmodal_kd.teachers.text_shards.convert_sharded`, ``text_shard_size``
+        lines a shard) into ``<output_folder>/text_units/{train,valid}/``, where a re-run
+        finds it; the sequences do not depend on the number of processes.
     """
     hparams_file = str(hparams_file)
     with open(hparams_file, encoding="utf-8") as fin:
@@ -117,8 +118,16 @@ def train_unit_lm(hparams_file, overrides=None, run_opts=None):
         overrides=overrides,
     )
     text_units = hparams["text_units"]
-    train, train_skipped = convert(hparams["train_text"], text_units)
-    valid, valid_skipped = convert(hparams["valid_text"], text_units)
+    if conversion_jobs is None:
+        conversion_jobs = hparams.get("conversion_jobs", 1)
+    shards = os.path.join(hparams["output_folder"], "text_units")
+    shard_size = hparams.get("text_shard_size", SHARD_SIZE)
+    train, train_skipped = convert_sharded(hparams["train_text"], text_units,
+                                           os.path.join(shards, "train"), conversion_jobs,
+                                           shard_size)
+    valid, valid_skipped = convert_sharded(hparams["valid_text"], text_units,
+                                           os.path.join(shards, "valid"), conversion_jobs,
+                                           shard_size)
     if hparams.get("max_train_sentences"):
         train = train[: hparams["max_train_sentences"]]
     logger.info("%d train / %d valid sentences, %d units", len(train), len(valid),
