@@ -12,7 +12,11 @@ For each size (``--hours``, default about 1 h and 5 h of SynthCommands train aud
    ``align`` (:func:`~sb_crossmodal_kd.alignment.sharded.align_split`),
    ``tree_statistics`` (:func:`~sb_crossmodal_kd.alignment.sharded.split_tree_statistics`)
    and ``unit_store`` (:func:`~sb_crossmodal_kd.alignment.sharded.export_split_units`);
-   each reports ``audio_s_per_s`` (train audio seconds per wall second) and ``peak_rss_mb``.
+   each reports ``audio_s_per_s`` (train audio seconds per wall second) and ``peak_rss_mb``;
+   and ``lm_text``, the unit LMs' text to monophone ids
+   (:func:`~sb_crossmodal_kd.teachers.text_shards.convert_sharded`, CMUdict with its
+   letter-to-sound fallback) on the train transcripts as LM text, reporting
+   ``sentences_per_s`` and ``peak_rss_mb`` (not in the audio-hours projection).
 
 ``cpu_speedup_2_processes`` calibrates the machine: a pure-Python loop in 2 spawned processes
 against 1, measured before and after the steps (2.0 on two free cores; less where other work
@@ -45,6 +49,7 @@ import time
 from pathlib import Path
 
 STEPS = ("align", "tree_statistics", "unit_store")
+TEXT_STEPS = ("lm_text",)  # measured in sentences, not audio
 LIBRISPEECH_HOURS = 960.0
 
 
@@ -61,7 +66,7 @@ def main(argv=None):
     parser.add_argument("--project-jobs", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--store", help="also write the result (with --command) to this file")
     parser.add_argument("--command", default=None, help="how it was run, stored with --store")
-    parser.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)  # a child process
+    parser.add_argument("--step", choices=STEPS + TEXT_STEPS, help=argparse.SUPPRESS)  # a child process
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
     parser.add_argument("--run-jobs", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -86,9 +91,10 @@ def main(argv=None):
                  "steps": {}}
         for jobs in args.jobs:
             out = work / f"out_{name}_jobs{jobs}"
-            for step in STEPS:
+            for step in STEPS + TEXT_STEPS:
                 measured = child(step, out, folder, jobs, work)
-                measured["audio_s_per_s"] = round(audio_s / measured["seconds"], 1)
+                if step in STEPS:
+                    measured["audio_s_per_s"] = round(audio_s / measured["seconds"], 1)
                 entry["steps"].setdefault(step, {})[f"jobs{jobs}"] = measured
         out = work / f"out_{name}_jobs{args.jobs[0]}"
         hours = audio_s / 3600
@@ -113,9 +119,11 @@ def summary(results, names, jobs, project_jobs, calibration):
     small, large = (results[name] for name in names)
     one, two = f"jobs{jobs[0]}", f"jobs{jobs[-1]}"
     ratio = {step: round(large["steps"][step][one]["peak_rss_mb"]
-                         / small["steps"][step][one]["peak_rss_mb"], 3) for step in STEPS}
+                         / small["steps"][step][one]["peak_rss_mb"], 3)
+             for step in STEPS + TEXT_STEPS}
     speedup = {step: round(large["steps"][step][one]["seconds"]
-                           / large["steps"][step][two]["seconds"], 2) for step in STEPS}
+                           / large["steps"][step][two]["seconds"], 2)
+               for step in STEPS + TEXT_STEPS}
     machine = sum(calibration) / len(calibration)
     efficiency = {step: min(1.0, speedup[step] / machine) for step in STEPS}
     projection = {}
@@ -172,6 +180,16 @@ def markdown(result):
                                                    for k in runs) + " |")
     lines.append("| total | " + " | ".join(str(projection[k]["total_wall_h"]) for k in runs)
                  + " |")
+    for step in TEXT_STEPS:
+        if step not in large["steps"]:  # a result stored before the step was measured
+            continue
+        rates = " / ".join(str(result["corpora"][n]["steps"][step][j]["sentences_per_s"])
+                           for n in names for j in ("jobs1", "jobs2"))
+        rss = " / ".join(str(result["corpora"][n]["steps"][step]["jobs1"]["peak_rss_mb"])
+                         for n in names)
+        lines += ["", f"{step} (the unit LMs' text to monophones, not in the projection): "
+                  f"{rates} sentences/s ({', '.join(names)}; 1 / 2 processes each), peak RSS "
+                  f"{rss} MB (1 process), speedup 2 processes {result['speedup_2_jobs'][step]}."]
     disk = ", ".join(f"{kind} {gb} GB" for kind, gb in projection["disk_gb"].items())
     lines += ["", f"Disk (projection, train 960 h): {disk}."]
     return "\n".join(lines)
@@ -251,7 +269,10 @@ def run_step(step, work, corpus_folder, jobs):
     lexicon = Lexicon.load(None, oov_policy="g2p")
     before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.time()
-    if step == "align":
+    extra = {}
+    if step == "lm_text":
+        extra, start = lm_text_step(out, manifest, jobs)
+    elif step == "align":
         import shutil
 
         shutil.rmtree(out / "train_shards", ignore_errors=True)  # timed from scratch
@@ -279,7 +300,29 @@ def run_step(step, work, corpus_folder, jobs):
     return {"seconds": round(seconds, 2), "peak_rss_mb": round(max(own_kb, workers_kb) / 1024, 1),
             # The lexicon (CMUdict and its letter-to-sound table) is most of a process's memory.
             "peak_rss_before_step_mb": round(before_kb / 1024, 1),
-            "peak_rss_workers_mb": round(workers_kb / 1024, 1)}
+            "peak_rss_workers_mb": round(workers_kb / 1024, 1), **extra}
+
+
+def lm_text_step(out, manifest, jobs):
+    """The train transcripts as LM text, converted to monophones from scratch; the counts,
+    and when the timed part started (after the text and the converter are made)."""
+    import shutil
+
+    from sb_crossmodal_kd.alignment.corpus import read_manifest
+    from sb_crossmodal_kd.teachers.text_shards import convert_sharded
+    from sb_crossmodal_kd.units.types import TextUnits
+
+    text = out / "lm_text.txt"
+    text.write_text("".join(row["wrd"].strip() + "\n" for row in read_manifest(manifest)))
+    units = TextUnits.from_files("monophone", oov_policy="g2p")
+    shutil.rmtree(out / "lm_text_units", ignore_errors=True)  # timed from scratch
+    start = time.time()
+    # A shard size that gives every process several shards on these small texts.
+    sequences, skipped = convert_sharded(text, units, out / "lm_text_units", jobs=jobs,
+                                         shard_size=500)
+    seconds = time.time() - start
+    return {"sentences": len(sequences), "skipped_oov": skipped,
+            "sentences_per_s": round(len(sequences) / max(seconds, 1e-9), 1)}, start
 
 
 def audio_seconds(manifest):
