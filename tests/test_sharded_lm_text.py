@@ -210,3 +210,41 @@ def test_torchrun_ranks_convert_their_shards_into_the_same_files(one, tmp_path):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["converted"] for r in ranks] == [[0, 2, 4], [1, 3]]  # none twice, on rerun none
     assert all(r["first"] == r["again"] == [sequences, skipped] for r in ranks)
+
+
+@pytest.mark.parametrize(("cores", "jobs", "expected"), [(None, None, 2), (8, 1, 1), (8, 6, 2),
+                                                         (2, 16, 1)])
+def test_the_chain_gives_each_lm_its_share_of_cores_and_jobs(tmp_path, monkeypatch, cores,
+                                                             jobs, expected):
+    from concurrent.futures import Future
+
+    import sb_crossmodal_kd.workers
+    from sb_crossmodal_kd.prep import unit_lms
+
+    submitted = []
+
+    class Pool:  # runs nothing: records what each LM would be trained with
+        def __init__(self, workers, threads):
+            self.workers = workers
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, function, hparams, overrides, run_opts, conversion_jobs):
+            submitted.append((self.workers, conversion_jobs))
+            folder = tmp_path / "prep" / "lm" / os.path.basename(overrides["output_folder"])
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "results.json").write_text("{}")
+            done = Future()
+            done.set_result({})
+            return done
+
+    monkeypatch.setattr(sb_crossmodal_kd.workers, "process_pool", Pool)
+    monkeypatch.setattr(os, "cpu_count", lambda: 7)
+    texts = {"train": tmp_path / "train.txt", "valid": tmp_path / "valid.txt"}
+    unit_lms._unit_lms(tmp_path / "prep", texts, {"lm": {}}, 64, "cpu", cores, jobs)
+    # 3 LMs side by side (at most `cores`): the fewer of cores (7 here) and jobs, shared out.
+    assert {entry[1] for entry in submitted} == {expected} and len(submitted) == 3

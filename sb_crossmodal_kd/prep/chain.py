@@ -268,7 +268,7 @@ def _chain(prep_dir, record, manifests, lm_texts, settings, progress, device, th
 
     start = time.time()
     lms = main_first(_unit_lms, prep_dir, lm_texts, settings, tokenizer.vocab_size, device,
-                     lm_cores)
+                     lm_cores, jobs)
     record.step("unit_lms", time.time() - start,
                 lm_valid_ppl={unit: lm["valid_ppl"] for unit, lm in lms.items()},
                 lm_valid_ppl_curve={unit: lm.get("valid_ppl_curve", []) for unit, lm in lms.items()})

@@ -9,13 +9,14 @@ from sb_crossmodal_kd.teachers.lm_training import train_unit_lm
 from sb_crossmodal_kd.units.types import lm_unit_types, unit_type
 
 
-def _unit_lms(prep_dir, lm_texts, settings, vocab_size, device, cores=None):
+def _unit_lms(prep_dir, lm_texts, settings, vocab_size, device, cores=None, jobs=None):
     """Trains the unit LMs (one per unit type that has one) in worker processes, side by side
     (most of a small LM's time is start-up, and one process per LM keeps their torch threads
     apart), or at most ``cores`` processes at a time when it is given. Each LM's hparams get
     the files of the resources its unit type is defined by. Each LM converts its text with
-    its share of the cores (``conversion_jobs``: cores // LMs side by side, at least 1), so
-    the processes converting at once stay within the cores."""
+    its share of the cores and of the chain's ``jobs`` (``conversion_jobs``: the fewer of
+    the two // the LMs side by side, at least 1), so the processes converting at once stay
+    within the cores and the processes (memory) the chain was given."""
     from sb_crossmodal_kd.workers import process_pool
 
     resources = {"tokenizer": {"tokenizer_dir": str(prep_dir / "tokenizer"),
@@ -42,7 +43,8 @@ def _unit_lms(prep_dir, lm_texts, settings, vocab_size, device, cores=None):
         threads = int(os.environ.get("OMP_NUM_THREADS")
                       or max(1, (cores or os.cpu_count() or 1) // workers))
         # The LM process waits while its conversion workers run: they take its share.
-        conversion_jobs = max(1, (cores or os.cpu_count() or 1) // workers)
+        available = cores or os.cpu_count() or 1
+        conversion_jobs = max(1, min(jobs or available, available) // workers)
         with process_pool(workers, threads) as pool:
             futures = {unit: pool.submit(train_unit_lm, *args, conversion_jobs=conversion_jobs)
                        for unit, args in todo.items()}
