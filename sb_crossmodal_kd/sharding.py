@@ -6,11 +6,14 @@ work, so an output built shard by shard and merged in shard order is the same by
 one process, ``jobs`` processes or the ranks of a ``torchrun`` made it.
 
 :func:`shard_results` calls a function once per shard and yields the results in shard order:
-in this process (``jobs=1``), in a :func:`~sb_crossmodal_kd.workers.process_pool`
-(``jobs > 1``), or, under ``torchrun``, each rank the shards ``i`` with
-``i % world_size == rank``. Every rank receives every shard's result, round by round
-(``world_size * jobs`` shards a round), so a caller folding them in order holds a round's
-results at most, and folds them in the same order whoever computed them.
+in this process (``jobs=1``), in a :func:`~sb_crossmodal_kd.workers.worker_pool`
+(``jobs > 1``; inside :func:`~sb_crossmodal_kd.workers.shared_workers` the one every step of
+a chain shares), or, under ``torchrun``, each rank the shards ``i`` with
+``i % world_size == rank``. On one machine the workers never wait for each other: ``2 * jobs``
+shards are in flight, the next submitted as each result is taken in order. Under
+``torchrun`` every rank receives every shard's result, round by round (``world_size * jobs``
+shards a round). Either way a caller folding the results in order holds a few rounds' at
+most, and folds them in the same order whoever computed them.
 
 Example
 -------
@@ -22,12 +25,13 @@ Example
 
 import hashlib
 import json
+from collections import deque
 from contextlib import ExitStack
 from pathlib import Path
 
 from sb_crossmodal_kd.distributed import gather_objects, rank, world_size
 from sb_crossmodal_kd.io import atomic_write_bytes
-from sb_crossmodal_kd.workers import process_pool
+from sb_crossmodal_kd.workers import in_shared_workers, worker_pool
 
 __all__ = ["check_jobs", "json_bytes", "read_shard_info", "shard_name", "shard_ranges",
            "shard_results", "write_shard_files"]
@@ -89,8 +93,12 @@ def shard_results(function, tasks, jobs=1):
     size, me = world_size(), rank()
     per_round = size * jobs
     workers = min(jobs, -(-len(order) // size)) if order else 1
+    if size == 1 and order and (workers > 1 or (jobs > 1 and in_shared_workers())):
+        # (a chain's open workers already hold what a shard needs: use them for one too)
+        yield from _in_flight(function, tasks, order, jobs if in_shared_workers() else workers)
+        return
     with ExitStack() as stack:
-        pool = stack.enter_context(process_pool(workers)) if workers > 1 else None
+        pool = stack.enter_context(worker_pool(workers)) if workers > 1 else None
         for first in range(0, len(order), per_round):
             mine = [i for i in order[first:first + per_round] if i % size == me]
             if pool is None:
@@ -102,6 +110,24 @@ def shard_results(function, tasks, jobs=1):
                 for part in gather_objects(results):
                     results.update(part)
             yield from sorted(results.items())
+
+
+def _in_flight(function, tasks, order, jobs):
+    """:func:`shard_results` on one machine: ``2 * jobs`` shards in flight in ``jobs``
+    workers, yielded in ``order`` (a slow shard holds back the yielding, not the workers)."""
+    with worker_pool(jobs) as pool:
+        pending, todo = deque(), iter(order)
+        for index in todo:
+            pending.append((index, pool.submit(function, *tasks[index])))
+            if len(pending) == 2 * jobs:
+                break
+        while pending:
+            index, future = pending.popleft()
+            result = future.result()
+            following = next(todo, None)
+            if following is not None:
+                pending.append((following, pool.submit(function, *tasks[following])))
+            yield index, result
 
 
 # A shard of binary arrays on disk (teacher caches, the LMs' unit text): ``shard_NNNNN.bin``

@@ -4,6 +4,11 @@ Spawned, not forked (no copied torch or eSpeak state), each with its own share o
 threads: small models use a CPU best as one single-threaded process per core, and
 oversubscribed threads made every epoch several times slower.
 
+A spawned worker pays its start-up (importing torch and SpeechBrain, then loading what its
+tasks need, e.g. the lexicon and the aligner: seconds) once per pool. Inside
+:func:`shared_workers`, :func:`worker_pool` hands every caller the same open pool of a given
+size, so a chain of sharded steps starts its workers once, and they keep what they loaded.
+
 Example
 -------
 >>> with process_pool(2) as pool:
@@ -13,8 +18,12 @@ Example
 
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 
-__all__ = ["process_pool"]
+__all__ = ["in_shared_workers", "process_pool", "shared_workers", "worker_pool"]
+
+# (workers, threads) -> the open pool of the innermost shared_workers() scope; None outside.
+_shared = None
 
 
 def _set_threads(threads):
@@ -28,3 +37,44 @@ def process_pool(workers, threads=1):
     threads each."""
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_set_threads, initargs=(threads,))
+
+
+@contextmanager
+def shared_workers():
+    """A scope in which :func:`worker_pool` reuses one pool per size; all shut down at its end.
+
+    Nested scopes share the outer one's pools.
+    """
+    global _shared
+    if _shared is not None:
+        yield
+        return
+    _shared = {}
+    try:
+        yield
+    finally:
+        pools, _shared = _shared, None
+        for pool in pools.values():
+            pool.shutdown()
+
+
+def in_shared_workers():
+    """Whether a :func:`shared_workers` scope is open (its pools cost nothing more to use)."""
+    return _shared is not None
+
+
+@contextmanager
+def worker_pool(workers, threads=1):
+    """A pool of at least ``workers`` processes for the ``with`` block: inside
+    :func:`shared_workers` the scope's open one with ``threads`` threads and as many workers
+    or more (started on first use, left running), else a new one shut down at the end of the
+    block."""
+    if _shared is None:
+        with process_pool(workers, threads) as pool:
+            yield pool
+        return
+    sizes = [size for size, each in _shared if size >= workers and each == threads]
+    key = (min(sizes), threads) if sizes else (workers, threads)
+    if key not in _shared:
+        _shared[key] = process_pool(workers, threads)
+    yield _shared[key]

@@ -38,7 +38,7 @@ from sb_crossmodal_kd.data.espeak_phones import phone_segments
 from sb_crossmodal_kd.data.grammar import DomainGrammar
 from sb_crossmodal_kd.io import atomic_write_text, write_wav_atomic
 from sb_crossmodal_kd.prep.provenance import Provenance
-from sb_crossmodal_kd.workers import process_pool
+from sb_crossmodal_kd.workers import worker_pool
 
 logger = logging.getLogger(__name__)
 
@@ -347,11 +347,12 @@ def _speak(utterance):
 
 @contextlib.contextmanager
 def _pool(jobs):
-    """A process pool of ``jobs`` workers, or None for ``jobs <= 1`` (work in this process)."""
+    """A process pool of ``jobs`` workers (a data chain's shared one), or None for
+    ``jobs <= 1`` (work in this process)."""
     if jobs <= 1:
         yield None
         return
-    with process_pool(jobs) as pool:
+    with worker_pool(jobs) as pool:
         yield pool
 
 

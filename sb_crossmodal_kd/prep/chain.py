@@ -34,7 +34,8 @@ The steps:
    KD recipe's heads must use the same ``tau``: ``base.yaml``'s ``<unit>_tau``).
 
 Alignment, tree statistics and unit stores run shard by shard
-(:mod:`~sb_crossmodal_kd.alignment.sharded`) in ``jobs`` processes, and under ``torchrun``
+(:mod:`~sb_crossmodal_kd.alignment.sharded`) in ``jobs`` processes (started once for the
+whole chain: :func:`~sb_crossmodal_kd.workers.shared_workers`), and under ``torchrun``
 over the ranks (each rank its shards, rank 0 merging); so do the teacher caches
 (:func:`~sb_crossmodal_kd.teachers.cache.build_cache`: each rank writes its shards, rank 0
 the header). The other steps run on rank 0 while the other ranks wait, then load what it
@@ -74,6 +75,7 @@ from sb_crossmodal_kd.prep.steps import (
 from sb_crossmodal_kd.prep.unit_lms import _unit_lms
 from sb_crossmodal_kd.sharding import check_jobs
 from sb_crossmodal_kd.units.types import lm_unit_types
+from sb_crossmodal_kd.workers import shared_workers
 
 __all__ = ["STEPS", "prepare_kd_data", "prepare_kd_data_from_manifests"]
 
@@ -129,15 +131,16 @@ def prepare_kd_data(data_dir, prep_dir, settings=None, progress=False, device="c
     record = main_first(prep_record, prep_dir, settings, {"data_folder": str(data_dir)})
     record.writes = rank() == 0  # under torchrun rank 0 writes prep.json
 
-    start = time.time()
-    manifests = main_first(make_corpus, data_dir, progress=progress, jobs=jobs,
-                           **settings["corpus"])
-    record.step("corpus", time.time() - start)
-    if _stops_after("corpus", through):
-        return record.data
-    lm_texts = {"train": manifests["lm_train"], "valid": manifests["lm_valid"]}
-    return _chain(prep_dir, record, manifests, lm_texts, settings, progress, device, through,
-                  lm_cores, jobs)
+    with shared_workers():  # one set of worker processes for the corpus and every step
+        start = time.time()
+        manifests = main_first(make_corpus, data_dir, progress=progress, jobs=jobs,
+                               **settings["corpus"])
+        record.step("corpus", time.time() - start)
+        if _stops_after("corpus", through):
+            return record.data
+        lm_texts = {"train": manifests["lm_train"], "valid": manifests["lm_valid"]}
+        return _chain(prep_dir, record, manifests, lm_texts, settings, progress, device,
+                      through, lm_cores, jobs)
 
 
 def prepare_kd_data_from_manifests(manifests, prep_dir, lm_text=None, settings=None,
@@ -225,7 +228,15 @@ def prepare_kd_data_from_manifests(manifests, prep_dir, lm_text=None, settings=N
 def _chain(prep_dir, record, manifests, lm_texts, settings, progress, device, through=None,
            lm_cores=None, jobs=1):
     """The steps after the corpus (module docstring), on CSV ``manifests`` and ``lm_texts``;
-    returns after step ``through`` when it is given."""
+    returns after step ``through`` when it is given. The sharded steps share one set of
+    ``jobs`` worker processes: each starts once and keeps the lexicon and aligner it loaded."""
+    with shared_workers():
+        return _steps(prep_dir, record, manifests, lm_texts, settings, progress, device,
+                      through, lm_cores, jobs)
+
+
+def _steps(prep_dir, record, manifests, lm_texts, settings, progress, device, through,
+           lm_cores, jobs):
     from sb_crossmodal_kd.units.lexicon import Lexicon
 
     start = time.time()
