@@ -248,3 +248,34 @@ def test_the_chain_gives_each_lm_its_share_of_cores_and_jobs(tmp_path, monkeypat
     unit_lms._unit_lms(tmp_path / "prep", texts, {"lm": {}}, 64, "cpu", cores, jobs)
     # 3 LMs side by side (at most `cores`): the fewer of cores (7 here) and jobs, shared out.
     assert {entry[1] for entry in submitted} == {expected} and len(submitted) == 3
+
+
+def test_the_lm_reads_a_large_text_from_its_shards_without_holding_it(tmp_path):
+    import tracemalloc
+
+    from sb_crossmodal_kd.teachers.lm_training import UnitSentences, sentence_lengths
+    from sb_crossmodal_kd.teachers.text_shards import TextShards, convert_to_shards
+
+    text = tmp_path / "large.txt"
+    text.write_text("\n".join(LINES * 2000) + "\n")  # 46,000 lines, 32,000 sentences
+    expected, skipped = convert(text, _monophones())
+    shards, again = convert_to_shards(text, _monophones(), tmp_path / "units", shard_size=5000)
+    assert isinstance(shards, TextShards) and again == skipped
+    assert len(shards) == len(expected) and shards[:] == expected
+    assert shards[-1] == expected[-1] and shards[12345] == expected[12345]
+    assert sentence_lengths(shards).tolist() == [len(s) for s in expected]
+    head = shards.first(7000)  # max_train_sentences: across a shard boundary
+    assert len(head) == 7000 and head[6999] == expected[6999]
+    with pytest.raises(IndexError):
+        shards[len(expected)]
+    # Opening the converted text again and reading every sentence, as an epoch does, holds
+    # a few shards' offsets, not the text (as lists it is 28 bytes a unit and more).
+    listed_bytes = sum(len(s) for s in expected) * 28
+    tracemalloc.start()
+    items = UnitSentences(convert_to_shards(text, _monophones(), tmp_path / "units",
+                                            shard_size=5000)[0])
+    total = sum(int(items[i]["units"].sum()) for i in range(len(items)))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert total == sum(sum(s) for s in expected)
+    assert peak < listed_bytes / 20, (peak, listed_bytes)

@@ -11,23 +11,32 @@ loadable with SpeechBrain's Pretrainer, e.g. by ``sbkd teacher-cache --teacher``
 ``results.json`` (held-out perplexity by epoch and at the end, EOS included, and counts),
 ``train_log.txt``, and ``text_units/{train,valid}/``: the text as unit ids, converted shard by
 shard (:mod:`~sb_crossmodal_kd.teachers.text_shards`, ``conversion_jobs`` processes), which a
-re-run reuses.
+re-run reuses, and from which training reads each sentence as it needs it (memory-mapped:
+the memory held does not grow with the text, beyond 4 bytes a sentence for the length
+buckets and SpeechBrain's sampler's own bookkeeping).
 """
 
 import json
 import logging
 import os
 
+import numpy as np
 import speechbrain as sb
 import torch
 from hyperpyyaml import load_hyperpyyaml
 
 from sb_crossmodal_kd.distributed import init_distributed
 from sb_crossmodal_kd.io import atomic_write_text
-from sb_crossmodal_kd.teachers.text_shards import SHARD_SIZE, convert_lines, convert_sharded
+from sb_crossmodal_kd.teachers.text_shards import (
+    SHARD_SIZE,
+    TextShards,
+    convert_lines,
+    convert_to_shards,
+)
 from sb_crossmodal_kd.teachers.unit_lm import UnitLMBrain, export_unit_lm, perplexity
 
-__all__ = ["train_unit_lm", "convert", "length_buckets", "main"]
+__all__ = ["UnitSentences", "convert", "dataset", "length_buckets", "main", "sentence_lengths",
+           "train_unit_lm"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,19 +57,41 @@ def convert(path, text_units):
     return sequences, skipped
 
 
+class UnitSentences(torch.utils.data.Dataset):
+    """Sentences of unit ids as batch items ``{"id": "s0000012", "units": LongTensor}``, each
+    read from ``sequences`` when asked for (a list, or the memory-mapped
+    :class:`~sb_crossmodal_kd.teachers.text_shards.TextShards` of a large text).
+
+    Example
+    -------
+    >>> item = UnitSentences([[4, 2], [7]])[1]
+    >>> item["id"], item["units"]
+    ('s0000001', tensor([7]))
+    """
+
+    def __init__(self, sequences):
+        self.sequences = sequences
+
+    def __len__(self):
+        return len(self.sequences)
+
+    def __getitem__(self, index):
+        return {"id": f"s{index:07d}",
+                "units": torch.tensor(self.sequences[index], dtype=torch.long)}
+
+
 def dataset(sequences):
-    """A DynamicItemDataset giving each sentence's ``units`` as a LongTensor."""
-    data = {f"s{i:07d}": {"sequence": s} for i, s in enumerate(sequences)}
-    ds = sb.dataio.dataset.DynamicItemDataset(data)
+    """The sentences as a dataset :class:`~sb_crossmodal_kd.teachers.unit_lm.UnitLMBrain`
+    trains on (:class:`UnitSentences`)."""
+    return UnitSentences(sequences)
 
-    @sb.utils.data_pipeline.takes("sequence")
-    @sb.utils.data_pipeline.provides("units")
-    def units(sequence):
-        return torch.tensor(sequence, dtype=torch.long)
 
-    ds.add_dynamic_item(units)
-    ds.set_output_keys(["id", "units"])
-    return ds
+def sentence_lengths(sequences):
+    """Units in each sentence (int array): read from the shards' offsets for a
+    :class:`~sb_crossmodal_kd.teachers.text_shards.TextShards`, no sentence loaded."""
+    if isinstance(sequences, TextShards):
+        return sequences.lengths()
+    return np.array([len(s) for s in sequences], dtype=np.int32)
 
 
 def length_buckets(train_set, sequences, loader_kwargs, seed):
@@ -81,7 +112,7 @@ def length_buckets(train_set, sequences, loader_kwargs, seed):
     from speechbrain.dataio.sampler import DynamicBatchSampler
 
     options = {k: v for k, v in loader_kwargs.items() if k not in ("batch_size", "shuffle")}
-    lengths = [len(units) + 1 for units in sequences]
+    lengths = (sentence_lengths(sequences) + 1).tolist()
     max_units = max(max(lengths), round(loader_kwargs.get("batch_size", 1) * sum(lengths)
                                         / len(lengths)))
     options["batch_sampler"] = DynamicBatchSampler(
@@ -105,7 +136,7 @@ def train_unit_lm(hparams_file, overrides=None, run_opts=None, conversion_jobs=N
     conversion_jobs : int, optional
         Processes converting the text to units (default: the hparams' ``conversion_jobs``,
         else 1). The text is converted shard by shard
-        (:func:`~sb_crossmodal_kd.teachers.text_shards.convert_sharded`, ``text_shard_size``
+        (:func:`~sb_crossmodal_kd.teachers.text_shards.convert_to_shards`, ``text_shard_size``
         lines a shard) into ``<output_folder>/text_units/{train,valid}/``, where a re-run
         finds it; the sequences do not depend on the number of processes.
     """
@@ -122,14 +153,15 @@ def train_unit_lm(hparams_file, overrides=None, run_opts=None, conversion_jobs=N
         conversion_jobs = hparams.get("conversion_jobs", 1)
     shards = os.path.join(hparams["output_folder"], "text_units")
     shard_size = hparams.get("text_shard_size", SHARD_SIZE)
-    train, train_skipped = convert_sharded(hparams["train_text"], text_units,
-                                           os.path.join(shards, "train"), conversion_jobs,
-                                           shard_size)
-    valid, valid_skipped = convert_sharded(hparams["valid_text"], text_units,
-                                           os.path.join(shards, "valid"), conversion_jobs,
-                                           shard_size)
+    # Memory-mapped from the shards: the text's units are never all in memory.
+    train, train_skipped = convert_to_shards(hparams["train_text"], text_units,
+                                             os.path.join(shards, "train"), conversion_jobs,
+                                             shard_size)
+    valid, valid_skipped = convert_to_shards(hparams["valid_text"], text_units,
+                                             os.path.join(shards, "valid"), conversion_jobs,
+                                             shard_size)
     if hparams.get("max_train_sentences"):
-        train = train[: hparams["max_train_sentences"]]
+        train = train.first(hparams["max_train_sentences"])
     logger.info("%d train / %d valid sentences, %d units", len(train), len(valid),
                 text_units.vocab_size)
 
@@ -163,7 +195,7 @@ def train_unit_lm(hparams_file, overrides=None, run_opts=None, conversion_jobs=N
         "valid_ppl": round(valid_ppl, 4),
         "train_sentences": len(train),
         "valid_sentences": len(valid),
-        "train_units": sum(len(s) for s in train),
+        "train_units": int(sentence_lengths(train).sum()),
         "skipped_oov_sentences": train_skipped + valid_skipped,
         "epochs": hparams["number_of_epochs"],
         "valid_ppl_curve": getattr(brain, "valid_ppl_curve", []),  # flat at the end: converged

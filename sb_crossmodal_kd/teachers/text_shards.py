@@ -22,7 +22,7 @@ never mixed in. Shard files outside the layout (from a longer text) and temporar
 removed. The folder is the same bytes whatever ``jobs`` and the number of ranks are.
 
 Memory: a worker holds one shard's sentences; the caller receives small summaries and reads
-the shards back one at a time, in shard order (:func:`read_text_shard`).
+the sequences from the shards as it needs them (:class:`TextShards`, memory-mapped).
 
 Example
 -------
@@ -39,6 +39,7 @@ Example
 ['shard_00000.bin', 'shard_00000.json']
 """
 
+import functools
 import hashlib
 import itertools
 import json
@@ -46,6 +47,7 @@ import logging
 import os
 import pickle
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +63,8 @@ from sb_crossmodal_kd.sharding import (
 )
 from sb_crossmodal_kd.units.lexicon import OutOfVocabularyError
 
-__all__ = ["FORMAT", "SHARD_SIZE", "convert_lines", "convert_sharded", "read_text_shard"]
+__all__ = ["FORMAT", "SHARD_SIZE", "TextShards", "convert_lines", "convert_sharded",
+           "convert_to_shards", "read_text_shard"]
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +122,11 @@ def convert_lines(path, text_units, offset=0, first_line=0, n_lines=None):
 
 
 def convert_sharded(path, text_units, folder, jobs=1, shard_size=SHARD_SIZE):
-    """Unit sequences of the lines of ``path``, converted shard by shard into ``folder``
-    (kept there: a later call converts only the shards missing or made otherwise).
+    """Unit sequences of the lines of ``path`` as lists, converted shard by shard into
+    ``folder`` (kept there: a later call converts only the shards missing or made otherwise).
+
+    :func:`convert_to_shards` does the same and returns the sequences read from disk as
+    needed (:class:`TextShards`), for texts too large for memory; this is its list form.
 
     Under ``torchrun`` this is a collective (every rank calls it with the same arguments,
     ``folder`` on storage every rank sees) and every rank receives all the sequences.
@@ -154,6 +160,13 @@ def convert_sharded(path, text_units, folder, jobs=1, shard_size=SHARD_SIZE):
         When no sentence is left (an empty text, or every sentence out of the vocabulary):
         there is nothing to train on.
     """
+    sequences, skipped = convert_to_shards(path, text_units, folder, jobs, shard_size)
+    return sequences[:], skipped
+
+
+def convert_to_shards(path, text_units, folder, jobs=1, shard_size=SHARD_SIZE):
+    """:func:`convert_sharded` returning ``(TextShards of folder, skipped)``: the sequences
+    stay on disk, memory-mapped, whatever the size of the text."""
     check_jobs(jobs)
     shard_ranges(0, shard_size)  # refuses a bad shard size before any work
     path = os.fspath(path)
@@ -178,10 +191,78 @@ def convert_sharded(path, text_units, folder, jobs=1, shard_size=SHARD_SIZE):
     if not sum(s["sentences"] for s in ordered):
         raise ValueError(f"{path} gives no {text_units.unit_type} sentences ({skipped} skipped "
                          "for out-of-vocabulary words): nothing to train the unit LM on")
-    sequences = []
-    for i in range(len(ordered)):  # one shard's arrays in memory at a time
-        sequences.extend(read_text_shard(folder, i))
-    return sequences, skipped
+    return TextShards(folder, [s["sentences"] for s in ordered]), skipped
+
+
+class TextShards(Sequence):
+    """The unit sequences of a folder of text shards, read from disk as they are asked for.
+
+    Each shard's ``.bin`` is memory-mapped when one of its sentences is read (a few shards
+    stay open), so the memory held does not grow with the text: one count per shard, and,
+    when asked for, :meth:`lengths` (4 bytes a sentence). A sentence is a list of int; a
+    slice is a list of them.
+
+    Arguments
+    ---------
+    folder : str or Path
+        Shards written by :func:`convert_to_shards`.
+    sentences : list of int
+        Sentences in each shard, in shard order (the shards' ``.json`` record them).
+    limit : int, optional
+        Only the first ``limit`` sentences (:meth:`first`).
+
+    Example
+    -------
+    >>> from sb_crossmodal_kd.units.lexicon import Lexicon
+    >>> from sb_crossmodal_kd.units.types import TextUnits
+    >>> units = TextUnits("monophone", lexicon=Lexicon({"on": [["AA1", "N"]]}, name="toy"))
+    >>> text = getfixture("tmp_path") / "lm.txt"
+    >>> _ = text.write_text("on\\non on\\non on on\\n")
+    >>> shards, _ = convert_to_shards(text, units, text.parent / "units", shard_size=2)
+    >>> len(shards), shards[1], shards[-1] == shards[2], shards.lengths().tolist()
+    (3, [1, 23, 1, 23], True, [2, 4, 6])
+    """
+
+    def __init__(self, folder, sentences, limit=None):
+        self.folder, self.sentences = Path(folder), list(sentences)
+        self._first = np.cumsum([0, *self.sentences], dtype=np.int64)
+        total = int(self._first[-1])
+        self._len = total if limit is None else min(total, limit)
+        self._open = functools.lru_cache(maxsize=8)(self._read)
+
+    def __len__(self):
+        return self._len
+
+    def first(self, n):
+        """The first ``n`` sentences (all when there are fewer), as a :class:`TextShards`."""
+        return TextShards(self.folder, self.sentences, min(n, len(self)))
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"sentence {index} of {len(self)}")
+        shard = int(np.searchsorted(self._first, index, side="right")) - 1
+        ends, units = self._open(shard)
+        local = index - int(self._first[shard])
+        start = int(ends[local - 1]) if local else 0
+        return units[start:int(ends[local])].tolist()
+
+    def lengths(self):
+        """Units in each sentence, in order (int32 [N])."""
+        parts = [np.diff(self._open(i)[0], prepend=0).astype(np.int32)
+                 for i in range(len(self.sentences)) if self._first[i] < len(self)]
+        return (np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32))[:len(self)]
+
+    def _read(self, shard):
+        n = int(self._first[shard + 1] - self._first[shard])
+        path = self.folder / f"{shard_name(shard)}.bin"
+        if n == 0 or path.stat().st_size == 8 * n:  # no sentence, or none with units
+            return np.zeros(n, dtype=np.int64), np.zeros(0, dtype=np.int32)
+        return (np.memmap(path, dtype=np.int64, mode="r", shape=(n,)),
+                np.memmap(path, dtype=np.int32, mode="r", offset=8 * n))
 
 
 def read_text_shard(folder, index):

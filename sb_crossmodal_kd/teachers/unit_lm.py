@@ -196,8 +196,14 @@ class UnitLMBrain(ExactResume, sb.Brain):
 
     ``batch.units`` is SpeechBrain's ``PaddedData`` of unit ids (``data, lengths``); the loss
     is the mean token negative log-likelihood, EOS included (under DDP, the train loss is the
-    mean over all processes). Resumes exactly from mid-epoch checkpoints.
+    mean over all processes). Resumes exactly from mid-epoch checkpoints. Items of any dataset
+    (e.g. ``{"id", "units"}`` dicts) are collated by SpeechBrain's ``PaddedBatch`` unless the
+    loader options give another ``collate_fn``.
     """
+
+    def make_dataloader(self, dataset, stage, ckpt_prefix="dataloader-", **loader_kwargs):
+        loader_kwargs.setdefault("collate_fn", sb.dataio.batch.PaddedBatch)
+        return super().make_dataloader(dataset, stage, ckpt_prefix, **loader_kwargs)
 
     def compute_forward(self, batch, stage):
         """Logits ``[B, K + 1, n_tokens]`` and the targets they predict."""
