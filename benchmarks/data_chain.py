@@ -16,15 +16,19 @@ For each size (``--hours``, default about 1 h and 5 h of SynthCommands train aud
    and ``lm_text``, the unit LMs' text to monophone ids
    (:func:`~sb_crossmodal_kd.teachers.text_shards.convert_sharded`, CMUdict with its
    letter-to-sound fallback) on the train transcripts as LM text, reporting
-   ``sentences_per_s`` and ``peak_rss_mb`` (not in the audio-hours projection).
+   ``sentences_per_s`` and ``peak_rss_mb`` (not in the audio-hours projection);
+4. ``chain``: the four again, from scratch, in one process inside
+   :func:`~sb_crossmodal_kd.workers.shared_workers`, as the data chain runs them (its workers
+   start once and keep the lexicon and aligner they loaded; each step above pays that
+   start-up on its own): ``steps_s`` per part and ``audio_s_per_s`` of the whole.
 
 ``cpu_speedup_2_processes`` calibrates the machine: a pure-Python loop in 2 spawned processes
 against 1, measured before and after the steps (2.0 on two free cores; less where other work
 shares them, and then ``speedup_2_jobs`` cannot reach its target whatever the chain does).
 
 Then: ``peak_rss_ratio_5h_vs_1h`` (per step and the largest, 1 process; target <= 1.2),
-``speedup_2_jobs`` (per step, larger corpus: 1-process time / 2-process time; target >= 1.7
-on 2 free cores), ``bytes_per_audio_hour`` of the alignment shards, the one-document
+``speedup_2_jobs`` (per step and for the chain, larger corpus: 1-process time / 2-process
+time; target >= 1.7 on 2 free cores), ``speedup_2_jobs_in_chain`` (per part of the chain), ``bytes_per_audio_hour`` of the alignment shards, the one-document
 alignments and the unit store, and ``projection_librispeech_960h``: wall hours per step and
 disk on N processes (N free cores), assuming each process keeps the measured 1-process rate
 times the chain's parallel efficiency relative to the calibration
@@ -50,6 +54,7 @@ from pathlib import Path
 
 STEPS = ("align", "tree_statistics", "unit_store")
 TEXT_STEPS = ("lm_text",)  # measured in sentences, not audio
+CHAIN = "chain"  # the four in one process, as the data chain runs them: workers started once
 LIBRISPEECH_HOURS = 960.0
 
 
@@ -66,7 +71,8 @@ def main(argv=None):
     parser.add_argument("--project-jobs", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--store", help="also write the result (with --command) to this file")
     parser.add_argument("--command", default=None, help="how it was run, stored with --store")
-    parser.add_argument("--step", choices=STEPS + TEXT_STEPS, help=argparse.SUPPRESS)  # a child process
+    parser.add_argument("--step", choices=STEPS + TEXT_STEPS + (CHAIN,),
+                        help=argparse.SUPPRESS)  # a child process
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
     parser.add_argument("--run-jobs", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -91,9 +97,9 @@ def main(argv=None):
                  "steps": {}}
         for jobs in args.jobs:
             out = work / f"out_{name}_jobs{jobs}"
-            for step in STEPS + TEXT_STEPS:
+            for step in STEPS + TEXT_STEPS + (CHAIN,):
                 measured = child(step, out, folder, jobs, work)
-                if step in STEPS:
+                if step in STEPS + (CHAIN,):
                     measured["audio_s_per_s"] = round(audio_s / measured["seconds"], 1)
                 entry["steps"].setdefault(step, {})[f"jobs{jobs}"] = measured
         out = work / f"out_{name}_jobs{args.jobs[0]}"
@@ -123,7 +129,11 @@ def summary(results, names, jobs, project_jobs, calibration):
              for step in STEPS + TEXT_STEPS}
     speedup = {step: round(large["steps"][step][one]["seconds"]
                            / large["steps"][step][two]["seconds"], 2)
-               for step in STEPS + TEXT_STEPS}
+               for step in STEPS + TEXT_STEPS + (CHAIN,) if step in large["steps"]}
+    in_chain = {}
+    if CHAIN in large["steps"]:
+        parts = (large["steps"][CHAIN][one]["steps_s"], large["steps"][CHAIN][two]["steps_s"])
+        in_chain = {step: round(parts[0][step] / parts[1][step], 2) for step in parts[0]}
     machine = sum(calibration) / len(calibration)
     efficiency = {step: min(1.0, speedup[step] / machine) for step in STEPS}
     projection = {}
@@ -140,6 +150,7 @@ def summary(results, names, jobs, project_jobs, calibration):
         "corpora": results,
         "peak_rss_ratio_5h_vs_1h": {**ratio, "max": max(ratio.values())},
         "speedup_2_jobs": speedup,
+        "speedup_2_jobs_in_chain": in_chain,
         "cpu_speedup_2_processes": calibration,
         "parallel_efficiency_vs_calibration": {k: round(v, 2) for k, v in efficiency.items()},
         "projection_librispeech_960h": projection,
@@ -162,6 +173,15 @@ def markdown(result):
                          for n in names)
         lines.append(f"| {step} | " + " | ".join(cells)
                      + f" | {rss} | {result['speedup_2_jobs'][step]} |")
+    if CHAIN in result["speedup_2_jobs"]:
+        cells = [str(result["corpora"][n]["steps"][CHAIN][j]["audio_s_per_s"])
+                 for n in names for j in ("jobs1", "jobs2")]
+        rss = " / ".join(str(result["corpora"][n]["steps"][CHAIN]["jobs1"]["peak_rss_mb"])
+                         for n in names)
+        parts = ", ".join(f"{step} {value}" for step, value
+                          in result["speedup_2_jobs_in_chain"].items())
+        lines.append(f"| the four in one chain ({parts}) | " + " | ".join(cells)
+                     + f" | {rss} | {result['speedup_2_jobs'][CHAIN]} |")
     large = result["corpora"][names[-1]]
     corpora = ", ".join(f"{n}: {result['corpora'][n]['utterances']} utterances, "
                         f"{result['corpora'][n]['audio_h']:.2f} h" for n in names)
@@ -270,7 +290,10 @@ def run_step(step, work, corpus_folder, jobs):
     before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.time()
     extra = {}
-    if step == "lm_text":
+    if step == CHAIN:
+        extra = chain_steps(out / CHAIN, manifest, aligner_path, lexicon, work / f"spm_{size}",
+                            jobs)
+    elif step == "lm_text":
         extra, start = lm_text_step(out, manifest, jobs)
     elif step == "align":
         import shutil
@@ -295,12 +318,50 @@ def run_step(step, work, corpus_folder, jobs):
             export_split_units(out / "train.units", alignments, manifest, lexicon.hash, tree,
                                tokenizer, jobs=jobs)
     seconds = time.time() - start
+    if step == CHAIN:  # its parts only (not the tokenizer loaded before them)
+        seconds = sum(extra["steps_s"].values())
     own_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     workers_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return {"seconds": round(seconds, 2), "peak_rss_mb": round(max(own_kb, workers_kb) / 1024, 1),
             # The lexicon (CMUdict and its letter-to-sound table) is most of a process's memory.
             "peak_rss_before_step_mb": round(before_kb / 1024, 1),
             "peak_rss_workers_mb": round(workers_kb / 1024, 1), **extra}
+
+
+def chain_steps(out, manifest, aligner_path, lexicon, spm_folder, jobs):
+    """Alignment, tree statistics (and the tree), unit store and LM text from scratch in one
+    process sharing its workers, as the data chain runs them: each part's seconds."""
+    import shutil
+
+    from sb_crossmodal_kd.alignment.sharded import (
+        align_split,
+        export_split_units,
+        split_tree_statistics,
+    )
+    from sb_crossmodal_kd.prep.steps import _tokenizer
+    from sb_crossmodal_kd.units.senones import SenoneTree
+    from sb_crossmodal_kd.workers import shared_workers
+
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    tokenizer = _tokenizer(spm_folder, manifest, 100, fit=True)  # made by the unit_store step
+    seconds = {}
+    with shared_workers():
+        start = time.time()
+        alignments, _ = align_split(aligner_path, manifest, out / "train_shards", jobs=jobs)
+        seconds["align"] = time.time() - start
+        start = time.time()
+        stats = split_tree_statistics(alignments, manifest, aligner_path, jobs=jobs)
+        tree = SenoneTree.build(stats, max_leaves=500, min_count=50, min_gain=100.0)
+        seconds["tree_statistics"] = time.time() - start
+        start = time.time()
+        export_split_units(out / "train.units", alignments, manifest, lexicon.hash, tree,
+                           tokenizer, jobs=jobs)
+        seconds["unit_store"] = time.time() - start
+        start = time.time()
+        lm_text_step(out, manifest, jobs)
+        seconds["lm_text"] = time.time() - start
+    return {"steps_s": {step: round(value, 2) for step, value in seconds.items()}}
 
 
 def lm_text_step(out, manifest, jobs):
