@@ -213,12 +213,12 @@ class TextShards(Sequence):
 
     Example
     -------
+    >>> folder = getfixture("tmp_path")
+    >>> _ = (folder / "lm.txt").write_text("on\\non on\\non on on\\n")
     >>> from sb_crossmodal_kd.units.lexicon import Lexicon
     >>> from sb_crossmodal_kd.units.types import TextUnits
     >>> units = TextUnits("monophone", lexicon=Lexicon({"on": [["AA1", "N"]]}, name="toy"))
-    >>> text = getfixture("tmp_path") / "lm.txt"
-    >>> _ = text.write_text("on\\non on\\non on on\\n")
-    >>> shards, _ = convert_to_shards(text, units, text.parent / "units", shard_size=2)
+    >>> shards, _ = convert_to_shards(folder / "lm.txt", units, folder / "units", shard_size=2)
     >>> len(shards), shards[1], shards[-1] == shards[2], shards.lengths().tolist()
     (3, [1, 23, 1, 23], True, [2, 4, 6])
     """
