@@ -166,7 +166,8 @@ register_checkpoint_hooks(TrainingState, save_on_main_only=False)
 
 def _incomplete_file(path):
     """Why a checkpoint file cannot be complete, or None: missing, empty, or a torch zip
-    archive without its central directory (written last, so a cut-off save lacks it)."""
+    archive without its central directory (written last, so a cut-off save lacks it) or
+    with a member that does not match its checksum."""
     path = Path(path)
     if not path.is_file():
         return "missing"
@@ -176,8 +177,10 @@ def _incomplete_file(path):
         is_zip = handle.read(4) == b"PK\x03\x04"
     if is_zip:
         try:
-            zipfile.ZipFile(path).close()
-        except zipfile.BadZipFile:
+            with zipfile.ZipFile(path) as archive:
+                if archive.testzip() is not None:
+                    return "corrupt"
+        except (zipfile.BadZipFile, EOFError, OSError):
             return "truncated"
     return None
 

@@ -177,7 +177,7 @@ def test_killed_run_resumes_exactly(case, processes, tiny_corpus, tmp_path):
     assert int((newest[1] / "dataloader-TRAIN.ckpt").read_text()) > 0
     run = subprocess.run(command(case, tiny_corpus, resumed, processes), cwd=tmp_path, env=env,
                          capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-3000:])
 
     # The final end-of-epoch checkpoints: every file equal, random states included.
     finals = []
