@@ -8,9 +8,9 @@ Four presets, each resumable in its own output folder:
   cores (:data:`~sb_crossmodal_kd.prep.settings.PREP_DEFAULTS`,
   :data:`~sb_crossmodal_kd.ablation.DEMO_TRAINING`), by
   :func:`~sb_crossmodal_kd.ablation.run_ablation`;
-- the demo at convergence (``preset="converged"``): the demo's conditions, corpus and
-  teachers, each run trained to a flat valid curve (:data:`CONVERGED_TRAINING`): the
-  reference the 15-minute demo is read against, about 40 minutes per seed on 2 CPU cores;
+- the demo trained longer (``preset="long"``): the demo's conditions, corpus and
+  teachers, each run trained 4 times as long (:data:`LONG_TRAINING`): the reference the
+  15-minute demo is read against, about an hour per seed on 2 CPU cores;
 - the study (``preset="study"``): :data:`STUDY_CONDITIONS` (every dense condition, the AM
   alone and the hierarchy on the MoE encoder) with 3 paired seeds, then the AM alone and the
   hierarchy decoded greedily and with a word n-gram LM
@@ -37,10 +37,10 @@ from sb_crossmodal_kd.revision import run_context
 from sb_crossmodal_kd.scaling import SCALING_CONDITIONS, SCALING_PAIRED, run_scaling
 from sb_crossmodal_kd.shallow_fusion import FUSION_CONDITIONS, run_shallow_fusion
 
-__all__ = ["CONVERGED_PREP", "CONVERGED_TRAINING", "DEMO_CONDITIONS", "PRESETS", "SCALING_N_TRAIN", "SCALING_PREP", "STUDY_CONDITIONS",
+__all__ = ["LONG_PREP", "LONG_TRAINING", "DEMO_CONDITIONS", "PRESETS", "SCALING_N_TRAIN", "SCALING_PREP", "STUDY_CONDITIONS",
            "STUDY_PREP", "STUDY_SEEDS", "STUDY_TRAINING", "default_output", "run_demo"]
 
-PRESETS = ("demo", "converged", "study", "scaling")
+PRESETS = ("demo", "long", "study", "scaling")
 
 # hierarchy vs hierarchy_no_lm is the LM's own share; hierarchy_no_lm vs am_alone what the
 # alignment alone gives. The level ablations and MoE variants: `sbkd ablation --conditions`.
@@ -55,14 +55,15 @@ STUDY_CONDITIONS = DENSE_CONDITIONS + tuple(f"{name}{MOE_SUFFIX}"
                                             for name in ("am_alone", "hierarchy"))
 STUDY_SEEDS = 3
 # 40 epochs instead of the demo's 10: trained that long on the demo's data and teachers, the
-# AM alone goes from 26.9 to 11.8 % test WER (18 epochs: 17.6, the stored 18-epoch study)
-# and its valid curve has no new best over its last 6 epochs (results/converged). The schedule
-# decays to zero over the 40 epochs.
-CONVERGED_TRAINING = {**DEMO_TRAINING, "number_of_epochs": 40}
-CONVERGED_PREP = {}  # the demo's corpus, LM text and teachers
-# The study at convergence: the converged demo's training (the stored results/study ran at
-# 18 epochs, when that was thought enough; its runs record it).
-STUDY_TRAINING = CONVERGED_TRAINING
+# AM alone goes from 26.9 to 11.8 % test WER (18 epochs: 17.6, the stored 18-epoch study),
+# and the hierarchy's gain over it from 10.9 to 3.7 points (results/long). Not flat yet by
+# the 3 % criterion (4.8 to 12.8 % over the last quarter), but the AM alone and the hierarchy
+# set no new valid best over their last 6 epochs. The schedule decays to zero over the 40.
+LONG_TRAINING = {**DEMO_TRAINING, "number_of_epochs": 40}
+LONG_PREP = {}  # the demo's corpus, LM text and teachers
+# The study trains as long (the stored results/study ran at 18 epochs, when that was thought
+# enough; its runs record it).
+STUDY_TRAINING = LONG_TRAINING
 _CORPUS_DEFAULTS = {field.name: field.default for field in fields(CorpusSettings)}
 # The demo's corpus with the LM text at SynthCommands' own size (the demo cuts it to 5,000
 # sentences to fit its 15 minutes).
@@ -83,7 +84,7 @@ def default_output(preset):
     Example
     -------
     >>> [default_output(preset) for preset in PRESETS]
-    ['sbkd_demo', 'sbkd_converged', 'sbkd_study', 'sbkd_scaling']
+    ['sbkd_demo', 'sbkd_long', 'sbkd_study', 'sbkd_scaling']
     """
     if preset not in PRESETS:
         raise ValueError(f"Unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
@@ -101,7 +102,7 @@ def run_demo(output_dir, preset="demo", seeds=None, jobs=None, device="cpu", pro
     preset : str
         One of :data:`PRESETS`.
     seeds : int, optional
-        Paired seeds per condition (default 1 for the demo and the converged demo,
+        Paired seeds per condition (default 1 for the demo and the long demo,
         :data:`STUDY_SEEDS` otherwise).
     jobs : int, optional
         Runs side by side (default one per core).
@@ -133,9 +134,9 @@ def run_demo(output_dir, preset="demo", seeds=None, jobs=None, device="cpu", pro
                              steps_reference=_STEPS_REFERENCE, device=device, jobs=jobs,
                              progress=progress)
         name = "scaling.json"
-    elif preset == "converged":
+    elif preset == "long":
         result = run_ablation(output_dir, seeds=seeds or 1, conditions=DEMO_CONDITIONS,
-                              prep=CONVERGED_PREP, training=CONVERGED_TRAINING, device=device,
+                              prep=LONG_PREP, training=LONG_TRAINING, device=device,
                               jobs=jobs, progress=progress)
         name = "ablation.json"
     elif preset == "study":

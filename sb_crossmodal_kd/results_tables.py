@@ -2,11 +2,11 @@
 
     python -m sb_crossmodal_kd.results_tables results/
 
-prints the Markdown README shows, from ``results/converged/ablation.json`` (``sbkd demo
---converged``), ``results/study/ablation.json`` (``sbkd demo --study``) and
+prints the Markdown README shows, from ``results/long/ablation.json`` (``sbkd demo
+--long``), ``results/study/ablation.json`` (``sbkd demo --study``) and
 ``results/scaling/scaling.json`` (``sbkd demo --scaling``) as
 :mod:`sb_crossmodal_kd.results_store` stored them, and writes the scaling plot
-``results/scaling/scaling.png``. A part not stored yet is said to be so. For the converged
+``results/scaling/scaling.png``. A part not stored yet is said to be so. For the long
 demo and the study: the
 condition table (paired differences to the AM alone), the paper's ordering tested pair by
 pair, the LM's own share (hierarchy against the same heads on hard labels), and each run's
@@ -147,7 +147,7 @@ def provenance_line(result):
 
 
 def study_section(result):
-    """The Markdown of an ablation result (the converged demo's, the study's): condition
+    """The Markdown of an ablation result (the long demo's, the study's): condition
     table, claim, flatness, provenance."""
     summary = {name: result["conditions"][name] for name in result["condition_order"]}
     partial = result.get("partial")
@@ -186,13 +186,13 @@ def scaling_section(result, plot_path, plot_link):
 
 
 def readme_results(results_dir):
-    """The Markdown of every part from ``results_dir`` (``converged/``, ``study/``,
+    """The Markdown of every part from ``results_dir`` (``long/``, ``study/``,
     ``scaling/``)."""
     results_dir = Path(results_dir)
-    parts = ["### The demo at convergence (`sbkd demo --converged`)", ""]
-    converged = results_dir / "converged" / "ablation.json"
-    parts += ([study_section(json.loads(converged.read_text()))] if converged.is_file()
-              else [f"Not run yet ({converged} absent).", ""])
+    parts = ["### The demo trained 4 x longer (`sbkd demo --long`)", ""]
+    long = results_dir / "long" / "ablation.json"
+    parts += ([study_section(json.loads(long.read_text()))] if long.is_file()
+              else [f"Not run yet ({long} absent).", ""])
     study = results_dir / "study" / "ablation.json"
     if study.is_file():
         parts += ["### The study (`sbkd demo --study`)", "",
@@ -217,11 +217,11 @@ def readme_results(results_dir):
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="?", default="results",
-                        help="the folder of converged/, study/ and scaling/ (default results)")
+                        help="the folder of long/, study/ and scaling/ (default results)")
     args = parser.parse_args(argv)
     if not Path(args.results).is_dir():
         raise FileNotFoundError(f"{args.results} is not a folder: give the folder holding "
-                                "converged/, study/ and scaling/ (e.g. results/)")
+                                "long/, study/ and scaling/ (e.g. results/)")
     print(readme_results(args.results), end="")
 
 

@@ -151,8 +151,8 @@ def test_presets_default_to_folders_of_their_own_and_check_their_options():
     from sb_crossmodal_kd.cli import main
 
     assert len({demo.default_output(preset) for preset in demo.PRESETS}) == 4
-    assert demo.STUDY_TRAINING == demo.CONVERGED_TRAINING
-    assert demo.CONVERGED_TRAINING == {**demo.DEMO_TRAINING, "number_of_epochs": 40}
+    assert demo.STUDY_TRAINING == demo.LONG_TRAINING
+    assert demo.LONG_TRAINING == {**demo.DEMO_TRAINING, "number_of_epochs": 40}
     assert demo.STUDY_PREP["corpus"]["n_text"] >= 50000
     assert demo.SCALING_PREP["corpus"]["n_train"] == 2400
     with pytest.raises(ValueError, match="--paired goes with --scaling"):
@@ -162,20 +162,20 @@ def test_presets_default_to_folders_of_their_own_and_check_their_options():
     with pytest.raises(SystemExit):
         main(["demo", "--study", "--scaling"])
     with pytest.raises(SystemExit):
-        main(["demo", "--converged", "--study"])
+        main(["demo", "--long", "--study"])
 
 
-def test_converged_preset_trains_the_demo_conditions_to_its_own_epochs(tmp_path, monkeypatch):
+def test_long_preset_trains_the_demo_conditions_to_its_own_epochs(tmp_path, monkeypatch):
     from sb_crossmodal_kd.io import OtherSettingsError
 
-    monkeypatch.setattr(demo, "CONVERGED_PREP", TINY_PREP)
-    monkeypatch.setattr(demo, "CONVERGED_TRAINING", {**TINY_MODEL, "number_of_epochs": 2})
+    monkeypatch.setattr(demo, "LONG_PREP", TINY_PREP)
+    monkeypatch.setattr(demo, "LONG_TRAINING", {**TINY_MODEL, "number_of_epochs": 2})
     monkeypatch.setattr(demo, "DEMO_CONDITIONS", ("am_alone",))
-    output = tmp_path / "converged"
-    result = demo.run_demo(output, preset="converged", jobs=1, progress=False,
-                           command="sbkd demo --converged")
+    output = tmp_path / "long"
+    result = demo.run_demo(output, preset="long", jobs=1, progress=False,
+                           command="sbkd demo --long")
     run = result["conditions"]["am_alone"]["per_seed"]["1986"]
-    assert result["seeds"] == [1986] and result["ran"]["command"] == "sbkd demo --converged"
+    assert result["seeds"] == [1986] and result["ran"]["command"] == "sbkd demo --long"
     assert run["epochs"] == 2 and len(run["valid_wer_curve"]) == 2
     with pytest.raises(OtherSettingsError, match="differs in"):
         demo.run_demo(output, preset="demo", jobs=1, progress=False)  # the demo's 10 epochs
@@ -224,10 +224,10 @@ def test_readme_tables_from_hand_written_results(tmp_path, capsys):
     assert "1 of 10 runs not flat" in printed
     assert "runs: ffffffffffff × 10) on cpu, 2 CPUs." in printed
     assert "### Scarce paired data (`sbkd demo --scaling`)\n\nNot run yet" in printed
-    assert "### The demo at convergence (`sbkd demo --converged`)\n\nNot run yet" in printed
-    # the converged demo's results print as the study's do, in a section of their own
-    converged = printed_tables(tmp_path, "converged/ablation.json", study, capsys)
-    section = converged.split("### The study")[0]
+    assert "### The demo trained 4 x longer (`sbkd demo --long`)\n\nNot run yet" in printed
+    # the long demo's results print as the study's do, in a section of their own
+    long = printed_tables(tmp_path, "long/ablation.json", study, capsys)
+    section = long.split("### The study")[0]
     assert "| hierarchy | 39.50 ± 3.54 | 9.88 ± 0.88 | -2.50 ± 0.71 |" in section
     assert "1 of 10 runs not flat" in section
 

@@ -11,14 +11,14 @@ from sb_crossmodal_kd.demo import default_output, run_demo
 def add_arguments(parser):
     """Registers the demo's options."""
     parser.add_argument("--output", default=None,
-                        help="output folder (default sbkd_demo, sbkd_converged, sbkd_study or "
+                        help="output folder (default sbkd_demo, sbkd_long, sbkd_study or "
                         "sbkd_scaling); "
                         "re-running resumes it")
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--converged", action="store_true",
-                       help="the demo's conditions, corpus and teachers trained to flat valid "
-                       "curves (40 epochs): the reference the demo is read against (about "
-                       "40 minutes per seed on 2 CPU cores)")
+    which.add_argument("--long", action="store_true",
+                       help="the demo's conditions, corpus and teachers trained 4 times as "
+                       "long (40 epochs): the reference the demo is read against (about an "
+                       "hour per seed on 2 CPU cores)")
     which.add_argument("--study", action="store_true",
                        help="the study: 8 dense conditions and 2 MoE, 3 seeds, 40 epochs, "
                        "the full LM text, instead of the 15-minute demo (hours)")
@@ -40,7 +40,7 @@ def run(args):
     """Runs (or resumes) the preset and prints its Markdown table."""
     from sb_crossmodal_kd.scaling import parse_paired
 
-    preset = next((name for name in ("converged", "study", "scaling") if getattr(args, name)),
+    preset = next((name for name in ("long", "study", "scaling") if getattr(args, name)),
                   "demo")
     if args.paired is not None and preset != "scaling":
         raise ValueError("--paired goes with --scaling")
