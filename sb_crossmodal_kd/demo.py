@@ -30,15 +30,23 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from sb_crossmodal_kd.ablation import DEMO_TRAINING, DENSE_CONDITIONS, MOE_SUFFIX, run_ablation
+from sb_crossmodal_kd.ablation import (
+    DEMO_TRAINING,
+    DENSE_CONDITIONS,
+    FLAT_GAIN,
+    MOE_SUFFIX,
+    is_flat,
+    run_ablation,
+)
 from sb_crossmodal_kd.data.corpus import CorpusSettings
 from sb_crossmodal_kd.io import atomic_write_json
 from sb_crossmodal_kd.revision import run_context
 from sb_crossmodal_kd.scaling import SCALING_CONDITIONS, SCALING_PAIRED, run_scaling
 from sb_crossmodal_kd.shallow_fusion import FUSION_CONDITIONS, run_shallow_fusion
 
-__all__ = ["LONG_PREP", "LONG_TRAINING", "DEMO_CONDITIONS", "PRESETS", "SCALING_N_TRAIN", "SCALING_PREP", "STUDY_CONDITIONS",
-           "STUDY_PREP", "STUDY_SEEDS", "STUDY_TRAINING", "default_output", "run_demo"]
+__all__ = ["DEMO_CONDITIONS", "LONG_PREP", "LONG_TRAINING", "PRESETS", "SCALING_N_TRAIN",
+           "SCALING_PREP", "STUDY_CONDITIONS", "STUDY_PREP", "STUDY_SEEDS", "STUDY_TRAINING",
+           "convergence_note", "default_output", "run_demo"]
 
 PRESETS = ("demo", "long", "study", "scaling")
 
@@ -89,6 +97,27 @@ def default_output(preset):
     if preset not in PRESETS:
         raise ValueError(f"Unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     return f"sbkd_{preset}"
+
+
+def convergence_note(result):
+    """One line on how many runs of an ablation result are not flat yet, and what trains them
+    longer; None when every run is flat.
+
+    Example
+    -------
+    >>> result = {"conditions": {"am_alone": {"per_seed": {
+    ...     "1986": {"valid_wer_curve": [90.0, 60.0, 50.0, 40.0]}}}}}
+    >>> print(convergence_note(result))
+    Not converged: 1 of 1 runs still improve valid WER by 3 % or more over the last quarter of their epochs; `sbkd demo --long` trains the same conditions 40 epochs.
+    """
+    flat = [is_flat(run.get("valid_wer_curve", [])) for entry in result["conditions"].values()
+            for run in entry["per_seed"].values()]
+    falling = sum(value is False for value in flat)
+    if not falling:
+        return None
+    return (f"Not converged: {falling} of {len(flat)} runs still improve valid WER by "
+            f"{100 * FLAT_GAIN:g} % or more over the last quarter of their epochs; `sbkd demo "
+            f"--long` trains the same conditions {LONG_TRAINING['number_of_epochs']} epochs.")
 
 
 def run_demo(output_dir, preset="demo", seeds=None, jobs=None, device="cpu", progress=True,

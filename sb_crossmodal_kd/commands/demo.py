@@ -5,7 +5,7 @@ import os
 import shlex
 import sys
 
-from sb_crossmodal_kd.demo import default_output, run_demo
+from sb_crossmodal_kd.demo import convergence_note, default_output, run_demo
 
 
 def add_arguments(parser):
@@ -55,6 +55,8 @@ def run(args):
     if preset == "study":
         with open(f"{output}/decoding.md", encoding="utf-8") as handle:
             print(handle.read())
+    if preset == "demo" and convergence_note(result):
+        print(convergence_note(result))
     print(f"Wall time {result['wall_s']:.0f} s. Results: {output}/{table} "
           f"({table.replace('.md', '.json')}, {table.replace('.md', '.png')} beside it)")
     print(json.dumps({"wall_s": result["wall_s"], "prep_s": result.get("prep_s")}))
