@@ -21,6 +21,7 @@ from hyperpyyaml import load_hyperpyyaml
 from sb_crossmodal_kd.data.audio import load_audio
 from sb_crossmodal_kd.data.manifest import check_manifest
 from sb_crossmodal_kd.distributed import init_distributed
+from sb_crossmodal_kd.revision import write_environment_log
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +216,9 @@ def run_asr_experiment(hparams_file, overrides=None, run_opts=None):
         experiment_directory=hparams["output_folder"],
         hyperparams_to_save=str(hparams_file),
         overrides=file_overrides(hparams_file, overrides),
+        save_env_desc=False,  # written below without a pip freeze subprocess (2 s a run)
     )
+    write_environment_log(hparams["output_folder"])
     datasets = asr_datasets(hparams)
     brain = hparams["brain_class"](
         modules=hparams["modules"],

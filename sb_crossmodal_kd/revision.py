@@ -10,7 +10,7 @@ True
 import subprocess
 from pathlib import Path
 
-__all__ = ["run_context", "source_revision"]
+__all__ = ["environment_description", "run_context", "source_revision", "write_environment_log"]
 
 
 def source_revision(folder=None):
@@ -59,3 +59,55 @@ def run_context(command=None, device="cpu"):
         gpu = torch.cuda.get_device_name(torch.device(device)) if torch.cuda.is_available() else None
     return {"commit": source_revision(), "command": command, "device": str(device),
             "cpus": os.cpu_count(), "gpu": gpu}
+
+
+def environment_description():
+    """What SpeechBrain writes to an experiment's ``env.log`` (Python, installed packages,
+    source revision, CUDA), with the packages read from their metadata: SpeechBrain's own
+    runs ``pip freeze`` in a subprocess, about 2 s of every run.
+
+    Example
+    -------
+    >>> from importlib.metadata import version
+    >>> text = environment_description()
+    >>> text.splitlines()[0], f"torch=={version('torch')}" in text.splitlines()
+    ('SpeechBrain system description', True)
+    """
+    import importlib.metadata
+    import sys
+
+    import torch
+
+    packages = sorted({f"{dist.metadata['Name']}=={dist.version}"
+                       for dist in importlib.metadata.distributions() if dist.metadata["Name"]},
+                      key=str.lower)
+    if torch.cuda.is_available():
+        cuda = (f"ROCm version:\n{torch.version.hip}" if torch.version.cuda is None
+                else f"CUDA version:\n{torch.version.cuda}")
+    else:
+        cuda = "CUDA not available"
+    rule = "=============================="
+    return "\n".join(["SpeechBrain system description", rule, "Python version:", sys.version,
+                      rule, "Installed Python packages:", *packages, rule, "Git revision:",
+                      source_revision() or "none (not a git clone)", rule, cuda]) + "\n"
+
+
+def write_environment_log(experiment_directory):
+    """Writes :func:`environment_description` to ``env.log`` in the folder, from the main
+    process only: what ``speechbrain.create_experiment_directory`` writes, for callers that
+    pass it ``save_env_desc=False``.
+
+    Example
+    -------
+    >>> import pathlib, tempfile
+    >>> folder = pathlib.Path(tempfile.mkdtemp())
+    >>> write_environment_log(folder)
+    >>> (folder / "env.log").read_text().startswith("SpeechBrain system description")
+    True
+    """
+    from speechbrain.utils.distributed import if_main_process
+
+    from sb_crossmodal_kd.io import atomic_write_text
+
+    if if_main_process():
+        atomic_write_text(Path(experiment_directory) / "env.log", environment_description())

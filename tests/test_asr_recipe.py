@@ -1,5 +1,6 @@
 """The baseline recipe trains on a tiny generated corpus and writes its results file."""
 
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -38,6 +39,10 @@ def test_recipe_trains_with_falling_loss_and_writes_results(tiny_corpus, tmp_pat
     log = (out / "train_log.txt").read_text().splitlines()
     losses = [float(line.split("train loss: ")[1].split(",")[0]) for line in log if "train loss" in line]
     assert len(losses) == 3 and losses[-1] < losses[0]
+    # SpeechBrain's environment description, the package list included
+    env = (out / "env.log").read_text().splitlines()
+    assert env[0] == "SpeechBrain system description"
+    assert f"speechbrain=={importlib.metadata.version('speechbrain')}" in env
 
 
 def test_bad_manifest_stops_before_training(tiny_corpus, tmp_path):

@@ -32,6 +32,7 @@ from sb_crossmodal_kd.data.manifest import check_manifest
 from sb_crossmodal_kd.distributed import init_distributed
 from sb_crossmodal_kd.experiment import file_overrides, load_hparams, train_loader_options
 from sb_crossmodal_kd.frame_brain import FrameBrain, phone_frame_labels
+from sb_crossmodal_kd.revision import write_environment_log
 from sb_crossmodal_kd.units.phones import PHONES
 
 logger = logging.getLogger(__name__)
@@ -88,7 +89,9 @@ def run(hparams_file, overrides=None, run_opts=None):
         experiment_directory=hparams["output_folder"],
         hyperparams_to_save=str(hparams_file),
         overrides=file_overrides(hparams_file, overrides),
+        save_env_desc=False,  # written below without a pip freeze subprocess (2 s a run)
     )
+    write_environment_log(hparams["output_folder"])
     datasets = dataio_prepare(hparams)
     hparams.setdefault("class_names", list(PHONES))
     brain = FrameBrain(
