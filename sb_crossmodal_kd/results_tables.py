@@ -3,7 +3,8 @@
     python -m sb_crossmodal_kd.results_tables results/
 
 prints the Markdown README shows, from ``results/long/ablation.json`` (``sbkd demo
---long``), ``results/study/ablation.json`` (``sbkd demo --study``) and
+--long``), ``results/long_80_epochs/ablation.json`` (some of its conditions trained twice as
+long, beside it), ``results/study/ablation.json`` (``sbkd demo --study``) and
 ``results/scaling/scaling.json`` (``sbkd demo --scaling``) as
 :mod:`sb_crossmodal_kd.results_store` stored them, and writes the scaling plot
 ``results/scaling/scaling.png``. A part not stored yet is said to be so. For the long
@@ -29,7 +30,7 @@ from sb_crossmodal_kd.ablation import (
 from sb_crossmodal_kd.scaling import plot_scaling, scaling_table
 from sb_crossmodal_kd.shallow_fusion import fusion_claims, fusion_markdown
 
-__all__ = ["CLAIMED_ORDER", "claim_lines", "decoding_section", "flatness_table",
+__all__ = ["CLAIMED_ORDER", "budget_table", "claim_lines", "decoding_section", "flatness_table",
            "provenance_line", "readme_results", "scaling_section", "study_section"]
 
 # The paper's claim, best first: each condition's WER below the next one's.
@@ -122,6 +123,82 @@ def flatness_table(summary):
     return "\n".join(lines) + "\n"
 
 
+def budget_table(results):
+    """The same conditions trained for different numbers of epochs, seed by seed: test WER,
+    the best valid WER and its epoch, and the valid gain over the last quarter; then the
+    hierarchy's differences to the AM alone and to its no-LM control at each budget.
+
+    Arguments
+    ---------
+    results : list of dict
+        Ablation results (``ablation.json``) of one corpus and set of teachers, fewest
+        epochs first; the seeds they share are shown.
+
+    Example
+    -------
+    >>> def run(wer, curve):
+    ...     return {"wer": wer, "valid_wer_curve": curve}
+    >>> def result(epochs, wers, curve):
+    ...     return {"settings": {"training": {"number_of_epochs": epochs}},
+    ...             "conditions": {name: {"per_seed": {"1": run(wer, curve)}}
+    ...                            for name, wer in wers.items()}}
+    >>> names = ("am_alone", "hierarchy", "hierarchy_no_lm")
+    >>> print(budget_table([result(4, dict(zip(names, (30.0, 25.0, 27.0))), [90, 50, 45, 40]),
+    ...                     result(8, dict(zip(names, (20.0, 18.0, 19.0))),
+    ...                            [90, 50, 45, 40, 38, 37, 37.5, 37.2])]))
+    | condition | epochs | seed | test WER % | best valid WER % (epoch) | valid gain, last ¼ |
+    |---|---|---|---|---|---|
+    | am_alone | 4 | 1 | 30.00 | 40.00 (4) | 11.1 % ✗ |
+    | am_alone | 8 | 1 | 20.00 | 37.00 (6) | -0.5 % |
+    | hierarchy | 4 | 1 | 25.00 | 40.00 (4) | 11.1 % ✗ |
+    | hierarchy | 8 | 1 | 18.00 | 37.00 (6) | -0.5 % |
+    | hierarchy_no_lm | 4 | 1 | 27.00 | 40.00 (4) | 11.1 % ✗ |
+    | hierarchy_no_lm | 8 | 1 | 19.00 | 37.00 (6) | -0.5 % |
+    <BLANKLINE>
+    - 4 epochs: hierarchy − am_alone -5.00, hierarchy − hierarchy_no_lm (the LM's own share) -2.00
+    - 8 epochs: hierarchy − am_alone -2.00, hierarchy − hierarchy_no_lm (the LM's own share) -1.00
+    <BLANKLINE>
+    """
+    seeds = sorted(set.intersection(*(
+        {seed for entry in result["conditions"].values() for seed in entry["per_seed"]}
+        for result in results)))
+    names = list(dict.fromkeys(name for result in results for name in result["conditions"]))
+    lines = ["| condition | epochs | seed | test WER % | best valid WER % (epoch) | "
+             "valid gain, last ¼ |", "|---|---|---|---|---|---|"]
+    for name in names:
+        for result in results:
+            epochs = result["settings"]["training"]["number_of_epochs"]
+            for seed in seeds:
+                run = result["conditions"].get(name, {}).get("per_seed", {}).get(seed)
+                if run is None:
+                    continue
+                curve = run.get("valid_wer_curve", [])
+                best = min(range(len(curve)), key=curve.__getitem__) if curve else None
+                gain = last_quarter_gain(curve)
+                lines.append(
+                    f"| {name} | {epochs} | {seed} | {run['wer']:.2f} | "
+                    + ("-" if best is None else f"{curve[best]:.2f} ({best + 1})") + " | "
+                    + ("-" if gain is None else f"{100 * gain:.1f} %"
+                       + (" ✗" if gain >= FLAT_GAIN else "")) + " |")
+    lines.append("")
+    for result in results:
+        conditions = result["conditions"]
+        if "hierarchy" not in conditions:
+            continue
+        pairs = [(reference, label) for reference, label in (
+            ("am_alone", "hierarchy − am_alone"),
+            ("hierarchy_no_lm", "hierarchy − hierarchy_no_lm (the LM's own share)"))
+            if reference in conditions]
+        summary = {name: {"per_seed": {seed: conditions[name]["per_seed"][seed]
+                                       for seed in seeds}}
+                   for name in ("hierarchy", *(reference for reference, _ in pairs))}
+        differences = [f"{label} {_pm(*paired_difference(summary, 'hierarchy', reference))}"
+                       for reference, label in pairs]
+        lines.append(f"- {result['settings']['training']['number_of_epochs']} epochs: "
+                     + ", ".join(differences))
+    return "\n".join(lines) + "\n"
+
+
 def provenance_line(result):
     """Where a stored result was made: the commit and command of its storing, the commits
     its runs recorded, and the device.
@@ -193,6 +270,12 @@ def readme_results(results_dir):
     long = results_dir / "long" / "ablation.json"
     parts += ([study_section(json.loads(long.read_text()))] if long.is_file()
               else [f"Not run yet ({long} absent).", ""])
+    longer = results_dir / "long_80_epochs" / "ablation.json"
+    if long.is_file() and longer.is_file():
+        result = json.loads(longer.read_text())
+        parts += ["### The long demo's conditions at 40 and 80 epochs", "",
+                  budget_table([json.loads(long.read_text()), result]),
+                  provenance_line(result), ""]
     study = results_dir / "study" / "ablation.json"
     if study.is_file():
         parts += ["### The study (`sbkd demo --study`)", "",

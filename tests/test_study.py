@@ -134,6 +134,20 @@ def test_readme_tables_from_hand_written_results(tmp_path, capsys):
     section = long.split("### The study")[0]
     assert "| hierarchy | 39.50 ± 3.54 | 9.88 ± 0.88 | -2.50 ± 0.71 |" in section
     assert "1 of 10 runs not flat" in section
+    assert "at 40 and 80 epochs" not in long
+    # and beside them, the same conditions trained longer, seed by seed
+    longer = {**study, "settings": {"training": {"number_of_epochs": 80}},
+              "conditions": {name: {"per_seed": {"2": {**entry["per_seed"]["2"], "wer": 30.0}}}
+                             for name, entry in study["conditions"].items()
+                             if name in ("am_alone", "hierarchy")}}
+    study["settings"]["training"] = {"number_of_epochs": 40}
+    (tmp_path / "long" / "ablation.json").write_text(json.dumps(study))
+    both = printed_tables(tmp_path, "long_80_epochs/ablation.json", longer, capsys)
+    section = both.split("### The long demo's conditions at 40 and 80 epochs")[1]
+    assert "| am_alone | 40 | 2 | 44.00 | 43.00 (8) | 2.3 % |" in section
+    assert "| am_alone | 80 | 2 | 30.00 | 43.00 (8) | 2.3 % |" in section
+    assert "- 40 epochs: hierarchy − am_alone -2.00" in section
+    assert "- 80 epochs: hierarchy − am_alone +0.00" in section
 
 
 def test_scaling_table_finds_where_the_gain_is_largest(tmp_path, capsys):
