@@ -1,8 +1,9 @@
 """README's results of the study and the scaling study, from the files under ``results/``.
 
-    python -m sb_crossmodal_kd.results_tables results/
+    python -m sb_crossmodal_kd.results_tables results/ [--readme README.md]
 
-prints the Markdown README shows, from ``results/long/ablation.json`` (``sbkd demo
+prints the Markdown README shows (or, with ``--readme``, writes it between README's
+results-tables markers), from ``results/long/ablation.json`` (``sbkd demo
 --long``), ``results/long_80_epochs/ablation.json`` (some of its conditions trained twice as
 long, beside it), ``results/study/ablation.json`` (``sbkd demo --study``) and
 ``results/scaling/scaling.json`` (``sbkd demo --scaling``) as
@@ -27,11 +28,13 @@ from sb_crossmodal_kd.ablation import (
     markdown_table,
     paired_difference,
 )
+from sb_crossmodal_kd.io import atomic_write_text
 from sb_crossmodal_kd.scaling import plot_scaling, scaling_table
 from sb_crossmodal_kd.shallow_fusion import fusion_claims, fusion_markdown
 
-__all__ = ["CLAIMED_ORDER", "budget_table", "claim_lines", "decoding_section", "flatness_table",
-           "provenance_line", "readme_results", "scaling_section", "study_section"]
+__all__ = ["CLAIMED_ORDER", "README_BEGIN", "README_END", "budget_table", "claim_lines",
+           "decoding_section", "flatness_table", "provenance_line", "readme_block",
+           "readme_results", "scaling_section", "study_section", "write_readme"]
 
 # The paper's claim, best first: each condition's WER below the next one's.
 CLAIMED_ORDER = ("hierarchy", "aux_subword", "label_interpolation", "am_alone")
@@ -262,50 +265,91 @@ def scaling_section(result, plot_path, plot_link):
                       provenance_line(result), ""])
 
 
-def readme_results(results_dir):
+def readme_results(results_dir, heading="###"):
     """The Markdown of every part from ``results_dir`` (``long/``, ``study/``,
-    ``scaling/``)."""
+    ``scaling/``), each part under a ``heading`` of its own."""
     results_dir = Path(results_dir)
-    parts = ["### The demo trained 4 x longer (`sbkd demo --long`)", ""]
+    parts = [f"{heading} The demo trained 4 x longer (`sbkd demo --long`)", ""]
     long = results_dir / "long" / "ablation.json"
     parts += ([study_section(json.loads(long.read_text()))] if long.is_file()
               else [f"Not run yet ({long} absent).", ""])
     longer = results_dir / "long_80_epochs" / "ablation.json"
     if long.is_file() and longer.is_file():
         result = json.loads(longer.read_text())
-        parts += ["### The long demo's conditions at 40 and 80 epochs", "",
+        parts += [f"{heading} The long demo's conditions at 40 and 80 epochs", "",
                   budget_table([json.loads(long.read_text()), result]),
                   provenance_line(result), ""]
     study = results_dir / "study" / "ablation.json"
     if study.is_file():
-        parts += ["### The study (`sbkd demo --study`)", "",
+        parts += [f"{heading} The study (`sbkd demo --study`)", "",
                   study_section(json.loads(study.read_text()))]
         decoding = study.parent / "decoding.json"
         if decoding.is_file():
-            parts += ["### Distillation or the LM at decoding time (`sbkd demo --study`)", "",
-                      decoding_section(json.loads(decoding.read_text()))]
+            parts += [f"{heading} Distillation or the LM at decoding time (`sbkd demo --study`)",
+                      "", decoding_section(json.loads(decoding.read_text()))]
     else:
-        parts += ["### The study (`sbkd demo --study`)", "", f"Not run yet ({study} absent).", ""]
+        parts += [f"{heading} The study (`sbkd demo --study`)", "",
+                  f"Not run yet ({study} absent).", ""]
     scaling = results_dir / "scaling" / "scaling.json"
     if scaling.is_file():
         plot = scaling.parent / "scaling.png"
-        parts += ["### Scarce paired data (`sbkd demo --scaling`)", "",
+        parts += [f"{heading} Scarce paired data (`sbkd demo --scaling`)", "",
                   scaling_section(json.loads(scaling.read_text()), plot, plot.as_posix())]
     else:
-        parts += ["### Scarce paired data (`sbkd demo --scaling`)", "",
+        parts += [f"{heading} Scarce paired data (`sbkd demo --scaling`)", "",
                   f"Not run yet ({scaling} absent).", ""]
     return "\n".join(parts)
+
+
+# README holds the tables between these two lines, under its level-2 Results section.
+README_BEGIN = "<!-- results-tables:begin -->"
+README_END = "<!-- results-tables:end -->"
+README_HEADING = "####"
+
+
+def readme_block(readme):
+    """The text between README's results-tables markers (without them).
+
+    Example
+    -------
+    >>> import tempfile, pathlib
+    >>> readme = pathlib.Path(tempfile.mkdtemp()) / "README.md"
+    >>> _ = readme.write_text(f"# Title\\n{README_BEGIN}\\nold\\n{README_END}\\nrest\\n")
+    >>> readme_block(readme)
+    'old\\n'
+    """
+    text = Path(readme).read_text()
+    begin, end = text.find(README_BEGIN), text.find(README_END)
+    if begin < 0 or end < begin:
+        raise ValueError(f"{readme} has no '{README_BEGIN}' line followed by a "
+                         f"'{README_END}' line: put the two where the tables go")
+    return text[begin + len(README_BEGIN) + 1 : end]
+
+
+def write_readme(readme, results_dir):
+    """Replaces README's results-tables block by the tables of ``results_dir``; the rest of
+    README is left as it was. Written atomically."""
+    text = Path(readme).read_text()
+    old = readme_block(readme)
+    start = text.find(README_BEGIN) + len(README_BEGIN) + 1
+    new = readme_results(results_dir, heading=README_HEADING)
+    atomic_write_text(readme, text[:start] + new + text[start + len(old):])
 
 
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="?", default="results",
                         help="the folder of long/, study/ and scaling/ (default results)")
+    parser.add_argument("--readme", help="write the tables into this README, between its "
+                        f"'{README_BEGIN}' and '{README_END}' lines, instead of printing them")
     args = parser.parse_args(argv)
     if not Path(args.results).is_dir():
         raise FileNotFoundError(f"{args.results} is not a folder: give the folder holding "
                                 "long/, study/ and scaling/ (e.g. results/)")
-    print(readme_results(args.results), end="")
+    if args.readme:
+        write_readme(args.readme, args.results)
+    else:
+        print(readme_results(args.results), end="")
 
 
 if __name__ == "__main__":
