@@ -269,7 +269,7 @@ def readme_results(results_dir, heading="###"):
     """The Markdown of every part from ``results_dir`` (``long/``, ``study/``,
     ``scaling/``), each part under a ``heading`` of its own."""
     results_dir = Path(results_dir)
-    parts = [f"{heading} The demo trained 4 x longer (`sbkd demo --long`)", ""]
+    parts = [f"{heading} The demo trained longer (`sbkd demo --long`)", ""]
     long = results_dir / "long" / "ablation.json"
     parts += ([study_section(json.loads(long.read_text()))] if long.is_file()
               else [f"Not run yet ({long} absent).", ""])

@@ -82,7 +82,7 @@ def test_long_preset_trains_the_demo_conditions_to_its_own_epochs(tmp_path, monk
     assert result["seeds"] == [1986] and result["ran"]["command"] == "sbkd demo --long"
     assert run["epochs"] == 2 and len(run["valid_wer_curve"]) == 2
     with pytest.raises(OtherSettingsError, match="differs in"):
-        demo.run_demo(output, preset="demo", jobs=1, progress=False)  # the demo's 10 epochs
+        demo.run_demo(output, preset="demo", jobs=1, progress=False)  # the demo's epochs
 
 
 def hand_records():
@@ -128,7 +128,7 @@ def test_readme_tables_from_hand_written_results(tmp_path, capsys):
     assert "1 of 10 runs not flat" in printed
     assert "runs: ffffffffffff × 10) on cpu, 2 CPUs." in printed
     assert "### Scarce paired data (`sbkd demo --scaling`)\n\nNot run yet" in printed
-    assert "### The demo trained 4 x longer (`sbkd demo --long`)\n\nNot run yet" in printed
+    assert "### The demo trained longer (`sbkd demo --long`)\n\nNot run yet" in printed
     # the long demo's results print as the study's do, in a section of their own
     long = printed_tables(tmp_path, "long/ablation.json", study, capsys)
     section = long.split("### The study")[0]

@@ -16,9 +16,9 @@ def add_arguments(parser):
                         "re-running resumes it")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--long", action="store_true",
-                       help="the demo's conditions, corpus and teachers trained 4 times as "
-                       "long (40 epochs): the reference the demo is read against (about an "
-                       "hour per seed on 2 CPU cores)")
+                       help="the demo's conditions, corpus and teachers trained twice as "
+                       "long (40 epochs): the reference the demo is read against (about half "
+                       "an hour per seed on 2 CPU cores)")
     which.add_argument("--study", action="store_true",
                        help="the study: 8 dense conditions and 2 MoE, 3 seeds, 40 epochs, "
                        "the full LM text, instead of the 15-minute demo (hours)")
