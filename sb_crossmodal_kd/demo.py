@@ -15,7 +15,8 @@ Four presets, each resumable in its own output folder:
   alone and the hierarchy on the MoE encoder) with 3 paired seeds, then the AM alone and the
   hierarchy decoded greedily and with a word n-gram LM
   (:func:`~sb_crossmodal_kd.shallow_fusion.run_shallow_fusion`, ``decoding.json``),
-  trained to a flat valid curve, with the corpus's full LM text (:data:`STUDY_TRAINING`,
+  each run trained as long as the long demo's (not to a flat valid curve: see
+  :func:`convergence_note`), with the corpus's full LM text (:data:`STUDY_TRAINING`,
   :data:`STUDY_PREP`);
 - the scaling study (``preset="scaling"``): :data:`~sb_crossmodal_kd.scaling.SCALING_CONDITIONS`
   at :data:`~sb_crossmodal_kd.scaling.SCALING_PAIRED` paired train utterances, 3 seeds, the
