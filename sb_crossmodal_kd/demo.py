@@ -64,7 +64,7 @@ STUDY_CONDITIONS = DENSE_CONDITIONS + tuple(f"{name}{MOE_SUFFIX}"
                                             for name in ("am_alone", "hierarchy"))
 STUDY_SEEDS = 3
 # 40 epochs instead of the demo's 20 (the schedule decays to zero over the 40): the AM alone
-# goes from 13.6 % test WER to 8.4 (results/long, 2 seeds), and no run is flat yet by the 3 %
+# goes from 13.6 % test WER to 9.2 (results/long, 3 seeds), and no run is flat yet by the 3 %
 # criterion (4 to 25 % over the last quarter).
 LONG_TRAINING = {**DEMO_TRAINING, "number_of_epochs": 40}
 LONG_PREP = {}  # the demo's corpus, LM text and teachers
