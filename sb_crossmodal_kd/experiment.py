@@ -21,7 +21,7 @@ from hyperpyyaml import load_hyperpyyaml
 from sb_crossmodal_kd.data.audio import load_audio
 from sb_crossmodal_kd.data.manifest import check_manifest
 from sb_crossmodal_kd.distributed import init_distributed
-from sb_crossmodal_kd.revision import write_environment_log
+from sb_crossmodal_kd.revision import create_experiment_folder
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +197,16 @@ def load_hparams(hparams_file, overrides=None):
     return hparams
 
 
+def start_experiment(hparams_file, overrides=None):
+    """Loads ``hparams_file`` with ``overrides`` (:func:`load_hparams`) and creates its
+    ``output_folder`` as SpeechBrain recipes do (the hparams copy, the log, ``env.log``);
+    returns the hparams."""
+    hparams = load_hparams(hparams_file, overrides)
+    create_experiment_folder(hparams["output_folder"], hparams_file,
+                             file_overrides(hparams_file, overrides))
+    return hparams
+
+
 def run_asr_experiment(hparams_file, overrides=None, run_opts=None):
     """Trains and tests the model of ``hparams_file``; returns the results dict.
 
@@ -211,14 +221,7 @@ def run_asr_experiment(hparams_file, overrides=None, run_opts=None):
     """
     import json
 
-    hparams = load_hparams(hparams_file, overrides)
-    sb.create_experiment_directory(
-        experiment_directory=hparams["output_folder"],
-        hyperparams_to_save=str(hparams_file),
-        overrides=file_overrides(hparams_file, overrides),
-        save_env_desc=False,  # written below without a pip freeze subprocess (2 s a run)
-    )
-    write_environment_log(hparams["output_folder"])
+    hparams = start_experiment(hparams_file, overrides)
     datasets = asr_datasets(hparams)
     brain = hparams["brain_class"](
         modules=hparams["modules"],

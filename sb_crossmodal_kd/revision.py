@@ -10,7 +10,7 @@ True
 import subprocess
 from pathlib import Path
 
-__all__ = ["environment_description", "run_context", "source_revision", "write_environment_log"]
+__all__ = ["create_experiment_folder", "environment_description", "run_context", "source_revision"]
 
 
 def source_revision(folder=None):
@@ -92,22 +92,32 @@ def environment_description():
                       source_revision() or "none (not a git clone)", rule, cuda]) + "\n"
 
 
-def write_environment_log(experiment_directory):
-    """Writes :func:`environment_description` to ``env.log`` in the folder, from the main
-    process only: what ``speechbrain.create_experiment_directory`` writes, for callers that
-    pass it ``save_env_desc=False``.
+def create_experiment_folder(experiment_directory, hyperparams_to_save, overrides=None):
+    """``speechbrain.create_experiment_directory`` (the folder, the hparams copy with
+    ``overrides``, the log), with ``env.log`` written from :func:`environment_description`
+    by the main process instead of SpeechBrain's ``pip freeze`` subprocess (2 s a run).
 
     Example
     -------
-    >>> import pathlib, tempfile
+    >>> import logging, pathlib, tempfile
+    >>> logging.disable(logging.INFO)  # SpeechBrain logs the new folder to stdout
     >>> folder = pathlib.Path(tempfile.mkdtemp())
-    >>> write_environment_log(folder)
-    >>> (folder / "env.log").read_text().startswith("SpeechBrain system description")
+    >>> hparams = folder / "in.yaml"
+    >>> _ = hparams.write_text("lr: 0.1\\n")
+    >>> create_experiment_folder(folder / "exp", hparams, {"lr": 0.2})
+    >>> (folder / "exp" / "env.log").read_text().startswith("SpeechBrain system description")
     True
+    >>> "lr: 0.2" in (folder / "exp" / "hyperparams.yaml").read_text()
+    True
+    >>> logging.disable(logging.NOTSET)
     """
+    import speechbrain as sb
     from speechbrain.utils.distributed import if_main_process
 
     from sb_crossmodal_kd.io import atomic_write_text
 
+    sb.create_experiment_directory(experiment_directory=str(experiment_directory),
+                                   hyperparams_to_save=str(hyperparams_to_save),
+                                   overrides=overrides, save_env_desc=False)
     if if_main_process():
         atomic_write_text(Path(experiment_directory) / "env.log", environment_description())

@@ -27,7 +27,7 @@ from hyperpyyaml import load_hyperpyyaml
 
 from sb_crossmodal_kd.distributed import init_distributed
 from sb_crossmodal_kd.io import atomic_write_text
-from sb_crossmodal_kd.revision import write_environment_log
+from sb_crossmodal_kd.revision import create_experiment_folder
 from sb_crossmodal_kd.teachers.text_shards import (
     SHARD_SIZE,
     TextShards,
@@ -144,13 +144,7 @@ def train_unit_lm(hparams_file, overrides=None, run_opts=None, conversion_jobs=N
     hparams_file = str(hparams_file)
     with open(hparams_file, encoding="utf-8") as fin:
         hparams = load_hyperpyyaml(fin, overrides)
-    sb.create_experiment_directory(
-        experiment_directory=hparams["output_folder"],
-        hyperparams_to_save=hparams_file,
-        overrides=overrides,
-        save_env_desc=False,  # written below without a pip freeze subprocess (2 s a run)
-    )
-    write_environment_log(hparams["output_folder"])
+    create_experiment_folder(hparams["output_folder"], hparams_file, overrides)
     text_units = hparams["text_units"]
     if conversion_jobs is None:
         conversion_jobs = hparams.get("conversion_jobs", 1)

@@ -30,9 +30,8 @@ from sb_crossmodal_kd.alignment.framerate import FrameRate
 from sb_crossmodal_kd.data.audio import load_audio
 from sb_crossmodal_kd.data.manifest import check_manifest
 from sb_crossmodal_kd.distributed import init_distributed
-from sb_crossmodal_kd.experiment import file_overrides, load_hparams, train_loader_options
+from sb_crossmodal_kd.experiment import start_experiment, train_loader_options
 from sb_crossmodal_kd.frame_brain import FrameBrain, phone_frame_labels
-from sb_crossmodal_kd.revision import write_environment_log
 from sb_crossmodal_kd.units.phones import PHONES
 
 logger = logging.getLogger(__name__)
@@ -82,16 +81,9 @@ def dataio_prepare(hparams):
 
 def run(hparams_file, overrides=None, run_opts=None):
     """Trains, tests and returns the results dict of one hparams file."""
-    # load_hparams also takes a file that wraps these hparams in `experiment: !include:...`
+    # start_experiment also takes a file that wraps these hparams in `experiment: !include:...`
     # with other settings (another corpus's recipe, e.g. recipes/TIMIT/frame_classification).
-    hparams = load_hparams(hparams_file, overrides)
-    sb.create_experiment_directory(
-        experiment_directory=hparams["output_folder"],
-        hyperparams_to_save=str(hparams_file),
-        overrides=file_overrides(hparams_file, overrides),
-        save_env_desc=False,  # written below without a pip freeze subprocess (2 s a run)
-    )
-    write_environment_log(hparams["output_folder"])
+    hparams = start_experiment(hparams_file, overrides)
     datasets = dataio_prepare(hparams)
     hparams.setdefault("class_names", list(PHONES))
     brain = FrameBrain(
