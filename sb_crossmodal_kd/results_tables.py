@@ -319,21 +319,26 @@ def readme_block(readme):
     'old\\n'
     """
     text = Path(readme).read_text()
+    start, end = _block_span(text, readme)
+    return text[start:end]
+
+
+def _block_span(text, readme):
+    """Where README's block starts (after the begin line) and ends (at the end line)."""
     begin, end = text.find(README_BEGIN), text.find(README_END)
     if begin < 0 or end < begin:
         raise ValueError(f"{readme} has no '{README_BEGIN}' line followed by a "
                          f"'{README_END}' line: put the two where the tables go")
-    return text[begin + len(README_BEGIN) + 1 : end]
+    return begin + len(README_BEGIN) + 1, end
 
 
 def write_readme(readme, results_dir):
     """Replaces README's results-tables block by the tables of ``results_dir``; the rest of
     README is left as it was. Written atomically."""
     text = Path(readme).read_text()
-    old = readme_block(readme)
-    start = text.find(README_BEGIN) + len(README_BEGIN) + 1
+    start, end = _block_span(text, readme)
     new = readme_results(results_dir, heading=README_HEADING)
-    atomic_write_text(readme, text[:start] + new + text[start + len(old):])
+    atomic_write_text(readme, text[:start] + new + text[end:])
 
 
 def main(argv):
