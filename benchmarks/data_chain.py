@@ -15,8 +15,9 @@ For each size (``--hours``, default about 1 h and 5 h of SynthCommands train aud
    each reports ``audio_s_per_s`` (train audio seconds per wall second) and ``peak_rss_mb``;
    and ``lm_text``, the unit LMs' text to monophone ids
    (:func:`~sb_crossmodal_kd.teachers.text_shards.convert_sharded`, CMUdict with its
-   letter-to-sound fallback) on the train transcripts as LM text, reporting
-   ``sentences_per_s`` and ``peak_rss_mb`` (not in the audio-hours projection);
+   letter-to-sound fallback) on the corpus's text-only LM sentences, ``--lm-sentences-per-hour``
+   of them an audio hour (LibriSpeech's ratio: about 40 M sentences of LM text for 960 h),
+   reporting ``sentences_per_s``, ``words_per_s`` and ``peak_rss_mb``;
 4. ``chain``: the four again, from scratch, in one process inside
    :func:`~sb_crossmodal_kd.workers.shared_workers`, as the data chain runs them (its workers
    start once and keep the lexicon and aligner they loaded; each step above pays that
@@ -30,7 +31,8 @@ Then: ``peak_rss_ratio_5h_vs_1h`` (per step and the largest, 1 process; target <
 ``speedup_2_jobs`` (per step and for the chain, larger corpus: 1-process time / 2-process
 time; target >= 1.7 on 2 free cores), ``speedup_2_jobs_in_chain`` (per part of the chain), ``bytes_per_audio_hour`` of the alignment shards, the one-document
 alignments and the unit store, and ``projection_librispeech_960h``: wall hours per step and
-disk on N processes (N free cores), assuming each process keeps the measured 1-process rate
+disk on N processes (N free cores), the LM text's at
+``librispeech-lm-norm.txt``'s 803 M words (at the measured words per second), assuming each process keeps the measured 1-process rate
 times the chain's parallel efficiency relative to the calibration
 (``speedup_2_jobs / cpu_speedup_2_processes``, at most 1): a projection, not a measurement.
 
@@ -56,6 +58,8 @@ STEPS = ("align", "tree_statistics", "unit_store")
 TEXT_STEPS = ("lm_text",)  # measured in sentences, not audio
 CHAIN = "chain"  # the four in one process, as the data chain runs them: workers started once
 LIBRISPEECH_HOURS = 960.0
+# librispeech-lm-norm.txt, the LM text of LibriSpeech's recipes (Panayotov et al., 2015).
+LIBRISPEECH_LM_WORDS = 803e6
 
 
 def main(argv=None):
@@ -66,6 +70,9 @@ def main(argv=None):
                         help="the two corpus sizes, hours of train audio (approximate)")
     parser.add_argument("--utterances-per-hour", type=int, default=1150,
                         help="SynthCommands utterances an hour (the result reports the real)")
+    parser.add_argument("--lm-sentences-per-hour", type=int, default=40_000,
+                        help="text-only LM sentences per audio hour (LibriSpeech: about 40 M "
+                             "for 960 h)")
     parser.add_argument("--aligner-utterances", type=int, default=100)
     parser.add_argument("--jobs", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--project-jobs", type=int, nargs="+", default=[1, 8, 32])
@@ -86,7 +93,8 @@ def main(argv=None):
         return
     work = Path(args.work).resolve()
     sizes = {f"{h:g}h": h for h in args.hours}
-    corpora = {name: corpus(work / f"corpus_{name}", round(h * args.utterances_per_hour))
+    corpora = {name: corpus(work / f"corpus_{name}", round(h * args.utterances_per_hour),
+                            round(h * args.lm_sentences_per_hour))
                for name, h in sizes.items()}
     aligner(work, corpora[next(iter(sizes))], args.aligner_utterances)
     calibration = [cpu_speedup_2_processes()]
@@ -135,14 +143,16 @@ def summary(results, names, jobs, project_jobs, calibration):
         parts = (large["steps"][CHAIN][one]["steps_s"], large["steps"][CHAIN][two]["steps_s"])
         in_chain = {step: round(parts[0][step] / parts[1][step], 2) for step in parts[0]}
     machine = sum(calibration) / len(calibration)
-    efficiency = {step: min(1.0, speedup[step] / machine) for step in STEPS}
+    efficiency = {step: min(1.0, speedup[step] / machine) for step in STEPS + TEXT_STEPS}
+    # What each step has to do for LibriSpeech, in the unit its rate is measured in.
+    work = {**{step: ("audio_s_per_s", LIBRISPEECH_HOURS * 3600) for step in STEPS},
+            "lm_text": ("words_per_s", LIBRISPEECH_LM_WORDS)}
     projection = {}
     for n in project_jobs:
         hours = {}
-        for step in STEPS:
-            rate = large["steps"][step][one]["audio_s_per_s"] * (1 if n == 1 else
-                                                                 n * efficiency[step])
-            hours[step] = round(LIBRISPEECH_HOURS * 3600 / rate / 3600, 2)
+        for step, (unit, amount) in work.items():
+            rate = large["steps"][step][one][unit] * (1 if n == 1 else n * efficiency[step])
+            hours[step] = round(amount / rate / 3600, 2)
         projection[f"jobs{n}"] = {"wall_h": hours, "total_wall_h": round(sum(hours.values()), 2)}
     projection["disk_gb"] = {kind: round(per_hour * LIBRISPEECH_HOURS / 1e9, 2)
                              for kind, per_hour in large["bytes_per_audio_hour"].items()}
@@ -195,7 +205,7 @@ def markdown(result):
     lines += ["", "Projection (not measured) for LibriSpeech 960 h, wall hours:", "",
               "| step | " + " | ".join(f"{k[4:]} processes" for k in runs) + " |",
               "|---" * (1 + len(runs)) + "|"]
-    for step in STEPS:
+    for step in projection[runs[0]]["wall_h"]:
         lines.append(f"| {step} | " + " | ".join(str(projection[k]["wall_h"][step])
                                                    for k in runs) + " |")
     lines.append("| total | " + " | ".join(str(projection[k]["total_wall_h"]) for k in runs)
@@ -203,13 +213,16 @@ def markdown(result):
     for step in TEXT_STEPS:
         if step not in large["steps"]:  # a result stored before the step was measured
             continue
-        rates = " / ".join(str(result["corpora"][n]["steps"][step][j]["sentences_per_s"])
+        rates = " / ".join(str(result["corpora"][n]["steps"][step][j]["words_per_s"])
                            for n in names for j in ("jobs1", "jobs2"))
+        counts = ", ".join(f"{result['corpora'][n]['steps'][step]['jobs1']['sentences']:,} "
+                           f"sentences ({n})" for n in names)
         rss = " / ".join(str(result["corpora"][n]["steps"][step]["jobs1"]["peak_rss_mb"])
                          for n in names)
-        lines += ["", f"{step} (the unit LMs' text to monophones, not in the projection): "
-                  f"{rates} sentences/s ({', '.join(names)}; 1 / 2 processes each), peak RSS "
-                  f"{rss} MB (1 process), speedup 2 processes {result['speedup_2_jobs'][step]}."]
+        lines += ["", f"{step} (the unit LMs' text to monophones; {counts}): {rates} words/s "
+                  f"({', '.join(names)}; 1 / 2 processes each), peak RSS {rss} MB "
+                  f"(1 process), speedup 2 processes {result['speedup_2_jobs'][step]}; "
+                  "projected at librispeech-lm-norm.txt's 803 M words."]
     disk = ", ".join(f"{kind} {gb} GB" for kind, gb in projection["disk_gb"].items())
     lines += ["", f"Disk (projection, train 960 h): {disk}."]
     return "\n".join(lines)
@@ -234,11 +247,11 @@ def cpu_speedup_2_processes(n=20_000_000):
     return round(2 * one / (time.time() - start), 2)
 
 
-def corpus(folder, n_train):
+def corpus(folder, n_train, n_text):
     from sb_crossmodal_kd.data.corpus import make_corpus
 
     make_corpus(folder, progress=False, jobs=os.cpu_count() or 1, n_train=n_train, n_valid=4,
-                n_test=4, n_text=50, n_text_valid=10)
+                n_test=4, n_text=n_text, n_text_valid=10)
     return folder
 
 
@@ -365,25 +378,26 @@ def chain_steps(out, manifest, aligner_path, lexicon, spm_folder, jobs):
 
 
 def lm_text_step(out, manifest, jobs):
-    """The train transcripts as LM text, converted to monophones from scratch; the counts,
-    and when the timed part started (after the text and the converter are made)."""
+    """The corpus's text-only LM sentences (beside its ``manifest``) converted to monophones
+    from scratch; the counts, and when the timed part started (after the converter is made)."""
     import shutil
 
-    from sb_crossmodal_kd.alignment.corpus import read_manifest
     from sb_crossmodal_kd.teachers.text_shards import convert_sharded
     from sb_crossmodal_kd.units.types import TextUnits
 
-    text = out / "lm_text.txt"
-    text.write_text("".join(row["wrd"].strip() + "\n" for row in read_manifest(manifest)))
+    text = Path(manifest).parent / "lm_text" / "train.txt"
+    with open(text) as lines:
+        words = sum(len(line.split()) for line in lines)
     units = TextUnits.from_files("monophone", oov_policy="g2p")
     shutil.rmtree(out / "lm_text_units", ignore_errors=True)  # timed from scratch
     start = time.time()
-    # A shard size that gives every process several shards on these small texts.
+    # Shards of 5,000 lines: several for every process at both sizes.
     sequences, skipped = convert_sharded(text, units, out / "lm_text_units", jobs=jobs,
-                                         shard_size=500)
-    seconds = time.time() - start
-    return {"sentences": len(sequences), "skipped_oov": skipped,
-            "sentences_per_s": round(len(sequences) / max(seconds, 1e-9), 1)}, start
+                                         shard_size=5000)
+    seconds = max(time.time() - start, 1e-9)
+    return {"sentences": len(sequences), "words": words, "skipped_oov": skipped,
+            "sentences_per_s": round(len(sequences) / seconds, 1),
+            "words_per_s": round(words / seconds, 1)}, start
 
 
 def audio_seconds(manifest):
