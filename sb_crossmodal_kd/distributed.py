@@ -12,6 +12,7 @@ process runs, they do nothing (as ``speechbrain.utils.distributed.ddp_all_reduce
 """
 
 import dataclasses
+import os
 
 import torch
 from speechbrain.utils.distributed import (
@@ -198,6 +199,22 @@ def main_decides(function, *args, **kwargs):
     if shared_error is not None:
         raise shared_error
     return outcome
+
+
+def rank_device(device=None):
+    """The device a process computes on: ``device``, by default ``cuda`` where there is one
+    and else ``cpu``; under ``torchrun``, ``"cuda"`` is the rank's own GPU
+    (``cuda:LOCAL_RANK``).
+
+    Example
+    -------
+    >>> rank_device("cpu")
+    'cpu'
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and world_size() > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return device
 
 
 def rank():

@@ -41,7 +41,12 @@ def _utterance(rng, words, sample_rate=16000):
     return torch.tensor(wav, dtype=torch.float32), times
 
 
-def test_flat_start_aligner_learns_and_recovers_planted_word_boundaries():
+# The phone model trains and runs on any device; a GPU run adds the CUDA case.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_flat_start_aligner_learns_and_recovers_planted_word_boundaries(device, tmp_path):
     rng = np.random.default_rng(0)
     vocab = list(LEXICON)
     data = []
@@ -52,7 +57,7 @@ def test_flat_start_aligner_learns_and_recovers_planted_word_boundaries():
     lexicon = Lexicon(LEXICON)
     settings = AlignerSettings(hidden=32, layers=2, iterations=3, epochs=4, chunk_frames=100,
                                batch_size=8, init="flat")
-    aligner = PhoneAligner(lexicon, settings)
+    aligner = PhoneAligner(lexicon, settings, device)
     aligner.train([(u, wav, text) for u, wav, text, _ in data[:30]], progress=False)
     errors = []
     for u, wav, text, times in data[30:]:  # held-out utterances
@@ -64,11 +69,18 @@ def test_flat_start_aligner_learns_and_recovers_planted_word_boundaries():
     # a little outside the planted ones; nearly all are within 40 ms.
     assert (errors <= 0.04).mean() >= 0.85 and errors.mean() < 0.035, errors
     # An untrained aligner (same settings) is far worse: the test measures learning.
-    untrained = PhoneAligner(lexicon, settings)
+    untrained = PhoneAligner(lexicon, settings, device)
     base = []
     for u, wav, text, times in data[30:]:
         base += boundary_errors(times, untrained.align(wav, text, u).words)
     assert np.mean(base) > 2 * errors.mean()
+    # Saved from any device, it loads on the CPU and aligns as it did where it trained.
+    aligner.save(tmp_path / "aligner.pt")
+    loaded = PhoneAligner.load(tmp_path / "aligner.pt", lexicon, "cpu")
+    for u, wav, text, _ in data[30:]:
+        there = aligner.align(wav, text, u).feature_positions
+        here = loaded.align(wav, text, u).feature_positions
+        assert np.mean(np.asarray(there) == np.asarray(here)) >= 0.98, u
 
 
 def test_align_manifest_skips_oov_utterances_with_reason(tmp_path):

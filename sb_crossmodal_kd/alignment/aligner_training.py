@@ -183,9 +183,10 @@ def ctc_start_labels(aligner, items, progress):
     """
     s = aligner.settings
     blank = len(PHONES)
+    device = aligner.device
     ctc_model = PhoneClassifier(
         s.n_mels, len(PHONES) + 1, s.hidden, s.kernel_size, s.layers, s.dilation_growth
-    )
+    ).to(device)
     optimiser = torch.optim.Adam(ctc_model.parameters(), lr=s.learning_rate)
     gen = torch.Generator().manual_seed(s.seed)
     # Batches of similar length keep padding small.
@@ -198,11 +199,11 @@ def ctc_start_labels(aligner, items, progress):
             feats = [items[i][1] for i in batches[b]]
             targets = [torch.tensor(ctc_targets(items[i][2].tokens, items[i][2].optional))
                        for i in batches[b]]
-            x = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True)
+            x = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True).to(device)
             log_probs = ctc_model(x).log_softmax(-1).transpose(0, 1)
             loss = torch.nn.functional.ctc_loss(
                 log_probs,
-                torch.cat(targets),
+                torch.cat(targets).to(device),
                 torch.tensor([f.shape[0] for f in feats]),
                 torch.tensor([len(t) for t in targets]),
                 blank=blank,
@@ -217,7 +218,8 @@ def ctc_start_labels(aligner, items, progress):
     labels = []
     for utt_id, feats, seq in items:
         with torch.no_grad():
-            log_post = ctc_model(feats.unsqueeze(0))[0][:, :blank].log_softmax(-1)
+            log_post = ctc_model(feats.to(device).unsqueeze(0))[0][:, :blank].log_softmax(-1)
+        log_post = log_post.cpu()  # Viterbi runs on the CPU
         token_states = _state_tokens(seq, s)
         # Room for every state of each token, as the state-level re-alignment needs.
         min_frames = [s.min_duration * len(classes) for classes in token_states]
@@ -251,8 +253,12 @@ def train_frame_classifier(aligner, feats_list, labels_list, epochs, progress):
     counts = torch.bincount(labels, minlength=aligner.n_classes).float() + 1.0
     aligner.log_prior = (counts / counts.sum()).log()
     n_chunks = max(1, feats.shape[0] // s.chunk_frames)
+    # The whole training set on the model's device (a few hundred MB at 5,000 utterances):
+    # batches are then slices, with no copy per step.
     feats = feats[: n_chunks * s.chunk_frames].reshape(n_chunks, s.chunk_frames, -1)
+    feats = feats.to(aligner.device)
     labels = labels[: n_chunks * s.chunk_frames].reshape(n_chunks, s.chunk_frames)
+    labels = labels.to(aligner.device)
     optimiser = torch.optim.Adam(aligner.model.parameters(), lr=s.learning_rate)
     gen = torch.Generator().manual_seed(s.seed)
     aligner.model.train()
@@ -269,4 +275,4 @@ def train_frame_classifier(aligner, feats_list, labels_list, epochs, progress):
             loss.backward()
             optimiser.step()
     aligner.model.eval()
-    return float(loss.detach())
+    return float(loss.detach())  # once, after training: no host sync per step

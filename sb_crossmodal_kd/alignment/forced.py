@@ -107,11 +107,15 @@ class PhoneAligner:
     lexicon : Lexicon
         Words to phones (its OOV policy applies; skipped utterances are logged).
     settings : AlignerSettings
+    device : str
+        Where the phone model trains and runs (``cpu``, ``cuda``, ``cuda:1``); features are
+        made and Viterbi runs on the CPU, and a saved aligner loads on any device.
     """
 
-    def __init__(self, lexicon, settings=None):
+    def __init__(self, lexicon, settings=None, device="cpu"):
         self.lexicon = lexicon
         self.settings = settings or AlignerSettings()
+        self.device = torch.device(device)
         torch.manual_seed(self.settings.seed)
         s = self.settings
         # The aligner's own features: same hop and centring as the model's Fbank, so frame j
@@ -125,7 +129,7 @@ class PhoneAligner:
         self.n_classes = len(PHONES) * s.states_per_phone
         self.model = PhoneClassifier(
             s.n_mels, self.n_classes, s.hidden, s.kernel_size, s.layers, s.dilation_growth
-        )
+        ).to(self.device)
         self.log_prior = torch.full((self.n_classes,), -math.log(self.n_classes))
         self.model.eval()
 
@@ -150,7 +154,7 @@ class PhoneAligner:
     def log_likelihoods(self, feats):
         """Scaled log-likelihoods ``(T, n_phones * states_per_phone)`` of features ``(T, n_mels)``."""
         with torch.no_grad():
-            log_post = self.model(feats.unsqueeze(0))[0].log_softmax(-1)
+            log_post = self.model(feats.to(self.device).unsqueeze(0))[0].log_softmax(-1).cpu()
         return log_post - self.settings.prior_scale * self.log_prior
 
     def align_features(self, feats, words, utterance_id):
@@ -178,7 +182,7 @@ class PhoneAligner:
         settings["frame_rate"] = asdict(self.settings.frame_rate)
         return {
             "settings": settings,
-            "model": self.model.state_dict(),
+            "model": {name: value.cpu() for name, value in self.model.state_dict().items()},
             "log_prior": self.log_prior,
             "lexicon": self.lexicon.hash,
         }
@@ -191,8 +195,8 @@ class PhoneAligner:
             torch.save(self.state(), tmp)
 
     @classmethod
-    def load(cls, path, lexicon):
-        """Loads an aligner saved with :meth:`save`; refuses another lexicon."""
+    def load(cls, path, lexicon, device="cpu"):
+        """Loads an aligner saved with :meth:`save` onto ``device``; refuses another lexicon."""
         state = torch.load(path, map_location="cpu", weights_only=False)
         if state["lexicon"] != lexicon.hash:
             raise ValueError(
@@ -203,7 +207,7 @@ class PhoneAligner:
         settings["frame_rate"] = FrameRate(**{
             k: tuple(v) if isinstance(v, list) else v for k, v in settings["frame_rate"].items()
         })
-        aligner = cls(lexicon, AlignerSettings(**settings))
+        aligner = cls(lexicon, AlignerSettings(**settings), device)
         aligner.model.load_state_dict(state["model"])
         aligner.log_prior = state["log_prior"]
         return aligner

@@ -51,7 +51,7 @@ from sb_crossmodal_kd.alignment.shard_files import (
     shard_header,
     shard_problem,
 )
-from sb_crossmodal_kd.distributed import rank
+from sb_crossmodal_kd.distributed import rank, rank_device
 from sb_crossmodal_kd.io import atomic_path
 from sb_crossmodal_kd.sharding import check_jobs, shard_ranges, shard_results
 
@@ -75,10 +75,10 @@ def _lexicon(lexicon_file, oov_policy):
 
 
 @functools.lru_cache(maxsize=2)
-def _aligner(aligner_path, lexicon_file, oov_policy):
+def _aligner(aligner_path, lexicon_file, oov_policy, device="cpu"):
     from sb_crossmodal_kd.alignment.forced import PhoneAligner
 
-    return PhoneAligner.load(aligner_path, _lexicon(lexicon_file, oov_policy))
+    return PhoneAligner.load(aligner_path, _lexicon(lexicon_file, oov_policy), device)
 
 
 def alignment_settings(lexicon_hash, aligner_path, text_key="wrd"):
@@ -139,7 +139,7 @@ def shard_path(folder, index):
 
 
 def align_split(aligner_path, manifest, folder, lexicon_file=None, oov_policy="g2p", jobs=1,
-                text_key="wrd", document=None, header=None, shard_size=None):
+                text_key="wrd", document=None, header=None, shard_size=None, device="cpu"):
     """Aligns a manifest shard by shard into ``folder``, keeping the shards already done.
 
     Arguments
@@ -161,6 +161,9 @@ def align_split(aligner_path, manifest, folder, lexicon_file=None, oov_policy="g
     shard_size : int, optional
         Rows per shard (default :data:`SHARD_SIZE`). Alignments and stores do not depend on
         it; the tree statistics' float sums do, in their last bits.
+    device : str
+        Where the phone model runs (``cuda``: under ``torchrun`` each rank's own GPU; every
+        process of ``jobs`` uses it). Features and Viterbi stay on the CPU.
 
     Returns
     -------
@@ -176,7 +179,8 @@ def align_split(aligner_path, manifest, folder, lexicon_file=None, oov_policy="g
     ranges = shard_ranges(len(rows), shard_size or SHARD_SIZE)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    spec = (str(aligner_path), lexicon_file and str(lexicon_file), oov_policy, text_key)
+    spec = (str(aligner_path), lexicon_file and str(lexicon_file), oov_policy, text_key,
+            rank_device(device))
     tasks = {i: (spec, shard_path(folder, i), shard_header(settings, i, start, rows[start:stop],
                                                            text_key), rows[start:stop])
              for i, (start, stop) in enumerate(ranges)}
@@ -288,8 +292,8 @@ def _align_shard(spec, path, header, rows):
         return read_shard_end(path), False
     if problem != "missing":
         logger.warning("%s: %s; rebuilding it", path, problem)
-    aligner_path, lexicon_file, oov_policy, text_key = spec
-    aligner = _aligner(aligner_path, lexicon_file, oov_policy)
+    aligner_path, lexicon_file, oov_policy, text_key, device = spec
+    aligner = _aligner(aligner_path, lexicon_file, oov_policy, device)
     alignments, report = align_manifest(aligner, rows, text_key, progress=False)
     with ShardWriter(path, header) as shard:
         for utt, alignment in alignments.items():

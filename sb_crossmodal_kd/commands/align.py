@@ -16,7 +16,7 @@ from sb_crossmodal_kd.alignment.corpus import read_manifest
 from sb_crossmodal_kd.alignment.forced import AlignerSettings, PhoneAligner
 from sb_crossmodal_kd.alignment.sharded import align_split
 from sb_crossmodal_kd.commands.pronunciation import add_pronunciation_options
-from sb_crossmodal_kd.distributed import init_distributed, rank
+from sb_crossmodal_kd.distributed import init_distributed, rank, rank_device
 from sb_crossmodal_kd.io import atomic_write_text
 from sb_crossmodal_kd.sharding import check_jobs
 from sb_crossmodal_kd.units.lexicon import Lexicon, oov_report
@@ -35,6 +35,9 @@ def add_arguments(parser):
     parser.add_argument("--text-key", default="wrd", help="transcript column")
     parser.add_argument("--jobs", type=int, default=1,
                         help="processes aligning shards (per rank under torchrun)")
+    parser.add_argument("--device", default="cpu",
+                        help="where the phone model trains and runs: cpu, cuda (under torchrun "
+                             "each rank's own GPU) or cuda:N; features and Viterbi use the CPU")
     parser.add_argument("--train-utterances", type=int, default=None,
                         help="train the phone model on the first N utterances only")
     parser.add_argument("--aligner", default=None,
@@ -72,7 +75,7 @@ def run(args):
             aligner_path, manifest, shards, args.lexicon,
             args.oov_policy, args.jobs, args.text_key,
             document=os.path.join(args.output, f"{name}_phone_alignments.json"),
-            header={"manifest": os.path.abspath(manifest)},
+            header={"manifest": os.path.abspath(manifest)}, device=args.device,
         )
         summary[name] = {"oov": oov, "alignment": report}
         if main:
@@ -93,7 +96,7 @@ def _train(args, lexicon, path):
         for f in dataclasses.fields(AlignerSettings) if f.name != "frame_rate"
     })
     rows = read_manifest(args.train, args.text_key)[: args.train_utterances]
-    aligner = PhoneAligner(lexicon, settings)
+    aligner = PhoneAligner(lexicon, settings, rank_device(args.device))
     info = aligner.train([(r["ID"], r["wav"], r[args.text_key]) for r in rows])
     aligner.save(path)
     print(f"phone model: {info['utterances']} utterances, {info['frames']} frames, "

@@ -100,8 +100,8 @@ def prepare_kd_data(data_dir, prep_dir, settings=None, progress=False, device="c
     progress : bool
         Show progress bars.
     device : str
-        Where the unit LMs train and the teachers fill the caches (the aligner uses the CPU;
-        under ``torchrun``, ``"cuda"`` is each rank's own GPU for the caches).
+        Where the phone model trains and aligns, the unit LMs train and the teachers fill the
+        caches (under ``torchrun``, ``"cuda"`` is each rank's own GPU).
     jobs : int
         Processes for the corpus synthesis and the shards of alignment, tree statistics, unit
         stores and teacher caches (no output depends on it). Under ``torchrun`` each rank takes its shards
@@ -173,8 +173,8 @@ def prepare_kd_data_from_manifests(manifests, prep_dir, lm_text=None, settings=N
     progress : bool
         Show progress bars.
     device : str
-        Where the unit LMs train and the teachers fill the caches (the aligner uses the CPU;
-        under ``torchrun``, ``"cuda"`` is each rank's own GPU for the caches).
+        Where the phone model trains and aligns, the unit LMs train and the teachers fill the
+        caches (under ``torchrun``, ``"cuda"`` is each rank's own GPU).
     through : str, optional
         Stop after this step, as in :func:`prepare_kd_data` (the first is ``"manifests"``).
     jobs : int
@@ -249,10 +249,11 @@ def _steps(prep_dir, record, manifests, lm_texts, settings, progress, device, th
 
     start = time.time()
     lexicon = Lexicon.load(_lexicon_file(settings), oov_policy=settings["oov_policy"])
-    main_first(_aligner, prep_dir / "align", manifests["train"], lexicon, settings, progress)
+    main_first(_aligner, prep_dir / "align", manifests["train"], lexicon, settings, progress,
+               device)
     alignments = {
         split: _alignments(prep_dir / "align", split, manifests[split], _lexicon_file(settings),
-                           settings, jobs)
+                           settings, jobs, device)
         for split in settings["splits"]
     }
     record.step("lexicon_alignment", time.time() - start, lexicon=lexicon.hash)

@@ -8,7 +8,7 @@ cache of a unit type and split, in the order :mod:`~sb_crossmodal_kd.prep.chain`
 import json
 import logging
 
-from sb_crossmodal_kd.distributed import main_first, rank
+from sb_crossmodal_kd.distributed import main_first, rank, rank_device
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def _tokenizer(folder, train_manifest, vocab_size, fit=False):
     return SentencePieceUnits(str(folder), largest, csv_file=str(train_manifest))
 
 
-def _aligner(folder, train_manifest, lexicon, settings, progress):
+def _aligner(folder, train_manifest, lexicon, settings, progress, device="cpu"):
     from sb_crossmodal_kd.alignment.corpus import read_manifest
     from sb_crossmodal_kd.alignment.forced import AlignerSettings, PhoneAligner
     from sb_crossmodal_kd.units.lexicon import oov_report
@@ -51,19 +51,19 @@ def _aligner(folder, train_manifest, lexicon, settings, progress):
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "aligner.pt"
     if path.is_file():
-        return PhoneAligner.load(path, lexicon)
+        return PhoneAligner.load(path, lexicon, rank_device(device))
     rows = read_manifest(train_manifest)
     report = oov_report(lexicon, [(r["ID"], r["wrd"]) for r in rows], folder / "train_oov.txt")
     logger.info("train OOV rate %.4f (%d types, fallback: %s)", report["oov_rate"],
                 report["oov_types"], settings["oov_policy"])
-    aligner = PhoneAligner(lexicon, AlignerSettings(**settings["aligner"]))
+    aligner = PhoneAligner(lexicon, AlignerSettings(**settings["aligner"]), rank_device(device))
     rows = rows[: settings["aligner_utterances"]]
     aligner.train([(r["ID"], r["wav"], r["wrd"]) for r in rows], progress=progress)
     aligner.save(path)
     return aligner
 
 
-def _alignments(folder, split, manifest, lexicon_file, settings, jobs):
+def _alignments(folder, split, manifest, lexicon_file, settings, jobs, device="cpu"):
     """A split's alignments, shard by shard (``align/{split}_shards/``, kept when complete),
     and their one-document file ``align/{split}_phone_alignments.json``. A folder prepared
     before the shards had only that file: it is cut into shards once, not aligned again."""
@@ -75,7 +75,7 @@ def _alignments(folder, split, manifest, lexicon_file, settings, jobs):
                lexicon_file, settings["oov_policy"])
     alignments, report = align_split(folder / "aligner.pt", manifest, shards, lexicon_file,
                                      settings["oov_policy"], jobs, document=document,
-                                     header={"manifest": str(manifest)})
+                                     header={"manifest": str(manifest)}, device=device)
     if report["skipped"]:
         logger.warning("%s: %d utterances not aligned, e.g. %s", split, len(report["skipped"]),
                        report["skipped"][0])

@@ -58,13 +58,12 @@ sb_crossmodal_kd.teachers.cache.CacheMismatchError: ...tokenizer_hash...
 
 import hashlib
 import json
-import os
 import pathlib
 
 import numpy as np
 import torch
 
-from sb_crossmodal_kd.distributed import main_decides, main_first, rank, world_size
+from sb_crossmodal_kd.distributed import main_decides, main_first, rank, rank_device
 from sb_crossmodal_kd.io import atomic_write_bytes
 from sb_crossmodal_kd.sharding import (
     check_jobs,
@@ -194,7 +193,7 @@ def build_cache(
     start = _agreed_start(folder, settings)
     if "header" in start:
         return start["header"]
-    device = _rank_device(device)
+    device = rank_device(device)
     shards = {i: utterances[i * shard_size : (i + 1) * shard_size] for i in start["todo"]}
     tasks = {i: (folder, i, shard, teacher, settings["k"], tau, batch_size, device)
              for i, shard in shards.items()}
@@ -266,15 +265,6 @@ def _agreed_start(folder, settings):
     rank 0 has started writing and disagree on what is to do.
     """
     return main_decides(_start, folder, settings)
-
-
-def _rank_device(device):
-    """The device a build runs on: the default, and under ``torchrun`` ``"cuda"`` made the
-    rank's own GPU (``cuda:LOCAL_RANK``)."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and world_size() > 1:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    return device
 
 
 def _write_header(path, header):
