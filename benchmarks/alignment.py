@@ -6,7 +6,8 @@ Steps, all with the library the ``sbkd align`` / ``build-tree`` commands use:
 2. CMUdict lexicon with the g2p OOV fallback; ``oov_rate`` = OOV word tokens / word tokens
    of the test transcripts (``oov_rate_train``: of the train transcripts);
 3. the aligner's phone model (CTC start, then 3-state frame-level re-alignment rounds)
-   trained on the first ``--train-utterances`` train utterances (``train_seconds``);
+   trained on the first ``--train-utterances`` train utterances (``train_seconds``), on
+   ``--device`` (the phone model there; features and Viterbi on the CPU);
 4. Viterbi alignment of the test split (speakers unseen in training; ``--split valid`` for
    tuning), compared with the synthesiser's own word timings: every word start and end is a
    boundary; ``boundary_mae_ms`` (mean absolute error), ``boundary_median_ms``,
@@ -20,6 +21,7 @@ Steps, all with the library the ``sbkd align`` / ``build-tree`` commands use:
 Usage::
 
     nice python benchmarks/alignment.py --corpus /tmp/synthcommands [--train-utterances 400]
+    python benchmarks/alignment.py --corpus /tmp/synthcommands --device cuda  # on a GPU
 """
 
 import argparse
@@ -77,14 +79,11 @@ def main(argv=None):
         iterations=args.iterations, epochs=args.epochs, init=args.init,
         ctc_epochs=args.ctc_epochs, prior_scale=args.prior_scale,
     )
-    aligner = PhoneAligner(lexicon, settings)
+    aligner = PhoneAligner(lexicon, settings, args.device)
     start = time.time()
     aligner.train([(r["ID"], r["wav"], r["wrd"]) for r in rows], progress=False)
     train_seconds = time.time() - start
 
-    if args.device != "cpu":
-        aligner.model.to(args.device)
-        aligner.log_prior = aligner.log_prior.to(args.device)
     audio = [read_audio(r["wav"]) for r in test_rows]
     audio_s = sum(len(a) for a in audio) / aligner.settings.frame_rate.sample_rate
     speeds, signed = [], []
@@ -92,7 +91,7 @@ def main(argv=None):
         start = time.time()
         results = []
         for row, wav in zip(test_rows, audio, strict=True):
-            feats = aligner.features(wav).to(args.device)
+            feats = aligner.features(wav)
             results.append(aligner.align_features(feats, row["wrd"], row["ID"]))
         speeds.append(audio_s / (time.time() - start))
         if repeat == 0:
