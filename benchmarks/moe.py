@@ -1,7 +1,8 @@
 """MoE speed and memory benchmark; prints one JSON line.
 
 Forward plus backward, median of ``--repeats`` timed runs after ``--warmup`` runs, at
-d=256, ffn=1024, 8 experts, top-2, batch 16 x 200 frames (the sizes of issue 3):
+d=256, ffn=1024, 8 experts, top-2, batch 16 x 200 frames (the sizes of issue 3; ``--size
+librispeech``: d=512, ffn=2048, batch 16 x 500 frames, a LibriSpeech-sized layer):
 
 - ``vs_transformers``: our top-2 SwiGLU MoE time / transformers' ``MixtralSparseMoeBlock``
   time, for every experts implementation transformers registers (those that cannot run here
@@ -46,7 +47,16 @@ import torch
 
 from sb_crossmodal_kd.nnet.moe import MoE
 
-D_MODEL, D_FFN, N_EXPERTS, TOP_K, BATCH, FRAMES = 256, 1024, 8, 2, 16, 200
+# (d_model, ffn, experts, top_k, batch, frames) of each --size: issue 3's, and a
+# LibriSpeech-sized Conformer layer (d=512, ffn 2048, 8 experts, 16 utterances of 500 frames).
+SIZES = {"issue3": (256, 1024, 8, 2, 16, 200), "librispeech": (512, 2048, 8, 2, 16, 500)}
+D_MODEL, D_FFN, N_EXPERTS, TOP_K, BATCH, FRAMES = SIZES["issue3"]
+
+
+def use_size(name):
+    """Sets the sizes every workload reads (the parent's and each child process's)."""
+    global D_MODEL, D_FFN, N_EXPERTS, TOP_K, BATCH, FRAMES
+    D_MODEL, D_FFN, N_EXPERTS, TOP_K, BATCH, FRAMES = SIZES[name]
 DEEP_EXPERTS, DEEP_WIDTH, DEEP_WIDTH_SMALL = 4, 1024, 128
 # The figures the summary reports, each from the time ratio of the workloads of one pair
 # (vs_transformers: one pair per experts implementation of transformers).
@@ -247,9 +257,10 @@ def _batched_mm_estimate():
 
 
 def _in_subprocess(names, args, memory_only=False):
-    command = [sys.executable, __file__, "--workloads", ",".join(names), "--device", args.device,
+    command = ([sys.executable, __file__, "--workloads", ",".join(names), "--device", args.device,
                "--threads", str(args.threads), "--warmup", str(args.warmup),
-               "--repeats", str(args.repeats)] + (["--memory-only"] if memory_only else [])
+               "--repeats", str(args.repeats), "--size", args.size]
+               + (["--memory-only"] if memory_only else []))
     if args.amp:
         command += ["--amp", args.amp]
     if args.compile:
@@ -266,6 +277,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--size", choices=list(SIZES), default="issue3",
+                        help="issue3: d=256, ffn 1024, batch 16 x 200 frames (default); "
+                             "librispeech: d=512, ffn 2048, batch 16 x 500 frames")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--timeout", type=int, default=1800)
@@ -283,6 +297,7 @@ def main():
     parser.add_argument("--workloads", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    use_size(args.size)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.compile is not None:  # compilation and CUDA-graph recording happen in warm-up
