@@ -28,7 +28,7 @@ from sb_crossmodal_kd.io import atomic_write_json
 from sb_crossmodal_kd.lengths import input_lengths
 from sb_crossmodal_kd.moe_brain import MoEMixin
 from sb_crossmodal_kd.nnet.moe import moe_layers
-from sb_crossmodal_kd.resume import ExactResume
+from sb_crossmodal_kd.resume import ExactResume, save_and_keep_best
 from sb_crossmodal_kd.stage_stats import log_stats, stage_loss_across_processes, train_loggers
 
 __all__ = ["CTCBrain", "count_parameters", "encode_waveforms", "train_loggers"]
@@ -175,9 +175,9 @@ class CTCBrain(ExactResume, sb.Brain):
                 valid_stats=stats,
             )
             self.valid_wer_curve.append(round(float(stats["WER"]), 2))
-            self.checkpointer.save_and_keep_only(
-                meta={"WER": stats["WER"], "valid_wer_curve": self.valid_wer_curve},
-                min_keys=["WER"])
+            save_and_keep_best(self.checkpointer,
+                               {"WER": stats["WER"], "valid_wer_curve": self.valid_wer_curve},
+                               min_keys=["WER"])
         elif stage == sb.Stage.TEST:
             log_stats(
                 self.hparams,

@@ -29,7 +29,7 @@ from sb_crossmodal_kd.distributed import sum_across_processes
 from sb_crossmodal_kd.io import atomic_write_json
 from sb_crossmodal_kd.lengths import lengths_to_mask
 from sb_crossmodal_kd.moe_brain import MoEMixin
-from sb_crossmodal_kd.resume import ExactResume
+from sb_crossmodal_kd.resume import ExactResume, save_and_keep_best
 from sb_crossmodal_kd.stage_stats import log_stats, stage_loss_across_processes
 
 
@@ -220,8 +220,8 @@ class FrameClassifierBrain(ExactResume, sb.Brain):
         elif stage == sb.Stage.VALID:
             log_stats(self.hparams, stats_meta={"epoch": epoch}, train_stats=self.train_stats,
                       valid_stats=stats)
-            self.checkpointer.save_and_keep_only(meta={"frame_acc": accuracy},
-                                                 max_keys=["frame_acc"])
+            save_and_keep_best(self.checkpointer, {"frame_acc": accuracy},
+                               max_keys=["frame_acc"])
         else:
             log_stats(self.hparams,
                       stats_meta={"epoch loaded": self.hparams.epoch_counter.current},

@@ -185,6 +185,32 @@ def _incomplete_file(path):
     return None
 
 
+def save_and_keep_best(checkpointer, meta, min_keys=(), max_keys=()):
+    """Saves an end-of-epoch checkpoint and keeps the best one (lowest of ``min_keys``,
+    highest of ``max_keys``) and the most recent: ``Checkpointer.save_and_keep_only``, with
+    a fresh ``importance_keys`` list on every call.
+
+    SpeechBrain 1.1.2's ``save_and_keep_only`` appends its recency key to the default
+    ``importance_keys`` list, a mutable default shared by every call in the process, and
+    scans the checkpoint folder twice per key: after ``n`` saves each save reads every
+    ``CKPT.yaml`` ``2 n`` times more, across all the runs a worker process trains (measured:
+    14 s an epoch after 600 saves, for an epoch of 1.3 s). Passing the list makes each save
+    cost the same.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> from speechbrain.utils.checkpoints import Checkpointer
+    >>> checkpointer = Checkpointer(tempfile.mkdtemp(), {"layer": torch.nn.Linear(2, 2)})
+    >>> for wer in (30.0, 20.0, 25.0):
+    ...     save_and_keep_best(checkpointer, {"WER": wer}, min_keys=["WER"])
+    >>> sorted(c.meta["WER"] for c in checkpointer.list_checkpoints())  # best and last
+    [20.0, 25.0]
+    """
+    checkpointer.save_and_keep_only(meta=meta, min_keys=list(min_keys), max_keys=list(max_keys),
+                                    importance_keys=[])
+
+
 def set_aside_incomplete_checkpoints(checkpointer):
     """Renames checkpoint folders that a killed save left incomplete to ``incomplete-<name>``.
 

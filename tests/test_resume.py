@@ -198,3 +198,27 @@ def test_killed_run_resumes_exactly(case, processes, tiny_corpus, tmp_path):
     assert log_lines(resumed) == log_lines(reference)
     results = [json.loads((out / "results.json").read_text()) for out in (reference, resumed)]
     assert results[0] == results[1]
+
+
+def test_each_epoch_checkpoint_costs_the_same_however_many_came_before(tmp_path):
+    # SpeechBrain 1.1.2's save_and_keep_only grows a shared default list on every call, so
+    # each save scanned the checkpoints once more than the one before (14 s an epoch after
+    # 600 saves in one worker process). Counted here as checkpoint-folder scans per save.
+    from speechbrain.utils.checkpoints import Checkpointer
+
+    from sb_crossmodal_kd.resume import save_and_keep_best
+
+    scans = []
+
+    class CountingCheckpointer(Checkpointer):
+        def list_checkpoints(self):
+            scans[-1] += 1
+            return super().list_checkpoints()
+
+    checkpointer = CountingCheckpointer(tmp_path, {"layer": torch.nn.Linear(2, 2)})
+    for epoch in range(30):
+        scans.append(0)
+        save_and_keep_best(checkpointer, {"WER": 50.0 - epoch, "curve": list(range(epoch))},
+                           min_keys=["WER"])
+    assert scans[-1] == scans[0] > 0, scans
+    assert [c.meta["WER"] for c in checkpointer.list_checkpoints()] == [21.0]

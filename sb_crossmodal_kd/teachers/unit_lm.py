@@ -43,7 +43,7 @@ from speechbrain.lobes.models.RNNLM import RNNLM
 
 from sb_crossmodal_kd.io import atomic_path, atomic_write_text
 from sb_crossmodal_kd.lengths import absolute_lengths, lengths_to_mask
-from sb_crossmodal_kd.resume import ExactResume
+from sb_crossmodal_kd.resume import ExactResume, save_and_keep_best
 from sb_crossmodal_kd.stage_stats import stage_loss_across_processes
 
 # Text -> unit ids is the unit types' business; named here too for hparams written before.
@@ -244,9 +244,9 @@ class UnitLMBrain(ExactResume, sb.Brain):
                     valid_stats=stats,
                 )
             if self.checkpointer is not None:
-                self.checkpointer.save_and_keep_only(
-                    meta={"loss": stage_loss, "valid_ppl_curve": self.valid_ppl_curve},
-                    min_keys=["loss"])
+                save_and_keep_best(self.checkpointer,
+                                   {"loss": stage_loss, "valid_ppl_curve": self.valid_ppl_curve},
+                                   min_keys=["loss"])
 
 
 def export_unit_lm(folder, lm_model, unit_type=None, tokenizer_hash=None, extra=None):
