@@ -253,7 +253,7 @@ def train_frame_classifier(aligner, feats_list, labels_list, epochs, progress):
     counts = torch.bincount(labels, minlength=aligner.n_classes).float() + 1.0
     aligner.log_prior = (counts / counts.sum()).log()
     n_chunks = max(1, feats.shape[0] // s.chunk_frames)
-    # The whole training set on the model's device (a few hundred MB at 5,000 utterances):
+    # The whole training set on the model's device (about 1 GB at 5,000 LibriSpeech utterances):
     # batches are then slices, with no copy per step.
     feats = feats[: n_chunks * s.chunk_frames].reshape(n_chunks, s.chunk_frames, -1)
     feats = feats.to(aligner.device)
