@@ -284,13 +284,17 @@ class ExactResume:
                 "training_state", self.training_state, optional_load=True
             )
 
-    def on_fit_start(self):
-        """Sets aside checkpoints left incomplete by a killed save, then recovers as usual."""
+    def init_optimizers(self):
+        """SpeechBrain's, then sets aside checkpoints left incomplete by a killed save.
+
+        Here, not earlier in ``on_fit_start``: the optimiser is the last recoverable
+        registered (by ``init_optimizers``) and so the last file a save writes, the one a
+        kill most often cuts; ``recover_if_possible`` runs next."""
+        super().init_optimizers()
         if self.checkpointer is not None:
             sb.utils.distributed.run_on_main(
                 set_aside_incomplete_checkpoints, args=[self.checkpointer]
             )
-        super().on_fit_start()
 
     def resumed_curve(self, key):
         """The per-epoch values kept under ``key`` in the latest checkpoint's meta (e.g. a

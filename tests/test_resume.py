@@ -222,3 +222,41 @@ def test_each_epoch_checkpoint_costs_the_same_however_many_came_before(tmp_path)
                            min_keys=["WER"])
     assert scans[-1] == scans[0] > 0, scans
     assert [c.meta["WER"] for c in checkpointer.list_checkpoints()] == [21.0]
+
+
+def test_a_save_cut_while_writing_the_optimizer_is_set_aside_before_recovery(tmp_path):
+    # The optimiser is registered last (by init_optimizers in on_fit_start), so a save's
+    # optimizer.ckpt is the file a kill most often cuts: recovery must skip that checkpoint.
+    import speechbrain as sb
+    from speechbrain.utils.checkpoints import Checkpointer
+
+    from sb_crossmodal_kd.resume import ExactResume
+
+    class Regression(ExactResume, sb.Brain):
+        def compute_forward(self, batch, stage):
+            return self.modules.layer(batch[0])
+
+        def compute_objectives(self, predictions, batch, stage):
+            return torch.nn.functional.mse_loss(predictions, batch[1])
+
+    def brain():
+        layer = torch.nn.Linear(2, 1)
+        return Regression({"layer": layer}, lambda params: torch.optim.SGD(params, lr=0.1),
+                          run_opts={"device": "cpu"},
+                          checkpointer=Checkpointer(tmp_path, {"layer": layer}))
+
+    torch.manual_seed(0)
+    data = [(torch.randn(4, 2), torch.randn(4, 1)) for _ in range(3)]
+    trained = brain()
+    trained.fit(range(1), data, progressbar=False)
+    trained.checkpointer.save_checkpoint(name="good")
+    good = {k: v.clone() for k, v in trained.modules.layer.state_dict().items()}
+    trained.fit(range(1), data, progressbar=False)  # the weights move on
+    cut = trained.checkpointer.save_checkpoint(name="cut")
+    (cut.path / "optimizer.ckpt").write_bytes(b"")  # killed as it opened the last file
+
+    resumed = brain()
+    resumed.on_fit_start()
+    assert not cut.path.exists() and cut.path.with_name("incomplete-CKPT+cut").is_dir()
+    for name, value in resumed.modules.layer.state_dict().items():
+        assert torch.equal(value, good[name]), name
