@@ -11,6 +11,7 @@ Inside SpeechBrain's ``run_on_main`` / ``main_process_only`` sections, where onl
 process runs, they do nothing (as ``speechbrain.utils.distributed.ddp_all_reduce``).
 """
 
+import atexit
 import dataclasses
 import os
 
@@ -28,7 +29,8 @@ def init_distributed(run_opts):
 
     Under ``torchrun`` without ``--distributed_backend``, the backend is nccl where CUDA is
     available and gloo otherwise (SpeechBrain's default, nccl, refuses a machine without
-    GPUs). Outside ``torchrun`` this does nothing.
+    GPUs). The group is destroyed when the process exits, before the interpreter shuts
+    down. Outside ``torchrun`` this does nothing.
 
     Arguments
     ---------
@@ -58,7 +60,16 @@ def init_distributed(run_opts):
             overridden_args={*run_opts.overridden_args, "distributed_backend"},
         )
     ddp_init_group(run_opts)
+    atexit.register(_destroy_group)
     return run_opts
+
+
+def _destroy_group():
+    # Left to interpreter shutdown, gloo's worker threads still hold tensors; destroying
+    # them then aborts the process (SIGABRT, "terminate called without an active
+    # exception") after its work is done, and torchrun reports the run as failed.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def is_distributed():

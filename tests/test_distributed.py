@@ -84,6 +84,33 @@ MOE_WORKER = textwrap.dedent(
 )
 
 
+EXITING_WORKER = textwrap.dedent(
+    """
+    import atexit, os, sys
+    import torch
+    from sb_crossmodal_kd.distributed import init_distributed, sum_across_processes
+
+    def record():  # registered first, so run last among the exit handlers
+        with open(f"{sys.argv[1]}/rank{os.environ['RANK']}.txt", "w") as handle:
+            handle.write(str(torch.distributed.is_initialized()))
+
+    atexit.register(record)
+    init_distributed({})
+    sum_across_processes([torch.ones(3)])
+    """
+)
+
+
+def test_a_recipe_process_destroys_its_group_before_the_interpreter_exits(tmp_path):
+    # A gloo group left to interpreter shutdown can abort a finished rank (SIGABRT), and
+    # torchrun then reports the whole run as failed.
+    worker = tmp_path / "exiting_worker.py"
+    worker.write_text(EXITING_WORKER)
+    run = torchrun([str(worker), str(tmp_path)], cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["False", "False"]
+
+
 def test_moe_constraint_and_statistics_are_reduced_across_two_processes(tmp_path):
     worker = tmp_path / "moe_worker.py"
     worker.write_text(MOE_WORKER)
