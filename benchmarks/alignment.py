@@ -64,7 +64,8 @@ def main(argv=None):
     from sb_crossmodal_kd.units.senones import SenoneTree
 
     if not os.path.isfile(os.path.join(args.corpus, "test.csv")):
-        make_corpus(args.corpus, progress=False)
+        # Every core: the corpus is the same, byte for byte, whatever jobs is.
+        make_corpus(args.corpus, progress=False, jobs=os.cpu_count())
     train_rows = read_manifest(os.path.join(args.corpus, "train.csv"))
     test_rows = read_manifest(os.path.join(args.corpus, f"{args.split}.csv"))
     with open(os.path.join(args.corpus, f"{args.split}_alignments.json")) as f:
