@@ -4,6 +4,11 @@ Spawned, not forked (no copied torch or eSpeak state), each with its own share o
 threads: small models use a CPU best as one single-threaded process per core, and
 oversubscribed threads made every epoch several times slower.
 
+A worker ends itself within a second of its parent's death. Killed by a signal it cannot
+catch (SIGKILL, the out-of-memory killer, or SIGTERM sent to it alone), the driver would
+otherwise leave its workers training on, and a rerun that resumes the same output folder
+would train the same run in two processes at once.
+
 A spawned worker pays its start-up (importing torch and SpeechBrain, then loading what its
 tasks need, e.g. the lexicon and the aligner: seconds) once per pool. Inside
 :func:`shared_workers`, :func:`worker_pool` hands every caller the same open pool of a given
@@ -17,6 +22,9 @@ Example
 """
 
 import multiprocessing
+import os
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 
@@ -26,17 +34,25 @@ __all__ = ["in_shared_workers", "process_pool", "shared_workers", "worker_pool"]
 _shared = None
 
 
-def _set_threads(threads):
+def _start_worker(threads, parent):
     import torch
 
     torch.set_num_threads(threads)
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
+
+
+def _exit_when_orphaned(parent, interval=0.5):
+    # The parent's death re-parents this process (to init or a subreaper).
+    while os.getppid() == parent:
+        time.sleep(interval)
+    os._exit(1)
 
 
 def process_pool(workers, threads=1):
     """A ``ProcessPoolExecutor`` of ``workers`` spawned processes with ``threads`` torch
     threads each."""
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_set_threads, initargs=(threads,))
+                               initializer=_start_worker, initargs=(threads, os.getpid()))
 
 
 @contextmanager

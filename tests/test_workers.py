@@ -2,6 +2,9 @@
 
 import contextlib
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -61,4 +64,35 @@ def _alive(pid):
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return True
+    try:  # an exited orphan may stay a zombie where nothing reaps it (a container's pid 1)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+ORPHANED_DRIVER = """
+import os, time
+from sb_crossmodal_kd.workers import process_pool
+
+pool = process_pool(1)
+print(pool.submit(os.getpid).result(), flush=True)  # the worker, for the test to watch
+pool.submit(time.sleep, 600)
+time.sleep(600)
+"""
+
+
+def test_a_killed_driver_takes_its_workers_with_it(tmp_path):
+    # SIGKILL gives the driver no chance to stop its pool; its worker must not train on.
+    driver = subprocess.Popen([sys.executable, "-c", ORPHANED_DRIVER], stdout=subprocess.PIPE,
+                              text=True)
+    worker = int(driver.stdout.readline())
+    assert _alive(worker)
+    driver.kill()
+    driver.wait()
+    deadline = time.time() + 30
+    while _alive(worker) and time.time() < deadline:
+        time.sleep(0.1)
+    orphaned = _alive(worker)
+    if orphaned:
+        os.kill(worker, signal.SIGKILL)
+    assert not orphaned
