@@ -36,7 +36,12 @@ import time
 from pathlib import Path
 
 from sb_crossmodal_kd.hparams import KD_CONDITIONS
-from sb_crossmodal_kd.io import atomic_path, atomic_write_json, atomic_write_text
+from sb_crossmodal_kd.io import (
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    exclusive_folder,
+)
 from sb_crossmodal_kd.prep.chain import STEPS, prepare_kd_data
 from sb_crossmodal_kd.prep.provenance import Provenance
 from sb_crossmodal_kd.prep.settings import prep_settings
@@ -506,52 +511,55 @@ def run_ablation(
     training = dict(DEMO_TRAINING if training is None else training)
     prepared_dir = output_dir if prepared_dir is None else Path(prepared_dir).resolve()
 
-    workers = os.cpu_count() or 1
-    # Up to the unit stores: all that a condition without teachers trains on.
-    prepared = prepare_kd_data(prepared_dir / "data", prepared_dir / "prep", settings,
-                               progress=progress, device=device, jobs=workers,
-                               through="unit_stores")
-    steps = dict(prepared["steps"])
-    common = {
-        "data_folder": str(prepared_dir / "data"),
-        "prep_folder": str(prepared_dir / "prep"),
-        "vocab_size": prepared["outputs"].get("vocab_size", settings["vocab_size"]),
-        **training,
-    }
-    records, todo = {}, []
-    # Seed-major order: a study stopped early still has every condition for its first seeds.
-    # Within a seed the slower MoE runs go first, so parallel jobs finish close together.
-    by_cost = sorted(conditions, key=lambda name: not name.endswith(MOE_SUFFIX))
-    for seed in seed_list:
-        for name in by_cost:
-            run_dir = output_dir / "runs" / name / str(seed)
-            record = _run_record(run_dir, _run_overrides(name, seed, run_dir, common))
-            if record.found:  # finished (with these overrides: else refused)
-                records[(name, seed)] = record.data
-            else:
-                todo.append((name, seed, run_dir, common, {"device": device}))
-    # Runs without teachers train while the unit LMs do, in all slots but one; the LMs take
-    # that one, so no more processes than slots ever compete for the cores (five one-thread
-    # runs on two cores cost 16 % more CPU per step than two). Results do not depend on
-    # this: each run has its own seed and process.
-    early = [args for args in todo if not _reads_teachers(args[0], common)][:max(0, jobs - 1)]
-    with _Runs(jobs) as runs:
-        runs.submit(early)
+    # Two drivers on one folder would train the same runs at once.
+    with exclusive_folder(output_dir):
+        workers = os.cpu_count() or 1
+        # Up to the unit stores: all that a condition without teachers trains on.
         prepared = prepare_kd_data(prepared_dir / "data", prepared_dir / "prep", settings,
                                    progress=progress, device=device, jobs=workers,
-                                   lm_cores=max(1, workers - len(early) * runs.threads))
-        steps.update({step: prepared["steps"][step] for step in STEPS
-                      if step not in steps and step in prepared["steps"]})
-        runs.submit([args for args in todo if args not in early])
+                                   through="unit_stores")
+        steps = dict(prepared["steps"])
+        common = {
+            "data_folder": str(prepared_dir / "data"),
+            "prep_folder": str(prepared_dir / "prep"),
+            "vocab_size": prepared["outputs"].get("vocab_size", settings["vocab_size"]),
+            **training,
+        }
+        records, todo = {}, []
+        # Seed-major order: a study stopped early still has every condition for its first
+        # seeds. Within a seed the slower MoE runs go first, so parallel jobs finish close
+        # together.
+        by_cost = sorted(conditions, key=lambda name: not name.endswith(MOE_SUFFIX))
+        for seed in seed_list:
+            for name in by_cost:
+                run_dir = output_dir / "runs" / name / str(seed)
+                record = _run_record(run_dir, _run_overrides(name, seed, run_dir, common))
+                if record.found:  # finished (with these overrides: else refused)
+                    records[(name, seed)] = record.data
+                else:
+                    todo.append((name, seed, run_dir, common, {"device": device}))
+        # Runs without teachers train while the unit LMs do, in all slots but one; the LMs
+        # take that one, so no more processes than slots ever compete for the cores (five
+        # one-thread runs on two cores cost 16 % more CPU per step than two). Results do not
+        # depend on this: each run has its own seed and process.
+        early = [args for args in todo if not _reads_teachers(args[0], common)][:max(0, jobs - 1)]
+        with _Runs(jobs) as runs:
+            runs.submit(early)
+            prepared = prepare_kd_data(prepared_dir / "data", prepared_dir / "prep", settings,
+                                       progress=progress, device=device, jobs=workers,
+                                       lm_cores=max(1, workers - len(early) * runs.threads))
+            steps.update({step: prepared["steps"][step] for step in STEPS
+                          if step not in steps and step in prepared["steps"]})
+            runs.submit([args for args in todo if args not in early])
 
-        def write_so_far(key, record):
-            records[key] = record
-            write_ablation_result(output_dir, records, conditions, seed_list, settings, training,
-                          device, steps, prepared["outputs"])
+            def write_so_far(key, record):
+                records[key] = record
+                write_ablation_result(output_dir, records, conditions, seed_list, settings,
+                                      training, device, steps, prepared["outputs"])
 
-        runs.results(finished=write_so_far)
-    return write_ablation_result(output_dir, records, conditions, seed_list, settings, training,
-                         device, steps, prepared["outputs"])
+            runs.results(finished=write_so_far)
+        return write_ablation_result(output_dir, records, conditions, seed_list, settings,
+                                     training, device, steps, prepared["outputs"])
 
 
 def write_ablation_result(output_dir, records, conditions, seeds, settings, training, device, steps,

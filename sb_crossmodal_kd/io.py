@@ -1,4 +1,5 @@
-"""Atomic file writes, and the refusal of a folder made with other settings.
+"""Atomic file writes, the refusal of a folder made with other settings, and a folder held
+by one process at a time.
 
 A file is either absent or complete, never half written.
 
@@ -97,3 +98,50 @@ def refuse_other_settings(found, wanted, what, remedy="Choose another folder or 
     changed = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
     raise error(f"{what} with other settings (differs in: {', '.join(changed)}). {remedy}; "
                 "nothing was changed.")
+
+
+class FolderInUseError(OSError):
+    """Another process holds the folder (see :func:`exclusive_folder`)."""
+
+
+LOCK_NAME = ".sbkd.lock"
+
+
+@contextmanager
+def exclusive_folder(folder):
+    """Holds ``folder`` (created if absent) for this process during the ``with`` block.
+
+    Another process asking for it meanwhile gets :class:`FolderInUseError` at once, naming
+    the holder's pid. The hold is an advisory lock on ``LOCK_NAME`` in the folder, which the
+    operating system releases however the holder ends (killed included); the file itself
+    stays. Where ``fcntl`` is missing (Windows) nothing is locked.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> folder = tempfile.mkdtemp()
+    >>> with exclusive_folder(folder):
+    ...     pass  # another process here would be refused
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_NAME, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise FolderInUseError(
+                f"{folder} is in use by {holder}, which is still running on it: wait for it to "
+                "finish (a rerun then resumes) or stop it, or give another folder"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        yield

@@ -30,7 +30,7 @@ from sb_crossmodal_kd.ablation import (
     run_ablation,
     save_wer_plot,
 )
-from sb_crossmodal_kd.io import atomic_write_json, atomic_write_text
+from sb_crossmodal_kd.io import atomic_write_json, atomic_write_text, exclusive_folder
 from sb_crossmodal_kd.prep.settings import prep_settings
 
 __all__ = ["SCALING_CONDITIONS", "SCALING_PAIRED", "parse_paired", "plot_scaling",
@@ -136,30 +136,31 @@ def run_scaling(output_dir, paired=SCALING_PAIRED, conditions=SCALING_CONDITIONS
         raise ValueError(f"paired sizes {list(paired)} exceed the corpus's {n_train} train "
                          "utterances: lower them or raise the prep setting corpus.n_train")
     training = dict(DEMO_TRAINING if training is None else training)
-    sizes = {}
-    for n in paired:
-        epochs = scaling_epochs(n, training["number_of_epochs"], steps_reference)
-        result = run_ablation(output_dir / f"paired_{n}", seeds=seeds, conditions=conditions,
-                              prep=prep, training={**training, "number_of_epochs": epochs,
-                                                   "n_train_utterances": n},
-                              device=device, jobs=jobs, progress=progress,
-                              prepared_dir=output_dir)
-        sizes[str(n)] = {**_train_set(output_dir, n), "epochs": epochs,
-                         "conditions": result["conditions"]}
-    result = {
-        "format": "sbkd-scaling-1",
-        "paired": sizes,
-        "sizes": list(paired),
-        "condition_order": conditions,
-        "seeds": result["seeds"],
-        "settings": {"prep": result["settings"]["prep"], "training": training,
-                     "steps_reference": steps_reference, "device": device},
-        "lm_valid_ppl": result.get("lm_valid_ppl"),
-    }
-    atomic_write_json(output_dir / "scaling.json", result)
-    atomic_write_text(output_dir / "scaling.md", scaling_table(result))
-    plot_scaling(result, output_dir / "scaling.png")
-    return result
+    with exclusive_folder(output_dir):  # two drivers would train the same runs
+        sizes = {}
+        for n in paired:
+            epochs = scaling_epochs(n, training["number_of_epochs"], steps_reference)
+            result = run_ablation(output_dir / f"paired_{n}", seeds=seeds, conditions=conditions,
+                                  prep=prep, training={**training, "number_of_epochs": epochs,
+                                                       "n_train_utterances": n},
+                                  device=device, jobs=jobs, progress=progress,
+                                  prepared_dir=output_dir)
+            sizes[str(n)] = {**_train_set(output_dir, n), "epochs": epochs,
+                             "conditions": result["conditions"]}
+        result = {
+            "format": "sbkd-scaling-1",
+            "paired": sizes,
+            "sizes": list(paired),
+            "condition_order": conditions,
+            "seeds": result["seeds"],
+            "settings": {"prep": result["settings"]["prep"], "training": training,
+                         "steps_reference": steps_reference, "device": device},
+            "lm_valid_ppl": result.get("lm_valid_ppl"),
+        }
+        atomic_write_json(output_dir / "scaling.json", result)
+        atomic_write_text(output_dir / "scaling.md", scaling_table(result))
+        plot_scaling(result, output_dir / "scaling.png")
+        return result
 
 
 def _cell(mean, std):

@@ -9,6 +9,8 @@ driver wrote.
 import json
 import math
 import re
+import subprocess
+import sys
 
 import pytest
 from tiny_kd import TINY_MODEL, TINY_PREP
@@ -19,6 +21,7 @@ from sb_crossmodal_kd.ablation import (
     condition_recipe,
     run_ablation,
 )
+from sb_crossmodal_kd.io import LOCK_NAME, exclusive_folder
 from sb_crossmodal_kd.pipeline import prep_settings, prepare_kd_data
 
 HEAD_TERMS = {"senone", "monophone", "subword"}
@@ -166,6 +169,38 @@ def test_unknown_condition_fails_before_any_work(tmp_path):
         run_ablation(tmp_path / "x", conditions=["am_alone", "hierarchy_minus_lexicon"])
     assert not (tmp_path / "x").exists()
     assert condition_recipe("am_alone_moe")[1] == {"condition": "am_alone_moe", "use_moe": True}
+
+
+HOLDER = """
+import sys, time
+from sb_crossmodal_kd.io import exclusive_folder
+
+with exclusive_folder(sys.argv[1]):
+    print("holding", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_second_driver_on_a_busy_folder_is_refused_before_any_work(tmp_path):
+    # Two drivers on one folder would train the same runs at once; a killed one lets go.
+    output = tmp_path / "study"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(output)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        cli = subprocess.run([sys.executable, "-m", "sb_crossmodal_kd.cli", "demo", "--output",
+                              str(output)], capture_output=True, text=True, timeout=120)
+        assert cli.returncode == 2 and cli.stdout == ""
+        assert cli.stderr.strip().splitlines() == [
+            f"sbkd demo: error: {output} is in use by pid {holder.pid}, which is still running "
+            "on it: wait for it to finish (a rerun then resumes) or stop it, or give another "
+            "folder"]
+        assert sorted(p.name for p in output.iterdir()) == [LOCK_NAME]  # nothing was done
+    finally:
+        holder.kill()
+        holder.wait()
+    with exclusive_folder(output):  # the killed holder's lock went with it
+        pass
 
 
 def test_cli_prints_the_table_of_finished_runs(ablation, capsys):
