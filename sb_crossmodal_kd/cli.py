@@ -57,7 +57,10 @@ USER_ERRORS = (ValueError, KeyError, OSError)
 def run_reporting_errors(function, argv, prog):
     """Calls ``function(argv)``; an error of :data:`USER_ERRORS` becomes one line on stderr
     (``PROG: error: ...``) and exit status 2, as argparse reports a bad option.
-    ``SBKD_TRACEBACK=1`` shows the traceback instead. For command-line entry points."""
+    Ctrl-C ends with ``PROG: interrupted`` and status 130, as a shell reports it: every file
+    is written atomically, so what was finished is kept and a rerun of the resumable commands
+    (``demo``, ``ablation``) goes on from it. ``SBKD_TRACEBACK=1`` shows the traceback
+    instead. For command-line entry points."""
     try:
         return function(argv)
     except USER_ERRORS as error:
@@ -67,6 +70,11 @@ def run_reporting_errors(function, argv, prog):
         message = error.args[0] if plain_key_error else str(error)
         print(f"{prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        if os.environ.get("SBKD_TRACEBACK"):
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 def console():

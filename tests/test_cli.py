@@ -1,8 +1,10 @@
 """The sbkd console script: every subcommand is registered and `sbkd corpus` works."""
 
 import csv
+import signal
 import subprocess
 import sys
+import time
 
 from sb_crossmodal_kd.cli import SUBCOMMANDS, build_parser
 
@@ -32,3 +34,17 @@ def test_corpus_command_writes_manifests(tmp_path):
     with open(tmp_path / "c" / "train.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 3 and list(rows[0]) == ["ID", "duration", "wav", "spk_id", "wrd"]
+
+
+def test_ctrl_c_ends_a_command_with_one_line(tmp_path):
+    cmd = [sys.executable, "-m", "sb_crossmodal_kd.cli", "corpus", "--output",
+           str(tmp_path / "c"), "--n_train", "5000"]
+    command = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list((tmp_path / "c").rglob("*.wav")) and time.time() < deadline:
+        time.sleep(0.1)  # synthesising: well inside the work
+    command.send_signal(signal.SIGINT)
+    _, stderr = command.communicate(timeout=60)
+    assert command.returncode == 130
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == "sbkd corpus: interrupted"
