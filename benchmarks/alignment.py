@@ -82,7 +82,7 @@ def main(argv=None):
     )
     aligner = PhoneAligner(lexicon, settings, args.device)
     start = time.time()
-    aligner.train([(r["ID"], r["wav"], r["wrd"]) for r in rows], progress=False)
+    report = aligner.train([(r["ID"], r["wav"], r["wrd"]) for r in rows], progress=False)
     train_seconds = time.time() - start
 
     audio = [read_audio(r["wav"]) for r in test_rows]
@@ -128,6 +128,9 @@ def main(argv=None):
         "test_audio_s": round(audio_s, 1),
         "train_utterances": len(rows),
         "train_seconds": round(train_seconds, 1),
+        # The phone model's training: audio seconds per second, and where its time goes.
+        "train_audio_s_per_s": round(report["audio_seconds"] / train_seconds, 1),
+        "train_phase_s": {k: round(v, 1) for k, v in report["phase_seconds"].items()},
         "threads": args.threads,
         "device": args.device,
     }))

@@ -19,6 +19,8 @@ Example
 >>> report = train_aligner(aligner, utterances, progress=False)
 >>> report["utterances"], report["skipped"], len(report["losses"])
 (1, [('u2', 'too short for its phone sequence')], 1)
+>>> report["audio_seconds"], sorted(report["phase_seconds"])
+(0.5, ['features', 'frame_training', 'realign', 'start'])
 """
 
 import logging
@@ -52,11 +54,23 @@ def train_aligner(aligner, utterances, progress=True):
     -------
     dict
         ``{"utterances": n used, "skipped": [(id, reason)], "frames": ...,
-        "losses": [...], "seconds": ...}``.
+        "audio_seconds": ..., "losses": [...], "seconds": ..., "phase_seconds": {...}}``,
+        the phases being ``features`` (reading and features), ``start`` (the first
+        alignment), ``frame_training`` and ``realign`` (summed over the iterations): where
+        the time goes, e.g. to plan what to run on a GPU.
     """
     settings = aligner.settings
     start_time = time.time()
-    items, skipped = [], []
+    phases = dict.fromkeys(("features", "start", "frame_training", "realign"), 0.0)
+    clock = time.perf_counter()
+
+    def lap(phase):
+        nonlocal clock
+        now = time.perf_counter()
+        phases[phase] += now - clock
+        clock = now
+
+    items, skipped, samples = [], [], 0
     for utt_id, audio, text in tqdm(utterances, desc="features", disable=not progress):
         try:
             seq = token_sequence(aligner.lexicon, text, utt_id)
@@ -71,20 +85,24 @@ def train_aligner(aligner, utterances, progress=True):
             skipped.append((utt_id, "too short for its phone sequence"))
             continue
         items.append((utt_id, feats, seq))
+        samples += wav.shape[-1]
     if not items:
         raise ValueError("PhoneAligner.train: no usable utterances")
     feats_list = [f for _, f, _ in items]
+    lap("features")
     if settings.init == "ctc":
         labels_list = ctc_start_labels(aligner, items, progress)
     elif settings.init == "flat":
         labels_list = [flat_start_labels(f, seq, settings) for _, f, seq in items]
     else:
         raise ValueError(f"AlignerSettings.init must be 'flat' or 'ctc', not {settings.init!r}")
+    lap("start")
     losses = []
     for it in range(settings.iterations):
         losses.append(
             train_frame_classifier(aligner, feats_list, labels_list, settings.epochs, progress)
         )
+        lap("frame_training")
         realigned = []
         for utt_id, feats, seq in tqdm(
             items,
@@ -98,12 +116,15 @@ def train_aligner(aligner, utterances, progress=True):
                 positions.numpy(), _state_tokens(seq, settings), substates.numpy()
             ))
         labels_list = realigned
+        lap("realign")
     return {
         "utterances": len(items),
         "skipped": skipped,
         "frames": int(sum(f.shape[0] for f in feats_list)),
+        "audio_seconds": samples / settings.frame_rate.sample_rate,
         "losses": losses,
         "seconds": time.time() - start_time,
+        "phase_seconds": {phase: round(seconds, 3) for phase, seconds in phases.items()},
     }
 
 

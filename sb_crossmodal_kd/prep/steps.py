@@ -58,7 +58,10 @@ def _aligner(folder, train_manifest, lexicon, settings, progress, device="cpu"):
                 report["oov_types"], settings["oov_policy"])
     aligner = PhoneAligner(lexicon, AlignerSettings(**settings["aligner"]), rank_device(device))
     rows = rows[: settings["aligner_utterances"]]
-    aligner.train([(r["ID"], r["wav"], r["wrd"]) for r in rows], progress=progress)
+    report = aligner.train([(r["ID"], r["wav"], r["wrd"]) for r in rows], progress=progress)
+    logger.info("phone model trained on %d utterances (%.2f h of audio) in %.0f s (%s)",
+                report["utterances"], report["audio_seconds"] / 3600, report["seconds"],
+                ", ".join(f"{phase} {s:.0f} s" for phase, s in report["phase_seconds"].items()))
     aligner.save(path)
     return aligner
 
