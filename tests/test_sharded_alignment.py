@@ -9,6 +9,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import torch
 from launch import torchrun_command
 from test_units_commands import _manifest
 
@@ -160,3 +161,61 @@ def test_torchrun_ranks_take_their_shards_and_rank_0_merges(aligned, tmp_path):
     assert shard_bytes(tmp_path / "shards") == shard_bytes(folder / "one")
     export_split_units(tmp_path / "one.units", alignments, split, "lexicon")
     assert (tmp_path / "ranks.units").read_bytes() == (tmp_path / "one.units").read_bytes()
+
+
+PHONE_MODEL_SETTINGS = {"iterations": 3, "epochs": 1, "hidden": 16, "ctc_epochs": 1}
+REALIGN_SHARD = 3  # 10 utterances: 4 re-alignment shards, twice
+
+PHONE_MODEL_UNDER_TORCHRUN = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    import sb_crossmodal_kd.alignment.aligner_training as training
+    from sb_crossmodal_kd.alignment.corpus import read_manifest
+    from sb_crossmodal_kd.alignment.forced import AlignerSettings, PhoneAligner
+    from sb_crossmodal_kd.distributed import init_distributed, rank
+    from sb_crossmodal_kd.units.lexicon import Lexicon
+
+    init_distributed({})
+    manifest, out, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    training.REALIGN_SHARD = int(sys.argv[4])
+    aligner = PhoneAligner(Lexicon.load(None, oov_policy="skip"), AlignerSettings(**settings))
+    aligner.train([(r["ID"], r["wav"], r["wrd"]) for r in read_manifest(manifest)],
+                  progress=False)
+    torch.save(aligner.state(), f"{out}/rank{rank()}.pt")
+    """
+)
+
+
+def _phone_model(manifest, jobs):
+    aligner = PhoneAligner(Lexicon.load(None, oov_policy="skip"),
+                           AlignerSettings(**PHONE_MODEL_SETTINGS))
+    aligner.train([(r["ID"], r["wav"], r["wrd"]) for r in read_manifest(manifest)],
+                  progress=False, jobs=jobs)
+    return aligner.state()
+
+
+def _same_state(a, b):
+    return (a["model"].keys() == b["model"].keys()
+            and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+            and torch.equal(a["log_prior"], b["log_prior"]))
+
+
+def test_the_phone_model_is_the_same_from_two_jobs_and_from_two_ranks(tmp_path, monkeypatch):
+    # Rank 0 trains, the ranks (and each rank's jobs) share the re-alignments.
+    manifest = _manifest(tmp_path, "train", 10, np.random.default_rng(1))
+    monkeypatch.setattr("sb_crossmodal_kd.alignment.aligner_training.REALIGN_SHARD",
+                        REALIGN_SHARD)
+    one = _phone_model(manifest, jobs=1)
+    assert _same_state(_phone_model(manifest, jobs=2), one)
+
+    worker = tmp_path / "phone_model.py"
+    worker.write_text(PHONE_MODEL_UNDER_TORCHRUN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(torchrun_command([str(worker), str(manifest), str(tmp_path),
+                                           json.dumps(PHONE_MODEL_SETTINGS),
+                                           str(REALIGN_SHARD)]),
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for r in range(2):
+        assert _same_state(torch.load(tmp_path / f"rank{r}.pt", weights_only=False), one), r

@@ -23,6 +23,7 @@ Example
 (0.5, ['features', 'frame_training', 'realign', 'start'])
 """
 
+import copy
 import logging
 import time
 
@@ -31,24 +32,36 @@ import torch
 from tqdm import tqdm
 
 from sb_crossmodal_kd.alignment.phone_alignment import state_path
-from sb_crossmodal_kd.alignment.phone_classifier import PhoneClassifier
+from sb_crossmodal_kd.alignment.phone_classifier import PhoneClassifier, scaled_log_likelihoods
 from sb_crossmodal_kd.alignment.phone_states import state_labels, state_tokens, token_sequence
 from sb_crossmodal_kd.alignment.viterbi import viterbi_align
+from sb_crossmodal_kd.distributed import main_decides, rank
+from sb_crossmodal_kd.sharding import shard_ranges, shard_results
 from sb_crossmodal_kd.units.phones import PHONES
 
 logger = logging.getLogger(__name__)
 
 
-def train_aligner(aligner, utterances, progress=True):
+def train_aligner(aligner, utterances, progress=True, jobs=1):
     """Flat start, then ``iterations`` rounds of (train the phone model, re-align).
+
+    The phone model's training (the first alignment's CTC model, then each round's frame
+    training) runs in this process, or under ``torchrun`` on rank 0, which hands the
+    trained weights to the other ranks. Each re-alignment, a Viterbi search per utterance,
+    is cut into shards of ``REALIGN_SHARD`` utterances that ``jobs`` processes and the
+    ranks share (:func:`~sb_crossmodal_kd.sharding.shard_results`) with the phone model on
+    the CPU: the model is the same on every rank and in every process, so the result is the
+    same, byte for byte, however many run it. Under ``torchrun`` every rank calls this.
 
     Arguments
     ---------
     aligner : PhoneAligner
-        Trained in place.
+        Trained in place (on every rank).
     utterances : list of (utterance_id, waveform or wav path, text)
     progress : bool
         Show progress bars.
+    jobs : int
+        Processes for the re-alignments (per rank under ``torchrun``).
 
     Returns
     -------
@@ -91,7 +104,7 @@ def train_aligner(aligner, utterances, progress=True):
     feats_list = [f for _, f, _ in items]
     lap("features")
     if settings.init == "ctc":
-        labels_list = ctc_start_labels(aligner, items, progress)
+        labels_list = main_decides(ctc_start_labels, aligner, items, progress)
     elif settings.init == "flat":
         labels_list = [flat_start_labels(f, seq, settings) for _, f, seq in items]
     else:
@@ -99,23 +112,10 @@ def train_aligner(aligner, utterances, progress=True):
     lap("start")
     losses = []
     for it in range(settings.iterations):
-        losses.append(
-            train_frame_classifier(aligner, feats_list, labels_list, settings.epochs, progress)
-        )
+        losses.append(_train_on_main(aligner, feats_list, labels_list, progress))
         lap("frame_training")
-        realigned = []
-        for utt_id, feats, seq in tqdm(
-            items,
-            desc=f"realign {it + 1}/{settings.iterations}",
-            disable=not progress,
-        ):
-            positions, substates = state_path(
-                aligner.log_likelihoods(feats), seq, settings, utt_id
-            )
-            realigned.append(state_labels(
-                positions.numpy(), _state_tokens(seq, settings), substates.numpy()
-            ))
-        labels_list = realigned
+        if it + 1 < settings.iterations:  # the last round's labels would not be used
+            labels_list = realign(aligner, items, jobs)
         lap("realign")
     return {
         "utterances": len(items),
@@ -126,6 +126,61 @@ def train_aligner(aligner, utterances, progress=True):
         "seconds": time.time() - start_time,
         "phase_seconds": {phase: round(seconds, 3) for phase, seconds in phases.items()},
     }
+
+
+def _train_on_main(aligner, feats_list, labels_list, progress):
+    """:func:`train_frame_classifier` here, or on rank 0 whose weights the others load."""
+
+    def train():
+        loss = train_frame_classifier(aligner, feats_list, labels_list,
+                                      aligner.settings.epochs, progress)
+        weights = {name: value.cpu() for name, value in aligner.model.state_dict().items()}
+        return loss, weights, aligner.log_prior
+
+    loss, weights, log_prior = main_decides(train)
+    if rank() != 0:
+        aligner.model.load_state_dict(weights)
+        aligner.log_prior = log_prior
+    return loss
+
+
+# Utterances per re-alignment shard: small enough that a few processes share a few hundred.
+REALIGN_SHARD = 50
+
+
+def realign(aligner, items, jobs=1):
+    """Each utterance's frame labels, re-aligned with the aligner's current phone model.
+
+    Arguments
+    ---------
+    aligner : PhoneAligner
+    items : list of (utterance_id, features, TokenSequence)
+    jobs : int
+        Processes (per rank under ``torchrun``, where every rank calls this).
+
+    Returns
+    -------
+    list of numpy.ndarray
+        The state class of each frame, per utterance, in the order of ``items``.
+    """
+    model = aligner.model
+    if aligner.device.type != "cpu":  # the same scores whoever computes them
+        model = copy.deepcopy(model).cpu()
+    tasks = {index: (model, aligner.log_prior, aligner.settings, items[start:stop])
+             for index, (start, stop) in enumerate(shard_ranges(len(items), REALIGN_SHARD))}
+    return [labels for _, shard in shard_results(_realign_shard, tasks, jobs)
+            for labels in shard]
+
+
+def _realign_shard(model, log_prior, settings, items):
+    labels = []
+    for utt_id, feats, seq in items:
+        scores = scaled_log_likelihoods(model, feats, log_prior, settings.prior_scale)
+        positions, substates = state_path(scores, seq, settings, utt_id)
+        labels.append(state_labels(
+            positions.numpy(), _state_tokens(seq, settings), substates.numpy()
+        ))
+    return labels
 
 
 def _state_tokens(sequence, settings):

@@ -58,7 +58,7 @@ from sb_crossmodal_kd.alignment.phone_alignment import (
     alignment_from_path,
     state_path,
 )
-from sb_crossmodal_kd.alignment.phone_classifier import PhoneClassifier
+from sb_crossmodal_kd.alignment.phone_classifier import PhoneClassifier, scaled_log_likelihoods
 from sb_crossmodal_kd.alignment.phone_states import token_sequence
 from sb_crossmodal_kd.alignment.word_boundaries import boundary_errors
 from sb_crossmodal_kd.data.audio import load_audio
@@ -141,21 +141,21 @@ class PhoneAligner:
         return (feats - feats.mean(0)) / (feats.std(0) + 1e-5)
 
     # ---------------------------------------------------------------- training
-    def train(self, utterances, progress=True):
+    def train(self, utterances, progress=True, jobs=1):
         """Flat start, then ``iterations`` rounds of (train the phone model, re-align).
 
-        ``utterances`` are ``(utterance_id, waveform or wav path, text)``; returns the report
-        of :func:`~sb_crossmodal_kd.alignment.aligner_training.train_aligner`
-        (utterances used and skipped, frames, losses, seconds).
+        ``utterances`` are ``(utterance_id, waveform or wav path, text)``; the re-alignments
+        run in ``jobs`` processes (and over the ranks under ``torchrun``, where every rank
+        calls this). Returns the report of
+        :func:`~sb_crossmodal_kd.alignment.aligner_training.train_aligner` (utterances used
+        and skipped, frames, losses, seconds).
         """
-        return train_aligner(self, utterances, progress)
+        return train_aligner(self, utterances, progress, jobs)
 
     # ---------------------------------------------------------------- alignment
     def log_likelihoods(self, feats):
         """Scaled log-likelihoods ``(T, n_phones * states_per_phone)`` of features ``(T, n_mels)``."""
-        with torch.no_grad():
-            log_post = self.model(feats.to(self.device).unsqueeze(0))[0].log_softmax(-1).cpu()
-        return log_post - self.settings.prior_scale * self.log_prior
+        return scaled_log_likelihoods(self.model, feats, self.log_prior, self.settings.prior_scale)
 
     def align_features(self, feats, words, utterance_id):
         """Aligns normalised features ``(T, n_mels)`` (see :meth:`features`) to ``words``."""
@@ -191,8 +191,10 @@ class PhoneAligner:
         """Saves the trained aligner (atomically)."""
         from sb_crossmodal_kd.io import atomic_path
 
-        with atomic_path(path) as tmp:
-            torch.save(self.state(), tmp)
+        # Through a handle: torch names the archive inside after a path's (temporary) name,
+        # and the same aligner would not be the same bytes twice.
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+            torch.save(self.state(), handle)
 
     @classmethod
     def load(cls, path, lexicon, device="cpu"):

@@ -61,3 +61,20 @@ class PhoneClassifier(torch.nn.Module):
         hidden = self.convs(features.transpose(1, 2)).transpose(1, 2)
         return self.out(hidden)
 
+
+def scaled_log_likelihoods(model, features, log_prior, prior_scale):
+    """Scaled log-likelihoods ``(T, classes)`` of features ``(T, n_mels)``, on the CPU.
+
+    The model's log posteriors (computed on the model's device) minus ``prior_scale`` times
+    the log prior of each class: what the aligner's Viterbi search scores frames with.
+
+    Example
+    -------
+    >>> model = PhoneClassifier(40, 6).eval()
+    >>> scaled_log_likelihoods(model, torch.randn(50, 40), torch.zeros(6), 0.7).shape
+    torch.Size([50, 6])
+    """
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        log_post = model(features.to(device).unsqueeze(0))[0].log_softmax(-1).cpu()
+    return log_post - prior_scale * log_prior

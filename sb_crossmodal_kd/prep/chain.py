@@ -33,7 +33,7 @@ The steps:
    teacher's distribution at the temperature ``settings["teacher_tau"][unit_type]`` (the
    KD recipe's heads must use the same ``tau``: ``base.yaml``'s ``<unit>_tau``).
 
-Alignment, tree statistics and unit stores run shard by shard
+The phone model's re-alignments, alignment, tree statistics and unit stores run shard by shard
 (:mod:`~sb_crossmodal_kd.alignment.sharded`) in ``jobs`` processes (started once for the
 whole chain: :func:`~sb_crossmodal_kd.workers.shared_workers`), and under ``torchrun``
 over the ranks (each rank its shards, rank 0 merging); so do the teacher caches
@@ -249,8 +249,7 @@ def _steps(prep_dir, record, manifests, lm_texts, settings, progress, device, th
 
     start = time.time()
     lexicon = Lexicon.load(_lexicon_file(settings), oov_policy=settings["oov_policy"])
-    main_first(_aligner, prep_dir / "align", manifests["train"], lexicon, settings, progress,
-               device)
+    _aligner(prep_dir / "align", manifests["train"], lexicon, settings, progress, device, jobs)
     alignments = {
         split: _alignments(prep_dir / "align", split, manifests[split], _lexicon_file(settings),
                            settings, jobs, device)

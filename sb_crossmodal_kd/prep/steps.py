@@ -8,7 +8,7 @@ cache of a unit type and split, in the order :mod:`~sb_crossmodal_kd.prep.chain`
 import json
 import logging
 
-from sb_crossmodal_kd.distributed import main_first, rank, rank_device
+from sb_crossmodal_kd.distributed import main_decides, main_first, rank, rank_device
 
 logger = logging.getLogger(__name__)
 
@@ -43,26 +43,34 @@ def _tokenizer(folder, train_manifest, vocab_size, fit=False):
     return SentencePieceUnits(str(folder), largest, csv_file=str(train_manifest))
 
 
-def _aligner(folder, train_manifest, lexicon, settings, progress, device="cpu"):
+def _aligner(folder, train_manifest, lexicon, settings, progress, device="cpu", jobs=1):
+    """The phone model of ``folder`` (trained there once). Under ``torchrun`` every rank calls
+    this: rank 0 trains the model, every rank shares its re-alignments, rank 0 saves it."""
     from sb_crossmodal_kd.alignment.corpus import read_manifest
     from sb_crossmodal_kd.alignment.forced import AlignerSettings, PhoneAligner
     from sb_crossmodal_kd.units.lexicon import oov_report
 
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / "aligner.pt"
-    if path.is_file():
+    if main_decides(path.is_file):
         return PhoneAligner.load(path, lexicon, rank_device(device))
     rows = read_manifest(train_manifest)
-    report = oov_report(lexicon, [(r["ID"], r["wrd"]) for r in rows], folder / "train_oov.txt")
-    logger.info("train OOV rate %.4f (%d types, fallback: %s)", report["oov_rate"],
-                report["oov_types"], settings["oov_policy"])
+
+    def report_oov():
+        folder.mkdir(parents=True, exist_ok=True)
+        report = oov_report(lexicon, [(r["ID"], r["wrd"]) for r in rows],
+                            folder / "train_oov.txt")
+        logger.info("train OOV rate %.4f (%d types, fallback: %s)", report["oov_rate"],
+                    report["oov_types"], settings["oov_policy"])
+
+    main_decides(report_oov)
     aligner = PhoneAligner(lexicon, AlignerSettings(**settings["aligner"]), rank_device(device))
     rows = rows[: settings["aligner_utterances"]]
-    report = aligner.train([(r["ID"], r["wav"], r["wrd"]) for r in rows], progress=progress)
+    report = aligner.train([(r["ID"], r["wav"], r["wrd"]) for r in rows],
+                           progress=progress and rank() == 0, jobs=jobs)
     logger.info("phone model trained on %d utterances (%.2f h of audio) in %.0f s (%s)",
                 report["utterances"], report["audio_seconds"] / 3600, report["seconds"],
                 ", ".join(f"{phase} {s:.0f} s" for phase, s in report["phase_seconds"].items()))
-    aligner.save(path)
+    main_decides(aligner.save, path)  # the others go on once it is there
     return aligner
 
 
