@@ -45,13 +45,14 @@ logger = logging.getLogger(__name__)
 def train_aligner(aligner, utterances, progress=True, jobs=1):
     """Flat start, then ``iterations`` rounds of (train the phone model, re-align).
 
-    The phone model's training (the first alignment's CTC model, then each round's frame
-    training) runs in this process, or under ``torchrun`` on rank 0, which hands the
-    trained weights to the other ranks. Each re-alignment, a Viterbi search per utterance,
-    is cut into shards of ``REALIGN_SHARD`` utterances that ``jobs`` processes and the
-    ranks share (:func:`~sb_crossmodal_kd.sharding.shard_results`) with the phone model on
-    the CPU: the model is the same on every rank and in every process, so the result is the
-    same, byte for byte, however many run it. Under ``torchrun`` every rank calls this.
+    The gradient steps (the first alignment's CTC model, then each round's frame training)
+    run in this process, or under ``torchrun`` on rank 0, which hands the trained weights
+    to the other ranks. The alignments (the CTC model's, then each round's re-alignment: a
+    Viterbi search per utterance) are cut into shards of ``REALIGN_SHARD`` utterances that
+    ``jobs`` processes and the ranks share (:func:`~sb_crossmodal_kd.sharding.shard_results`)
+    with the model on the CPU: the model is the same on every rank and in every process, so
+    the result is the same, byte for byte, however many run it. Under ``torchrun`` every rank
+    calls this.
 
     Arguments
     ---------
@@ -104,7 +105,7 @@ def train_aligner(aligner, utterances, progress=True, jobs=1):
     feats_list = [f for _, f, _ in items]
     lap("features")
     if settings.init == "ctc":
-        labels_list = main_decides(ctc_start_labels, aligner, items, progress)
+        labels_list = ctc_start_labels(aligner, items, progress, jobs)
     elif settings.init == "flat":
         labels_list = [flat_start_labels(f, seq, settings) for _, f, seq in items]
     else:
@@ -166,10 +167,15 @@ def realign(aligner, items, jobs=1):
     model = aligner.model
     if aligner.device.type != "cpu":  # the same scores whoever computes them
         model = copy.deepcopy(model).cpu()
-    tasks = {index: (model, aligner.log_prior, aligner.settings, items[start:stop])
+    return _sharded(_realign_shard, (model, aligner.log_prior, aligner.settings), items, jobs)
+
+
+def _sharded(function, shared, items, jobs):
+    """``function(*shared, shard)`` over shards of ``items``, ``REALIGN_SHARD`` utterances
+    each, in ``jobs`` processes and over the ranks: the labels of every item, in order."""
+    tasks = {index: (*shared, items[start:stop])
              for index, (start, stop) in enumerate(shard_ranges(len(items), REALIGN_SHARD))}
-    return [labels for _, shard in shard_results(_realign_shard, tasks, jobs)
-            for labels in shard]
+    return [labels for _, shard in shard_results(function, tasks, jobs) for labels in shard]
 
 
 def _realign_shard(model, log_prior, settings, items):
@@ -235,7 +241,7 @@ def ctc_targets(tokens, optional):
     ]
 
 
-def ctc_start_labels(aligner, items, progress):
+def ctc_start_labels(aligner, items, progress, jobs=1):
     """First alignment from a CTC phone model: no initial segmentation needed.
 
     The phone model gets one extra (blank) output and is trained with CTC on the phone
@@ -243,7 +249,8 @@ def ctc_start_labels(aligner, items, progress):
     targets the silence output stays untrained and the first phones spill into the
     leading pause); its blank-free, renormalised posteriors are then Viterbi-aligned. The
     blank output is dropped afterwards and frame-level training continues from these
-    weights (loaded into ``aligner.model``).
+    weights (loaded into ``aligner.model``). The CTC model trains here (rank 0 under
+    ``torchrun``); its alignments are shared as :func:`realign`'s are.
 
     Arguments
     ---------
@@ -251,12 +258,22 @@ def ctc_start_labels(aligner, items, progress):
     items : list of (utterance_id, features, TokenSequence)
     progress : bool
         Show a progress bar.
+    jobs : int
+        Processes for the alignments (per rank under ``torchrun``).
 
     Returns
     -------
     list of numpy.ndarray
         The class of each frame, per utterance.
     """
+    ctc_model = main_decides(_ctc_model, aligner, items, progress)
+    # Frame-level training continues from the CTC network's convolutions.
+    aligner.model.convs.load_state_dict(ctc_model.convs.state_dict())
+    return _sharded(_ctc_labels_shard, (ctc_model, aligner.settings), items, jobs)
+
+
+def _ctc_model(aligner, items, progress):
+    """The CTC phone model of :func:`ctc_start_labels`, trained; on the CPU."""
     s = aligner.settings
     blank = len(PHONES)
     device = aligner.device
@@ -288,17 +305,18 @@ def ctc_start_labels(aligner, items, progress):
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-    ctc_model.eval()
-    # Frame-level training continues from the CTC network's convolutions.
-    aligner.model.convs.load_state_dict(ctc_model.convs.state_dict())
+    return ctc_model.eval().cpu()
+
+
+def _ctc_labels_shard(ctc_model, settings, items):
+    blank = len(PHONES)
     labels = []
     for utt_id, feats, seq in items:
         with torch.no_grad():
-            log_post = ctc_model(feats.to(device).unsqueeze(0))[0][:, :blank].log_softmax(-1)
-        log_post = log_post.cpu()  # Viterbi runs on the CPU
-        token_states = _state_tokens(seq, s)
+            log_post = ctc_model(feats.unsqueeze(0))[0][:, :blank].log_softmax(-1)
+        token_states = _state_tokens(seq, settings)
         # Room for every state of each token, as the state-level re-alignment needs.
-        min_frames = [s.min_duration * len(classes) for classes in token_states]
+        min_frames = [settings.min_duration * len(classes) for classes in token_states]
         path = viterbi_align(log_post, seq.tokens, min_frames, seq.optional, utt_id)
         labels.append(state_labels(path.numpy(), token_states))
     return labels
