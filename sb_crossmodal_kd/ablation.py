@@ -46,6 +46,7 @@ from sb_crossmodal_kd.prep.chain import STEPS, prepare_kd_data
 from sb_crossmodal_kd.prep.provenance import Provenance
 from sb_crossmodal_kd.prep.settings import prep_settings
 from sb_crossmodal_kd.revision import source_revision
+from sb_crossmodal_kd.workers import process_pool, stop
 
 logger = logging.getLogger(__name__)
 
@@ -168,8 +169,6 @@ class _Runs:
 
     def __enter__(self):
         if self.jobs > 1:
-            from sb_crossmodal_kd.workers import process_pool
-
             self.pool = process_pool(self.jobs, self.threads)
         return self
 
@@ -205,9 +204,9 @@ class _Runs:
         if error[0] is not None:
             # Stopped by an error elsewhere (e.g. the data chain): do not wait for the runs in
             # flight to finish; each resumes from its last epoch checkpoint next time.
-            for process in list(getattr(self.pool, "_processes", {}).values()):
-                process.terminate()
-        self.pool.shutdown(cancel_futures=error[0] is not None)
+            stop(self.pool)
+        else:
+            self.pool.shutdown()
 
 
 def _reads_teachers(name, common):

@@ -28,7 +28,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 
-__all__ = ["in_shared_workers", "process_pool", "shared_workers", "worker_pool"]
+__all__ = ["in_shared_workers", "process_pool", "shared_workers", "stop", "worker_pool"]
 
 # (workers, threads) -> the open pool of the innermost shared_workers() scope; None outside.
 _shared = None
@@ -48,11 +48,35 @@ def _exit_when_orphaned(parent, interval=0.5):
     os._exit(1)
 
 
+class _Pool(ProcessPoolExecutor):
+    """A ``ProcessPoolExecutor`` whose ``with`` block, left by an exception (Ctrl-C
+    included), stops the work at once instead of waiting for it (:func:`stop`)."""
+
+    def __exit__(self, kind, error, traceback):
+        if kind is None:
+            return super().__exit__(kind, error, traceback)
+        stop(self)
+        return False
+
+
 def process_pool(workers, threads=1):
     """A ``ProcessPoolExecutor`` of ``workers`` spawned processes with ``threads`` torch
-    threads each."""
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_start_worker, initargs=(threads, os.getpid()))
+    threads each; its ``with`` block stops the work at once when left by an exception."""
+    return _Pool(workers, mp_context=multiprocessing.get_context("spawn"),
+                 initializer=_start_worker, initargs=(threads, os.getpid()))
+
+
+def stop(pool):
+    """Stops ``pool`` at once: the work not started is cancelled and the workers end.
+
+    ``shutdown`` would wait for every queued task (a driver interrupted would go on
+    synthesising a whole corpus, or training its runs for hours); a run a worker was doing
+    resumes from its last checkpoint next time.
+    """
+    pool.shutdown(wait=False, cancel_futures=True)
+    # No public way to end the workers before Python 3.14 (terminate_workers).
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.terminate()
 
 
 @contextmanager
@@ -68,10 +92,15 @@ def shared_workers():
     _shared = {}
     try:
         yield
-    finally:
-        pools, _shared = _shared, None
-        for pool in pools.values():
+    except BaseException:
+        for pool in _shared.values():
+            stop(pool)
+        raise
+    else:
+        for pool in _shared.values():
             pool.shutdown()
+    finally:
+        _shared = None
 
 
 def in_shared_workers():
