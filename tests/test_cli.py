@@ -39,7 +39,10 @@ def test_corpus_command_writes_manifests(tmp_path):
 def test_ctrl_c_ends_a_command_with_one_line(tmp_path):
     cmd = [sys.executable, "-m", "sb_crossmodal_kd.cli", "corpus", "--output",
            str(tmp_path / "c"), "--n_train", "5000", "--jobs", "2"]
-    command = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT as a terminal gives it: a test process may run with it ignored (inherited from
+    # a background launch), and an ignored SIGINT stays ignored across exec.
+    command = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not list((tmp_path / "c").rglob("*.wav")) and time.time() < deadline:
         time.sleep(0.1)  # synthesising: well inside the work
