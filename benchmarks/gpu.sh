@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # The GPU figures of the LibriSpeech-scale work in one go, sized for a short loan of a GPU
-# (about 11 minutes of an H100): the MoE layer under bf16 autocast, eager and with CUDA
-# graphs, at the benchmark's size and at a LibriSpeech-sized one; the distillation step; the
-# forced aligner's throughput; and the aligner's CUDA test. Each step adds a line to
-# $RESULTS/gpu.jsonl (its name, exit status, seconds and the JSON line it printed) and its
-# output to $RESULTS/gpu.log; a step that fails or runs past its time limit is reported
-# there and the next one runs.
+# (its steps' time limits add up to 11 minutes; not yet run on a GPU): the MoE layer under
+# bf16 autocast, eager and with CUDA graphs, at the benchmark's size and at a LibriSpeech-
+# sized one; the distillation step; the forced aligner's throughput; and the aligner's CUDA
+# test. Each step adds a line to $RESULTS/gpu.jsonl (its name, exit status, seconds and the
+# JSON line it printed) and its output to $RESULTS/gpu.log; a step that fails or runs past its
+# time limit is reported there and the next one runs.
 #
 #   RESULTS=benchmarks/results bash benchmarks/gpu.sh [STEP ...]
 #
 # With STEP names (those below: moe_gpu_bf16, ..., aligner_cuda_test) only those run, e.g. to
-# split the whole (about 11 minutes) over two calls of a machine limited to 10 per command.
+# split the whole (up to 11 minutes) over two calls of a machine limited to 10 per command.
 #
 # Run from the repository root. On a machine that has PyTorch but not the package's other
 # dependencies, and no network, set WHEELS to a folder of their wheels (speechbrain,
@@ -28,7 +28,8 @@ if [ -n "${WHEELS:-}" ]; then
         || { echo "could not install the wheels in $WHEELS"; exit 1; }
     export PYTHONPATH="$PYTHONPATH:$site"
 fi
-python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())" || exit 1
+python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; \
+print(torch.__version__, torch.cuda.get_device_name())" || exit 1
 
 step() {  # step NAME SECONDS COMMAND...: the last line the command prints is its JSON
     local name=$1 limit=$2 start=$SECONDS out
@@ -55,7 +56,8 @@ moe="python3 benchmarks/moe.py --device cuda --amp bf16"
 step moe_gpu_bf16 80 $moe
 step moe_gpu_bf16_librispeech 80 $moe --size librispeech
 # Compiled: the two ratios the targets name, without the peak-memory processes.
-step moe_gpu_bf16_compiled 120 $moe --compile reduce-overhead --only vs_transformers,vs_dense_active --no-peaks
+step moe_gpu_bf16_compiled 120 $moe --compile reduce-overhead \
+    --only vs_transformers,vs_dense_active --no-peaks
 step moe_gpu_bf16_librispeech_compiled 120 $moe --size librispeech --compile reduce-overhead \
     --only vs_transformers,vs_dense_active --no-peaks
 step kd_step_gpu 60 python3 benchmarks/kd_step.py --device cuda

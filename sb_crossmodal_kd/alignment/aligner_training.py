@@ -62,7 +62,7 @@ def train_aligner(aligner, utterances, progress=True, jobs=1):
     progress : bool
         Show progress bars.
     jobs : int
-        Processes for the re-alignments (per rank under ``torchrun``).
+        Processes for the alignments (per rank under ``torchrun``).
 
     Returns
     -------
