@@ -173,17 +173,19 @@ class MoEMixin:
             self.usage_tracker = self.expert_usage_tracker()
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
-        """After the Brain's own end of stage: logs the stage's expert usage (logged stages),
-        draws the last training epoch's, and draws the test pass's when the Brain's results
-        did not take it (:meth:`test_expert_usage`)."""
-        super().on_stage_end(stage, stage_loss, epoch)
-        if not self.has_moe:
-            return
-        if stage in self.expert_usage_logged:
+        """Logs the stage's expert usage (logged stages) before the Brain's own end of
+        stage, which checkpoints after validation: a checkpoint then covers every line its
+        epoch logged, and a resumed run, which cuts the log back to its checkpoint, loses
+        none. After it: draws the last training epoch's usage, and the test pass's when the
+        Brain's results did not take it (:meth:`test_expert_usage`)."""
+        if self.has_moe and stage in self.expert_usage_logged:
             report = self.expert_usage(stage)
             step = epoch if epoch is not None else self.hparams.epoch_counter.current
             for train_logger in train_loggers(self.hparams):
                 log_expert_usage(train_logger, report, step, stage=stage.name.lower())
+        super().on_stage_end(stage, stage_loss, epoch)
+        if not self.has_moe:
+            return
         if (stage == sb.Stage.TRAIN and self.plot_train_expert_usage
                 and epoch == getattr(self.hparams.epoch_counter, "limit", None)):
             report = self.expert_usage(stage)  # all ranks: a collective in training

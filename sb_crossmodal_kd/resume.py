@@ -10,7 +10,10 @@ module adds them for every Brain of the package:
   noisy gating and the like draw from, per process under DDP;
 - a Brain's own running values of the epoch (e.g. the distillation Brain's loss-term sums),
   which ``on_stage_start`` would otherwise reset on resume, and under DDP each rank's
-  running train loss (SpeechBrain's ``brain.ckpt`` holds the main process's).
+  running train loss (SpeechBrain's ``brain.ckpt`` holds the main process's);
+- the length of the train log (``train_logger``'s file): lines a killed run wrote after
+  its last checkpoint are moved to ``<log>.cut`` on resume, since the resumed run writes
+  them again.
 
 Timing matters. Creating the train loader's iterator draws from the global torch generator
 (its base seed), before the recovered loader skips the batches already done. So the state
@@ -29,6 +32,7 @@ seed of the resumed iterator, not the original one; the pipelines of this packag
 """
 
 import logging
+import os
 import random
 import warnings
 import zipfile
@@ -42,6 +46,7 @@ from speechbrain.utils.distributed import if_main_process
 
 from sb_crossmodal_kd.distributed import gather_objects, rank, world_size
 from sb_crossmodal_kd.io import atomic_path
+from sb_crossmodal_kd.stage_stats import train_loggers
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +118,16 @@ class TrainingState:
     def __init__(self, brain=None):
         self.brain = brain
         self.pending = None
+        self.log_sizes = None
+
+    def _log_files(self):
+        """The text files the Brain's train loggers append to (SpeechBrain's
+        ``FileTrainLogger``); other loggers are left alone."""
+        hparams = getattr(self.brain, "hparams", None)
+        if hparams is None or getattr(hparams, "train_logger", None) is None:
+            return []
+        return [Path(logger.save_file) for logger in train_loggers(hparams)
+                if isinstance(getattr(logger, "save_file", None), str | Path)]
 
     @mark_as_saver
     def save(self, path):
@@ -122,6 +137,10 @@ class TrainingState:
             local["epoch"] = self.brain.intra_epoch_state()
             # SpeechBrain saves the main process's running loss only; each rank has its own.
             local["avg_train_loss"] = float(self.brain.avg_train_loss)
+            if if_main_process():  # the one writer of the logs
+                # by logger, not path: a run folder that was moved still resumes
+                local["log_sizes"] = [file.stat().st_size if file.is_file() else 0
+                                      for file in self._log_files()]
         states = gather_objects(local)
         if if_main_process():
             with atomic_path(path) as tmp:
@@ -140,6 +159,7 @@ class TrainingState:
                 stacklevel=2,
             )
             mine = states[min(rank(), len(states) - 1)]
+        self.log_sizes = mine.get("log_sizes")
         if end_of_epoch:
             restore_random_state(mine["random"])
             self.pending = None
@@ -158,6 +178,32 @@ class TrainingState:
                                                          self.brain.avg_train_loss)
         self.pending = None
         return True
+
+    def trim_logs(self):
+        """Cuts each train log back to its length at the checkpoint loaded last, appending what
+        it cuts to ``<log>.cut`` beside it (main process; logs not in that checkpoint, or
+        shorter than recorded, are left as they are); returns the files cut. Called once the run has recovered, never on evaluation's recovery of
+        the best checkpoint, which must keep the later epochs' lines."""
+        sizes, self.log_sizes = self.log_sizes, None
+        files = self._log_files()
+        if not sizes or len(sizes) != len(files) or not if_main_process():
+            return []
+        cut = []
+        for file, size in zip(files, sizes, strict=True):
+            if file.is_file() and file.stat().st_size > size:
+                kept = file.with_name(file.name + ".cut")
+                with open(file, "r+b") as handle:
+                    handle.seek(size)
+                    tail = handle.read()
+                    with open(kept, "ab") as aside:  # kept, not lost: e.g. an earlier test pass
+                        aside.write(tail)
+                        aside.flush()
+                        os.fsync(aside.fileno())
+                    handle.truncate(size)
+                cut.append(file)
+                logger.info("%s: cut back to its last checkpoint, which the run resumes from "
+                            "(the %d bytes after it are appended to %s)", file, len(tail), kept)
+        return cut
 
 
 # Not main-only: every rank must take part in the gather of the save hook.
@@ -295,6 +341,12 @@ class ExactResume:
             sb.utils.distributed.run_on_main(
                 set_aside_incomplete_checkpoints, args=[self.checkpointer]
             )
+
+    def on_fit_start(self):
+        """SpeechBrain's, which recovers the latest checkpoint; then cuts the train log back
+        to that checkpoint (:meth:`TrainingState.trim_logs`)."""
+        super().on_fit_start()
+        self.training_state.trim_logs()
 
     def resumed_curve(self, key):
         """The per-epoch values kept under ``key`` in the latest checkpoint's meta (e.g. a

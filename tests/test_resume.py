@@ -102,6 +102,12 @@ def mid_epoch_checkpoint_ready(save_folder, files):
     return False
 
 
+def run_to_end(cmd, cwd, env):
+    """Runs ``cmd`` to its end; a failure shows the end of its output."""
+    run = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-3000:])
+
+
 def run_killed_mid_epoch(cmd, save_folder, files, cwd, env):
     """Starts ``cmd`` and kills it, every process it started included (torchrun's workers),
     as soon as a mid-epoch checkpoint of epoch 2 is complete."""
@@ -163,8 +169,7 @@ def test_killed_run_resumes_exactly(case, processes, tiny_corpus, tmp_path):
     files = COMMON_FILES + CASES[case][3]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    subprocess.run(command(case, tiny_corpus, reference, processes), check=True, cwd=tmp_path,
-                   env=env, capture_output=True)
+    run_to_end(command(case, tiny_corpus, reference, processes), tmp_path, env)
 
     returncode = run_killed_mid_epoch(command(case, tiny_corpus, resumed, processes),
                                       resumed / "save", files, tmp_path, env)
@@ -260,3 +265,79 @@ def test_a_save_cut_while_writing_the_optimizer_is_set_aside_before_recovery(tmp
     assert not cut.path.exists() and cut.path.with_name("incomplete-CKPT+cut").is_dir()
     for name, value in resumed.modules.layer.state_dict().items():
         assert torch.equal(value, good[name]), name
+
+
+def test_lines_a_killed_run_logged_after_its_last_checkpoint_are_not_repeated(tmp_path):
+    # A run killed after logging part of an epoch (e.g. its train expert usage) but before
+    # that epoch's checkpoint: the resumed run logs the epoch again, so the log must be cut
+    # back to the checkpoint first. Evaluation's recovery of the best checkpoint cuts nothing.
+    import speechbrain as sb
+    from speechbrain.utils.checkpoints import Checkpointer
+    from speechbrain.utils.epoch_loop import EpochCounter
+    from speechbrain.utils.train_logger import FileTrainLogger
+
+    from sb_crossmodal_kd.resume import ExactResume, save_and_keep_best
+
+    class Regression(ExactResume, sb.Brain):
+        def compute_forward(self, batch, stage):
+            return self.modules.layer(batch[0])
+
+        def compute_objectives(self, predictions, batch, stage):
+            return torch.nn.functional.mse_loss(predictions, batch[1])
+
+        def on_stage_end(self, stage, stage_loss, epoch=None):
+            super().on_stage_end(stage, stage_loss, epoch)
+            if stage == sb.Stage.TRAIN:
+                self.hparams.train_logger.log_stats({"epoch": epoch, "part": "train"})
+            elif stage == sb.Stage.VALID:
+                self.hparams.train_logger.log_stats({"epoch": epoch}, valid_stats={"loss": 1.0})
+                save_and_keep_best(self.checkpointer, {"loss": float(epoch)}, min_keys=["loss"])
+
+    def brain(folder):
+        layer = torch.nn.Linear(2, 1)
+        counter = EpochCounter(2)
+        return Regression({"layer": layer}, lambda params: torch.optim.SGD(params, lr=0.1),
+                          hparams={"train_logger": FileTrainLogger(folder / "train_log.txt"),
+                                   "epoch_counter": counter},
+                          run_opts={"device": "cpu"},
+                          checkpointer=Checkpointer(folder / "save",
+                                                    {"layer": layer, "counter": counter}))
+
+    torch.manual_seed(0)
+    data = [(torch.randn(4, 2), torch.randn(4, 1)) for _ in range(3)]
+    reference = brain(tmp_path / "reference")
+    reference.fit(reference.hparams.epoch_counter, data, data, progressbar=False)
+    expected = (tmp_path / "reference" / "train_log.txt").read_text()
+    assert expected.count("\n") == 4
+
+    killed = brain(tmp_path / "resumed")
+    killed.hparams.epoch_counter.limit = 1
+    killed.fit(killed.hparams.epoch_counter, data, data, progressbar=False)
+    log = tmp_path / "resumed" / "train_log.txt"
+    with open(log, "a") as handle:  # epoch 2's first line, then the kill
+        handle.write("epoch: 2, part: train\n")
+    resumed = brain(tmp_path / "resumed")
+    resumed.fit(resumed.hparams.epoch_counter, data, data, progressbar=False)
+    assert log.read_text() == expected
+    assert log.with_name("train_log.txt.cut").read_text() == "epoch: 2, part: train\n"
+
+    resumed.evaluate(data, min_key="loss", progressbar=False)  # recovers epoch 1's checkpoint
+    assert log.read_text().startswith(expected)
+
+
+def test_an_moe_run_continued_from_its_last_epoch_logs_as_one_run(tiny_corpus, tmp_path):
+    # Trained one epoch (and tested), then run again for two: it resumes from the end-of-
+    # epoch checkpoint, and its log reads like that of a run trained two epochs at once. The
+    # valid expert usage, logged by the MoE mixin, must precede the epoch's checkpoint for
+    # it to survive the cut back to that checkpoint.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    reference, continued = tmp_path / "reference", tmp_path / "continued"
+    run_to_end(command("frame_dmoe", tiny_corpus, reference), tmp_path, env)
+    first = [arg.replace(f"--number_of_epochs={EPOCHS}", "--number_of_epochs=1")
+             for arg in command("frame_dmoe", tiny_corpus, continued)]
+    run_to_end(first, tmp_path, env)
+    assert any(line.startswith("epoch loaded: 1") for line in log_lines(continued))
+    run_to_end(command("frame_dmoe", tiny_corpus, continued), tmp_path, env)
+    lines = log_lines(continued)
+    assert sum("valid" in line and "usage" in line for line in lines) == EPOCHS
+    assert lines == log_lines(reference)
