@@ -16,10 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
+import speechbrain as sb
 import torch
 from launch import torchrun_command
 
 from sb_crossmodal_kd.data.corpus import make_corpus
+from sb_crossmodal_kd.resume import ExactResume
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "SynthCommands"
 EPOCHS = 2
@@ -164,6 +166,16 @@ def log_lines(output):
     return [re.sub(r", train epoch_s: [0-9.e+-]+", "", line) for line in lines]
 
 
+class Regression(ExactResume, sb.Brain):
+    """A linear layer fitted to targets: the smallest Brain that checkpoints and resumes."""
+
+    def compute_forward(self, batch, stage):
+        return self.modules.layer(batch[0])
+
+    def compute_objectives(self, predictions, batch, stage):
+        return torch.nn.functional.mse_loss(predictions, batch[1])
+
+
 @pytest.mark.parametrize("case, processes", [("asr", 1), ("frame_dmoe", 1), ("frame_dmoe", 2)])
 def test_killed_run_resumes_exactly(case, processes, tiny_corpus, tmp_path):
     files = COMMON_FILES + CASES[case][3]
@@ -232,17 +244,7 @@ def test_each_epoch_checkpoint_costs_the_same_however_many_came_before(tmp_path)
 def test_a_save_cut_while_writing_the_optimizer_is_set_aside_before_recovery(tmp_path):
     # The optimiser is registered last (by init_optimizers in on_fit_start), so a save's
     # optimizer.ckpt is the file a kill most often cuts: recovery must skip that checkpoint.
-    import speechbrain as sb
     from speechbrain.utils.checkpoints import Checkpointer
-
-    from sb_crossmodal_kd.resume import ExactResume
-
-    class Regression(ExactResume, sb.Brain):
-        def compute_forward(self, batch, stage):
-            return self.modules.layer(batch[0])
-
-        def compute_objectives(self, predictions, batch, stage):
-            return torch.nn.functional.mse_loss(predictions, batch[1])
 
     def brain():
         layer = torch.nn.Linear(2, 1)
@@ -271,20 +273,13 @@ def test_lines_a_killed_run_logged_after_its_last_checkpoint_are_not_repeated(tm
     # A run killed after logging part of an epoch (e.g. its train expert usage) but before
     # that epoch's checkpoint: the resumed run logs the epoch again, so the log must be cut
     # back to the checkpoint first. Evaluation's recovery of the best checkpoint cuts nothing.
-    import speechbrain as sb
     from speechbrain.utils.checkpoints import Checkpointer
     from speechbrain.utils.epoch_loop import EpochCounter
     from speechbrain.utils.train_logger import FileTrainLogger
 
-    from sb_crossmodal_kd.resume import ExactResume, save_and_keep_best
+    from sb_crossmodal_kd.resume import save_and_keep_best
 
-    class Regression(ExactResume, sb.Brain):
-        def compute_forward(self, batch, stage):
-            return self.modules.layer(batch[0])
-
-        def compute_objectives(self, predictions, batch, stage):
-            return torch.nn.functional.mse_loss(predictions, batch[1])
-
+    class LoggingRegression(Regression):
         def on_stage_end(self, stage, stage_loss, epoch=None):
             super().on_stage_end(stage, stage_loss, epoch)
             if stage == sb.Stage.TRAIN:
@@ -296,8 +291,9 @@ def test_lines_a_killed_run_logged_after_its_last_checkpoint_are_not_repeated(tm
     def brain(folder):
         layer = torch.nn.Linear(2, 1)
         counter = EpochCounter(2)
-        return Regression({"layer": layer}, lambda params: torch.optim.SGD(params, lr=0.1),
-                          hparams={"train_logger": FileTrainLogger(folder / "train_log.txt"),
+        return LoggingRegression({"layer": layer},
+                                 lambda params: torch.optim.SGD(params, lr=0.1),
+                                 hparams={"train_logger": FileTrainLogger(folder / "train_log.txt"),
                                    "epoch_counter": counter},
                           run_opts={"device": "cpu"},
                           checkpointer=Checkpointer(folder / "save",
