@@ -46,6 +46,8 @@ def main(argv=None):
     parser.add_argument("--init", choices=["ctc", "flat"], default="ctc")
     parser.add_argument("--ctc-epochs", type=int, default=12)
     parser.add_argument("--prior-scale", type=float, default=0.7)
+    parser.add_argument("--batch-parts", type=int, default=4,
+                        help="parts of each gradient batch (what ranks can share)")
     parser.add_argument("--max-leaves", type=int, default=500)
     parser.add_argument("--min-count", type=int, default=50)
     parser.add_argument("--min-gain", type=float, default=100.0)
@@ -78,7 +80,7 @@ def main(argv=None):
     rows = train_rows[: args.train_utterances]
     settings = AlignerSettings(
         iterations=args.iterations, epochs=args.epochs, init=args.init,
-        ctc_epochs=args.ctc_epochs, prior_scale=args.prior_scale,
+        ctc_epochs=args.ctc_epochs, prior_scale=args.prior_scale, batch_parts=args.batch_parts,
     )
     aligner = PhoneAligner(lexicon, settings, args.device)
     start = time.time()
@@ -131,6 +133,7 @@ def main(argv=None):
         # The phone model's training: audio seconds per second, and where its time goes.
         "train_audio_s_per_s": round(report["audio_seconds"] / train_seconds, 1),
         "train_phase_s": {k: round(v, 1) for k, v in report["phase_seconds"].items()},
+        "batch_parts": args.batch_parts,
         "threads": args.threads,
         "device": args.device,
     }))

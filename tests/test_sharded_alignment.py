@@ -202,7 +202,7 @@ def _same_state(a, b):
 
 
 def test_the_phone_model_is_the_same_from_two_jobs_and_from_two_ranks(tmp_path, monkeypatch):
-    # Rank 0 trains, the ranks (and each rank's jobs) share the re-alignments.
+    # The ranks share the gradient steps (batch parts) and, with their jobs, the re-alignments.
     manifest = _manifest(tmp_path, "train", 10, np.random.default_rng(1))
     monkeypatch.setattr("sb_crossmodal_kd.alignment.aligner_training.REALIGN_SHARD",
                         REALIGN_SHARD)

@@ -31,11 +31,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from sb_crossmodal_kd.alignment.batch_parts import part_ranges, shared_step
 from sb_crossmodal_kd.alignment.phone_alignment import state_path
 from sb_crossmodal_kd.alignment.phone_classifier import PhoneClassifier, scaled_log_likelihoods
 from sb_crossmodal_kd.alignment.phone_states import state_labels, state_tokens, token_sequence
 from sb_crossmodal_kd.alignment.viterbi import viterbi_align
-from sb_crossmodal_kd.distributed import main_decides, rank
+from sb_crossmodal_kd.distributed import rank
 from sb_crossmodal_kd.sharding import shard_ranges, shard_results
 from sb_crossmodal_kd.units.phones import PHONES
 
@@ -46,13 +47,16 @@ def train_aligner(aligner, utterances, progress=True, jobs=1):
     """Flat start, then ``iterations`` rounds of (train the phone model, re-align).
 
     The gradient steps (the first alignment's CTC model, then each round's frame training)
-    run in this process, or under ``torchrun`` on rank 0, which hands the trained weights
-    to the other ranks. The alignments (the CTC model's, then each round's re-alignment: a
-    Viterbi search per utterance) are cut into shards of ``REALIGN_SHARD`` utterances that
-    ``jobs`` processes and the ranks share (:func:`~sb_crossmodal_kd.sharding.shard_results`)
-    with the model on the CPU: the model is the same on every rank and in every process, so
-    the result is the same, byte for byte, however many run it. Under ``torchrun`` every rank
-    calls this.
+    run on every rank under ``torchrun``: each batch is split into ``batch_parts`` fixed
+    parts whose gradients the ranks compute in turn and gather, and every rank sums them in
+    part order and takes the same step
+    (:func:`~sb_crossmodal_kd.alignment.batch_parts.shared_step`). The alignments (the CTC
+    model's, then each round's re-alignment: a Viterbi search per utterance) are cut into
+    shards of ``REALIGN_SHARD`` utterances that ``jobs`` processes and the ranks share
+    (:func:`~sb_crossmodal_kd.sharding.shard_results`) with the model on the CPU. So the
+    model is the same on every rank and in every process, and the result is the same, byte
+    for byte, however many run it (with the same torch threads per process, on the same
+    kind of device). Under ``torchrun`` every rank calls this.
 
     Arguments
     ---------
@@ -113,7 +117,8 @@ def train_aligner(aligner, utterances, progress=True, jobs=1):
     lap("start")
     losses = []
     for it in range(settings.iterations):
-        losses.append(_train_on_main(aligner, feats_list, labels_list, progress))
+        losses.append(train_frame_classifier(aligner, feats_list, labels_list, settings.epochs,
+                                             progress))
         lap("frame_training")
         if it + 1 < settings.iterations:  # the last round's labels would not be used
             labels_list = realign(aligner, items, jobs)
@@ -127,22 +132,6 @@ def train_aligner(aligner, utterances, progress=True, jobs=1):
         "seconds": time.time() - start_time,
         "phase_seconds": {phase: round(seconds, 3) for phase, seconds in phases.items()},
     }
-
-
-def _train_on_main(aligner, feats_list, labels_list, progress):
-    """:func:`train_frame_classifier` here, or on rank 0 whose weights the others load."""
-
-    def train():
-        loss = train_frame_classifier(aligner, feats_list, labels_list,
-                                      aligner.settings.epochs, progress)
-        weights = {name: value.cpu() for name, value in aligner.model.state_dict().items()}
-        return loss, weights, aligner.log_prior
-
-    loss, weights, log_prior = main_decides(train)
-    if rank() != 0:
-        aligner.model.load_state_dict(weights)
-        aligner.log_prior = log_prior
-    return loss
 
 
 # Utterances per re-alignment shard: small enough that a few processes share a few hundred.
@@ -249,8 +238,9 @@ def ctc_start_labels(aligner, items, progress, jobs=1):
     targets the silence output stays untrained and the first phones spill into the
     leading pause); its blank-free, renormalised posteriors are then Viterbi-aligned. The
     blank output is dropped afterwards and frame-level training continues from these
-    weights (loaded into ``aligner.model``). The CTC model trains here (rank 0 under
-    ``torchrun``); its alignments are shared as :func:`realign`'s are.
+    weights (loaded into ``aligner.model``). The CTC model trains on every rank, sharing
+    the batches' parts (:func:`~sb_crossmodal_kd.alignment.batch_parts.shared_step`); its
+    alignments are shared as :func:`realign`'s are.
 
     Arguments
     ---------
@@ -266,7 +256,7 @@ def ctc_start_labels(aligner, items, progress, jobs=1):
     list of numpy.ndarray
         The class of each frame, per utterance.
     """
-    ctc_model = main_decides(_ctc_model, aligner, items, progress)
+    ctc_model = _ctc_model(aligner, items, progress)
     # Frame-level training continues from the CTC network's convolutions.
     aligner.model.convs.load_state_dict(ctc_model.convs.state_dict())
     return _sharded(_ctc_labels_shard, (ctc_model, aligner.settings), items, jobs)
@@ -277,9 +267,11 @@ def _ctc_model(aligner, items, progress):
     s = aligner.settings
     blank = len(PHONES)
     device = aligner.device
-    ctc_model = PhoneClassifier(
-        s.n_mels, len(PHONES) + 1, s.hidden, s.kernel_size, s.layers, s.dilation_growth
-    ).to(device)
+    with torch.random.fork_rng(devices=[]):  # the same initial weights on every rank
+        torch.manual_seed(s.seed)
+        ctc_model = PhoneClassifier(
+            s.n_mels, len(PHONES) + 1, s.hidden, s.kernel_size, s.layers, s.dilation_growth
+        ).to(device)
     optimiser = torch.optim.Adam(ctc_model.parameters(), lr=s.learning_rate)
     gen = torch.Generator().manual_seed(s.seed)
     # Batches of similar length keep padding small.
@@ -287,24 +279,36 @@ def _ctc_model(aligner, items, progress):
     size = max(1, s.batch_size // 4)
     batches = [order[i : i + size] for i in range(0, len(order), size)]
     ctc_model.train()
-    for _ in tqdm(range(s.ctc_epochs), desc="CTC phone model", disable=not progress, leave=False):
+
+    def loss_of_part(batch, start, stop):
+        if start == stop:
+            return None
+        feats = [items[i][1] for i in batch[start:stop]]
+        targets = [torch.tensor(ctc_targets(items[i][2].tokens, items[i][2].optional))
+                   for i in batch[start:stop]]
+        x = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True).to(device)
+        log_probs = ctc_model(x).log_softmax(-1).transpose(0, 1)
+        target_lengths = torch.tensor([len(t) for t in targets])
+        losses = torch.nn.functional.ctc_loss(
+            log_probs,
+            torch.cat(targets).to(device),
+            torch.tensor([f.shape[0] for f in feats]),
+            target_lengths,
+            blank=blank,
+            reduction="none",
+            zero_infinity=True,
+        )
+        # the batch's loss is the mean over its utterances of loss / target length
+        return (losses / target_lengths.to(device).clamp_min(1)).sum() / len(batch)
+
+    epochs = tqdm(range(s.ctc_epochs), desc="CTC phone model", leave=False,
+                  disable=not progress or rank() != 0)
+    for _ in epochs:
         for b in torch.randperm(len(batches), generator=gen).tolist():
-            feats = [items[i][1] for i in batches[b]]
-            targets = [torch.tensor(ctc_targets(items[i][2].tokens, items[i][2].optional))
-                       for i in batches[b]]
-            x = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True).to(device)
-            log_probs = ctc_model(x).log_softmax(-1).transpose(0, 1)
-            loss = torch.nn.functional.ctc_loss(
-                log_probs,
-                torch.cat(targets).to(device),
-                torch.tensor([f.shape[0] for f in feats]),
-                torch.tensor([len(t) for t in targets]),
-                blank=blank,
-                zero_infinity=True,
-            )
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
+            ranges = part_ranges(len(batches[b]), s.batch_parts)
+            shared_step(ctc_model, optimiser,
+                        lambda part, b=b, ranges=ranges: loss_of_part(batches[b], *ranges[part]),
+                        s.batch_parts)
     return ctc_model.eval().cpu()
 
 
@@ -357,16 +361,25 @@ def train_frame_classifier(aligner, feats_list, labels_list, epochs, progress):
     gen = torch.Generator().manual_seed(s.seed)
     aligner.model.train()
     loss = torch.tensor(0.0)
+
+    def loss_of_part(idx, start, stop):
+        if start == stop:
+            return None
+        logits = aligner.model(feats[idx[start:stop]])
+        # the batch's loss is the mean over all its frames
+        return torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels[idx[start:stop]].reshape(-1),
+            reduction="sum",
+        ) / (len(idx) * s.chunk_frames)
+
+    progress = progress and rank() == 0
     for _ in tqdm(range(epochs), desc="phone model epochs", disable=not progress, leave=False):
         order = torch.randperm(n_chunks, generator=gen)
         for i in range(0, n_chunks, s.batch_size):
             idx = order[i : i + s.batch_size]
-            logits = aligner.model(feats[idx])
-            loss = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), labels[idx].reshape(-1)
-            )
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
+            ranges = part_ranges(len(idx), s.batch_parts)
+            loss = shared_step(aligner.model, optimiser,
+                               lambda part, idx=idx, ranges=ranges: loss_of_part(idx, *ranges[part]),
+                               s.batch_parts)
     aligner.model.eval()
     return float(loss.detach())  # once, after training: no host sync per step

@@ -90,6 +90,10 @@ class AlignerSettings:
     learning_rate: float = 2e-3
     chunk_frames: int = 200
     batch_size: int = 32
+    # Each batch's gradient is the sum of this many parts' (a fixed split): under torchrun
+    # up to this many ranks share the gradient steps, and the weights do not depend on how
+    # many do.
+    batch_parts: int = 4
     states_per_phone: int = 3
     min_duration: int = 1
     pause_states: int = 1  # states of a pause between words; 1: 10 ms pauses can be aligned
@@ -97,6 +101,12 @@ class AlignerSettings:
     silence_energy: float = 0.25
     seed: int = 0
     frame_rate: FrameRate = field(default_factory=FrameRate)
+
+    def __post_init__(self):
+        if isinstance(self.batch_parts, bool) or not isinstance(self.batch_parts, int) \
+                or self.batch_parts < 1:
+            raise ValueError(f"the aligner's batch_parts must be a whole number of at least 1, "
+                             f"not {self.batch_parts!r}")
 
 
 class PhoneAligner:
