@@ -110,3 +110,14 @@ def test_the_aligner_refuses_a_batch_parts_that_is_not_a_whole_number_of_at_leas
     for bad in (0, -1, 2.5, True, "4"):
         with pytest.raises(ValueError, match="batch_parts must be a whole number"):
             AlignerSettings(batch_parts=bad)
+
+
+def test_a_batch_norm_layer_run_twice_in_a_part_is_refused():
+    # Its running statistics would hold only the second call's batch.
+    norm = torch.nn.BatchNorm1d(2)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), norm).train()
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(4, 2)
+    with pytest.raises(ValueError, match="ran twice in one part"):
+        shared_step(model, optimiser, lambda part: norm(model(x)).sum(), parts=1)
+    assert norm.momentum == 0.1  # put back

@@ -9,9 +9,11 @@ in part order and takes the same optimiser step (:func:`shared_step`): the arith
 process computing every part, on any number of ranks.
 
 Batch normalisation normalises each part by its own statistics (as ghost batch norm); its
-running statistics are updated, part after part, from statistics gathered with the
-gradients, so they too are the same on every rank.
+running statistics are updated, part after part, from the parts' batch statistics gathered
+with the gradients, so they too are the same on every rank.
 """
+
+import contextlib
 
 import torch
 
@@ -77,21 +79,29 @@ def shared_step(model, optimiser, loss_of_part, parts):
     sizes = [p.numel() for p in params] + [2 * norm.num_features for norm in norms] + [1, 1]
     ranks, me = world_size(), rank()
     rows = torch.zeros(-(-parts // ranks), sum(sizes), device=params[0].device)
-    for slot, part in enumerate(range(me, parts, ranks)):
-        statistics = []
-        hooks = [norm.register_forward_hook(_record_statistics(statistics)) for norm in norms]
-        try:
-            loss = loss_of_part(part)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        if loss is None:
-            continue
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                   for g, p in zip(grads, params, strict=True)]
-                  + statistics + [loss.detach().reshape(1), torch.ones(1, device=rows.device)],
-                  out=rows[slot])
+    momenta = [norm.momentum for norm in norms]
+    try:
+        for norm in norms:
+            # Running statistics replaced by the batch's: each part's forward pass leaves
+            # its own batch mean and unbiased variance there, computed by the layer itself.
+            norm.momentum = 1.0
+        for slot, part in enumerate(range(me, parts, ranks)):
+            for norm in norms:  # from zero, the update is the batch's value exactly
+                norm.running_mean.zero_()
+                norm.running_var.zero_()
+            with _one_call_each(norms):
+                loss = loss_of_part(part)
+            if loss is None:
+                continue
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                       for g, p in zip(grads, params, strict=True)]
+                      + [torch.cat([norm.running_mean, norm.running_var]) for norm in norms]
+                      + [loss.detach().reshape(1), torch.ones(1, device=rows.device)],
+                      out=rows[slot])
+    finally:
+        for norm, momentum in zip(norms, momenta, strict=True):
+            norm.momentum = momentum
     gathered = gather_tensors(rows)  # (ranks, slots, width): part p at [p % ranks, p // ranks]
     in_order = [gathered[part % ranks, part // ranks] for part in range(parts)]
     total = in_order[0].clone()
@@ -101,7 +111,7 @@ def shared_step(model, optimiser, loss_of_part, parts):
     for p, grad in zip(params, fields, strict=False):
         p.grad = grad.view_as(p)
     optimiser.step()
-    _update_running_statistics(norms, before, in_order, sizes, len(params))
+    _update_running_statistics(norms, momenta, before, in_order, sizes, len(params))
     return fields[-2][0]
 
 
@@ -112,31 +122,39 @@ def _running_norms(model):
             and module.training and module.track_running_stats]
 
 
-def _record_statistics(statistics):
-    """A forward hook appending the mean and unbiased variance per channel of the layer's
-    input: what batch norm's running statistics are updated with."""
+@contextlib.contextmanager
+def _one_call_each(norms):
+    """Refuses a batch-norm layer called twice in one part's forward pass: its running
+    statistics would hold the second call's batch only."""
+    calls = dict.fromkeys(norms, 0)
 
-    def hook(module, inputs, output):
-        x = inputs[0].detach()
-        dims = [d for d in range(x.dim()) if d != 1]
-        statistics.append(x.mean(dims))
-        statistics.append(x.var(dims, unbiased=True))
+    def count(module, inputs):
+        calls[module] += 1
+        if calls[module] > 1:
+            raise ValueError("shared_step: a batch-norm layer ran twice in one part's forward "
+                             "pass; its statistics of the part cannot be gathered")
 
-    return hook
+    hooks = [norm.register_forward_pre_hook(count) for norm in norms]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
-def _update_running_statistics(norms, before, in_order, sizes, n_params):
+def _update_running_statistics(norms, momenta, before, in_order, sizes, n_params):
     """Sets each layer's running statistics from their values ``before`` the step (the
     layer's own updates during the local parts are discarded), updated part after part with
     the parts' gathered statistics, skipping empty parts: the same on every rank. Without a
     host sync: an empty part is skipped by selection, not by a branch."""
-    for k, (norm, (mean, var, tracked)) in enumerate(zip(norms, before, strict=True)):
+    for k, (norm, momentum_set, (mean, var, tracked)) in enumerate(
+            zip(norms, momenta, before, strict=True)):
         for row in in_order:
             fields = torch.split(row, sizes)
             present = fields[-1][0] > 0
             part_mean, part_var = fields[n_params + k].chunk(2)
             tracked = tracked + present.long()
-            momentum = norm.momentum
+            momentum = momentum_set
             if momentum is None:  # a cumulative average
                 momentum = 1.0 / tracked.clamp_min(1).to(mean.dtype)
             mean = torch.where(present, (1 - momentum) * mean + momentum * part_mean, mean)
