@@ -10,7 +10,9 @@ process computing every part, on any number of ranks.
 
 Batch normalisation normalises each part by its own statistics (as ghost batch norm); its
 running statistics are updated, part after part, from the parts' batch statistics gathered
-with the gradients, so they too are the same on every rank.
+with the gradients, so they too are the same on every rank. A model that draws random
+numbers in its forward pass (dropout) would draw different ones on each rank: the phone
+model draws none.
 """
 
 import contextlib
