@@ -51,8 +51,8 @@ from sb_crossmodal_kd.workers import process_pool, stop
 logger = logging.getLogger(__name__)
 
 __all__ = ["CONDITIONS", "DEMO_TRAINING", "condition_recipe", "run_ablation", "summarize",
-           "markdown_table", "last_quarter_gain", "FLAT_GAIN", "is_flat", "paired_difference",
-           "teacher_summary", "teacher_table", "plot_ablation", "save_wer_plot", "paired_seeds",
+           "markdown_table", "last_quarter_gain", "last_quarter_trend", "TREND_NOTE", "FLAT_GAIN", "is_flat",
+           "paired_difference", "teacher_summary", "teacher_table", "plot_ablation", "save_wer_plot", "paired_seeds",
            "write_ablation_result"]
 
 DENSE_CONDITIONS = (
@@ -238,6 +238,33 @@ def last_quarter_gain(curve):
     before = curve[-quarter - 1]
     return round((before - min(curve[-quarter:])) / before, 4) if before else 0.0
 
+
+def last_quarter_trend(curve):
+    """Relative fall of the mean valid WER from the first half of the last quarter of the
+    epochs to its second half (0.02 = 2 % lower): the curve's trend there, which, unlike
+    :func:`last_quarter_gain` (its best epoch against one epoch), epoch-to-epoch noise does
+    not push up. ``None`` when the last quarter has fewer than two epochs.
+
+    Example
+    -------
+    >>> last_quarter_trend([90.0, 60.0, 50.0, 45.0, 44.0, 44.0, 43.5, 43.0])
+    0.0115
+    >>> last_quarter_trend([50.0, 40.0, 30.0]) is None
+    True
+    """
+    quarter = len(curve) // 4
+    if quarter < 2:
+        return None
+    half = quarter // 2
+    first = sum(curve[-quarter:][:half]) / half
+    second = sum(curve[-half:]) / half
+    return round((first - second) / first, 4) if first else 0.0
+
+
+# How tables explain :func:`last_quarter_trend`.
+TREND_NOTE = ("the valid trend, the fall of the mean valid WER from the first half of the last ¼ "
+              "of the epochs to its second half, which noise between epochs does not push up as "
+              "it does the gain (a best epoch against one epoch).")
 
 # A run counts as converged when its valid WER improves by less than this (relative) over the
 # last quarter of its epochs.

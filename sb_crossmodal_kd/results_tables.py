@@ -24,7 +24,9 @@ from pathlib import Path
 
 from sb_crossmodal_kd.ablation import (
     FLAT_GAIN,
+    TREND_NOTE,
     last_quarter_gain,
+    last_quarter_trend,
     markdown_table,
     paired_difference,
 )
@@ -88,19 +90,21 @@ def claim_lines(summary):
 
 def flatness_table(summary):
     """Each run's relative valid gain over the last quarter of its epochs, ✗ where it is not
-    flat (at least :data:`~sb_crossmodal_kd.ablation.FLAT_GAIN`), as Markdown.
+    flat (at least :data:`~sb_crossmodal_kd.ablation.FLAT_GAIN`), and in brackets the trend
+    there (:func:`~sb_crossmodal_kd.ablation.last_quarter_trend`, where the quarter has two
+    epochs or more), as Markdown.
 
     Example
     -------
     >>> summary = {"am_alone": {"per_seed": {
     ...     "1": {"epochs": 4, "valid_wer_curve": [90.0, 50.0, 45.0, 44.9]},
-    ...     "2": {"epochs": 4, "valid_wer_curve": [90.0, 50.0, 45.0, 40.0]}}}}
+    ...     "2": {"epochs": 8, "valid_wer_curve": [90, 50, 45, 40, 38, 37.5, 36.0, 35.6]}}}}
     >>> print(flatness_table(summary))
     | condition | seed 1 | seed 2 |
     |---|---|---|
-    | am_alone | 0.2 % | 11.1 % ✗ |
+    | am_alone | 0.2 % | 5.1 % ✗ (1.1 %) |
     <BLANKLINE>
-    1 of 2 runs not flat (valid WER still improving by 3 % or more over the last ¼ of the epochs).
+    1 of 2 runs not flat (valid WER still improving by 3 % or more over the last ¼ of the epochs). In brackets: the valid trend, the fall of the mean valid WER from the first half of the last ¼ of the epochs to its second half, which noise between epochs does not push up as it does the gain (a best epoch against one epoch).
     """
     seeds = sorted({seed for entry in summary.values() for seed in entry["per_seed"]})
     lines = ["| condition | " + " | ".join(f"seed {seed}" for seed in seeds) + " |",
@@ -116,13 +120,15 @@ def flatness_table(summary):
                 continue
             total += 1
             unflat += gain >= FLAT_GAIN
-            cells.append(f"{100 * gain:.1f} %" + (" ✗" if gain >= FLAT_GAIN else ""))
+            trend = last_quarter_trend(run.get("valid_wer_curve", []))
+            cells.append(f"{100 * gain:.1f} %" + (" ✗" if gain >= FLAT_GAIN else "")
+                         + ("" if trend is None else f" ({100 * trend:.1f} %)"))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     limit = f"{100 * FLAT_GAIN:g} %"
-    lines += ["", f"{unflat} of {total} runs not flat (valid WER still improving by {limit} or "
+    lines += ["", (f"{unflat} of {total} runs not flat (valid WER still improving by {limit} or "
               "more over the last ¼ of the epochs)." if unflat else
               f"All {total} runs flat (valid WER improving by less than {limit} over the last ¼ "
-              "of the epochs)."]
+              "of the epochs).") + " In brackets: " + TREND_NOTE]
     return "\n".join(lines) + "\n"
 
 

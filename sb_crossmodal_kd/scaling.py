@@ -23,9 +23,11 @@ from pathlib import Path
 
 from sb_crossmodal_kd.ablation import (
     DEMO_TRAINING,
+    TREND_NOTE,
     condition_recipe,
     is_flat,
     last_quarter_gain,
+    last_quarter_trend,
     paired_difference,
     run_ablation,
     save_wer_plot,
@@ -183,7 +185,7 @@ def scaling_table(result):
     ...           "seeds": [1], "paired": {"150": size(150, 0.12, 60.0, 40.0),
     ...                                    "600": size(600, 0.5, 30.0, 25.0)}}
     >>> print(scaling_table(result).splitlines()[2])
-    | 150 | 0.12 | 18 | 60.00 | 40.00 | -20.00 | - |
+    | 150 | 0.12 | 18 | 60.00 | 40.00 | -20.00 | - | - |
     """
     conditions = result["condition_order"]
     deltas = [(name, "am_alone") for name in conditions
@@ -191,7 +193,8 @@ def scaling_table(result):
     if {"hierarchy", "hierarchy_no_lm"} <= set(conditions):
         deltas.append(("hierarchy", "hierarchy_no_lm"))
     header = (["paired utterances", "hours", "epochs"] + [f"{name} WER %" for name in conditions]
-              + [f"Δ {a} − {b}" for a, b in deltas] + ["valid gain, last ¼ (worst run)"])
+              + [f"Δ {a} − {b}" for a, b in deltas]
+              + ["valid gain, last ¼ (worst run)", "valid trend, last ¼ (worst run)"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     gains = {}
     for n in result["sizes"]:
@@ -203,10 +206,11 @@ def scaling_table(result):
             mean, std = paired_difference(summary, a, b)
             gains[(a, b, n)] = mean
             cells.append(_cell(mean, std))
-        worst = [last_quarter_gain(run.get("valid_wer_curve", []))
-                 for entry in summary.values() for run in entry["per_seed"].values()]
-        worst = [gain for gain in worst if gain is not None]
-        cells.append(f"{100 * max(worst):.1f} %" if worst else "-")
+        curves = [run.get("valid_wer_curve", [])
+                  for entry in summary.values() for run in entry["per_seed"].values()]
+        for measure in (last_quarter_gain, last_quarter_trend):
+            worst = [value for value in map(measure, curves) if value is not None]
+            cells.append(f"{100 * max(worst):.1f} %" if worst else "-")
         lines.append("| " + " | ".join(cells) + " |")
     seeds = result["seeds"]
     lines += ["", f"Test WER %, mean ± std over {len(seeds)} paired seed"
@@ -230,6 +234,7 @@ def scaling_table(result):
                  f"{', '.join(unflat)}." if unflat else
                  f"All {len(runs)} runs converged (valid gain over the last ¼ of the epochs "
                  "< 3 %).")
+    lines.append(TREND_NOTE[0].upper() + TREND_NOTE[1:])
     return "\n".join(lines) + "\n"
 
 
