@@ -14,6 +14,7 @@ process runs, they do nothing (as ``speechbrain.utils.distributed.ddp_all_reduce
 import atexit
 import dataclasses
 import os
+import sys
 
 import torch
 from speechbrain.utils.distributed import (
@@ -70,6 +71,30 @@ def _destroy_group():
     # exception") after its work is done, and torchrun reports the run as failed.
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def finish_process():
+    """Ends a ``torchrun`` process whose work is done: runs the exit handlers (the process
+    group is destroyed, logs are flushed), flushes stdout and stderr and exits with status 0,
+    skipping the interpreter's finalization. Outside ``torchrun`` it does nothing.
+
+    Why: once a ``DistributedDataParallel`` module has been built, gloo's worker threads
+    outlive ``destroy_process_group`` (its module keeps the group alive), and tearing them
+    down in the interpreter's finalization now and then aborts a rank that has finished
+    (SIGABRT, ``terminate called without an active exception``), which ``torchrun`` reports
+    as a failed run. For a recipe's ``__main__``, after ``main`` returned: never call it on
+    an error path, whose status must stay non-zero.
+
+    Example
+    -------
+    >>> finish_process()  # not under torchrun: returns
+    """
+    if get_rank() is None:
+        return
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def is_distributed():

@@ -111,6 +111,45 @@ def test_a_recipe_process_destroys_its_group_before_the_interpreter_exits(tmp_pa
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["False", "False"]
 
 
+FINISHING_WORKER = textwrap.dedent(
+    """
+    import atexit, os, sys
+    import torch
+    from sb_crossmodal_kd.distributed import finish_process, init_distributed
+
+    out = f"{sys.argv[1]}/rank{os.environ['RANK']}"
+
+    def record():  # registered first, so run last among the exit handlers
+        with open(f"{out}.exit", "w") as handle:
+            handle.write(str(torch.distributed.is_initialized()))
+
+    class Finalized:  # a module global: deleted only in the interpreter's finalization
+        def __del__(self):
+            open(f"{out}.finalized", "w").close()
+
+    atexit.register(record)
+    init_distributed({})
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 1))
+    model(torch.randn(4, 2)).sum().backward()  # DDP keeps gloo's threads alive to the end
+    marker = Finalized()
+    finish_process()
+    raise AssertionError("finish_process returned")
+    """
+)
+
+
+def test_a_finished_recipe_process_exits_without_the_interpreters_teardown(tmp_path):
+    # Once DDP has been used, gloo's threads outlive destroy_process_group, and their
+    # teardown in finalization now and then aborts a finished rank: the recipes end with
+    # finish_process, which runs the exit handlers (the group is destroyed) and exits 0.
+    worker = tmp_path / "finishing_worker.py"
+    worker.write_text(FINISHING_WORKER)
+    run = torchrun([str(worker), str(tmp_path)], cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert [(tmp_path / f"rank{r}.exit").read_text() for r in range(2)] == ["False", "False"]
+    assert not list(tmp_path.glob("*.finalized"))
+
+
 def test_moe_constraint_and_statistics_are_reduced_across_two_processes(tmp_path):
     worker = tmp_path / "moe_worker.py"
     worker.write_text(MOE_WORKER)

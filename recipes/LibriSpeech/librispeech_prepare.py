@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 from sb_crossmodal_kd.data.manifest import write_manifest_csv
-from sb_crossmodal_kd.distributed import init_distributed, main_first
+from sb_crossmodal_kd.distributed import finish_process, init_distributed, main_first
 from sb_crossmodal_kd.prep.provenance import Provenance
 from sb_crossmodal_kd.prep.recipes import add_chain_arguments, run_chain
 
@@ -200,3 +200,4 @@ if __name__ == "__main__":
     from sb_crossmodal_kd.cli import run_reporting_errors
 
     run_reporting_errors(main, sys.argv[1:], sys.argv[0])
+    finish_process()  # reached on success only: under torchrun, exit without gloo's teardown

@@ -10,7 +10,9 @@ Any SpeechBrain CSV manifest (ID, duration, wav, wrd) works too: pass --train_cs
 
 import sys
 
+from sb_crossmodal_kd.distributed import finish_process
 from sb_crossmodal_kd.experiment import main
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    finish_process()  # under torchrun: exit without gloo's teardown

@@ -18,7 +18,9 @@ loadable with SpeechBrain's Pretrainer, e.g. by ``sbkd teacher-cache --teacher``
 
 import sys
 
+from sb_crossmodal_kd.distributed import finish_process
 from sb_crossmodal_kd.teachers.lm_training import main
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    finish_process()  # under torchrun: exit without gloo's teardown

@@ -29,7 +29,7 @@ from sb_crossmodal_kd.alignment.corpus import load_phone_segments
 from sb_crossmodal_kd.alignment.framerate import FrameRate
 from sb_crossmodal_kd.data.audio import load_audio
 from sb_crossmodal_kd.data.manifest import check_manifest
-from sb_crossmodal_kd.distributed import init_distributed
+from sb_crossmodal_kd.distributed import finish_process, init_distributed
 from sb_crossmodal_kd.experiment import start_experiment, train_loader_options
 from sb_crossmodal_kd.frame_brain import FrameBrain, phone_frame_labels
 from sb_crossmodal_kd.units.phones import PHONES
@@ -117,3 +117,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    finish_process()  # under torchrun: exit without gloo's teardown

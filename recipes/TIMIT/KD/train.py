@@ -11,7 +11,9 @@ hierarchy_minus_monophone, hierarchy_minus_subword, and each with _moe. Test WER
 
 import sys
 
+from sb_crossmodal_kd.distributed import finish_process
 from sb_crossmodal_kd.kd_recipe import main
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    finish_process()  # under torchrun: exit without gloo's teardown

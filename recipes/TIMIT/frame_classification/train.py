@@ -26,4 +26,7 @@ def load_frame_recipe():
 
 
 if __name__ == "__main__":
+    from sb_crossmodal_kd.distributed import finish_process
+
     load_frame_recipe().main()
+    finish_process()  # under torchrun: exit without gloo's teardown
