@@ -63,8 +63,9 @@ def shared_step(model, optimiser, loss_of_part, parts):
 
     Example
     -------
+    >>> _ = torch.manual_seed(0)
     >>> model = torch.nn.Linear(3, 1)
-    >>> optimiser = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> optimiser = torch.optim.SGD(model.parameters(), lr=0.01)  # small: a step lowers the loss
     >>> x, y = torch.randn(4, 3), torch.randn(4, 1)
     >>> def loss_of_part(part):
     ...     start, stop = part_ranges(4, 2)[part]
