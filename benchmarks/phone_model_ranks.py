@@ -18,7 +18,6 @@ import argparse
 import hashlib
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -53,19 +52,13 @@ def _worker(args):
                    "phase_seconds": report["phase_seconds"]}, handle)
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run(args, ranks):
     """One torchrun of the worker on ``ranks`` ranks: rank 0's report and every rank's
     weights digest."""
     with tempfile.TemporaryDirectory() as out:
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
-                   "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
-                   __file__, "--corpus", args.corpus, "--worker", out,
+        # --standalone: torchrun finds a free local port itself
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc_per_node={ranks}", __file__, "--corpus", args.corpus, "--worker", out,
                    "--train-utterances", str(args.train_utterances),
                    "--threads", str(args.threads), "--batch-parts", str(args.batch_parts)]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}

@@ -150,10 +150,10 @@ def _update_running_statistics(norms, momenta, before, in_order, sizes, n_params
     layer's own updates during the local parts are discarded), updated part after part with
     the parts' gathered statistics, skipping empty parts: the same on every rank. Without a
     host sync: an empty part is skipped by selection, not by a branch."""
+    rows = [torch.split(row, sizes) for row in in_order]
     for k, (norm, momentum_set, (mean, var, tracked)) in enumerate(
             zip(norms, momenta, before, strict=True)):
-        for row in in_order:
-            fields = torch.split(row, sizes)
+        for fields in rows:
             present = fields[-1][0] > 0
             part_mean, part_var = fields[n_params + k].chunk(2)
             tracked = tracked + present.long()
