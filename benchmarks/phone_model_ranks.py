@@ -1,13 +1,22 @@
-"""The forced aligner's phone model trained by 1 and by N ``torchrun`` ranks: wall time,
-speedup and whether every rank ends with the same weights; prints one JSON line.
+"""The forced aligner's phone model trained by 1 process and by N ranks: wall time, speedup
+and whether every run ends with the same weights; prints one JSON line.
+
+Four ways, alternated, each a fresh process (or ``torchrun``) running this script in
+``--worker`` mode on the first ``--train-utterances`` train utterances of the corpus:
+
+- ``one``: one process, one torch thread (the baseline);
+- ``threads``: one process, N torch threads (what one process gets from more cores);
+- ``torchrun``: ``torchrun --nproc_per_node=N``, one thread per rank;
+- ``jobs``: one process given ``jobs=N`` (``sbkd align --jobs N``, the data chain's
+  ``--jobs``), which trains on N ranks it starts on this machine, one thread each.
 
 The ranks share the gradient steps (each batch's ``batch_parts`` parts) and the alignments
-(shards of utterances); the weights must be the same bytes for any number of ranks. Each
-measurement is a fresh ``torchrun --nproc_per_node=R`` of this script in ``--worker`` mode
-on the first ``--train-utterances`` train utterances of the corpus, ``--threads`` torch
-threads per rank; ``seconds`` is the training's own time on rank 0 (features included,
-start-up not), the median over ``--repeats`` runs, 1 and N ranks alternated. On one machine
-the ranks share its cores: ``speedup`` is bounded by the free cores.
+(shards of utterances); their weights must be the same bytes as one process's. ``seconds`` is the
+training call's time (features included; the ranks' start included for ``jobs``, not for
+``torchrun``, whose ranks start before it), the median over ``--repeats``. The weights are
+compared by digest with ``one``'s (``threads`` may round differently: more threads may sum
+in another order). On one machine
+the ranks share its cores: a speedup is bounded by the free cores.
 
 Usage::
 
@@ -39,7 +48,8 @@ def _worker(args):
     aligner = PhoneAligner(Lexicon.load(None, oov_policy="g2p"),
                            AlignerSettings(batch_parts=args.batch_parts))
     start = time.perf_counter()
-    report = aligner.train([(r["ID"], r["wav"], r["wrd"]) for r in rows], progress=False)
+    report = aligner.train([(r["ID"], r["wav"], r["wrd"]) for r in rows], progress=False,
+                           jobs=args.jobs)
     seconds = time.perf_counter() - start
     state = aligner.state()
     digest = hashlib.sha256()
@@ -52,17 +62,29 @@ def _worker(args):
                    "phase_seconds": report["phase_seconds"]}, handle)
 
 
-def _run(args, ranks):
-    """One torchrun of the worker on ``ranks`` ranks: rank 0's report and every rank's
+WAYS = ("one", "threads", "torchrun", "jobs")
+
+
+def _run(args, way):
+    """One training the ``way`` named (:data:`WAYS`): rank 0's report and every rank's
     weights digest."""
+    n = args.ranks
     with tempfile.TemporaryDirectory() as out:
-        # --standalone: torchrun finds a free local port itself
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc_per_node={ranks}", __file__, "--corpus", args.corpus, "--worker", out,
-                   "--train-utterances", str(args.train_utterances),
-                   "--threads", str(args.threads), "--batch-parts", str(args.batch_parts)]
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-        subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+        worker = [__file__, "--corpus", args.corpus, "--worker", out,
+                  "--train-utterances", str(args.train_utterances),
+                  "--batch-parts", str(args.batch_parts)]
+        threads, jobs, ranks = {"one": (1, 1, 1), "threads": (n, 1, 1), "torchrun": (1, 1, n),
+                                "jobs": (1, n, 1)}[way]
+        worker += ["--threads", str(threads), "--jobs", str(jobs)]
+        if way == "torchrun":
+            # --standalone: torchrun finds a free local port itself
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                       f"--nproc_per_node={ranks}", *worker]
+        else:
+            command = [sys.executable, *worker]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
         reports = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(ranks)]
     return reports[0], {r["weights_sha256"] for r in reports}
 
@@ -72,7 +94,8 @@ def main(argv=None):
     parser.add_argument("--corpus", required=True, help="a SynthCommands folder (train.csv)")
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--train-utterances", type=int, default=400)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--jobs", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--batch-parts", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -80,27 +103,27 @@ def main(argv=None):
     if args.worker:
         return _worker(args)
 
-    seconds, digests, phases = {1: [], args.ranks: []}, set(), {}
+    seconds, digests, phases = {way: [] for way in WAYS}, {way: set() for way in WAYS}, {}
     for _ in range(args.repeats):
-        for ranks in (1, args.ranks):
-            report, found = _run(args, ranks)
-            seconds[ranks].append(report["seconds"])
-            digests |= found
-            phases[ranks] = report["phase_seconds"]
+        for way in WAYS:
+            report, found = _run(args, way)
+            seconds[way].append(report["seconds"])
+            digests[way] |= found
+            phases[way] = report["phase_seconds"]
             audio = report["audio_seconds"]
-    one, many = (statistics.median(seconds[r]) for r in (1, args.ranks))
+    median = {way: statistics.median(seconds[way]) for way in WAYS}
     print(json.dumps({
         "train_utterances": args.train_utterances,
         "audio_seconds": round(audio, 1),
         "batch_parts": args.batch_parts,
-        "threads_per_rank": args.threads,
-        "ranks": args.ranks,
-        "seconds_1_rank": round(one, 2),
-        f"seconds_{args.ranks}_ranks": round(many, 2),
-        "speedup": round(one / many, 2),
-        "phase_seconds_1_rank": phases[1],
-        f"phase_seconds_{args.ranks}_ranks": phases[args.ranks],
-        "same_weights_every_rank_and_run": len(digests) == 1,
+        "n": args.ranks,
+        "seconds": {way: round(median[way], 2) for way in WAYS},
+        "speedup_vs_one": {way: round(median["one"] / median[way], 2) for way in WAYS[1:]},
+        "phase_seconds": phases,
+        # every run and rank of a way the one weights digest, and that of "one"
+        "same_weights_as_one": {way: digests[way] == digests["one"] and len(digests["one"]) == 1
+                                for way in WAYS[1:]},
+        "repeats": args.repeats,
         "cpu_count": os.cpu_count(),
     }))
 

@@ -12,9 +12,17 @@ process runs, they do nothing (as ``speechbrain.utils.distributed.ddp_all_reduce
 """
 
 import atexit
+import contextlib
 import dataclasses
+import logging
 import os
+import pickle
+import signal
 import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
 
 import torch
 from speechbrain.utils.distributed import (
@@ -255,6 +263,102 @@ def main_decides(function, *args, **kwargs):
     if shared_error is not None:
         raise shared_error
     return outcome
+
+
+def run_on_local_ranks(function, args, processes, threads=1):
+    """``function(*args)`` on ``processes`` ranks of this machine; rank 0's result.
+
+    The ranks are started as ``torchrun --standalone`` starts them (torch's elastic
+    launcher, a local rendezvous on a free port), spawned, each with a gloo group and
+    ``threads`` torch threads, so ``function`` runs there exactly as under ``torchrun``: the
+    collectives of this module work, and every rank calls them. For a step of a program
+    that was not started by ``torchrun`` but is given several processes (``--jobs``).
+    ``function`` and ``args`` are pickled to the ranks (``function`` at module level): each
+    rank has its own copy, as each ``torchrun`` process builds its own. The other ranks'
+    results are dropped, so return ``None`` there.
+
+    When a rank raises, the launcher stops the others (which may be waiting for it in a
+    collective), and the error is raised here, with its type and message: the first one
+    raised, if several ranks raised. A rank that died otherwise (a signal, the
+    out-of-memory killer) is reported as a ``RuntimeError``. Ctrl-C stops every rank and
+    raises ``KeyboardInterrupt``.
+
+    Example
+    -------
+    >>> run_on_local_ranks(max, (2, 3), processes=1)
+    3
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes,
+                          run_id=str(uuid.uuid4()), rdzv_backend="c10d",
+                          rdzv_endpoint="localhost:0", max_restarts=0, start_method="spawn")
+    # The launcher installs its own handlers for these, for good.
+    handlers = {sig: signal.getsignal(sig)
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
+    with tempfile.TemporaryDirectory(prefix="local_ranks_") as errors, _launcher_quiet():
+        try:
+            # As bytes: pickled by the launcher itself, tensors would go to shared memory,
+            # and the ranks would train one set of weights in place of one each.
+            return elastic_launch(config, _local_rank)(
+                pickle.dumps((function, args)), threads, errors)[0]
+        except ChildFailedError as failed:
+            raised = sorted(Path(errors).glob("*.pickle"))
+            if not raised:
+                deaths = "; ".join(f"rank {r}: exit code {f.exitcode} ({f.signal_name()})"
+                                   if f.exitcode < 0 else f"rank {r}: exit code {f.exitcode}"
+                                   for r, f in sorted(failed.failures.items()))
+                raise RuntimeError(f"a local rank died: {deaths}") from None
+            first = min((pickle.loads(path.read_bytes()) for path in raised),
+                        key=lambda timed: timed[0])
+            raise first[1] from None
+        except SignalException as stopped:
+            if stopped.sigval == signal.SIGINT:
+                raise KeyboardInterrupt from None
+            raise
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _launcher_quiet():
+    """The launcher's own logs off: a rank's failure is raised as its error, and the
+    launcher would log it first as a traceback of its own."""
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+               if name.startswith(("torch.distributed.elastic", "torch.multiprocessing"))]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _local_rank(call, threads, errors):
+    # An error is left in the folder `errors` for run_on_local_ranks (raised out of here,
+    # it would reach it as the launcher's ChildFailedError, without type or message); the
+    # non-zero exit then has the launcher stop the other ranks.
+    torch.set_num_threads(threads)
+    init_distributed({"distributed_backend": "gloo"})
+    try:
+        function, args = pickle.loads(call)
+        return function(*args)
+    except Exception as error:
+        failed_at = time.time()  # one machine: the ranks' clocks agree
+        try:
+            report = pickle.dumps((failed_at, error))
+        except Exception:
+            report = pickle.dumps((failed_at, RuntimeError(f"{type(error).__name__}: {error}")))
+        Path(errors, f"rank{get_rank()}.pickle").write_bytes(report)
+        sys.stderr.flush()
+        os._exit(1)
+    finally:
+        _destroy_group()
 
 
 def rank_device(device=None):

@@ -1,5 +1,5 @@
-"""DDP on CPU (gloo, 2 processes under torchrun): MoE state and statistics are reduced across
-ranks, and the baseline recipe trained by 2 processes with batch B matches 1 process with
+"""DDP on CPU (gloo, 2 processes under torchrun or started here): MoE state and statistics are
+reduced across ranks, local ranks get their own arguments and report the first error, and the baseline recipe trained by 2 processes with batch B matches 1 process with
 batch 2B (same vocabulary, parameter shapes, loss curve and weights within a tolerance)."""
 
 import csv
@@ -19,6 +19,7 @@ from launch import torchrun_command
 
 from sb_crossmodal_kd.analysis.expert_usage import ExpertUsageTracker, expert_usage_report
 from sb_crossmodal_kd.data.corpus import make_corpus
+from sb_crossmodal_kd.distributed import gather_objects, rank, run_on_local_ranks
 from sb_crossmodal_kd.nnet.dmoe import DeepMoE
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "SynthCommands" / "ASR"
@@ -148,6 +149,29 @@ def test_a_finished_recipe_process_exits_without_the_interpreters_teardown(tmp_p
     assert run.returncode == 0, run.stderr[-3000:]
     assert [(tmp_path / f"rank{r}.exit").read_text() for r in range(2)] == ["False", "False"]
     assert not list(tmp_path.glob("*.finalized"))
+
+
+def _add_rank_and_gather(counts):
+    # a rank's own copy of counts: adding to it changes neither the caller's nor a peer's
+    counts += rank() + 1
+    return gather_objects(counts.tolist())
+
+
+def _fail_on_rank_1(counts):
+    if rank() == 1:
+        raise ValueError("rank 1: this utterance cannot be used")
+    return gather_objects(counts.tolist())  # rank 0 loses its peer here
+
+
+def test_local_ranks_each_get_their_own_arguments_and_return_rank_0s_result():
+    counts = torch.zeros(2)
+    assert run_on_local_ranks(_add_rank_and_gather, (counts,), processes=2) == [[1, 1], [2, 2]]
+    assert counts.tolist() == [0, 0]
+
+
+def test_local_ranks_raise_the_first_error_not_the_lost_peers():
+    with pytest.raises(ValueError, match="rank 1: this utterance cannot be used"):
+        run_on_local_ranks(_fail_on_rank_1, (torch.zeros(1),), processes=2)
 
 
 def test_moe_constraint_and_statistics_are_reduced_across_two_processes(tmp_path):

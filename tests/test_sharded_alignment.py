@@ -13,6 +13,7 @@ import torch
 from launch import torchrun_command
 from test_units_commands import _manifest
 
+from sb_crossmodal_kd.alignment.aligner_training import train_aligner
 from sb_crossmodal_kd.alignment.corpus import (
     align_manifest,
     export_units,
@@ -178,10 +179,9 @@ PHONE_MODEL_UNDER_TORCHRUN = textwrap.dedent(
 
     init_distributed({})
     manifest, out, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-    training.REALIGN_SHARD = int(sys.argv[4])
     aligner = PhoneAligner(Lexicon.load(None, oov_policy="skip"), AlignerSettings(**settings))
-    aligner.train([(r["ID"], r["wav"], r["wrd"]) for r in read_manifest(manifest)],
-                  progress=False)
+    training.train_aligner(aligner, [(r["ID"], r["wav"], r["wrd"]) for r in read_manifest(manifest)],
+                           progress=False, shard_size=int(sys.argv[4]))
     torch.save(aligner.state(), f"{out}/rank{rank()}.pt")
     """
 )
@@ -190,8 +190,8 @@ PHONE_MODEL_UNDER_TORCHRUN = textwrap.dedent(
 def _phone_model(manifest, jobs):
     aligner = PhoneAligner(Lexicon.load(None, oov_policy="skip"),
                            AlignerSettings(**PHONE_MODEL_SETTINGS))
-    aligner.train([(r["ID"], r["wav"], r["wrd"]) for r in read_manifest(manifest)],
-                  progress=False, jobs=jobs)
+    train_aligner(aligner, [(r["ID"], r["wav"], r["wrd"]) for r in read_manifest(manifest)],
+                  progress=False, jobs=jobs, shard_size=REALIGN_SHARD)
     return aligner.state()
 
 
@@ -201,11 +201,10 @@ def _same_state(a, b):
             and torch.equal(a["log_prior"], b["log_prior"]))
 
 
-def test_the_phone_model_is_the_same_from_two_jobs_and_from_two_ranks(tmp_path, monkeypatch):
-    # The ranks share the gradient steps (batch parts) and, with their jobs, the re-alignments.
+def test_the_phone_model_is_the_same_from_two_jobs_and_from_two_ranks(tmp_path):
+    # Two jobs are two ranks of this machine; the ranks share the gradient steps (batch
+    # parts) and the re-alignments.
     manifest = _manifest(tmp_path, "train", 10, np.random.default_rng(1))
-    monkeypatch.setattr("sb_crossmodal_kd.alignment.aligner_training.REALIGN_SHARD",
-                        REALIGN_SHARD)
     one = _phone_model(manifest, jobs=1)
     assert _same_state(_phone_model(manifest, jobs=2), one)
 

@@ -99,3 +99,15 @@ def test_align_reads_the_users_lexicon_file(tmp_path):
     header = json.loads((out / "train_phone_alignments.json").read_text())["header"]
     assert header["lexicon"] == Lexicon.from_file(lexicon_file, oov_policy="g2p").hash
     assert header["lexicon"].startswith("my-lexicon.txt-")
+
+
+def test_align_with_two_jobs_trains_and_aligns_the_same_bytes(tmp_path):
+    # Two jobs train the phone model on two ranks of this machine, sharing its steps.
+    train = _manifest(tmp_path, "train", 6, np.random.default_rng(2))
+    common = ["align", "--train", str(train), "--manifests", str(train), "--oov-policy", "skip",
+              "--iterations", "2", "--epochs", "1", "--hidden", "16", "--init", "ctc",
+              "--ctc-epochs", "1"]
+    for jobs in ("1", "2"):
+        main([*common, "--jobs", jobs, "--output", str(tmp_path / f"jobs{jobs}")])
+    for name in ("aligner.pt", "train_phone_alignments.json"):
+        assert (tmp_path / "jobs2" / name).read_bytes() == (tmp_path / "jobs1" / name).read_bytes()

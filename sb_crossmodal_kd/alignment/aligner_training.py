@@ -36,14 +36,17 @@ from sb_crossmodal_kd.alignment.phone_alignment import state_path
 from sb_crossmodal_kd.alignment.phone_classifier import PhoneClassifier, scaled_log_likelihoods
 from sb_crossmodal_kd.alignment.phone_states import state_labels, state_tokens, token_sequence
 from sb_crossmodal_kd.alignment.viterbi import viterbi_align
-from sb_crossmodal_kd.distributed import rank
-from sb_crossmodal_kd.sharding import shard_ranges, shard_results
+from sb_crossmodal_kd.distributed import is_distributed, rank, run_on_local_ranks
+from sb_crossmodal_kd.sharding import check_jobs, shard_ranges, shard_results
 from sb_crossmodal_kd.units.phones import PHONES
 
 logger = logging.getLogger(__name__)
 
+# Utterances per alignment shard: small enough that a few processes share a few hundred.
+REALIGN_SHARD = 50
 
-def train_aligner(aligner, utterances, progress=True, jobs=1):
+
+def train_aligner(aligner, utterances, progress=True, jobs=1, shard_size=REALIGN_SHARD):
     """Flat start, then ``iterations`` rounds of (train the phone model, re-align).
 
     The gradient steps (the first alignment's CTC model, then each round's frame training)
@@ -52,11 +55,17 @@ def train_aligner(aligner, utterances, progress=True, jobs=1):
     part order and takes the same step
     (:func:`~sb_crossmodal_kd.alignment.batch_parts.shared_step`). The alignments (the CTC
     model's, then each round's re-alignment: a Viterbi search per utterance) are cut into
-    shards of ``REALIGN_SHARD`` utterances that ``jobs`` processes and the ranks share
+    shards of ``shard_size`` utterances that ``jobs`` processes and the ranks share
     (:func:`~sb_crossmodal_kd.sharding.shard_results`) with the model on the CPU. So the
     model is the same on every rank and in every process, and the result is the same, byte
     for byte, however many run it (with the same torch threads per process, on the same
     kind of device). Under ``torchrun`` every rank calls this.
+
+    Outside ``torchrun``, ``jobs > 1`` on the CPU trains on ``jobs`` ranks of this machine,
+    one torch thread each (:func:`~sb_crossmodal_kd.distributed.run_on_local_ranks`), which
+    then share the gradient steps as well: this small model gains nothing from a second
+    torch thread in one process. On a GPU one process trains, and the alignments go to
+    ``jobs`` processes.
 
     Arguments
     ---------
@@ -66,7 +75,11 @@ def train_aligner(aligner, utterances, progress=True, jobs=1):
     progress : bool
         Show progress bars.
     jobs : int
-        Processes for the alignments (per rank under ``torchrun``).
+        Processes: ranks of this machine on the CPU (above); under ``torchrun``, or on a
+        GPU, processes per rank for the alignments.
+    shard_size : int
+        Utterances per alignment shard: a finer cut shares a small corpus better; the
+        result does not depend on it.
 
     Returns
     -------
@@ -77,6 +90,16 @@ def train_aligner(aligner, utterances, progress=True, jobs=1):
         alignment), ``frame_training`` and ``realign`` (summed over the iterations): where
         the time goes, e.g. to plan what to run on a GPU.
     """
+    check_jobs(jobs)
+    ranks = min(jobs, len(utterances))  # a rank with nothing to do would cost a start
+    if ranks > 1 and aligner.device.type == "cpu" and not is_distributed():
+        start_time = time.time()
+        model, log_prior, report = run_on_local_ranks(
+            _train_on_rank, (aligner, utterances, progress, shard_size), processes=ranks
+        )
+        aligner.model.load_state_dict(model)
+        aligner.log_prior = log_prior
+        return {**report, "seconds": time.time() - start_time}  # the ranks' start included
     settings = aligner.settings
     start_time = time.time()
     phases = dict.fromkeys(("features", "start", "frame_training", "realign"), 0.0)
@@ -109,7 +132,7 @@ def train_aligner(aligner, utterances, progress=True, jobs=1):
     feats_list = [f for _, f, _ in items]
     lap("features")
     if settings.init == "ctc":
-        labels_list = ctc_start_labels(aligner, items, progress, jobs)
+        labels_list = ctc_start_labels(aligner, items, progress, jobs, shard_size)
     elif settings.init == "flat":
         labels_list = [flat_start_labels(f, seq, settings) for _, f, seq in items]
     else:
@@ -121,7 +144,7 @@ def train_aligner(aligner, utterances, progress=True, jobs=1):
                                              progress))
         lap("frame_training")
         if it + 1 < settings.iterations:  # the last round's labels would not be used
-            labels_list = realign(aligner, items, jobs)
+            labels_list = realign(aligner, items, jobs, shard_size)
         lap("realign")
     return {
         "utterances": len(items),
@@ -134,11 +157,17 @@ def train_aligner(aligner, utterances, progress=True, jobs=1):
     }
 
 
-# Utterances per re-alignment shard: small enough that a few processes share a few hundred.
-REALIGN_SHARD = 50
+
+def _train_on_rank(aligner, utterances, progress, shard_size):
+    """:func:`train_aligner` on one of :func:`run_on_local_ranks`' ranks: rank 0 returns
+    the trained model's state, prior and report."""
+    report = train_aligner(aligner, utterances, progress and rank() == 0, 1, shard_size)
+    if rank() != 0:
+        return None
+    return aligner.model.state_dict(), aligner.log_prior, report
 
 
-def realign(aligner, items, jobs=1):
+def realign(aligner, items, jobs=1, shard_size=REALIGN_SHARD):
     """Each utterance's frame labels, re-aligned with the aligner's current phone model.
 
     Arguments
@@ -147,6 +176,8 @@ def realign(aligner, items, jobs=1):
     items : list of (utterance_id, features, TokenSequence)
     jobs : int
         Processes (per rank under ``torchrun``, where every rank calls this).
+    shard_size : int
+        Utterances per shard.
 
     Returns
     -------
@@ -156,14 +187,15 @@ def realign(aligner, items, jobs=1):
     model = aligner.model
     if aligner.device.type != "cpu":  # the same scores whoever computes them
         model = copy.deepcopy(model).cpu()
-    return _sharded(_realign_shard, (model, aligner.log_prior, aligner.settings), items, jobs)
+    return _sharded(_realign_shard, (model, aligner.log_prior, aligner.settings), items, jobs,
+                    shard_size)
 
 
-def _sharded(function, shared, items, jobs):
-    """``function(*shared, shard)`` over shards of ``items``, ``REALIGN_SHARD`` utterances
+def _sharded(function, shared, items, jobs, shard_size):
+    """``function(*shared, shard)`` over shards of ``items``, ``shard_size`` utterances
     each, in ``jobs`` processes and over the ranks: the labels of every item, in order."""
     tasks = {index: (*shared, items[start:stop])
-             for index, (start, stop) in enumerate(shard_ranges(len(items), REALIGN_SHARD))}
+             for index, (start, stop) in enumerate(shard_ranges(len(items), shard_size))}
     return [labels for _, shard in shard_results(function, tasks, jobs) for labels in shard]
 
 
@@ -230,7 +262,7 @@ def ctc_targets(tokens, optional):
     ]
 
 
-def ctc_start_labels(aligner, items, progress, jobs=1):
+def ctc_start_labels(aligner, items, progress, jobs=1, shard_size=REALIGN_SHARD):
     """First alignment from a CTC phone model: no initial segmentation needed.
 
     The phone model gets one extra (blank) output and is trained with CTC on the phone
@@ -249,7 +281,10 @@ def ctc_start_labels(aligner, items, progress, jobs=1):
     progress : bool
         Show a progress bar.
     jobs : int
-        Processes for the alignments (per rank under ``torchrun``).
+        Processes (per rank under ``torchrun``, for the alignments).
+    shard_size : int
+        Utterances per alignment shard: a finer cut shares a small corpus better; the
+        result does not depend on it.
 
     Returns
     -------
@@ -259,7 +294,7 @@ def ctc_start_labels(aligner, items, progress, jobs=1):
     ctc_model = _ctc_model(aligner, items, progress)
     # Frame-level training continues from the CTC network's convolutions.
     aligner.model.convs.load_state_dict(ctc_model.convs.state_dict())
-    return _sharded(_ctc_labels_shard, (ctc_model, aligner.settings), items, jobs)
+    return _sharded(_ctc_labels_shard, (ctc_model, aligner.settings), items, jobs, shard_size)
 
 
 def _ctc_model(aligner, items, progress):

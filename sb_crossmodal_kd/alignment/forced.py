@@ -154,9 +154,10 @@ class PhoneAligner:
     def train(self, utterances, progress=True, jobs=1):
         """Flat start, then ``iterations`` rounds of (train the phone model, re-align).
 
-        ``utterances`` are ``(utterance_id, waveform or wav path, text)``; the alignments
-        it trains on run in ``jobs`` processes (and over the ranks under ``torchrun``, where
-        every rank calls this). Returns the report of
+        ``utterances`` are ``(utterance_id, waveform or wav path, text)``. On the CPU,
+        ``jobs`` ranks of this machine share the training (its gradient steps and
+        alignments); under ``torchrun`` every rank calls this, and the ranks share it (with
+        ``jobs`` processes each for the alignments). Returns the report of
         :func:`~sb_crossmodal_kd.alignment.aligner_training.train_aligner` (utterances used
         and skipped, frames, losses, seconds).
         """

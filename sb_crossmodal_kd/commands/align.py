@@ -2,7 +2,7 @@
 
 Each manifest is aligned shard by shard (``OUTPUT/<name>_shards/``, kept for a re-run) in
 ``--jobs`` processes, or under ``torchrun`` by every rank its shards (the phone model trains
-on rank 0), then merged into ``OUTPUT/<name>_phone_alignments.json``: the same bytes however
+on every rank, or on ``--jobs`` ranks of this machine, sharing its gradient steps), then merged into ``OUTPUT/<name>_phone_alignments.json``: the same bytes however
 many processes aligned it. ``sbkd build-tree --shards`` and ``sbkd export-units --shards``
 read that shards folder one shard at a time (memory bounded whatever the corpus size); each
 line printed names it.
@@ -16,7 +16,7 @@ from sb_crossmodal_kd.alignment.corpus import read_manifest
 from sb_crossmodal_kd.alignment.forced import AlignerSettings, PhoneAligner
 from sb_crossmodal_kd.alignment.sharded import align_split
 from sb_crossmodal_kd.commands.pronunciation import add_pronunciation_options
-from sb_crossmodal_kd.distributed import init_distributed, rank, rank_device
+from sb_crossmodal_kd.distributed import init_distributed, main_decides, rank, rank_device
 from sb_crossmodal_kd.io import atomic_write_text
 from sb_crossmodal_kd.sharding import check_jobs
 from sb_crossmodal_kd.units.lexicon import Lexicon, oov_report
@@ -34,7 +34,8 @@ def add_arguments(parser):
     add_pronunciation_options(parser)
     parser.add_argument("--text-key", default="wrd", help="transcript column")
     parser.add_argument("--jobs", type=int, default=1,
-                        help="processes aligning shards (per rank under torchrun)")
+                        help="processes training the phone model and aligning shards (per "
+                             "rank under torchrun, for the shards)")
     parser.add_argument("--device", default="cpu",
                         help="where the phone model trains and runs: cpu, cuda (under torchrun "
                              "each rank's own GPU) or cuda:N; features and Viterbi use the CPU")
@@ -60,9 +61,7 @@ def run(args):
     if args.aligner:
         PhoneAligner.load(args.aligner, lexicon)  # another lexicon's is refused before any work
     else:
-        from speechbrain.utils.distributed import run_on_main
-
-        run_on_main(_train, args=[args, lexicon, aligner_path])
+        _train(args, lexicon, aligner_path)
     main = rank() == 0
     summary = {}
     for manifest in args.manifests:
@@ -90,14 +89,16 @@ def run(args):
 
 
 def _train(args, lexicon, path):
-    """Trains the phone model on ``--train`` and saves it to ``path``."""
+    """Trains the phone model on ``--train`` (every rank) and saves it to ``path`` (rank 0)."""
     settings = AlignerSettings(**{
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(AlignerSettings) if f.name != "frame_rate"
     })
     rows = read_manifest(args.train, args.text_key)[: args.train_utterances]
     aligner = PhoneAligner(lexicon, settings, rank_device(args.device))
-    info = aligner.train([(r["ID"], r["wav"], r[args.text_key]) for r in rows])
-    aligner.save(path)
-    print(f"phone model: {info['utterances']} utterances, {info['frames']} frames, "
-          f"{info['seconds']:.0f} s, losses {[round(v, 3) for v in info['losses']]}")
+    info = aligner.train([(r["ID"], r["wav"], r[args.text_key]) for r in rows],
+                         progress=rank() == 0, jobs=args.jobs)
+    main_decides(aligner.save, path)  # the others go on once it is there
+    if rank() == 0:
+        print(f"phone model: {info['utterances']} utterances, {info['frames']} frames, "
+              f"{info['seconds']:.0f} s, losses {[round(v, 3) for v in info['losses']]}")

@@ -45,7 +45,7 @@ def _tokenizer(folder, train_manifest, vocab_size, fit=False):
 
 def _aligner(folder, train_manifest, lexicon, settings, progress, device="cpu", jobs=1):
     """The phone model of ``folder`` (trained there once). Under ``torchrun`` every rank calls
-    this: rank 0 trains the model, every rank shares its re-alignments, rank 0 saves it."""
+    this: the ranks share its training (gradient steps and alignments), rank 0 saves it."""
     from sb_crossmodal_kd.alignment.corpus import read_manifest
     from sb_crossmodal_kd.alignment.forced import AlignerSettings, PhoneAligner
     from sb_crossmodal_kd.units.lexicon import oov_report
