@@ -21,6 +21,8 @@ the ranks share its cores: a speedup is bounded by the free cores.
 Usage::
 
     python benchmarks/phone_model_ranks.py --corpus /tmp/synthcommands [--ranks 2]
+    python benchmarks/phone_model_ranks.py --table RESULTS.json   # the Markdown table of
+                                                                   # a file of such lines
 """
 
 import argparse
@@ -89,9 +91,26 @@ def _run(args, way):
     return reports[0], {r["weights_sha256"] for r in reports}
 
 
+def markdown(results):
+    """The table of a results file (``{"runs": [line, ...]}``): each way's speedup over one
+    process with one thread, and its seconds."""
+    n = results["runs"][0]["n"]
+    header = {"threads": f"one process, {n} threads", "torchrun": f"{n} ranks, `torchrun`",
+              "jobs": f"`--jobs {n}` (ranks started included)"}
+    lines = ["| utterances (audio) | one process, 1 thread | " + " | ".join(header.values()) + " |",
+             "|---" * (2 + len(header)) + "|"]
+    for run in results["runs"]:
+        cells = [f"{run['speedup_vs_one'][way]:.2f}x ({run['seconds'][way]:.1f} s)"
+                 for way in header]
+        lines.append(f"| {run['train_utterances']:,} ({run['audio_seconds'] / 60:.0f} min) | "
+                     f"{run['seconds']['one']:.1f} s | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", required=True, help="a SynthCommands folder (train.csv)")
+    parser.add_argument("--corpus", help="a SynthCommands folder (train.csv)")
+    parser.add_argument("--table", help="print the Markdown table of this results file")
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--train-utterances", type=int, default=400)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
@@ -102,6 +121,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.worker:
         return _worker(args)
+    if args.table:
+        with open(args.table) as handle:
+            print(markdown(json.load(handle)))
+        return None
+    if not args.corpus:
+        parser.error("--corpus is required to measure")
 
     seconds, digests, phases = {way: [] for way in WAYS}, {way: set() for way in WAYS}, {}
     for _ in range(args.repeats):
