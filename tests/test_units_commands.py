@@ -1,10 +1,14 @@
-"""`sbkd align`, `build-tree` and `export-units` chained on a tiny manifest."""
+"""`sbkd align`, `build-tree` and `export-units` chained on a tiny manifest; `sbkd align` with
+`--jobs` and under torchrun."""
 
 import csv
 import json
+import os
+import subprocess
 
 import numpy as np
 import soundfile
+from launch import torchrun_command
 
 from sb_crossmodal_kd.alignment.framerate import FrameRate
 from sb_crossmodal_kd.cli import main
@@ -101,13 +105,21 @@ def test_align_reads_the_users_lexicon_file(tmp_path):
     assert header["lexicon"].startswith("my-lexicon.txt-")
 
 
-def test_align_with_two_jobs_trains_and_aligns_the_same_bytes(tmp_path):
-    # Two jobs train the phone model on two ranks of this machine, sharing its steps.
+def test_align_with_two_jobs_or_two_ranks_trains_and_aligns_the_same_bytes(tmp_path):
+    # Two jobs train the phone model on two ranks of this machine, sharing its steps, as
+    # two torchrun ranks do.
     train = _manifest(tmp_path, "train", 6, np.random.default_rng(2))
     common = ["align", "--train", str(train), "--manifests", str(train), "--oov-policy", "skip",
               "--iterations", "2", "--epochs", "1", "--hidden", "16", "--init", "ctc",
               "--ctc-epochs", "1"]
     for jobs in ("1", "2"):
         main([*common, "--jobs", jobs, "--output", str(tmp_path / f"jobs{jobs}")])
+    run = subprocess.run(
+        torchrun_command(["-m", "sb_crossmodal_kd.cli", *common, "--output",
+                          str(tmp_path / "ranks")]),
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
     for name in ("aligner.pt", "train_phone_alignments.json"):
-        assert (tmp_path / "jobs2" / name).read_bytes() == (tmp_path / "jobs1" / name).read_bytes()
+        expected = (tmp_path / "jobs1" / name).read_bytes()
+        assert (tmp_path / "jobs2" / name).read_bytes() == expected
+        assert (tmp_path / "ranks" / name).read_bytes() == expected
