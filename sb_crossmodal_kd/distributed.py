@@ -6,8 +6,11 @@ loss terms) must be combined explicitly so that every rank holds, and logs, the 
 values. The package does that through these few functions, never through
 ``torch.distributed`` directly.
 
-Every function here is a collective under DDP: all ranks must call it, in the same order.
-Inside SpeechBrain's ``run_on_main`` / ``main_process_only`` sections, where only the main
+:func:`run_on_local_ranks` starts such ranks on this machine for a program that ``torchrun``
+did not start (``--jobs``), with torch's own launcher.
+
+The reductions and gathers here are collectives under DDP: all ranks must call them, in
+the same order. Inside SpeechBrain's ``run_on_main`` / ``main_process_only`` sections, where only the main
 process runs, they do nothing (as ``speechbrain.utils.distributed.ddp_all_reduce``).
 """
 
