@@ -207,6 +207,8 @@ def test_the_phone_model_is_the_same_from_two_jobs_and_from_two_ranks(tmp_path):
     manifest = _manifest(tmp_path, "train", 10, np.random.default_rng(1))
     one = _phone_model(manifest, jobs=1)
     assert _same_state(_phone_model(manifest, jobs=2), one)
+    # more jobs than work: 4 ranks (4 batch parts, 4 shards), the same model
+    assert _same_state(_phone_model(manifest, jobs=16), one)
 
     worker = tmp_path / "phone_model.py"
     worker.write_text(PHONE_MODEL_UNDER_TORCHRUN)

@@ -61,8 +61,8 @@ def train_aligner(aligner, utterances, progress=True, jobs=1, shard_size=REALIGN
     for byte, however many run it (with the same torch threads per process, on the same
     kind of device). Under ``torchrun`` every rank calls this.
 
-    Outside ``torchrun``, ``jobs > 1`` on the CPU trains on ``jobs`` ranks of this machine,
-    one torch thread each (:func:`~sb_crossmodal_kd.distributed.run_on_local_ranks`), which
+    Outside ``torchrun``, ``jobs > 1`` on the CPU trains on ``jobs`` ranks of this machine
+    (no more than there are batch parts or alignment shards), one torch thread each (:func:`~sb_crossmodal_kd.distributed.run_on_local_ranks`), which
     then share the gradient steps as well: this small model gains nothing from a second
     torch thread in one process. On a GPU one process trains, and the alignments go to
     ``jobs`` processes.
@@ -91,7 +91,8 @@ def train_aligner(aligner, utterances, progress=True, jobs=1, shard_size=REALIGN
         the time goes, e.g. to plan what to run on a GPU.
     """
     check_jobs(jobs)
-    ranks = min(jobs, len(utterances))  # a rank with nothing to do would cost a start
+    # A rank beyond the batches' parts and the alignments' shards would have nothing to do.
+    ranks = min(jobs, max(aligner.settings.batch_parts, -(-len(utterances) // shard_size)))
     if ranks > 1 and aligner.device.type == "cpu" and not is_distributed():
         start_time = time.time()
         model, log_prior, report = run_on_local_ranks(
