@@ -61,11 +61,13 @@ def train_aligner(aligner, utterances, progress=True, jobs=1, shard_size=REALIGN
     for byte, however many run it (with the same torch threads per process, on the same
     kind of device). Under ``torchrun`` every rank calls this.
 
-    Outside ``torchrun``, ``jobs > 1`` on the CPU trains on ``jobs`` ranks of this machine
-    (no more than there are batch parts or alignment shards), one torch thread each (:func:`~sb_crossmodal_kd.distributed.run_on_local_ranks`), which
-    then share the gradient steps as well: this small model gains nothing from a second
-    torch thread in one process. On a GPU one process trains, and the alignments go to
-    ``jobs`` processes.
+    Outside ``torchrun``, ``jobs > 1`` on the CPU trains on ranks of this machine
+    (:func:`~sb_crossmodal_kd.distributed.run_on_local_ranks`), one torch thread each, which
+    share the gradient steps as ``torchrun``'s do (two ranks trained it 1.6 times as fast as
+    one process, two threads 1.35 times, on two cores). There are ``min(jobs, batch_parts)``
+    of them (a rank more would have no part to compute, and each holds the corpus's
+    features), each aligning its shards in ``jobs // ranks`` processes. On a GPU one process
+    trains, and the alignments go to ``jobs`` processes.
 
     Arguments
     ---------
@@ -91,12 +93,12 @@ def train_aligner(aligner, utterances, progress=True, jobs=1, shard_size=REALIGN
         the time goes, e.g. to plan what to run on a GPU.
     """
     check_jobs(jobs)
-    # A rank beyond the batches' parts and the alignments' shards would have nothing to do.
-    ranks = min(jobs, max(aligner.settings.batch_parts, -(-len(utterances) // shard_size)))
+    ranks = min(jobs, aligner.settings.batch_parts)
     if ranks > 1 and aligner.device.type == "cpu" and not is_distributed():
         start_time = time.time()
         model, log_prior, report = run_on_local_ranks(
-            _train_on_rank, (aligner, utterances, progress, shard_size), processes=ranks
+            _train_on_rank, (aligner, utterances, progress, jobs // ranks, shard_size),
+            processes=ranks,
         )
         aligner.model.load_state_dict(model)
         aligner.log_prior = log_prior
@@ -159,10 +161,10 @@ def train_aligner(aligner, utterances, progress=True, jobs=1, shard_size=REALIGN
 
 
 
-def _train_on_rank(aligner, utterances, progress, shard_size):
+def _train_on_rank(aligner, utterances, progress, jobs, shard_size):
     """:func:`train_aligner` on one of :func:`run_on_local_ranks`' ranks: rank 0 returns
     the trained model's state, prior and report."""
-    report = train_aligner(aligner, utterances, progress and rank() == 0, 1, shard_size)
+    report = train_aligner(aligner, utterances, progress and rank() == 0, jobs, shard_size)
     if rank() != 0:
         return None
     return aligner.model.state_dict(), aligner.log_prior, report
