@@ -358,8 +358,7 @@ def _local_rank(call, threads, errors):
         except Exception:
             report = pickle.dumps((failed_at, RuntimeError(f"{type(error).__name__}: {error}")))
         Path(errors, f"rank{get_rank()}.pickle").write_bytes(report)
-        sys.stderr.flush()
-        os._exit(1)
+        sys.exit(1)  # no traceback; the launcher sees a failed rank
     finally:
         _destroy_group()
 
