@@ -160,7 +160,6 @@ def train_aligner(aligner, utterances, progress=True, jobs=1, shard_size=REALIGN
     }
 
 
-
 def _train_on_rank(aligner, utterances, progress, jobs, shard_size):
     """:func:`train_aligner` on one of :func:`run_on_local_ranks`' ranks: rank 0 returns
     the trained model's state, prior and report."""
