@@ -12,7 +12,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -54,11 +53,39 @@ def tiny_corpus(tmp_path_factory):
     return folder
 
 
-def command(case, corpus, output, processes=1):
+# Runs a recipe (argv[1], its arguments after) in this interpreter, SIGKILLing its main
+# process right after the first mid-epoch checkpoint of epoch 2 is written: a kill at that
+# moment exactly, which a test polling the save folder from outside could not time (on the
+# tiny corpus the run can reach its end-of-epoch save before the poll sees the checkpoint).
+KILL_AFTER_MID_EPOCH_SAVE = f"""
+import os, runpy, signal, sys
+import speechbrain.core
+from speechbrain.utils.distributed import if_main_process
+
+save = speechbrain.core.Brain._save_intra_epoch_ckpt
+
+def save_then_die(self):
+    save(self)
+    if self.checkpointer.recoverables["counter"].current == {EPOCHS} and if_main_process():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+speechbrain.core.Brain._save_intra_epoch_ckpt = save_then_die
+sys.argv = sys.argv[1:]
+sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def command(case, corpus, output, processes=1, killed_mid_epoch=None):
+    """The command running ``case``'s recipe; with ``killed_mid_epoch`` (a file to write the
+    wrapper to), killed right after its first mid-epoch checkpoint of the last epoch."""
     recipe, hparams, options, _ = CASES[case]
     args = [str(recipe / "train.py"), str(recipe / "hparams" / hparams),
             f"--data_folder={corpus}", f"--output_folder={output}",
             f"--number_of_epochs={EPOCHS}", "--ckpt_interval_steps=3", *options]
+    if killed_mid_epoch is not None:
+        killed_mid_epoch.write_text(KILL_AFTER_MID_EPOCH_SAVE)
+        args = [str(killed_mid_epoch), *args]
     if processes > 1:  # SpeechBrain's DDP through torchrun, gloo on CPU
         return torchrun_command(args, processes)
     return [sys.executable, *args]
@@ -89,40 +116,20 @@ def complete(folder, files):
         return False
 
 
-def mid_epoch_checkpoint_ready(save_folder, files):
-    """A complete intra-epoch checkpoint of epoch 2 exists."""
-    for _, folder, meta in checkpoints(save_folder):
-        if "brain_intra_epoch_ckpt: true" not in meta:
-            continue
-        try:
-            if (folder / "counter.ckpt").read_text().strip() != "2":
-                continue
-        except OSError:  # still being written
-            continue
-        if complete(folder, files):
-            return True
-    return False
-
-
 def run_to_end(cmd, cwd, env):
     """Runs ``cmd`` to its end; a failure shows the end of its output."""
     run = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-3000:])
 
 
-def run_killed_mid_epoch(cmd, save_folder, files, cwd, env):
-    """Starts ``cmd`` and kills it, every process it started included (torchrun's workers),
-    as soon as a mid-epoch checkpoint of epoch 2 is complete."""
+def run_killed(cmd, cwd, env):
+    """Runs ``cmd``, which kills itself, then kills what is left of it (torchrun's other
+    workers, each in a session of its own) and returns its return code."""
     process = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
     try:
-        while not mid_epoch_checkpoint_ready(save_folder, files):
-            assert process.poll() is None, "the run ended before a mid-epoch checkpoint"
-            assert time.time() < deadline, "no mid-epoch checkpoint in time"
-            time.sleep(0.02)
+        process.wait(timeout=240)
     finally:
-        # torchrun starts its workers in sessions of their own: kill each process by pid
         for pid in [process.pid, *descendants(process.pid)]:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -183,12 +190,11 @@ def test_killed_run_resumes_exactly(case, processes, tiny_corpus, tmp_path):
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     run_to_end(command(case, tiny_corpus, reference, processes), tmp_path, env)
 
-    returncode = run_killed_mid_epoch(command(case, tiny_corpus, resumed, processes),
-                                      resumed / "save", files, tmp_path, env)
-    assert returncode == -signal.SIGKILL
+    killed = command(case, tiny_corpus, resumed, processes, killed_mid_epoch=tmp_path / "kill.py")
+    returncode = run_killed(killed, tmp_path, env)
+    # torchrun reports its killed worker as a failure of its own
+    assert returncode == (-signal.SIGKILL if processes == 1 else 1)
     assert not (resumed / "results.json").exists()
-    # The newest complete checkpoint: the kill may have cut a later save short (resuming sets
-    # that one aside, which the run below exercises).
     newest = [c for c in checkpoints(resumed / "save") if complete(c[1], files)][-1]
     assert "brain_intra_epoch_ckpt: true" in newest[2]  # resuming from mid-epoch
     assert int((newest[1] / "dataloader-TRAIN.ckpt").read_text()) > 0
