@@ -5,9 +5,9 @@ For each size (``--hours``, default about 1 h and 5 h of SynthCommands train aud
 
 1. the corpus (:func:`~sb_crossmodal_kd.data.corpus.make_corpus`, train split only matters);
 2. one phone model for both sizes (trained once on the first ``--aligner-utterances`` train
-   utterances of the smaller corpus; not a timed step: its cost does not grow with the
-   corpus, and with ``--jobs`` only its alignments are shared: its gradient steps are
-   shared by ``torchrun`` ranks, not by the processes of one rank);
+   utterances of the smaller corpus; not a timed step here: its cost grows with the
+   utterances it trains on, not with the corpus. ``benchmarks/phone_model_ranks.py`` times
+   it with 1 process, N threads, N ``torchrun`` ranks and ``--jobs N``);
 3. the sharded steps of the chain on the train split, each in a fresh process (so its peak
    resident memory is its own: ``resource.getrusage`` of that process and of its workers),
    with 1 and with 2 processes (``--jobs``):
