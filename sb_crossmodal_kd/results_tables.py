@@ -4,8 +4,9 @@
 
 prints the Markdown README shows (or, with ``--readme``, writes it between README's
 results-tables markers), from ``results/long/ablation.json`` (``sbkd demo
---long``), ``results/long_80_epochs/ablation.json`` (some of its conditions trained twice as
-long, beside it), ``results/study/ablation.json`` (``sbkd demo --study``) and
+--long``), ``results/study/ablation.json`` (``sbkd demo --study``), beside each some of
+its conditions trained longer (``results/long_80_epochs/``, ``results/study_120_epochs/``:
+:func:`longer_budgets`), and
 ``results/scaling/scaling.json`` (``sbkd demo --scaling``) as
 :mod:`sb_crossmodal_kd.results_store` stored them, and writes the scaling plot
 ``results/scaling/scaling.png``. A part not stored yet is said to be so. For the long
@@ -271,6 +272,41 @@ def scaling_section(result, plot_path, plot_link):
                       provenance_line(result), ""])
 
 
+def longer_budgets(results_dir, part):
+    """The stored results of ``part``'s conditions trained longer, fewest epochs first: the
+    ``ablation.json`` of each ``<part>_<epochs>_epochs/`` folder of ``results_dir``.
+
+    Example
+    -------
+    >>> import tempfile, pathlib
+    >>> results = pathlib.Path(tempfile.mkdtemp())
+    >>> for name in ("study_120_epochs", "study_80_epochs", "study_x_epochs", "long_80_epochs"):
+    ...     (results / name).mkdir()
+    ...     _ = (results / name / "ablation.json").write_text("{}")
+    >>> [path.parent.name for path in longer_budgets(results, "study")]
+    ['study_80_epochs', 'study_120_epochs']
+    """
+    found = []
+    for path in Path(results_dir).glob(f"{part}_*_epochs/ablation.json"):
+        epochs = path.parent.name[len(part) + 1:-len("_epochs")]
+        if epochs.isdigit():
+            found.append((int(epochs), path))
+    return [path for _, path in sorted(found)]
+
+
+def budget_section(results_dir, part, title, heading):
+    """The Markdown lines of :func:`budget_table` for ``part`` (``long`` or ``study``) and
+    its :func:`longer_budgets`; none when either is not stored."""
+    base = Path(results_dir) / part / "ablation.json"
+    longer = longer_budgets(results_dir, part)
+    if not base.is_file() or not longer:
+        return []
+    results = [json.loads(path.read_text()) for path in (base, *longer)]
+    epochs = [str(result["settings"]["training"]["number_of_epochs"]) for result in results]
+    return [f"{heading} {title} conditions at {', '.join(epochs[:-1])} and {epochs[-1]} epochs",
+            "", budget_table(results), *(provenance_line(result) for result in results[1:]), ""]
+
+
 def readme_results(results_dir, heading="###"):
     """The Markdown of every part from ``results_dir`` (``long/``, ``study/``,
     ``scaling/``), each part under a ``heading`` of its own."""
@@ -279,12 +315,7 @@ def readme_results(results_dir, heading="###"):
     long = results_dir / "long" / "ablation.json"
     parts += ([study_section(json.loads(long.read_text()))] if long.is_file()
               else [f"Not run yet ({long} absent).", ""])
-    longer = results_dir / "long_80_epochs" / "ablation.json"
-    if long.is_file() and longer.is_file():
-        result = json.loads(longer.read_text())
-        parts += [f"{heading} The long demo's conditions at 40 and 80 epochs", "",
-                  budget_table([json.loads(long.read_text()), result]),
-                  provenance_line(result), ""]
+    parts += budget_section(results_dir, "long", "The long demo's", heading)
     study = results_dir / "study" / "ablation.json"
     if study.is_file():
         parts += [f"{heading} The study (`sbkd demo --study`)", "",
@@ -293,6 +324,7 @@ def readme_results(results_dir, heading="###"):
         if decoding.is_file():
             parts += [f"{heading} Distillation or the LM at decoding time (`sbkd demo --study`)",
                       "", decoding_section(json.loads(decoding.read_text()))]
+        parts += budget_section(results_dir, "study", "The study's", heading)
     else:
         parts += [f"{heading} The study (`sbkd demo --study`)", "",
                   f"Not run yet ({study} absent).", ""]

@@ -148,6 +148,15 @@ def test_readme_tables_from_hand_written_results(tmp_path, capsys):
     assert "| am_alone | 80 | 2 | 30.00 | 43.00 (8) | 2.3 % |" in section
     assert "- 40 epochs: hierarchy − am_alone -2.00" in section
     assert "- 80 epochs: hierarchy − am_alone +0.00" in section
+    # the study's conditions trained longer have a section of their own, after the study's
+    (tmp_path / "study" / "ablation.json").write_text(json.dumps(study))
+    longest = {**longer, "settings": {"training": {"number_of_epochs": 120}}}
+    every = printed_tables(tmp_path, "study_120_epochs/ablation.json", longest, capsys)
+    assert every.index("### The study (") < every.index("### The study's conditions at 40 and "
+                                                        "120 epochs")
+    section = every.split("### The study's conditions at 40 and 120 epochs")[1]
+    assert "| am_alone | 120 | 2 | 30.00 | 43.00 (8) | 2.3 % |" in section
+    assert "- 120 epochs: hierarchy − am_alone +0.00" in section
 
 
 def test_scaling_table_finds_where_the_gain_is_largest(tmp_path, capsys):
