@@ -89,6 +89,23 @@ def claim_lines(summary):
     return lines
 
 
+def flatness_cell(curve):
+    """A valid WER curve's gain over the last quarter of its epochs, ✗ where it is not flat,
+    and in brackets its trend there (where the quarter has two epochs or more); ``-`` for a
+    curve too short to tell.
+
+    Example
+    -------
+    >>> flatness_cell([90, 50, 45, 40, 38, 37.5, 36.0, 35.6]), flatness_cell([50.0])
+    ('5.1 % ✗ (1.1 %)', '-')
+    """
+    gain, trend = last_quarter_gain(curve), last_quarter_trend(curve)
+    if gain is None:
+        return "-"
+    return (f"{100 * gain:.1f} %" + (" ✗" if gain >= FLAT_GAIN else "")
+            + ("" if trend is None else f" ({100 * trend:.1f} %)"))
+
+
 def flatness_table(summary):
     """Each run's relative valid gain over the last quarter of its epochs, ✗ where it is not
     flat (at least :data:`~sb_crossmodal_kd.ablation.FLAT_GAIN`), and in brackets the trend
@@ -115,15 +132,11 @@ def flatness_table(summary):
         cells = []
         for seed in seeds:
             run = entry["per_seed"].get(seed)
-            gain = None if run is None else last_quarter_gain(run.get("valid_wer_curve", []))
-            if gain is None:
-                cells.append("-")
-                continue
-            total += 1
-            unflat += gain >= FLAT_GAIN
-            trend = last_quarter_trend(run.get("valid_wer_curve", []))
-            cells.append(f"{100 * gain:.1f} %" + (" ✗" if gain >= FLAT_GAIN else "")
-                         + ("" if trend is None else f" ({100 * trend:.1f} %)"))
+            curve = [] if run is None else run.get("valid_wer_curve", [])
+            gain = last_quarter_gain(curve)
+            total += gain is not None
+            unflat += gain is not None and gain >= FLAT_GAIN
+            cells.append(flatness_cell(curve))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     limit = f"{100 * FLAT_GAIN:g} %"
     lines += ["", (f"{unflat} of {total} runs not flat (valid WER still improving by {limit} or "
@@ -135,7 +148,8 @@ def flatness_table(summary):
 
 def budget_table(results):
     """The same conditions trained for different numbers of epochs, seed by seed: test WER,
-    the best valid WER and its epoch, and the valid gain over the last quarter; then the
+    the best valid WER and its epoch, and the valid gain and trend over the last quarter
+    (:func:`flatness_cell`); then the
     hierarchy's differences to the AM alone and to its no-LM control at each budget.
 
     Arguments
@@ -156,14 +170,14 @@ def budget_table(results):
     >>> print(budget_table([result(4, dict(zip(names, (30.0, 25.0, 27.0))), [90, 50, 45, 40]),
     ...                     result(8, dict(zip(names, (20.0, 18.0, 19.0))),
     ...                            [90, 50, 45, 40, 38, 37, 37.5, 37.2])]))
-    | condition | epochs | seed | test WER % | best valid WER % (epoch) | valid gain, last ¼ |
+    | condition | epochs | seed | test WER % | best valid WER % (epoch) | valid gain, last ¼ (trend) |
     |---|---|---|---|---|---|
     | am_alone | 4 | 1 | 30.00 | 40.00 (4) | 11.1 % ✗ |
-    | am_alone | 8 | 1 | 20.00 | 37.00 (6) | -0.5 % |
+    | am_alone | 8 | 1 | 20.00 | 37.00 (6) | -0.5 % (0.8 %) |
     | hierarchy | 4 | 1 | 25.00 | 40.00 (4) | 11.1 % ✗ |
-    | hierarchy | 8 | 1 | 18.00 | 37.00 (6) | -0.5 % |
+    | hierarchy | 8 | 1 | 18.00 | 37.00 (6) | -0.5 % (0.8 %) |
     | hierarchy_no_lm | 4 | 1 | 27.00 | 40.00 (4) | 11.1 % ✗ |
-    | hierarchy_no_lm | 8 | 1 | 19.00 | 37.00 (6) | -0.5 % |
+    | hierarchy_no_lm | 8 | 1 | 19.00 | 37.00 (6) | -0.5 % (0.8 %) |
     <BLANKLINE>
     - 4 epochs: hierarchy − am_alone -5.00, hierarchy − hierarchy_no_lm (the LM's own share) -2.00
     - 8 epochs: hierarchy − am_alone -2.00, hierarchy − hierarchy_no_lm (the LM's own share) -1.00
@@ -174,7 +188,7 @@ def budget_table(results):
         for result in results)))
     names = list(dict.fromkeys(name for result in results for name in result["conditions"]))
     lines = ["| condition | epochs | seed | test WER % | best valid WER % (epoch) | "
-             "valid gain, last ¼ |", "|---|---|---|---|---|---|"]
+             "valid gain, last ¼ (trend) |", "|---|---|---|---|---|---|"]
     for name in names:
         for result in results:
             epochs = result["settings"]["training"]["number_of_epochs"]
@@ -184,12 +198,10 @@ def budget_table(results):
                     continue
                 curve = run.get("valid_wer_curve", [])
                 best = min(range(len(curve)), key=curve.__getitem__) if curve else None
-                gain = last_quarter_gain(curve)
                 lines.append(
                     f"| {name} | {epochs} | {seed} | {run['wer']:.2f} | "
                     + ("-" if best is None else f"{curve[best]:.2f} ({best + 1})") + " | "
-                    + ("-" if gain is None else f"{100 * gain:.1f} %"
-                       + (" ✗" if gain >= FLAT_GAIN else "")) + " |")
+                    + flatness_cell(curve) + " |")
     lines.append("")
     for result in results:
         conditions = result["conditions"]

@@ -144,8 +144,8 @@ def test_readme_tables_from_hand_written_results(tmp_path, capsys):
     (tmp_path / "long" / "ablation.json").write_text(json.dumps(study))
     both = printed_tables(tmp_path, "long_80_epochs/ablation.json", longer, capsys)
     section = both.split("### The long demo's conditions at 40 and 80 epochs")[1]
-    assert "| am_alone | 40 | 2 | 44.00 | 43.00 (8) | 2.3 % |" in section
-    assert "| am_alone | 80 | 2 | 30.00 | 43.00 (8) | 2.3 % |" in section
+    assert "| am_alone | 40 | 2 | 44.00 | 43.00 (8) | 2.3 % (1.1 %) |" in section
+    assert "| am_alone | 80 | 2 | 30.00 | 43.00 (8) | 2.3 % (1.1 %) |" in section
     assert "- 40 epochs: hierarchy − am_alone -2.00" in section
     assert "- 80 epochs: hierarchy − am_alone +0.00" in section
     # the study's conditions trained longer have a section of their own, after the study's
@@ -155,7 +155,7 @@ def test_readme_tables_from_hand_written_results(tmp_path, capsys):
     assert every.index("### The study (") < every.index("### The study's conditions at 40 and "
                                                         "120 epochs")
     section = every.split("### The study's conditions at 40 and 120 epochs")[1]
-    assert "| am_alone | 120 | 2 | 30.00 | 43.00 (8) | 2.3 % |" in section
+    assert "| am_alone | 120 | 2 | 30.00 | 43.00 (8) | 2.3 % (1.1 %) |" in section
     assert "- 120 epochs: hierarchy − am_alone +0.00" in section
 
 
