@@ -10,7 +10,8 @@ True
 import subprocess
 from pathlib import Path
 
-__all__ = ["create_experiment_folder", "environment_description", "run_context", "source_revision"]
+__all__ = ["create_experiment_folder", "environment_description", "invoked_command", "run_context",
+           "source_revision"]
 
 
 def source_revision(folder=None):
@@ -38,6 +39,21 @@ def source_revision(folder=None):
     except (OSError, subprocess.TimeoutExpired):
         return None
     return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def invoked_command(subcommand):
+    """The command line of this process when it is ``sbkd <subcommand> ...`` (what a result
+    records it was made by); None otherwise (e.g. a test calling the command's function).
+
+    Example
+    -------
+    >>> invoked_command("demo") is None  # this process is not `sbkd demo`
+    True
+    """
+    import shlex
+    import sys
+
+    return shlex.join(["sbkd", *sys.argv[1:]]) if sys.argv[1:2] == [subcommand] else None
 
 
 def run_context(command=None, device="cpu"):

@@ -213,6 +213,9 @@ def test_cli_prints_the_table_of_finished_runs(ablation, capsys):
     printed = capsys.readouterr().out
     assert "| am_alone |" in printed and "| hierarchy |" in printed
     assert "| aux_subword |" not in printed
+    # where it ran, as `sbkd demo` records it (results_store reads it)
+    ran = json.loads((output / "ablation.json").read_text())["ran"]
+    assert ran["device"] == "cpu" and ran["cpus"] >= 1 and ran["commit"]
 
 
 def test_interrupted_runs_resume_from_their_checkpoint_side_by_side(ablation):

@@ -61,6 +61,7 @@ def test_installed_wheel_runs_the_demo_help_and_an_ablation_from_an_empty_folder
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads((tmp_path / "abl" / "ablation.json").read_text())
     assert set(result["conditions"]) == {"am_alone", "hierarchy"}
+    assert result["ran"]["command"].startswith("sbkd ablation --output abl --conditions")
     assert all(0 <= c["wer"][0] <= 100 for c in result["conditions"].values())
     assert os.listdir(tmp_path) == ["abl"]  # nothing written outside the output folder
     assert (tmp_path / "abl" / "prep" / "lm" / "senone" / "lm" / "hyperparams.yaml").is_file()

@@ -1,8 +1,12 @@
 """Run the distillation ablation (every condition, paired seeds) and print its table."""
 
 import json
+import time
+from pathlib import Path
 
 from sb_crossmodal_kd.ablation import CONDITIONS, run_ablation
+from sb_crossmodal_kd.io import atomic_write_json
+from sb_crossmodal_kd.revision import invoked_command, run_context
 
 
 def add_arguments(parser):
@@ -33,8 +37,14 @@ def run(args):
     training.update(json.loads(args.training) if args.training else {})
     if args.epochs is not None:
         training["number_of_epochs"] = args.epochs
-    run_ablation(args.output, seeds=args.seeds, conditions=args.conditions,
-                 prep=json.loads(args.prep) if args.prep else None, training=training,
-                 device=args.device, jobs=args.jobs, progress=True)
+    start = time.time()
+    result = run_ablation(args.output, seeds=args.seeds, conditions=args.conditions,
+                          prep=json.loads(args.prep) if args.prep else None,
+                          training=training, device=args.device, jobs=args.jobs, progress=True)
+    # Where it ran, as `sbkd demo` records it (wall time of this call: the remainder, when
+    # it resumed a folder).
+    result["wall_s"] = round(time.time() - start, 1)
+    result["ran"] = run_context(invoked_command("ablation"), args.device)
+    atomic_write_json(Path(args.output) / "ablation.json", result)
     with open(f"{args.output}/ablation.md", encoding="utf-8") as handle:
         print(handle.read())

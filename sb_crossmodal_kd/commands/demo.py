@@ -2,10 +2,9 @@
 
 import json
 import os
-import shlex
-import sys
 
 from sb_crossmodal_kd.demo import convergence_note, default_output, run_demo
+from sb_crossmodal_kd.revision import invoked_command
 
 
 def add_arguments(parser):
@@ -46,9 +45,8 @@ def run(args):
         raise ValueError("--paired goes with --scaling")
     paired = parse_paired(args.paired) if args.paired is not None else None
     output = args.output or default_output(preset)
-    command = shlex.join(["sbkd", *sys.argv[1:]]) if sys.argv[1:2] == ["demo"] else None
     result = run_demo(output, preset=preset, seeds=args.seeds, jobs=args.jobs,
-                      device=args.device, paired=paired, command=command)
+                      device=args.device, paired=paired, command=invoked_command("demo"))
     table = "scaling.md" if preset == "scaling" else "ablation.md"
     with open(f"{output}/{table}", encoding="utf-8") as handle:
         print(handle.read())
