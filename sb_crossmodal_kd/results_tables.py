@@ -156,7 +156,7 @@ def budget_table(results):
     ---------
     results : list of dict
         Ablation results (``ablation.json``) of one corpus and set of teachers, fewest
-        epochs first; the seeds they share are shown.
+        epochs first; the conditions and seeds they share are shown.
 
     Example
     -------
@@ -186,7 +186,9 @@ def budget_table(results):
     seeds = sorted(set.intersection(*(
         {seed for entry in result["conditions"].values() for seed in entry["per_seed"]}
         for result in results)))
-    names = list(dict.fromkeys(name for result in results for name in result["conditions"]))
+    # The conditions trained at every budget (a longer budget often retrains a few)
+    names = [name for name in results[0]["conditions"]
+             if all(name in result["conditions"] for result in results)]
     lines = ["| condition | epochs | seed | test WER % | best valid WER % (epoch) | "
              "valid gain, last ¼ (trend) |", "|---|---|---|---|---|---|"]
     for name in names:

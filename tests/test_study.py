@@ -157,6 +157,7 @@ def test_readme_tables_from_hand_written_results(tmp_path, capsys):
     section = every.split("### The study's conditions at 40 and 120 epochs")[1]
     assert "| am_alone | 120 | 2 | 30.00 | 43.00 (8) | 2.3 % (1.1 %) |" in section
     assert "- 120 epochs: hierarchy − am_alone +0.00" in section
+    assert "| aux_subword |" not in section  # not trained at 120 epochs
 
 
 def test_scaling_table_finds_where_the_gain_is_largest(tmp_path, capsys):
