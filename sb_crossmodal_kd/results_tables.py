@@ -37,7 +37,8 @@ from sb_crossmodal_kd.shallow_fusion import fusion_claims, fusion_markdown
 
 __all__ = ["CLAIMED_ORDER", "README_BEGIN", "README_END", "budget_table", "claim_lines",
            "decoding_section", "flatness_table", "provenance_line", "readme_block",
-           "readme_results", "scaling_section", "study_section", "write_readme"]
+           "quarter_means", "readme_results", "scaling_section", "shared_seeds", "study_section",
+           "valid_lead_by_quarter", "write_readme"]
 
 # The paper's claim, best first: each condition's WER below the next one's.
 CLAIMED_ORDER = ("hierarchy", "aux_subword", "label_interpolation", "am_alone")
@@ -146,6 +147,21 @@ def flatness_table(summary):
     return "\n".join(lines) + "\n"
 
 
+def shared_seeds(results):
+    """The seeds that every one of ``results`` (ablation results) ran, sorted.
+
+    Example
+    -------
+    >>> def result(*seeds):
+    ...     return {"conditions": {"am_alone": {"per_seed": {seed: {} for seed in seeds}}}}
+    >>> shared_seeds([result("1986", "1987", "1988"), result("1987", "1986")])
+    ['1986', '1987']
+    """
+    return sorted(set.intersection(*(
+        {seed for entry in result["conditions"].values() for seed in entry["per_seed"]}
+        for result in results)))
+
+
 def budget_table(results):
     """The same conditions trained for different numbers of epochs, seed by seed: test WER,
     the best valid WER and its epoch, and the valid gain and trend over the last quarter
@@ -183,9 +199,7 @@ def budget_table(results):
     - 8 epochs: hierarchy − am_alone -2.00, hierarchy − hierarchy_no_lm (the LM's own share) -1.00
     <BLANKLINE>
     """
-    seeds = sorted(set.intersection(*(
-        {seed for entry in result["conditions"].values() for seed in entry["per_seed"]}
-        for result in results)))
+    seeds = shared_seeds(results)
     # The conditions trained at every budget (a longer budget often retrains a few)
     names = [name for name in results[0]["conditions"]
              if all(name in result["conditions"] for result in results)]
@@ -220,6 +234,67 @@ def budget_table(results):
                        for reference, label in pairs]
         lines.append(f"- {result['settings']['training']['number_of_epochs']} epochs: "
                      + ", ".join(differences))
+    return "\n".join(lines) + "\n"
+
+
+def quarter_means(curve):
+    """The mean of each quarter of a valid WER curve's epochs (the last takes the remainder);
+    None for a curve of fewer than 4 epochs.
+
+    Example
+    -------
+    >>> quarter_means([80, 60, 40, 30, 20, 18, 16, 15, 14])
+    [70.0, 35.0, 19.0, 15.0]
+    """
+    size = len(curve) // 4
+    if not size:
+        return None
+    parts = [curve[k * size:(k + 1) * size] for k in range(3)] + [curve[3 * size:]]
+    return [round(sum(part) / len(part), 3) for part in parts]
+
+
+def valid_lead_by_quarter(results):
+    """How the hierarchy's valid WER lead changes along training, at each budget: the
+    hierarchy's mean valid WER over each quarter of the epochs minus the AM alone's and its
+    no-LM control's, seed by seed, mean ± std over the seeds every budget ran. A lead that shrinks
+    towards the end is one the reference catches up with by training longer.
+
+    Example
+    -------
+    >>> def result(epochs, curves):
+    ...     return {"settings": {"training": {"number_of_epochs": epochs}},
+    ...             "conditions": {name: {"per_seed": {"1": {"valid_wer_curve": curve}}}
+    ...                            for name, curve in curves.items()}}
+    >>> print(valid_lead_by_quarter([result(4, {"hierarchy": [50, 40, 30, 25],
+    ...                                          "am_alone": [60, 45, 33, 26]})]))
+    | epochs | hierarchy − | 1st ¼ | 2nd ¼ | 3rd ¼ | last ¼ |
+    |---|---|---|---|---|---|
+    | 4 | am_alone | -10.00 | -5.00 | -3.00 | -1.00 |
+    <BLANKLINE>
+    """
+    seeds = shared_seeds(results)
+    lines = ["| epochs | hierarchy − | 1st ¼ | 2nd ¼ | 3rd ¼ | last ¼ |", "|---|---|---|---|---|---|"]
+    for result in results:
+        conditions = result["conditions"]
+        if "hierarchy" not in conditions:
+            continue
+        for reference in ("am_alone", "hierarchy_no_lm"):
+            if reference not in conditions:
+                continue
+            means = {name: {seed: quarter_means(conditions[name]["per_seed"][seed].get(
+                                "valid_wer_curve", [])) for seed in seeds}
+                     for name in ("hierarchy", reference)}
+            if any(value is None for runs in means.values() for value in runs.values()):
+                continue
+            cells = []
+            for quarter in range(4):
+                summary = {name: {"per_seed": {seed: {"valid": values[quarter]}
+                                               for seed, values in runs.items()}}
+                           for name, runs in means.items()}
+                cells.append(_pm(*paired_difference(summary, "hierarchy", reference,
+                                                    metric="valid")))
+            lines.append(f"| {result['settings']['training']['number_of_epochs']} | "
+                         f"{reference} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -318,7 +393,11 @@ def budget_section(results_dir, part, title, heading):
     results = [json.loads(path.read_text()) for path in (base, *longer)]
     epochs = [str(result["settings"]["training"]["number_of_epochs"]) for result in results]
     return [f"{heading} {title} conditions at {', '.join(epochs[:-1])} and {epochs[-1]} epochs",
-            "", budget_table(results), *(provenance_line(result) for result in results[1:]), ""]
+            "", budget_table(results),
+            "Valid WER, the hierarchy minus each reference, mean over each quarter of the "
+            "epochs (paired by seed, mean ± std over seeds; negative: the hierarchy is ahead):",
+            "", valid_lead_by_quarter(results),
+            *(provenance_line(result) for result in results[1:]), ""]
 
 
 def readme_results(results_dir, heading="###"):

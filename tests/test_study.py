@@ -158,6 +158,9 @@ def test_readme_tables_from_hand_written_results(tmp_path, capsys):
     assert "| am_alone | 120 | 2 | 30.00 | 43.00 (8) | 2.3 % (1.1 %) |" in section
     assert "- 120 epochs: hierarchy − am_alone +0.00" in section
     assert "| aux_subword |" not in section  # not trained at 120 epochs
+    # the hierarchy's valid lead along training, at each budget, over the seeds both ran
+    assert "| epochs | hierarchy − | 1st ¼ | 2nd ¼ | 3rd ¼ | last ¼ |" in section
+    assert "| 40 | am_alone |" in section and "| 120 | am_alone |" in section
 
 
 def test_scaling_table_finds_where_the_gain_is_largest(tmp_path, capsys):
