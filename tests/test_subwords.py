@@ -43,6 +43,18 @@ def test_sentencepiece_without_data_or_model_says_what_to_do(tmp_path):
         SentencePieceUnits(str(tmp_path / "none"), 40)
 
 
+def test_a_damaged_sentencepiece_model_is_named_not_retrained_over(tmp_path):
+    _write_csv(tmp_path / "train.csv", SENTENCES)
+    SentencePieceUnits(str(tmp_path / "tok"), 30, csv_file=str(tmp_path / "train.csv"))
+    model = tmp_path / "tok" / "30_unigram.model"
+    damaged = model.read_bytes()[: model.stat().st_size // 2]  # a copy cut short
+    model.write_bytes(damaged)
+    for data in ({}, {"csv_file": str(tmp_path / "train.csv")}):
+        with pytest.raises(ValueError, match=f"{model}.*truncated or damaged"):
+            SentencePieceUnits(str(tmp_path / "tok"), 30, **data)
+    assert model.read_bytes() == damaged  # left for the user to restore or delete
+
+
 def test_local_transformers_tokenizer(tmp_path):
     pytest.importorskip("transformers")  # the [hf] extra
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers

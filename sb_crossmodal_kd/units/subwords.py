@@ -72,9 +72,9 @@ class SentencePieceUnits:
     ):
         from speechbrain.tokenizers.SentencePiece import SentencePiece
 
-        if csv_file is None and text_file is None and not os.path.isfile(
-            os.path.join(model_dir, f"{vocab_size}_{model_type}.model")
-        ):
+        model_file = os.path.join(model_dir, f"{vocab_size}_{model_type}.model")
+        found = os.path.isfile(model_file)
+        if csv_file is None and text_file is None and not found:
             raise ValueError(
                 f"SentencePieceUnits: no model in {model_dir!r} for vocab_size={vocab_size}, "
                 f"model_type={model_type!r}; pass csv_file or text_file to train one"
@@ -82,14 +82,23 @@ class SentencePieceUnits:
         for path in (csv_file, text_file):
             if path is not None and not os.path.isfile(path):
                 raise FileNotFoundError(f"SentencePieceUnits: training file {path!r} not found")
-        self.spm = SentencePiece(
-            model_dir,
-            vocab_size,
-            annotation_train=csv_file,
-            annotation_read=csv_column if csv_file else None,
-            model_type=model_type,
-            text_file=text_file,
-        )
+        try:  # SpeechBrain's SentencePiece loads a model it finds, else trains one
+            self.spm = SentencePiece(
+                model_dir,
+                vocab_size,
+                annotation_train=csv_file,
+                annotation_read=csv_column if csv_file else None,
+                model_type=model_type,
+                text_file=text_file,
+            )
+        except RuntimeError as error:
+            if not found:
+                raise
+            raise ValueError(
+                f"SentencePieceUnits: {model_file} is not a model SentencePiece can read "
+                f"(truncated or damaged?): restore it, or delete it to train it again from "
+                f"the training text"
+            ) from error
         self.model_file = self.spm.prefix_model_file + ".model"
         self._hash = f"spm:{_file_digest([self.model_file])}"
 
