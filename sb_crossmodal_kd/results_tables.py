@@ -35,10 +35,11 @@ from sb_crossmodal_kd.io import atomic_write_text
 from sb_crossmodal_kd.scaling import plot_scaling, scaling_table
 from sb_crossmodal_kd.shallow_fusion import fusion_claims, fusion_markdown
 
-__all__ = ["CLAIMED_ORDER", "README_BEGIN", "README_END", "budget_table", "claim_lines",
-           "decoding_section", "flatness_table", "provenance_line", "readme_block",
-           "quarter_means", "readme_results", "scaling_section", "shared_seeds", "study_section",
-           "valid_lead_by_quarter", "write_readme"]
+__all__ = ["CLAIMED_ORDER", "README_BEGIN", "README_END", "budget_section", "budget_table",
+           "claim_lines", "decoding_section", "flatness_cell", "flatness_table", "longer_budgets",
+           "provenance_line", "quarter_means", "readme_block", "readme_results",
+           "scaling_section", "shared_seeds", "study_section", "valid_lead_by_quarter",
+           "write_readme"]
 
 # The paper's claim, best first: each condition's WER below the next one's.
 CLAIMED_ORDER = ("hierarchy", "aux_subword", "label_interpolation", "am_alone")
